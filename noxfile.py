@@ -1,0 +1,1 @@
+"""nox sessions; see README."""

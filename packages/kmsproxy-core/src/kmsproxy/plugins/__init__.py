@@ -1,0 +1,1 @@
+"""Backend discovery: the hookspecs, the registry and the built-in file backend."""

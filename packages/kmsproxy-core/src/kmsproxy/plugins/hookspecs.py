@@ -1,0 +1,88 @@
+"""The backend author's manual: every hook a kmsproxy backend can implement.
+
+A backend is a distribution that declares an entry point in the group
+`kmsproxy`, for example in its `pyproject.toml`::
+
+    [project.entry-points.kmsproxy]
+    tpm = "kmsproxy_tpm.plugin"
+
+The entry point names a plain module (or object) with functions decorated by
+`kmsproxy.plugins.hookimpl`. kmsproxy loads every such entry point at start
+through pluggy. The built-in file backend (`kmsproxy.plugins.file`) is
+registered the same way and is a short, complete example.
+
+How an argument reaches a backend: a `--clientkey`, `--clientcert`, CA key or
+CA certificate argument that names an existing file goes to the file backend.
+Anything else is parsed as a `KeyURI` (`scheme:name=value;...`), and the
+backend that lists that scheme in `kmsproxy_schemes` receives it.
+
+All hooks are called from the event loop's thread. A hook that must block
+(open a device, log in) may do so at startup, but a `Signer.sign` that blocks
+must run in a worker thread (derive from `kmsproxy.signer.BlockingSigner`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from kmsproxy.certificates import CertificateSource
+    from kmsproxy.signer import Signer
+    from kmsproxy.uri import KeyURI
+
+PROJECT_NAME = "kmsproxy"
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def kmsproxy_schemes() -> list[str]:
+    """Return the URI schemes this backend handles, e.g. `["tpmkms"]`.
+
+    Called once when the registry loads. Every backend's list is collected;
+    two backends claiming one scheme is a startup error naming both.
+    The file backend returns `["file"]` and also receives existing paths.
+    """
+    raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def kmsproxy_open_signer(uri: KeyURI) -> Signer | None:
+    """Open the private key named by `uri` and return a `Signer`.
+
+    Called for a URI whose scheme this backend listed. Return None when the
+    URI is not yours (the next backend is asked); raise `SignerError` or
+    `ValueError` with a message naming `uri.redacted()` and what to do when
+    the key cannot be opened. The first non-None result wins.
+
+    Read secrets (`pin-value`, `pin-source`) from the URI, never log them,
+    and keep them out of exception messages.
+    """
+    raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def kmsproxy_open_certificates(uri: KeyURI) -> CertificateSource | None:
+    """Return a `CertificateSource` for the chain named by `uri`.
+
+    Same contract as `kmsproxy_open_signer`. Backends whose store keeps
+    certificates beside keys (a PIV slot, a TPM key's directory) implement
+    this so one URI serves for both `--clientkey` and `--clientcert`.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def kmsproxy_add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add backend commands under the `kmsproxy` CLI (`kmsproxy tpm ...`).
+
+    Called once while the CLI builds its parser. Add a parser with
+    `subparsers.add_parser(name, help=...)` and set its `handler` default to
+    a callable taking the parsed `argparse.Namespace` and returning an exit
+    code. Raise `kmsproxy.errors.UserError` for a user error: the CLI prints
+    its message as one line, with no traceback.
+    """
+    raise NotImplementedError

@@ -1,0 +1,87 @@
+"""Key and certificate URIs in step-kms-plugin's form.
+
+`scheme:name=value;name=value?name=value`, for example
+`tpmkms:name=mykey`, `yubikey:slot-id=9a?pin-value=123456` or
+`pkcs11:token=dev;id=%01;object=client?pin-source=/run/pin`. Values are
+percent-decoded (RFC 3986 section 2.1), as RFC 7512 requires for `pkcs11:`.
+Both the path part and the query part become attributes; a name given twice
+is an error, so a typo cannot silently shadow a value.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from urllib.parse import unquote
+
+# Attributes whose values are secrets: never logged, never in an error message.
+SECRET_ATTRIBUTES = frozenset(
+    {"pin-value", "pin", "password", "secret", "auth", "token-value"}
+)
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*):")
+# A Windows drive letter ("C:\\keys\\a.pem") is a path, not a URI scheme.
+_DRIVE = re.compile(r"^[a-zA-Z]:[\\/]")
+
+
+class URIError(ValueError):
+    """A key or certificate URI is malformed; the message names it, redacted."""
+
+
+@dataclass(frozen=True)
+class KeyURI:
+    """A parsed step-kms-plugin style URI."""
+
+    scheme: str
+    attributes: dict[str, str] = field(default_factory=dict)
+    raw: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> KeyURI:
+        match = _SCHEME.match(text)
+        if match is None or _DRIVE.match(text):
+            raise URIError(f"{text!r} is not a URI of the form scheme:name=value")
+        scheme = match.group(1).lower()
+        rest = text[match.end() :]
+        path, _, query = rest.partition("?")
+        attributes: dict[str, str] = {}
+        parts = [p for p in path.split(";") if p] + [p for p in query.split("&") if p]
+        for part in parts:
+            name, sep, value = part.partition("=")
+            name = unquote(name).strip().lower()
+            if not sep or not name:
+                redacted = _redact_text(scheme, text)
+                raise URIError(f"{redacted}: attribute {name or part!r} has no value")
+            if name in attributes:
+                redacted = _redact_text(scheme, text)
+                raise URIError(f"{redacted}: attribute {name!r} is given twice")
+            attributes[name] = unquote(value)
+        return cls(scheme=scheme, attributes=attributes, raw=text)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self.attributes.get(name, default)
+
+    def redacted(self) -> str:
+        """The URI with every secret attribute's value replaced by `***`."""
+        parts = [
+            f"{name}=***" if name in SECRET_ATTRIBUTES else f"{name}={value}"
+            for name, value in self.attributes.items()
+        ]
+        return f"{self.scheme}:" + ";".join(parts)
+
+    def __str__(self) -> str:
+        return self.redacted()
+
+    def __repr__(self) -> str:
+        return f"KeyURI({self.redacted()!r})"
+
+
+def _redact_text(scheme: str, text: str) -> str:
+    """Redact secrets from a URI that failed to parse, by pattern."""
+    pattern = "|".join(re.escape(name) for name in sorted(SECRET_ATTRIBUTES))
+    return re.sub(rf"(?i)\b({pattern})=[^;&?]*", r"\1=***", text)
+
+
+def looks_like_uri(text: str) -> bool:
+    """Tell a `scheme:...` argument from a file path."""
+    return _SCHEME.match(text) is not None and _DRIVE.match(text) is None
