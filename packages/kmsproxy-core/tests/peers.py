@@ -1,0 +1,324 @@
+"""Real TLS peers for tests: `openssl s_server` and nginx on loopback.
+
+Each `start_*` function starts one server process on a free 127.0.0.1 port,
+waits (bounded by `READY_TIMEOUT_SECONDS`) until it accepts connections, and
+returns a `Peer`. Stop it with `Peer.stop()`, or use the `Peer` as a context
+manager; both stop the process by its PID. Every file a peer writes
+(configuration, logs, pid file, nginx temp directories) lives under the
+test's `tmp_path`.
+
+    ca = make_ca()
+    server = issue(ca, "server", dns_names=("server.test",))
+    client = issue(ca, "client", client=True)
+    key, cert = server.write(tmp_path, "server")
+    (tmp_path / "ca.crt").write_bytes(ca.chain_pem())
+    with start_nginx(tmp_path, cert, key, tmp_path / "ca.crt") as peer:
+        ...  # connect to ("127.0.0.1", peer.port), GET /subject
+        assert peer.client_subjects() == ["CN=client"]
+
+The nginx location `/subject` returns `subject=<client DN>\\n` (nginx's
+`$ssl_client_s_dn`, RFC 2253 order), `/` returns `body`, and every request
+is logged to `access.log` as `<client DN>|<request line>|<status>`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+LOOPBACK = "127.0.0.1"
+
+# Starting nginx or s_server takes under a second on an idle machine. The
+# 10 s bound is an estimate that leaves room for a loaded CI runner.
+READY_TIMEOUT_SECONDS = 10.0
+
+# Delay between readiness probes: short against the timeout above, long
+# enough not to spin a core.
+READY_POLL_SECONDS = 0.02
+
+# Time a peer gets to exit after SIGTERM before it receives SIGKILL.
+STOP_TIMEOUT_SECONDS = 5.0
+
+
+class PeerError(Exception):
+    """A peer failed to start; the message includes its log."""
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """Return a TCP port on `host` that was free a moment ago.
+
+    Another process may take the port before the peer binds it. The peer
+    then fails to start with an error naming the port, so a test never talks
+    to the wrong server.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class Peer:
+    """A server process started by a test, listening on `host`:`port`."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    host: str
+    port: int
+    directory: Path
+    log_path: Path
+    access_log_path: Path | None = None
+    _stopped: bool = field(default=False, repr=False)
+
+    def log(self) -> str:
+        """Return the peer's output (stdout and stderr, or nginx's error log)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def access_log(self) -> list[str]:
+        """Return nginx's access log lines (empty for peers without one)."""
+        if self.access_log_path is None or not self.access_log_path.exists():
+            return []
+        return self.access_log_path.read_text(errors="replace").splitlines()
+
+    def client_subjects(self) -> list[str]:
+        """Return the client certificate subject nginx logged for each request.
+
+        nginx writes the access log line after the response is sent, so poll
+        briefly (bounded) for the file to appear before reading it.
+        """
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        while not self.access_log() and time.monotonic() < deadline:
+            time.sleep(READY_POLL_SECONDS)
+        return [line.split("|", 1)[0] for line in self.access_log()]
+
+    def stop(self) -> None:
+        """Stop the process by PID: SIGTERM, then SIGKILL after a timeout."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
+
+    def __enter__(self) -> Peer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _wait_until_ready(peer: Peer, ready_marker: str | None) -> None:
+    """Wait until the peer logs `ready_marker` (if given) and accepts TCP.
+
+    Raise `PeerError` with the peer's log when it exits or the timeout passes.
+    """
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if peer.process.poll() is not None:
+            peer.stop()
+            raise PeerError(
+                f"{peer.name} exited with status {peer.process.returncode} "
+                f"before accepting connections; its log:\n{peer.log()}"
+            )
+        if ready_marker is None or ready_marker in peer.log():
+            with contextlib.suppress(OSError):
+                socket.create_connection((peer.host, peer.port), timeout=1).close()
+                return
+        time.sleep(READY_POLL_SECONDS)
+    peer.stop()
+    raise PeerError(
+        f"{peer.name} did not accept connections on {peer.host}:{peer.port} "
+        f"within {READY_TIMEOUT_SECONDS} s; its log:\n{peer.log()}"
+    )
+
+
+def _require(program: str) -> str:
+    path = shutil.which(program)
+    if path is None:
+        raise PeerError(f"{program} not found on PATH (install the Debian package)")
+    return path
+
+
+def start_openssl_server(
+    tmp_path: Path,
+    cert: Path,
+    key: Path,
+    client_ca: Path | None = None,
+    *,
+    mode: str = "-www",
+    ciphersuites: str | None = None,
+    groups: str | None = None,
+    require_client_cert: bool = True,
+    extra_args: Sequence[str] = (),
+    name: str = "s_server",
+) -> Peer:
+    """Start `openssl s_server -tls1_3` on a free loopback port.
+
+    `mode` is `-www` (replies to `GET /` with a status page naming the client
+    certificate) or `-rev` (returns each line reversed). With `client_ca`
+    and `require_client_cert`, the server sends a CertificateRequest listing
+    that CA and fails the handshake without a certificate (`-Verify 1`).
+    """
+    openssl = _require("openssl")
+    port = free_port()
+    directory = tmp_path / f"{name}-{port}"
+    directory.mkdir()
+    log_path = directory / "output.log"
+    args = [
+        openssl,
+        "s_server",
+        "-tls1_3",
+        "-accept",
+        f"{LOOPBACK}:{port}",
+        "-cert",
+        str(cert),
+        "-key",
+        str(key),
+        mode,
+    ]
+    if client_ca is not None:
+        verify_flag = "-Verify" if require_client_cert else "-verify"
+        args += [verify_flag, "1", "-CAfile", str(client_ca)]
+    if ciphersuites is not None:
+        args += ["-ciphersuites", ciphersuites]
+    if groups is not None:
+        args += ["-groups", groups]
+    args += list(extra_args)
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=directory,
+        )
+    peer = Peer(name, process, LOOPBACK, port, directory, log_path)
+    # s_server prints ACCEPT once it listens.
+    _wait_until_ready(peer, "ACCEPT")
+    return peer
+
+
+_NGINX_CONFIG = """\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {directory}/nginx.pid;
+error_log {directory}/error.log info;
+events {{
+    worker_connections 64;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {directory}/client_body;
+    proxy_temp_path {directory}/proxy;
+    fastcgi_temp_path {directory}/fastcgi;
+    uwsgi_temp_path {directory}/uwsgi;
+    scgi_temp_path {directory}/scgi;
+    log_format client '$ssl_client_s_dn|$request|$status';
+    server {{
+        listen {host}:{port} ssl;
+        server_name {server_name};
+        ssl_protocols TLSv1.3;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_client_certificate {client_ca};
+        ssl_verify_client {verify_client};
+        access_log {directory}/access.log client;
+        default_type text/plain;
+        location = /subject {{
+            return 200 "subject=$ssl_client_s_dn\\n";
+        }}
+        location / {{
+            return 200 "{body}";
+        }}
+        {extra}
+    }}
+}}
+"""
+
+
+def start_nginx(
+    tmp_path: Path,
+    cert: Path,
+    key: Path,
+    client_ca: Path,
+    *,
+    body: str = "hello from nginx\n",
+    extra: str = "",
+    verify_client: str = "on",
+    server_name: str = "localhost",
+    name: str = "nginx",
+) -> Peer:
+    """Start nginx (TLS 1.3 only) on a free loopback port.
+
+    `verify_client` is nginx's `ssl_verify_client` value (`on`, `optional`,
+    `optional_no_ca`, `off`); `extra` is inserted into the `server` block.
+    `body` must not contain a double quote. nginx runs in the foreground
+    without a master process, so its PID is the one `Peer.stop()` signals.
+    """
+    if '"' in body:
+        raise ValueError(f"body {body!r} must not contain a double quote")
+    nginx = _require("nginx")
+    port = free_port()
+    directory = tmp_path / f"{name}-{port}"
+    directory.mkdir()
+    config_path = directory / "nginx.conf"
+    config_path.write_text(
+        _NGINX_CONFIG.format(
+            directory=directory,
+            host=LOOPBACK,
+            port=port,
+            server_name=server_name,
+            cert=cert,
+            key=key,
+            client_ca=client_ca,
+            verify_client=verify_client,
+            body=body.replace("\n", "\\n"),
+            extra=extra,
+        )
+    )
+    startup_log = directory / "startup.log"
+    with startup_log.open("wb") as log_file:
+        process = subprocess.Popen(
+            [nginx, "-p", str(directory), "-c", str(config_path), "-e", "stderr"],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=directory,
+        )
+    peer = Peer(
+        name,
+        process,
+        LOOPBACK,
+        port,
+        directory,
+        directory / "error.log",
+        access_log_path=directory / "access.log",
+    )
+    try:
+        _wait_until_ready(peer, None)
+    except PeerError as error:
+        raise PeerError(f"{error}\n{startup_log.read_text(errors='replace')}") from None
+    return peer
