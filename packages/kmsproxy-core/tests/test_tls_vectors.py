@@ -1,0 +1,230 @@
+"""RFC 8448 section 3 ("Simple 1-RTT Handshake") against our key schedule,
+record layer and message codecs. Expected values come from the vector file,
+never from the code under test."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import x25519
+
+from kmsproxy.tls import key_schedule as ks
+from kmsproxy.tls import messages as m
+from kmsproxy.tls.records import ContentType, RecordCipher, RecordLayer
+
+VECTORS = json.loads(
+    (Path(__file__).parent / "vectors" / "rfc8448-simple-1rtt.json").read_text()
+)
+VALUES: dict[str, str] = VECTORS["values"]
+MESSAGES: dict[str, str] = VECTORS["handshake_messages"]
+SUITE = ks.SUITES[ks.CipherSuite.TLS_AES_128_GCM_SHA256]
+
+
+def value(name: str) -> bytes:
+    return bytes.fromhex(VALUES[name])
+
+
+def message(name: str) -> bytes:
+    return bytes.fromhex(MESSAGES[name])
+
+
+def transcript_hash(*names: str) -> bytes:
+    return ks.transcript_digest(SUITE, b"".join(message(n) for n in names))
+
+
+HELLO = ("ClientHello", "ServerHello")
+SERVER_FLIGHT = (
+    *HELLO,
+    "EncryptedExtensions",
+    "Certificate",
+    "CertificateVerify",
+    "Finished",
+)
+
+
+@pytest.fixture
+def schedule() -> ks.KeySchedule:
+    private_key = x25519.X25519PrivateKey.from_private_bytes(
+        value("client_private_key")
+    )
+    server_public = x25519.X25519PublicKey.from_public_bytes(value("server_public_key"))
+    schedule = ks.KeySchedule(SUITE)
+    schedule.set_shared_secret(private_key.exchange(server_public))
+    return schedule
+
+
+def test_x25519_shared_secret() -> None:
+    private_key = x25519.X25519PrivateKey.from_private_bytes(
+        value("client_private_key")
+    )
+    public = x25519.X25519PublicKey.from_public_bytes(value("server_public_key"))
+    assert private_key.exchange(public) == value("shared_secret")
+
+
+def test_early_secret() -> None:
+    assert ks.KeySchedule(SUITE).early_secret == value("early_secret")
+
+
+def test_handshake_secret(schedule: ks.KeySchedule) -> None:
+    assert schedule.handshake_secret == value("handshake_secret")
+
+
+def test_master_secret(schedule: ks.KeySchedule) -> None:
+    assert schedule.master_secret == value("master_secret")
+
+
+def test_derived_secrets(schedule: ks.KeySchedule) -> None:
+    empty = ks.transcript_digest(SUITE, b"")
+    derived_early = ks.derive_secret(SUITE, schedule.early_secret, b"derived", empty)
+    derived_master = ks.derive_secret(
+        SUITE, schedule.handshake_secret, b"derived", empty
+    )
+    assert derived_early == value("derived_early_secret")
+    assert derived_master == value("derived_master_secret")
+
+
+def test_handshake_traffic_secrets(schedule: ks.KeySchedule) -> None:
+    client, server = schedule.handshake_traffic_secrets(transcript_hash(*HELLO))
+    assert client == value("client_hs_traffic_secret")
+    assert server == value("server_hs_traffic_secret")
+
+
+def test_application_traffic_secrets(schedule: ks.KeySchedule) -> None:
+    client, server = schedule.application_traffic_secrets(
+        transcript_hash(*SERVER_FLIGHT)
+    )
+    assert client == value("client_ap_traffic_secret")
+    assert server == value("server_ap_traffic_secret")
+
+
+@pytest.mark.parametrize(
+    ("secret", "key", "iv"),
+    [
+        ("server_hs_traffic_secret", "server_hs_write_key", "server_hs_write_iv"),
+        ("client_hs_traffic_secret", "client_hs_write_key", "client_hs_write_iv"),
+        ("client_ap_traffic_secret", "client_app_write_key", "client_app_write_iv"),
+    ],
+)
+def test_traffic_keys(secret: str, key: str, iv: str) -> None:
+    keys = ks.traffic_keys(SUITE, value(secret))
+    assert keys.key == value(key)
+    assert keys.iv == value(iv)
+
+
+def test_finished_keys() -> None:
+    server_key = ks.finished_key(SUITE, value("server_hs_traffic_secret"))
+    client_key = ks.finished_key(SUITE, value("client_hs_traffic_secret"))
+    assert server_key == value("server_finished_key")
+    assert client_key == value("client_finished_key")
+
+
+def test_server_finished_verify_data() -> None:
+    verify_data = ks.finished_verify_data(
+        SUITE,
+        value("server_hs_traffic_secret"),
+        transcript_hash(
+            *HELLO, "EncryptedExtensions", "Certificate", "CertificateVerify"
+        ),
+    )
+    assert m.push_finished(m.Finished(verify_data)) == value("server_finished_message")
+
+
+def test_client_finished_verify_data() -> None:
+    verify_data = ks.finished_verify_data(
+        SUITE, value("client_hs_traffic_secret"), transcript_hash(*SERVER_FLIGHT)
+    )
+    assert m.push_finished(m.Finished(verify_data)) == value("client_finished_message")
+
+
+def test_transcript_matches_one_shot_hash() -> None:
+    transcript = ks.Transcript()
+    transcript.add(message("ClientHello"))
+    transcript.select_suite(SUITE)
+    for name in SERVER_FLIGHT[1:]:
+        transcript.add(message(name))
+    assert transcript.digest() == transcript_hash(*SERVER_FLIGHT)
+
+
+def test_client_record_encrypts() -> None:
+    cipher = RecordCipher(SUITE, value("client_ap_traffic_secret"))
+    record = cipher.seal(ContentType.application_data, value("client_app_payload"))
+    assert record == value("client_app_record")
+
+
+def test_client_record_decrypts() -> None:
+    layer = RecordLayer()
+    layer.read_cipher = RecordCipher(SUITE, value("client_ap_traffic_secret"))
+    layer.feed(value("client_app_record"))
+    assert layer.next_record() == (
+        ContentType.application_data,
+        value("client_app_payload"),
+    )
+    assert layer.next_record() is None
+
+
+def test_record_sequence_advances() -> None:
+    cipher = RecordCipher(SUITE, value("client_ap_traffic_secret"))
+    first = cipher.seal(ContentType.application_data, value("client_app_payload"))
+    second = cipher.seal(ContentType.application_data, value("client_app_payload"))
+    assert first == value("client_app_record")
+    assert second != first
+    assert cipher.sequence_number == 2
+
+
+Codec = tuple[Callable[[bytes], Any], Callable[[Any], bytes]]
+
+CODECS: dict[str, Codec] = {
+    "ClientHello": (m.pull_client_hello, m.push_client_hello),
+    "ServerHello": (m.pull_server_hello, m.push_server_hello),
+    "EncryptedExtensions": (m.pull_encrypted_extensions, m.push_encrypted_extensions),
+    "Certificate": (m.pull_certificate, m.push_certificate),
+    "CertificateVerify": (m.pull_certificate_verify, m.push_certificate_verify),
+    "Finished": (lambda body: m.pull_finished(body, 32), m.push_finished),
+}
+
+
+@pytest.mark.parametrize("name", list(CODECS))
+def test_message_round_trip(name: str) -> None:
+    pull, push = CODECS[name]
+    wire = message(name)
+    parsed = pull(wire[m.HANDSHAKE_HEADER_LENGTH :])
+    assert push(parsed) == wire
+
+
+def test_client_hello_fields() -> None:
+    hello = m.pull_client_hello(message("ClientHello")[4:])
+    shares = m.pull_key_share_client(
+        m.find_extension(hello.extensions, m.ExtensionType.key_share) or b""
+    )
+    versions = m.pull_supported_versions_client(
+        m.find_extension(hello.extensions, m.ExtensionType.supported_versions) or b""
+    )
+    assert hello.cipher_suites == [0x1301, 0x1303, 0x1302]
+    assert shares == [m.KeyShareEntry(m.NamedGroup.x25519, value("client_public_key"))]
+    assert versions == [m.TLS_1_3]
+
+
+def test_server_hello_fields() -> None:
+    hello = m.pull_server_hello(message("ServerHello")[4:])
+    assert hello.extensions is not None
+    share = m.pull_key_share_server(
+        m.find_extension(hello.extensions, m.ExtensionType.key_share) or b""
+    )
+    version = m.pull_uint16_extension(
+        m.find_extension(hello.extensions, m.ExtensionType.supported_versions) or b"",
+        "supported_versions",
+    )
+    assert hello.cipher_suite == ks.CipherSuite.TLS_AES_128_GCM_SHA256
+    assert not hello.is_hello_retry_request
+    assert share == m.KeyShareEntry(m.NamedGroup.x25519, value("server_public_key"))
+    assert version == m.TLS_1_3
+
+
+def test_certificate_verify_fields() -> None:
+    verify = m.pull_certificate_verify(message("CertificateVerify")[4:])
+    assert verify.algorithm == 0x0804
+    assert len(verify.signature) == 128
