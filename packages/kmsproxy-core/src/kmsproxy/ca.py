@@ -1,0 +1,533 @@
+"""The local certificate authority and the leaf certificates it mints.
+
+The proxy terminates the client's TLS with a certificate for the requested
+host, issued on the spot by a CA that the user trusts. The CA key is a
+`Signer`, so it may live in a file today and in a TPM or YubiKey later.
+
+`cryptography`'s `CertificateBuilder` signs only with its own private key
+types, so `LocalCA.sign` works in steps. It first signs the certificate
+with a throwaway key of the same algorithm, so that the TBSCertificate
+carries the right signature AlgorithmIdentifier. It then signs the
+TBSCertificate bytes through the `Signer` and assembles the X.509
+Certificate (RFC 5280 section 4.1) with a small DER writer.
+
+`LeafMinter` owns the minted `ssl.SSLContext`s: one software leaf key per
+process, contexts cached in a bounded LRU, one mint per key at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import hashlib
+import ipaddress
+import logging
+import os
+import ssl
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from kmsproxy.signer import PrivateKey, SignatureScheme, Signer, SignerError
+
+logger = logging.getLogger(__name__)
+
+# Maximum lifetime of a minted leaf. A day keeps a leaked leaf short-lived
+# (the Go tool minted one-year leaves), and a cached context is re-minted
+# only when its leaf nears expiry.
+MINTED_MAX_LIFETIME = datetime.timedelta(hours=24)
+
+# Minted leaves start this far in the past, so a client whose clock runs a
+# few minutes behind still accepts them.
+CLOCK_SKEW_ALLOWANCE = datetime.timedelta(minutes=5)
+
+# A cached context is minted again once its leaf has less than this left,
+# so no client receives a certificate that expires mid-handshake.
+RENEW_BEFORE_EXPIRY = datetime.timedelta(minutes=5)
+
+# Maximum number of minted SSLContexts kept, least recently used evicted
+# first. Each context costs a few KiB; 256 upstreams cover a busy desktop.
+CONTEXT_CACHE_SIZE = 256
+
+# Lifetime of a CA created by `kmsproxy init`: ten years, because users
+# install it in trust stores by hand and re-trusting it is a chore.
+CA_LIFETIME = datetime.timedelta(days=3650)
+
+
+@dataclass(frozen=True)
+class LeafRequest:
+    """The content of a leaf to mint: subject CN, SANs, latest expiry, ALPN."""
+
+    common_name: str
+    dns_names: tuple[str, ...] = ()
+    ip_addresses: tuple[str, ...] = ()
+    not_after: datetime.datetime | None = None
+    alpn_protocols: tuple[str, ...] = ()
+
+
+def choose_ca_scheme(signer: Signer) -> SignatureScheme:
+    """Pick the scheme the CA signs certificates with.
+
+    ECDSA uses its curve's hash; RSA prefers PKCS#1 v1.5 with SHA-256, the
+    X.509 convention every client accepts, then RSA-PSS; EdDSA is fixed.
+    """
+    preference = (
+        SignatureScheme.ecdsa_secp256r1_sha256,
+        SignatureScheme.ecdsa_secp384r1_sha384,
+        SignatureScheme.ecdsa_secp521r1_sha512,
+        SignatureScheme.rsa_pkcs1_sha256,
+        SignatureScheme.rsa_pss_rsae_sha256,
+        SignatureScheme.ed25519,
+        SignatureScheme.ed448,
+    )
+    for scheme in preference:
+        if scheme in signer.schemes:
+            return scheme
+    offered = ", ".join(s.name for s in signer.schemes) or "none"
+    raise SignerError(
+        f"{signer.uri}: the CA key offers no scheme usable for certificates "
+        f"(offered: {offered}); use an ECDSA, RSA or Ed25519 key"
+    )
+
+
+class LocalCA:
+    """A CA certificate and its key as a `Signer`; signs certificates."""
+
+    def __init__(self, certificate: x509.Certificate, signer: Signer) -> None:
+        if certificate.public_key() != signer.public_key():
+            raise SignerError(
+                f"{signer.uri}: the CA key does not match the CA certificate "
+                f"{certificate.subject.rfc4514_string()!r}"
+            )
+        self.certificate = certificate
+        self.signer = signer
+        self.scheme = choose_ca_scheme(signer)
+        self._template_key: PrivateKey | None = None
+        self.signed_count = 0
+
+    async def sign(self, builder: x509.CertificateBuilder) -> x509.Certificate:
+        """Sign a certificate built with every field but the issuer set.
+
+        Raise `SignerError` when the signer fails or its signature does not
+        verify against the CA certificate.
+        """
+        # Step 1: a throwaway signature gives the TBS its AlgorithmIdentifier.
+        builder = builder.issuer_name(self.certificate.subject)
+        template = self._sign_with_template_key(builder)
+        tbs = template.tbs_certificate_bytes
+        algorithm = _algorithm_identifier(template.public_bytes(_DER))
+        # Step 2: the CA key signs the TBS. Step 3: assemble the Certificate.
+        signature = await self.signer.sign(tbs, self.scheme)
+        der = _der_sequence(tbs + algorithm + _der_bit_string(signature))
+        certificate = x509.load_der_x509_certificate(der)
+        try:
+            certificate.verify_directly_issued_by(self.certificate)
+        except (InvalidSignature, ValueError, TypeError) as error:
+            raise SignerError(
+                f"{self.signer.uri}: the CA key produced a signature that does "
+                f"not verify against the CA certificate ({error or 'bad signature'})"
+            ) from error
+        self.signed_count += 1
+        return certificate
+
+    def _sign_with_template_key(
+        self, builder: x509.CertificateBuilder
+    ) -> x509.Certificate:
+        key = self._template_key
+        if key is None:
+            key = self._template_key = _template_key_for(self.scheme)
+        if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+            return builder.sign(key, None)
+        digest = self.scheme.hash_algorithm
+        if not isinstance(digest, hashes.SHA256 | hashes.SHA384 | hashes.SHA512):
+            raise SignerError(f"no certificate signature algorithm for {self.scheme}")
+        if isinstance(key, rsa.RSAPrivateKey) and self.scheme.is_rsa_pss:
+            # TLS fixes the PSS salt length to the digest length, so the
+            # AlgorithmIdentifier must state the same salt length.
+            pss = padding.PSS(padding.MGF1(digest), padding.PSS.DIGEST_LENGTH)
+            return builder.sign(key, digest, rsa_padding=pss)
+        return builder.sign(key, digest)
+
+    async def mint_leaf(
+        self,
+        request: LeafRequest,
+        public_key: ec.EllipticCurvePublicKey,
+        *,
+        now: datetime.datetime | None = None,
+    ) -> x509.Certificate:
+        """Issue a serverAuth leaf for `request` over `public_key`.
+
+        Validity starts `CLOCK_SKEW_ALLOWANCE` back and ends at the earliest
+        of `request.not_after`, `MINTED_MAX_LIFETIME` from now and the CA's
+        own expiry.
+        """
+        now = now or datetime.datetime.now(datetime.UTC)
+        not_after = min(now + MINTED_MAX_LIFETIME, self.certificate.not_valid_after_utc)
+        if request.not_after is not None:
+            not_after = min(not_after, request.not_after)
+        not_before = min(now - CLOCK_SKEW_ALLOWANCE, not_after)
+        names: list[x509.GeneralName] = [x509.DNSName(n) for n in request.dns_names]
+        names += [x509.IPAddress(ipaddress.ip_address(a)) for a in request.ip_addresses]
+        subject = x509.Name(
+            [x509.NameAttribute(NameOID.COMMON_NAME, request.common_name[:64])]
+        )
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(
+                x509.BasicConstraints(ca=False, path_length=None), critical=True
+            )
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                critical=False,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    self.signer.public_key()
+                ),
+                critical=False,
+            )
+        )
+        if names:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(names), critical=False
+            )
+        return await self.sign(builder)
+
+
+def leaf_request_for_upstream(
+    upstream_leaf: x509.Certificate,
+    server_name: str,
+    alpn_protocols: Sequence[str] = (),
+) -> LeafRequest:
+    """Describe a leaf that mirrors the upstream's names and expiry.
+
+    The CONNECT host is always among the SANs, so the client's name check
+    passes even when the upstream was reached by an IP address or unverified.
+    """
+    common_names = upstream_leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    common_name = str(common_names[0].value) if common_names else server_name
+    dns_names: list[str] = []
+    ip_addresses: list[str] = []
+    try:
+        sans = upstream_leaf.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+        dns_names = list(sans.get_values_for_type(x509.DNSName))
+        ip_addresses = [str(a) for a in sans.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        ip_addresses.append(str(ipaddress.ip_address(server_name)))
+    except ValueError:
+        dns_names.append(server_name)
+    return LeafRequest(
+        common_name=common_name,
+        dns_names=tuple(dict.fromkeys(dns_names)),
+        ip_addresses=tuple(dict.fromkeys(ip_addresses)),
+        not_after=upstream_leaf.not_valid_after_utc,
+        alpn_protocols=tuple(alpn_protocols),
+    )
+
+
+def leaf_request_for_listener(host: str) -> LeafRequest:
+    """Describe the listener's own leaf: its host plus the loopback names."""
+    dns_names = ["localhost"]
+    ip_addresses = ["127.0.0.1", "::1"]
+    try:
+        ip_addresses.append(str(ipaddress.ip_address(host)))
+    except ValueError:
+        dns_names.append(host.lower())
+    return LeafRequest(
+        common_name=host,
+        dns_names=tuple(dict.fromkeys(dns_names)),
+        ip_addresses=tuple(dict.fromkeys(ip_addresses)),
+    )
+
+
+@dataclass
+class _CacheEntry:
+    context: ssl.SSLContext
+    certificate: x509.Certificate
+
+
+class LeafMinter:
+    """Server `SSLContext`s with minted leaves, cached and minted once each.
+
+    The cache key is the upstream leaf's SHA-256 fingerprint (or the listener
+    host) plus the names and ALPN; concurrent requests for one key wait on a
+    per-key lock, so the CA signs once. All leaves share one P-256 key made
+    at start, which never leaves this process.
+    """
+
+    def __init__(self, ca: LocalCA, cache_size: int = CONTEXT_CACHE_SIZE) -> None:
+        self.ca = ca
+        self.cache_size = cache_size
+        self.leaf_key = ec.generate_private_key(ec.SECP256R1())
+        self._cache: collections.OrderedDict[tuple[object, ...], _CacheEntry] = (
+            collections.OrderedDict()
+        )
+        self._locks: dict[tuple[object, ...], anyio.Lock] = {}
+        self.mint_count = 0
+
+    @property
+    def cached_count(self) -> int:
+        return len(self._cache)
+
+    async def context_for_upstream(
+        self,
+        upstream_leaf: x509.Certificate,
+        server_name: str,
+        alpn_protocols: Sequence[str] = (),
+    ) -> ssl.SSLContext:
+        """Return a server context whose leaf mirrors `upstream_leaf`."""
+        fingerprint = upstream_leaf.fingerprint(hashes.SHA256())
+        request = leaf_request_for_upstream(upstream_leaf, server_name, alpn_protocols)
+        return await self._context((fingerprint, request), request)
+
+    async def context_for_listener(self, host: str) -> ssl.SSLContext:
+        """Return the context for the proxy's own TLS port (and the PAC port)."""
+        request = leaf_request_for_listener(host)
+        return await self._context(("listener", request), request)
+
+    async def _context(
+        self, key: tuple[object, ...], request: LeafRequest
+    ) -> ssl.SSLContext:
+        entry = self._fresh_entry(key)
+        if entry is not None:
+            return entry.context
+        lock = self._locks.setdefault(key, anyio.Lock())
+        try:
+            async with lock:
+                entry = self._fresh_entry(key)
+                if entry is None:
+                    entry = await self._mint(request)
+                    self._store(key, entry)
+                return entry.context
+        finally:
+            if not lock.statistics().tasks_waiting and not lock.locked():
+                self._locks.pop(key, None)
+
+    def _fresh_entry(self, key: tuple[object, ...]) -> _CacheEntry | None:
+        entry = self._cache.get(key)
+        if entry is None:
+            return None
+        now = datetime.datetime.now(datetime.UTC)
+        if entry.certificate.not_valid_after_utc - now < RENEW_BEFORE_EXPIRY:
+            del self._cache[key]
+            return None
+        self._cache.move_to_end(key)
+        return entry
+
+    def _store(self, key: tuple[object, ...], entry: _CacheEntry) -> None:
+        self._cache[key] = entry
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    async def _mint(self, request: LeafRequest) -> _CacheEntry:
+        public_key = self.leaf_key.public_key()
+        certificate = await self.ca.mint_leaf(request, public_key)
+        self.mint_count += 1
+        logger.debug(
+            "Minted certificate subject=%s not_after=%s",
+            certificate.subject.rfc4514_string(),
+            certificate.not_valid_after_utc.isoformat(),
+        )
+        context = server_context(
+            [certificate, self.ca.certificate], self.leaf_key, request.alpn_protocols
+        )
+        return _CacheEntry(context=context, certificate=certificate)
+
+
+def server_context(
+    chain: Sequence[x509.Certificate],
+    key: PrivateKey,
+    alpn_protocols: Sequence[str] = (),
+) -> ssl.SSLContext:
+    """Build a TLS server context for `chain` (leaf first) and `key`.
+
+    `ssl` loads certificates only from files, so the PEM goes into a private
+    (mode 0700) temporary directory and is unlinked as soon as it is loaded.
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if alpn_protocols:
+        context.set_alpn_protocols(list(alpn_protocols))
+    chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    with tempfile.TemporaryDirectory(prefix="kmsproxy-") as directory:
+        os.chmod(directory, 0o700)
+        chain_path = Path(directory, "chain.pem")
+        key_path = Path(directory, "key.pem")
+        _write_private(chain_path, chain_pem)
+        _write_private(key_path, key_pem)
+        try:
+            context.load_cert_chain(chain_path, key_path)
+        finally:
+            key_path.unlink()
+            chain_path.unlink()
+    return context
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data)
+
+
+def create_ca_certificate(
+    private_key: PrivateKey,
+    common_name: str = "kmsproxy local CA",
+    *,
+    now: datetime.datetime | None = None,
+) -> x509.Certificate:
+    """Create a self-signed CA certificate for `kmsproxy init`.
+
+    pathLenConstraint 0 limits the CA to issuing leaves; the CA can never
+    sign another CA.
+    """
+    now = now or datetime.datetime.now(datetime.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    public_key = private_key.public_key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW_ALLOWANCE)
+        .not_valid_after(now + CA_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
+    )
+    if isinstance(private_key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+        return builder.sign(private_key, None)
+    if isinstance(private_key, ec.EllipticCurvePrivateKey):
+        if private_key.curve.key_size > 384:
+            return builder.sign(private_key, hashes.SHA512())
+        if private_key.curve.key_size > 256:
+            return builder.sign(private_key, hashes.SHA384())
+    return builder.sign(private_key, hashes.SHA256())
+
+
+def _template_key_for(scheme: SignatureScheme) -> PrivateKey:
+    """Generate a throwaway key whose signatures carry `scheme`'s algorithm.
+
+    For ECDSA the AlgorithmIdentifier names only the hash, so a P-256 key
+    serves every curve; RSA needs an RSA key of any size.
+    """
+    if scheme.is_ecdsa:
+        return ec.generate_private_key(ec.SECP256R1())
+    if scheme.is_rsa_pkcs1 or scheme.is_rsa_pss:
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if scheme == SignatureScheme.ed25519:
+        return ed25519.Ed25519PrivateKey.generate()
+    if scheme == SignatureScheme.ed448:
+        return ed448.Ed448PrivateKey.generate()
+    raise SignerError(f"no certificate signature algorithm for {scheme.name}")
+
+
+# A minimal DER reader and writer (X.690): just enough to take a
+# Certificate apart and put one together.
+
+_DER = serialization.Encoding.DER
+_TAG_SEQUENCE = 0x30
+_TAG_BIT_STRING = 0x03
+
+
+def _der_length(length: int) -> bytes:
+    if length < 0x80:
+        return bytes([length])
+    encoded = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(encoded)]) + encoded
+
+
+def _der_sequence(content: bytes) -> bytes:
+    return bytes([_TAG_SEQUENCE]) + _der_length(len(content)) + content
+
+
+def _der_bit_string(data: bytes) -> bytes:
+    # The leading 0x00 is the count of unused bits in the last byte.
+    content = b"\x00" + data
+    return bytes([_TAG_BIT_STRING]) + _der_length(len(content)) + content
+
+
+def _der_read(data: bytes, offset: int) -> tuple[int, int, int]:
+    """Read one TLV header at `offset`; return (tag, content start, end)."""
+    if offset + 2 > len(data):
+        raise ValueError("truncated DER")
+    tag = data[offset]
+    first = data[offset + 1]
+    start = offset + 2
+    if first < 0x80:
+        length = first
+    else:
+        count = first & 0x7F
+        if count == 0 or count > 4 or start + count > len(data):
+            raise ValueError("unsupported DER length")
+        length = int.from_bytes(data[start : start + count], "big")
+        start += count
+    end = start + length
+    if end > len(data):
+        raise ValueError("truncated DER")
+    return tag, start, end
+
+
+def _algorithm_identifier(certificate_der: bytes) -> bytes:
+    """Extract signatureAlgorithm, the second element of a Certificate."""
+    tag, content_start, _ = _der_read(certificate_der, 0)
+    if tag != _TAG_SEQUENCE:
+        raise ValueError("not a DER Certificate")
+    _, _, tbs_end = _der_read(certificate_der, content_start)
+    _, _, algorithm_end = _der_read(certificate_der, tbs_end)
+    return certificate_der[tbs_end:algorithm_end]
+
+
+def fingerprint_hex(certificate: x509.Certificate) -> str:
+    """SHA-256 fingerprint of a certificate, hex, for logs."""
+    return hashlib.sha256(certificate.public_bytes(_DER)).hexdigest()
