@@ -1,0 +1,148 @@
+"""The built-in file backend: private keys and certificate chains on disk.
+
+Arguments reach it as existing paths or as `file:path=/some/key.pem`. Keys
+may be PEM or DER, PKCS#8 or the traditional RSA/EC formats. An encrypted
+key needs `file:path=...;password-file=/path/to/password`, whose first line
+is the password. Certificates are PEM (one or more, leaf first) or a single
+DER certificate; the file is watched for reloads.
+
+This module is also the shortest complete example of a backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+from kmsproxy.certificates import CertificateError, CertificateSource
+from kmsproxy.plugins.hookspecs import hookimpl
+from kmsproxy.signer import PrivateKey, Signer, SignerError, SoftwareSigner
+from kmsproxy.uri import KeyURI
+
+SCHEME = "file"
+
+
+@hookimpl
+def kmsproxy_schemes() -> list[str]:
+    return [SCHEME]
+
+
+@hookimpl
+def kmsproxy_open_signer(uri: KeyURI) -> Signer | None:
+    if uri.scheme != SCHEME:
+        return None
+    path = _path(uri)
+    password = _read_password(uri)
+    return SoftwareSigner(load_private_key(path, password), str(path))
+
+
+@hookimpl
+def kmsproxy_open_certificates(uri: KeyURI) -> CertificateSource | None:
+    if uri.scheme != SCHEME:
+        return None
+    return FileCertificateSource(_path(uri))
+
+
+def _path(uri: KeyURI) -> Path:
+    text = uri.get("path")
+    if not text:
+        raise ValueError(f"{uri.redacted()}: missing path= (file:path=/some/key.pem)")
+    return Path(text).expanduser()
+
+
+def _read_password(uri: KeyURI) -> bytes | None:
+    password_file = uri.get("password-file")
+    if password_file is None:
+        return None
+    try:
+        lines = Path(password_file).expanduser().read_bytes().splitlines()
+    except OSError as error:
+        raise SignerError(
+            f"{uri.redacted()}: cannot read password-file {password_file}: "
+            f"{error.strerror}"
+        ) from None
+    return lines[0] if lines else b""
+
+
+def load_private_key(path: Path, password: bytes | None = None) -> PrivateKey:
+    """Read a PEM or DER private key; raise `SignerError` naming the file."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise SignerError(f"{path}: cannot read key: {error.strerror}") from None
+    try:
+        if b"-----BEGIN" in data:
+            key = serialization.load_pem_private_key(data, password)
+        else:
+            key = serialization.load_der_private_key(data, password)
+    except TypeError:
+        if password is None:
+            raise SignerError(
+                f"{path}: the key is encrypted; give its password with "
+                f"file:path={path};password-file=FILE, or decrypt it with "
+                f"`openssl pkey -in {path} -out DECRYPTED.key`"
+            ) from None
+        raise SignerError(
+            f"{path}: the key is not encrypted; drop password-file"
+        ) from None
+    except ValueError as error:
+        if password is not None and "password" in str(error).lower():
+            raise SignerError(f"{path}: wrong password for the key") from None
+        raise SignerError(
+            f"{path}: not a PEM or DER private key (PKCS#8, RSA or EC): {error}"
+        ) from None
+    if not isinstance(
+        key,
+        ec.EllipticCurvePrivateKey
+        | rsa.RSAPrivateKey
+        | ed25519.Ed25519PrivateKey
+        | ed448.Ed448PrivateKey,
+    ):
+        raise SignerError(
+            f"{path}: {type(key).__name__} keys cannot sign TLS handshakes; "
+            "use an ECDSA, RSA or Ed25519 key"
+        )
+    return key
+
+
+def load_certificates(path: Path) -> list[x509.Certificate]:
+    """Read PEM certificates (leaf first) or one DER certificate."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise CertificateError(
+            f"{path}: cannot read certificate: {error.strerror}"
+        ) from None
+    try:
+        if b"-----BEGIN" in data:
+            chain = x509.load_pem_x509_certificates(data)
+        else:
+            chain = [x509.load_der_x509_certificate(data)]
+    except ValueError as error:
+        raise CertificateError(
+            f"{path}: not a PEM or DER certificate: {error}"
+        ) from None
+    if not chain:
+        raise CertificateError(f"{path}: contains no certificate")
+    return chain
+
+
+class FileCertificateSource(CertificateSource):
+    """A certificate chain in one file, reloaded when the file changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def uri(self) -> str:
+        return str(self.path)
+
+    async def load(self) -> list[x509.Certificate]:
+        return load_certificates(self.path)
+
+    def watch_paths(self) -> Sequence[Path]:
+        return (self.path,)

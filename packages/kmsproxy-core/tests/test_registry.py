@@ -1,0 +1,206 @@
+"""Backend discovery and the built-in file backend."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import anyio
+import pytest
+from cryptography.hazmat.primitives import serialization
+from pki import generate_key, issue, make_ca
+
+from kmsproxy.certificates import CertificateError, CertificateSource
+from kmsproxy.errors import UserError
+from kmsproxy.plugins.file import FileCertificateSource
+from kmsproxy.plugins.hookspecs import hookimpl
+from kmsproxy.plugins.registry import Registry
+from kmsproxy.signer import Signer, SignerError, SoftwareSigner
+from kmsproxy.uri import KeyURI
+
+
+def fake_backend(name: str, scheme: str) -> types.ModuleType:
+    """Build a third-party backend module the way a distribution ships one."""
+    module = types.ModuleType(name)
+    key = generate_key("p256")
+
+    @hookimpl
+    def kmsproxy_schemes() -> list[str]:
+        return [scheme]
+
+    @hookimpl
+    def kmsproxy_open_signer(uri: KeyURI) -> Signer | None:
+        if uri.scheme != scheme:
+            return None
+        return SoftwareSigner(key, uri.redacted())
+
+    module.kmsproxy_schemes = kmsproxy_schemes  # type: ignore[attr-defined]
+    module.kmsproxy_open_signer = kmsproxy_open_signer  # type: ignore[attr-defined]
+    return module
+
+
+def write_key(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    path.chmod(0o600)
+    return path
+
+
+def test_file_backend_from_entry_point() -> None:
+    registry = Registry.load()
+    backends = {backend.name: backend for backend in registry.backends}
+    assert backends["file"].schemes == ("file",)
+    assert backends["file"].distribution == "kmsproxy-core"
+
+
+def test_path_goes_to_file_backend(tmp_path: Path) -> None:
+    issued = issue(make_ca(), "client", client=True)
+    key_path, _ = issued.write(tmp_path, "client")
+    signer = Registry.load().open_signer(str(key_path))
+    assert signer.public_key() == issued.key.public_key()
+    assert signer.uri == str(key_path)
+
+
+def test_file_uri_with_path(tmp_path: Path) -> None:
+    issued = issue(make_ca(), "client", client=True)
+    key_path, _ = issued.write(tmp_path, "client")
+    signer = Registry.load().open_signer(f"file:path={key_path}")
+    assert signer.public_key() == issued.key.public_key()
+
+
+def test_unknown_scheme_names_distribution() -> None:
+    with pytest.raises(UserError) as caught:
+        Registry.load().open_signer("tpmkms:name=mykey")
+    message = str(caught.value)
+    assert "pip install kmsproxy-tpm" in message
+    assert "installed: file" in message
+    assert message.startswith("tpmkms:name=mykey: ")
+
+
+def test_unknown_scheme_redacts_secret() -> None:
+    with pytest.raises(UserError) as caught:
+        Registry.load().open_signer("yubikey:slot-id=9a?pin-value=123456")
+    assert "123456" not in str(caught.value)
+    assert "pip install kmsproxy-yubikey" in str(caught.value)
+
+
+def test_unlisted_scheme_has_no_hint() -> None:
+    with pytest.raises(UserError) as caught:
+        Registry.load().open_signer("vault:name=x")
+    assert "pip install" not in str(caught.value)
+
+
+def test_missing_file_is_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no such file"):
+        Registry.load().open_signer(str(tmp_path / "missing.key"))
+
+
+def test_third_party_backend_found() -> None:
+    registry = Registry.load([fake_backend("kmsproxy_fake", "fakekms")])
+    signer = registry.open_signer("fakekms:name=a")
+    assert "fakekms" in registry.schemes
+    assert signer.uri == "fakekms:name=a"
+
+
+def test_third_party_without_certificates() -> None:
+    registry = Registry.load([fake_backend("kmsproxy_fake", "fakekms")])
+    with pytest.raises(UserError, match="does not provide certificates"):
+        registry.open_certificates("fakekms:name=a")
+
+
+def test_duplicate_scheme_names_both() -> None:
+    first = fake_backend("kmsproxy_one", "fakekms")
+    second = fake_backend("kmsproxy_two", "fakekms")
+    with pytest.raises(UserError) as caught:
+        Registry.load([first, second])
+    assert "'fakekms'" in str(caught.value)
+    assert "kmsproxy_one" in str(caught.value)
+    assert "kmsproxy_two" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "format_"),
+    [
+        (serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8),
+        (serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL),
+        (serialization.Encoding.DER, serialization.PrivateFormat.PKCS8),
+        (serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL),
+    ],
+)
+def test_key_formats(
+    tmp_path: Path,
+    encoding: serialization.Encoding,
+    format_: serialization.PrivateFormat,
+) -> None:
+    key = generate_key("p256")
+    data = key.private_bytes(encoding, format_, serialization.NoEncryption())
+    path = write_key(tmp_path / "k", data)
+    assert Registry.load().open_signer(str(path)).public_key() == key.public_key()
+
+
+def encrypted_key(tmp_path: Path) -> tuple[Path, Signer]:
+    key = generate_key("p256")
+    data = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"s3cret"),
+    )
+    return write_key(tmp_path / "enc.key", data), SoftwareSigner(key, "expected")
+
+
+def test_encrypted_key_explains(tmp_path: Path) -> None:
+    path, _ = encrypted_key(tmp_path)
+    with pytest.raises(SignerError, match="encrypted; give its password"):
+        Registry.load().open_signer(str(path))
+
+
+def test_encrypted_key_password_file(tmp_path: Path) -> None:
+    path, expected = encrypted_key(tmp_path)
+    (tmp_path / "pw").write_text("s3cret\n")
+    uri = f"file:path={path};password-file={tmp_path / 'pw'}"
+    signer = Registry.load().open_signer(uri)
+    assert signer.public_key() == expected.public_key()
+
+
+def test_wrong_password_is_error(tmp_path: Path) -> None:
+    path, _ = encrypted_key(tmp_path)
+    (tmp_path / "pw").write_text("wrong\n")
+    uri = f"file:path={path};password-file={tmp_path / 'pw'}"
+    with pytest.raises(SignerError, match="wrong password"):
+        Registry.load().open_signer(uri)
+
+
+def test_garbage_key_names_file(tmp_path: Path) -> None:
+    path = write_key(tmp_path / "garbage.key", b"not a key")
+    with pytest.raises(SignerError, match=r"garbage\.key: not a PEM or DER"):
+        Registry.load().open_signer(str(path))
+
+
+def load_chain(source: CertificateSource) -> list[object]:
+    async def main() -> list[object]:
+        return list(await source.load())
+
+    return anyio.run(main)
+
+
+def test_pem_chain_leaf_first(tmp_path: Path) -> None:
+    ca = make_ca()
+    issued = issue(ca, "client", client=True)
+    path = tmp_path / "chain.pem"
+    path.write_bytes(issued.chain_pem() + ca.chain_pem())
+    source = Registry.load().open_certificates(str(path))
+    assert load_chain(source) == [issued.cert, ca.cert]
+    assert list(source.watch_paths()) == [path]
+
+
+def test_der_certificate(tmp_path: Path) -> None:
+    issued = issue(make_ca(), "client", client=True)
+    path = tmp_path / "client.der"
+    path.write_bytes(issued.cert.public_bytes(serialization.Encoding.DER))
+    assert load_chain(FileCertificateSource(path)) == [issued.cert]
+
+
+def test_bad_certificate_names_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.crt"
+    path.write_bytes(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    with pytest.raises(CertificateError, match=r"bad\.crt"):
+        load_chain(FileCertificateSource(path))
