@@ -1,0 +1,149 @@
+"""Identity reloads: rename-replaced files, SIGHUP and certificate expiry."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+from pki import Issued, issue, make_ca
+
+from kmsproxy.certificates import CertificateSource
+from kmsproxy.identity import IdentityStore, KeySlot
+from kmsproxy.plugins.registry import Registry
+from kmsproxy.signer import SoftwareSigner
+
+pytestmark = pytest.mark.anyio
+
+# Upper bound for a reload to show up: the watch debounce is 0.3 s, so 10 s
+# only matters on a badly overloaded machine.
+RELOAD_WAIT_SECONDS = 10.0
+
+NOW = datetime.datetime.now(datetime.UTC)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def reissue(ca: Issued, previous: Issued, common_name: str) -> x509.Certificate:
+    """Issue a new certificate for the key of `previous` (a renewal)."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(ca.cert.subject)
+        .public_key(previous.key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(previous.cert.not_valid_before_utc)
+        .not_valid_after(NOW + datetime.timedelta(days=1))
+    )
+    return builder.sign(ca.key, hashes.SHA256())
+
+
+def rename_replace(path: Path, certificate: x509.Certificate) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    os.replace(temporary, path)
+
+
+async def wait_for_subject(store: IdentityStore, subject: str) -> None:
+    with anyio.fail_after(RELOAD_WAIT_SECONDS):
+        while [i.subject for i in store.identities] != [subject]:
+            await anyio.sleep(0.02)
+
+
+async def test_rename_replace_twice(tmp_path: Path) -> None:
+    ca = make_ca()
+    first = issue(ca, "first", client=True)
+    key_path, cert_path = first.write(tmp_path, "client")
+    store = IdentityStore.open(Registry.load(), [key_path], [cert_path])
+    await store.load()
+    async with anyio.create_task_group() as group:
+        await group.start(store.watch)
+        rename_replace(cert_path, reissue(ca, first, "second"))
+        await wait_for_subject(store, "CN=second")
+        rename_replace(cert_path, reissue(ca, first, "third"))
+        await wait_for_subject(store, "CN=third")
+        group.cancel_scope.cancel()
+    assert store.reload_count >= 2
+
+
+async def test_bad_replace_keeps_identity(tmp_path: Path) -> None:
+    ca = make_ca()
+    first = issue(ca, "first", client=True)
+    key_path, cert_path = first.write(tmp_path, "client")
+    store = IdentityStore.open(Registry.load(), [key_path], [cert_path])
+    await store.load()
+    async with anyio.create_task_group() as group:
+        await group.start(store.watch)
+        rename_replace(cert_path, issue(ca, "stranger", client=True).cert)
+        with anyio.fail_after(RELOAD_WAIT_SECONDS):
+            while store.failed_reload_count == 0:
+                await anyio.sleep(0.02)
+        assert [i.subject for i in store.identities] == ["CN=first"]
+        rename_replace(cert_path, reissue(ca, first, "second"))
+        await wait_for_subject(store, "CN=second")
+        group.cancel_scope.cancel()
+
+
+async def test_sighup_reloads(tmp_path: Path) -> None:
+    ca = make_ca()
+    first = issue(ca, "first", client=True)
+    _, cert_path = first.write(tmp_path, "client")
+    source = Registry.load().open_certificates(str(cert_path))
+
+    class Unwatched(CertificateSource):
+        uri = "unwatched"
+
+        async def load(self) -> list[x509.Certificate]:
+            return await source.load()
+
+    store = IdentityStore([KeySlot(SoftwareSigner(first.key, "k"))], [Unwatched()])
+    await store.load()
+    async with anyio.create_task_group() as group:
+        await group.start(store.watch)
+        rename_replace(cert_path, reissue(ca, first, "second"))
+        os.kill(os.getpid(), signal.SIGHUP)
+        await wait_for_subject(store, "CN=second")
+        group.cancel_scope.cancel()
+
+
+class Sequenced(CertificateSource):
+    """A source that returns the next chain on each load, never watched."""
+
+    uri = "sequenced"
+
+    def __init__(self, chains: Sequence[list[x509.Certificate]]) -> None:
+        self.chains = list(chains)
+        self.loads = 0
+
+    async def load(self) -> list[x509.Certificate]:
+        chain = self.chains[min(self.loads, len(self.chains) - 1)]
+        self.loads += 1
+        return chain
+
+
+async def test_expiry_triggers_reload() -> None:
+    ca = make_ca()
+    now = datetime.datetime.now(datetime.UTC)
+    expiring = issue(
+        ca, "expiring", client=True, not_after=now + datetime.timedelta(seconds=2)
+    )
+    renewed = reissue(ca, expiring, "renewed")
+    source = Sequenced([[expiring.cert], [renewed]])
+    store = IdentityStore([KeySlot(SoftwareSigner(expiring.key, "k"))], [source])
+    await store.load()
+    async with anyio.create_task_group() as group:
+        await group.start(store.watch)
+        await wait_for_subject(store, "CN=renewed")
+        group.cancel_scope.cancel()
+    assert source.loads == 2
