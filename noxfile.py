@@ -92,6 +92,7 @@ def docs(session: nox.Session) -> None:
     """Check that relative links resolve and that documented CLI flags exist."""
     kmsproxy = [venv_tool(session, "python"), "-m", "kmsproxy"]
     problems = check_links(markdown_files())
+    problems += check_file_copies(markdown_files())
     try:
         commands = read_cli(kmsproxy)
     except CLIHelpError as error:
@@ -129,6 +130,13 @@ _SUBCOMMANDS = re.compile(r"\{([a-z0-9-]+(?:,[a-z0-9-]+)*)\}")
 _COMMAND_LANGUAGES = frozenset(
     {"", "sh", "bash", "shell", "console", "ini", "systemd", "powershell", "bat"}
 )
+# Example files that a user copies and edits: systemd units, PAC files,
+# kubeconfigs, launchd plists, scripts. Python examples are checked by lint.
+_CONFIGURATION_SUFFIXES = frozenset(
+    {".service", ".js", ".yaml", ".yml", ".plist", ".sh", ".ps1"}
+)
+# `<!-- file: PATH -->` before a code block: the block is a copy of PATH.
+_FILE_COPY = re.compile(r"^<!--\s*file:\s*(\S+)\s*-->\s*$")
 # Shell words that end one command and start another.
 _SHELL_SEPARATORS = frozenset({"|", "||", "&&", ";", "&", "#", ">", "2>", "<"})
 # Commands nest at most two levels (`kmsproxy tpm create`), so a deeper level
@@ -160,11 +168,11 @@ def markdown_files() -> list[Path]:
 
 
 def documented_files() -> list[Path]:
-    """List the Markdown files and every example file (unit, PAC, kubeconfig)."""
+    """List the Markdown files and the example configuration files."""
     examples = sorted(
         path
         for path in (ROOT / "examples").rglob("*")
-        if path.is_file() and path.suffix != ".md"
+        if path.is_file() and path.suffix in _CONFIGURATION_SUFFIXES
     )
     return markdown_files() + examples
 
@@ -244,6 +252,54 @@ def check_link_target(source: Path, target: str) -> str | None:
     if anchor and resolved.suffix == ".md" and anchor not in heading_anchors(resolved):
         return f"link {target!r}: no heading with anchor #{anchor}"
     return None
+
+
+def check_file_copies(files: Sequence[Path]) -> list[str]:
+    """Check that each code block marked `<!-- file: PATH -->` equals PATH.
+
+    Docs show some example files in full. The mark keeps such a copy from
+    drifting away from the file that lint and tests check.
+    """
+    problems: list[str] = []
+    for path in files:
+        copy: Path | None = None
+        mark_line = 0
+        block: list[str] | None = None
+        for number, line, language in iter_markdown_lines(path):
+            mark = _FILE_COPY.match(line) if language is None else None
+            if mark:
+                copy, mark_line = (path.parent / mark.group(1)).resolve(), number
+            elif copy is not None and language is not None:
+                block = (block or []) + [line]
+            elif copy is not None and (block is not None or line.strip()):
+                problems += compare_copy(Location(path, mark_line), copy, block)
+                copy, block = None, None
+        if copy is not None:
+            problems += compare_copy(Location(path, mark_line), copy, block)
+    return problems
+
+
+def compare_copy(
+    location: Location, original: Path, block: list[str] | None
+) -> list[str]:
+    """Return a problem if a copied code block differs from its original file."""
+    if not original.is_file():
+        return [f"{location}: {original} does not exist"]
+    if block is None:
+        return [f"{location}: no code block follows the file mark"]
+    expected = original.read_text(encoding="utf-8").rstrip("\n").splitlines()
+    if block == expected:
+        return []
+    for index, (copied, actual) in enumerate(zip(block, expected, strict=False)):
+        if copied != actual:
+            return [
+                f"{location}: the copy of {original.relative_to(ROOT)} differs "
+                f"at its line {index + 1}: {actual!r}"
+            ]
+    return [
+        f"{location}: the copy of {original.relative_to(ROOT)} has {len(block)} "
+        f"lines, the file {len(expected)}"
+    ]
 
 
 def read_cli(kmsproxy: Sequence[str]) -> dict[tuple[str, ...], set[str]]:
