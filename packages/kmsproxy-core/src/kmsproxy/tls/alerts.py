@@ -161,3 +161,8 @@ class HandshakeTimeout(TLSError):
 class ConnectionLost(TLSError):
     """The transport closed before the handshake finished or without a
     close_notify alert (a truncation the application must not trust)."""
+
+
+class SignatureFailed(InternalError):
+    """The client's Signer failed to sign CertificateVerify; the server gets
+    internal_error. The Signer's exception is chained as `__cause__`."""

@@ -176,12 +176,18 @@ class RecordLayer:
             raise DecodeError(f"empty {ContentType(content_type).name} record")
         return content_type, content
 
-    def encode(self, content_type: ContentType, content: bytes) -> bytes:
-        """Split `content` into records and protect them if a write key is set."""
+    def encode(
+        self, content_type: ContentType, content: bytes, *, protect: bool = True
+    ) -> bytes:
+        """Split `content` into records and protect them if a write key is set.
+
+        `protect=False` is for the change_cipher_spec record, which is always
+        sent in the clear (RFC 8446 section 5).
+        """
         records = []
         for start in range(0, max(len(content), 1), MAX_PLAINTEXT_LENGTH):
             fragment = content[start : start + MAX_PLAINTEXT_LENGTH]
-            if self.write_cipher is not None:
+            if self.write_cipher is not None and protect:
                 records.append(self.write_cipher.seal(content_type, fragment))
             else:
                 header = bytes([content_type]) + _version_and_length(len(fragment))

@@ -1,0 +1,815 @@
+"""The sans-IO TLS 1.3 client state machine (RFC 8446, client side only).
+
+Everything that changes the connection state lives here: bytes go in through
+`receive_data`, bytes to send come out of `data_to_send`, and what happened
+comes out of `next_event`. Nothing here awaits or touches a socket. The one
+slow step, the client signature, leaves as a `SignatureRequested` event; the
+caller awaits its `Signer` and hands the result to `provide_signature`.
+
+Every protocol violation raises an `Alert` subclass after the alert record
+has been queued in `data_to_send`, so the caller sends it, then propagates
+the exception. An alert from the server raises `AlertReceived`.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import os
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from ..signer import SignatureScheme
+from . import messages as m
+from .alerts import (
+    Alert,
+    AlertDescription,
+    AlertLevel,
+    AlertReceived,
+    DecodeError,
+    DecryptError,
+    IllegalParameter,
+    MissingExtension,
+    ProtocolVersion,
+    TLSError,
+    UnexpectedMessage,
+)
+from .client_auth import client_certificate_verify_content, select_identity
+from .config import ClientIdentity, TLSClientConfig, is_ip_literal
+from .extensions import (
+    check_certificate_entry_extensions,
+    check_encrypted_extensions,
+    check_hello_retry_request_extensions,
+    check_server_hello_extensions,
+    parse_certificate_request,
+)
+from .key_exchange import (
+    KeySharePrivateKey,
+    generate_private_key,
+    public_key_bytes,
+    shared_secret,
+)
+from .key_schedule import (
+    SUITES,
+    CipherSuite,
+    KeySchedule,
+    SuiteParameters,
+    Transcript,
+    finished_verify_data,
+    next_traffic_secret,
+)
+from .records import ContentType, RecordCipher, RecordLayer
+from .verify import (
+    leaf_public_key,
+    parse_certificate_chain,
+    verify_server_signature,
+)
+
+# Cipher suites in our preference order: AES-GCM first because it has
+# hardware support on common CPUs, ChaCha20-Poly1305 for the rest.
+CIPHER_SUITES = (
+    CipherSuite.TLS_AES_128_GCM_SHA256,
+    CipherSuite.TLS_AES_256_GCM_SHA384,
+    CipherSuite.TLS_CHACHA20_POLY1305_SHA256,
+)
+
+SUPPORTED_GROUPS = (m.NamedGroup.x25519, m.NamedGroup.secp256r1, m.NamedGroup.secp384r1)
+
+# Groups we send a share for in the first ClientHello. secp384r1 costs a
+# HelloRetryRequest round trip, which only servers that refuse both need.
+INITIAL_KEY_SHARE_GROUPS = (m.NamedGroup.x25519, m.NamedGroup.secp256r1)
+
+# signature_algorithms we offer. The RSASSA-PKCS1-v1_5 schemes come last and
+# apply to certificate signatures only (RFC 8446 section 4.2.3): many CAs
+# still sign with them, but a server CertificateVerify using them is rejected.
+SIGNATURE_ALGORITHMS = (
+    SignatureScheme.ecdsa_secp256r1_sha256,
+    SignatureScheme.ecdsa_secp384r1_sha384,
+    SignatureScheme.ecdsa_secp521r1_sha512,
+    SignatureScheme.ed25519,
+    SignatureScheme.ed448,
+    SignatureScheme.rsa_pss_rsae_sha256,
+    SignatureScheme.rsa_pss_rsae_sha384,
+    SignatureScheme.rsa_pss_rsae_sha512,
+    SignatureScheme.rsa_pss_pss_sha256,
+    SignatureScheme.rsa_pss_pss_sha384,
+    SignatureScheme.rsa_pss_pss_sha512,
+    SignatureScheme.rsa_pkcs1_sha256,
+    SignatureScheme.rsa_pkcs1_sha384,
+    SignatureScheme.rsa_pkcs1_sha512,
+)
+
+# Largest handshake message we buffer: 100 KiB, the limit OpenSSL 3.0 puts
+# on a peer's certificate list by default (SSL_MAX_CERT_LIST_DEFAULT in
+# ssl.h). A Certificate message is the largest a server sends.
+MAX_HANDSHAKE_MESSAGE_LENGTH = 100 * 1024
+
+# change_cipher_spec records we drop before the server's Finished. A server
+# in middlebox compatibility mode sends one, after its first ServerHello or
+# HelloRetryRequest (RFC 8446 appendix D.4); 2 leaves room for one more
+# after a HelloRetryRequest and still bounds a flood.
+MAX_CHANGE_CIPHER_SPEC_RECORDS = 2
+
+# Consecutive records that carry no data (empty application_data, or
+# padding only) we accept before treating the stream as a flood. RFC 8446
+# allows them for traffic-analysis resistance but sets no bound; 64 is ours.
+MAX_CONSECUTIVE_EMPTY_RECORDS = 64
+
+# Records we send under one key before we update it ourselves. RFC 8446
+# section 5.5 limits AES-GCM to 2^24.5 full-size records per key.
+KEY_UPDATE_AFTER_RECORDS = 2**24
+
+
+class State(enum.Enum):
+    START = enum.auto()
+    WAIT_SERVER_HELLO = enum.auto()
+    WAIT_ENCRYPTED_EXTENSIONS = enum.auto()
+    WAIT_CERTIFICATE_OR_REQUEST = enum.auto()
+    WAIT_CERTIFICATE = enum.auto()
+    WAIT_CERTIFICATE_VERIFY = enum.auto()
+    WAIT_FINISHED = enum.auto()
+    WAIT_SIGNATURE = enum.auto()
+    CONNECTED = enum.auto()
+    CLOSED = enum.auto()
+
+
+@dataclass(frozen=True)
+class SignatureRequested:
+    """Sign `content` with `identity.signer` using `scheme`, then call
+    `provide_signature`."""
+
+    identity: ClientIdentity
+    scheme: SignatureScheme
+    content: bytes
+
+
+@dataclass(frozen=True)
+class HandshakeComplete:
+    """Both Finished messages are exchanged; application data may flow."""
+
+
+@dataclass(frozen=True)
+class ApplicationData:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class CloseNotifyReceived:
+    """The server sent close_notify: it will send no more data."""
+
+
+Event = SignatureRequested | HandshakeComplete | ApplicationData | CloseNotifyReceived
+
+
+class ClientConnection:
+    """One TLS 1.3 client connection, as a state machine over bytes.
+
+    `random_bytes` and `generate_key_share` exist so tests can replay fixed
+    handshakes; production code keeps the defaults.
+    """
+
+    def __init__(
+        self,
+        config: TLSClientConfig,
+        *,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        generate_key_share: Callable[
+            [m.NamedGroup], KeySharePrivateKey
+        ] = generate_private_key,
+    ) -> None:
+        self.config = config
+        self.state = State.START
+        self._random_bytes = random_bytes
+        self._generate_key_share = generate_key_share
+        self._records = RecordLayer()
+        self._handshake_buffer = bytearray()
+        self._output = bytearray()
+        self._events: deque[Event] = deque()
+        self._transcript = Transcript()
+        self._key_shares: dict[int, KeySharePrivateKey] = {}
+        self._client_hello: m.ClientHello | None = None
+        self._hello_retry_request: m.ServerHello | None = None
+        self._suite_code = CipherSuite.TLS_AES_128_GCM_SHA256
+        self._suite: SuiteParameters | None = None
+        self._schedule: KeySchedule | None = None
+        self._client_secret = b""
+        self._server_secret = b""
+        self._application_client_secret = b""
+        self._certificate_request: m.CertificateRequest | None = None
+        self._pending_signature: SignatureRequested | None = None
+        self._sent_change_cipher_spec = False
+        self._change_cipher_spec_count = 0
+        self._empty_record_count = 0
+        self.peer_chain: list[x509.Certificate] = []
+        self.client_identity: ClientIdentity | None = None
+        self.alpn_protocol: str | None = None
+        self.send_closed = False
+        self.receive_closed = False
+
+    # Public API
+
+    @property
+    def cipher_suite(self) -> str:
+        return self._suite_code.name
+
+    @property
+    def version(self) -> str:
+        return "TLSv1.3"
+
+    @property
+    def handshake_complete(self) -> bool:
+        return self.state == State.CONNECTED
+
+    def start(self) -> None:
+        """Queue the ClientHello."""
+        if self.state != State.START:
+            raise TLSError("the handshake has already started")
+        hello = self._build_client_hello()
+        self._client_hello = hello
+        self._send_handshake(m.push_client_hello(hello))
+        self.state = State.WAIT_SERVER_HELLO
+
+    def receive_data(self, data: bytes) -> None:
+        """Process received bytes; results appear in `next_event`."""
+        self._guarded(self._records.feed, data)
+
+    def provide_signature(self, signature: bytes) -> None:
+        """Complete the client flight with the signature a
+        `SignatureRequested` event asked for."""
+        self._guarded(self._finish_client_flight_with, signature)
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def data_to_send(self) -> bytes:
+        data = bytes(self._output)
+        self._output.clear()
+        return data
+
+    def send_application_data(self, data: bytes) -> None:
+        if self.state != State.CONNECTED or self.send_closed:
+            raise TLSError("cannot send: the connection is not open for writing")
+        write_cipher = self._records.write_cipher
+        if write_cipher and write_cipher.sequence_number >= KEY_UPDATE_AFTER_RECORDS:
+            self._send_key_update(m.KeyUpdateRequest.update_not_requested)
+        self._output += self._records.encode(ContentType.application_data, data)
+
+    def send_close_notify(self) -> None:
+        """Queue close_notify; receiving continues (TLS 1.3 half-close)."""
+        if self.send_closed or self.state == State.CLOSED:
+            return
+        self.send_closed = True
+        self._queue_alert(AlertLevel.warning, AlertDescription.close_notify)
+
+    # Error boundary
+
+    def _guarded(self, step: Callable[[bytes], None], data: bytes) -> None:
+        """Run one input step, then process whatever records can be processed.
+
+        Convert stray decoding errors to DecodeError so callers see only
+        TLSError subclasses, and queue our alert before re-raising.
+        """
+        if self.state == State.CLOSED:
+            raise TLSError("the connection has already failed or closed")
+        try:
+            step(data)
+            self._process_records()
+        except Alert as alert:
+            self._fail(alert)
+            raise
+        except AlertReceived:
+            self.state = State.CLOSED
+            raise
+        except (ValueError, IndexError, KeyError, OverflowError, struct.error) as e:
+            decode_error = DecodeError(f"malformed input: {e}")
+            self._fail(decode_error)
+            raise decode_error from e
+
+    def fail(self, alert: Alert) -> None:
+        """Queue `alert` and close the connection; for failures found
+        outside the state machine, such as a Signer error."""
+        self._fail(alert)
+
+    def _fail(self, alert: Alert) -> None:
+        if not self.send_closed:
+            self._queue_alert(AlertLevel.fatal, alert.description)
+        self.send_closed = True
+        self.state = State.CLOSED
+
+    def _queue_alert(self, level: AlertLevel, description: AlertDescription) -> None:
+        self._output += self._records.encode(
+            ContentType.alert, bytes([level, description])
+        )
+
+    # Record processing
+
+    def _process_records(self) -> None:
+        while self.state not in (State.WAIT_SIGNATURE, State.CLOSED):
+            if self.receive_closed:
+                return
+            if self._process_one_handshake_message():
+                continue
+            record = self._records.next_record()
+            if record is None:
+                return
+            content_type, content = record
+            if content_type != ContentType.handshake and self._handshake_buffer:
+                raise UnexpectedMessage(
+                    f"{ContentType(content_type).name} record inside a fragmented "
+                    "handshake message"
+                )
+            self._count_empty(content)
+            if content_type == ContentType.change_cipher_spec:
+                self._receive_change_cipher_spec(content)
+            elif content_type == ContentType.alert:
+                self._receive_alert(content)
+            elif content_type == ContentType.handshake:
+                self._handshake_buffer += content
+            elif self.state != State.CONNECTED:
+                raise UnexpectedMessage("application data before the handshake ended")
+            elif content:
+                self._events.append(ApplicationData(content))
+
+    def _count_empty(self, content: bytes) -> None:
+        if content:
+            self._empty_record_count = 0
+            return
+        self._empty_record_count += 1
+        if self._empty_record_count > MAX_CONSECUTIVE_EMPTY_RECORDS:
+            raise UnexpectedMessage(
+                f"more than {MAX_CONSECUTIVE_EMPTY_RECORDS} empty records in a row"
+            )
+
+    def _receive_change_cipher_spec(self, content: bytes) -> None:
+        # RFC 8446 section 5: drop a single 0x01 byte received before the
+        # server's Finished; anything else is unexpected_message.
+        before_finished = self.state in (
+            State.WAIT_SERVER_HELLO,
+            State.WAIT_ENCRYPTED_EXTENSIONS,
+            State.WAIT_CERTIFICATE_OR_REQUEST,
+            State.WAIT_CERTIFICATE,
+            State.WAIT_CERTIFICATE_VERIFY,
+            State.WAIT_FINISHED,
+        )
+        if content != b"\x01" or not before_finished:
+            raise UnexpectedMessage("change_cipher_spec is not allowed here")
+        self._change_cipher_spec_count += 1
+        if self._change_cipher_spec_count > MAX_CHANGE_CIPHER_SPEC_RECORDS:
+            raise UnexpectedMessage(
+                f"more than {MAX_CHANGE_CIPHER_SPEC_RECORDS} change_cipher_spec records"
+            )
+
+    def _receive_alert(self, content: bytes) -> None:
+        # One alert per record, never fragmented (RFC 8446 section 6).
+        if len(content) != 2:
+            raise DecodeError(f"alert record of {len(content)} bytes, expected 2")
+        level, description = content
+        if description == AlertDescription.close_notify and self.handshake_complete:
+            self.receive_closed = True
+            self._events.append(CloseNotifyReceived())
+            return
+        if description == AlertDescription.user_canceled:
+            return
+        raise AlertReceived(description, level)
+
+    def _process_one_handshake_message(self) -> bool:
+        """Handle the next whole handshake message in the buffer, if any."""
+        buffer = self._handshake_buffer
+        if len(buffer) < m.HANDSHAKE_HEADER_LENGTH:
+            return False
+        length = int.from_bytes(buffer[1:4], "big")
+        if length > MAX_HANDSHAKE_MESSAGE_LENGTH:
+            raise DecodeError(
+                f"handshake message of {length} bytes exceeds the "
+                f"{MAX_HANDSHAKE_MESSAGE_LENGTH}-byte limit"
+            )
+        end = m.HANDSHAKE_HEADER_LENGTH + length
+        if len(buffer) < end:
+            return False
+        message = bytes(buffer[:end])
+        del buffer[:end]
+        self._handle_handshake(message[0], message)
+        return True
+
+    def _require_no_buffered_handshake(self, when: str) -> None:
+        # Handshake messages must not span a key change (RFC 8446 5.1).
+        if self._handshake_buffer:
+            raise UnexpectedMessage(f"handshake data continues past {when}")
+
+    # Handshake
+
+    def _handle_handshake(self, message_type: int, message: bytes) -> None:
+        body = message[m.HANDSHAKE_HEADER_LENGTH :]
+        state = self.state
+        expected: tuple[int, ...]
+        if state == State.WAIT_SERVER_HELLO:
+            expected = (m.HandshakeType.server_hello,)
+        elif state == State.WAIT_ENCRYPTED_EXTENSIONS:
+            expected = (m.HandshakeType.encrypted_extensions,)
+        elif state == State.WAIT_CERTIFICATE_OR_REQUEST:
+            expected = (
+                m.HandshakeType.certificate_request,
+                m.HandshakeType.certificate,
+            )
+        elif state == State.WAIT_CERTIFICATE:
+            expected = (m.HandshakeType.certificate,)
+        elif state == State.WAIT_CERTIFICATE_VERIFY:
+            expected = (m.HandshakeType.certificate_verify,)
+        elif state == State.WAIT_FINISHED:
+            expected = (m.HandshakeType.finished,)
+        else:
+            expected = (m.HandshakeType.new_session_ticket, m.HandshakeType.key_update)
+        if message_type not in expected:
+            raise UnexpectedMessage(
+                f"{_message_name(message_type)} is not allowed in state "
+                f"{state.name}; expected {' or '.join(map(_message_name, expected))}"
+            )
+
+        if message_type == m.HandshakeType.server_hello:
+            self._receive_server_hello(m.pull_server_hello(body), message)
+        elif message_type == m.HandshakeType.encrypted_extensions:
+            self._receive_encrypted_extensions(body, message)
+        elif message_type == m.HandshakeType.certificate_request:
+            self._receive_certificate_request(body, message)
+        elif message_type == m.HandshakeType.certificate:
+            self._receive_certificate(body, message)
+        elif message_type == m.HandshakeType.certificate_verify:
+            self._receive_certificate_verify(body, message)
+        elif message_type == m.HandshakeType.finished:
+            self._receive_finished(body, message)
+        elif message_type == m.HandshakeType.new_session_ticket:
+            # NOTE: resumption is not implemented, so tickets are validated
+            # and dropped.
+            m.pull_new_session_ticket(body)
+        else:
+            self._receive_key_update(m.pull_key_update(body))
+
+    def _build_client_hello(self) -> m.ClientHello:
+        for group in INITIAL_KEY_SHARE_GROUPS:
+            self._key_shares[group] = self._generate_key_share(group)
+        extensions: list[m.Extension] = []
+        name = self.config.server_name
+        if not is_ip_literal(name):
+            extensions.append(
+                (m.ExtensionType.server_name, m.push_server_name(name.rstrip(".")))
+            )
+        extensions += [
+            (
+                m.ExtensionType.supported_versions,
+                m.push_supported_versions_client([m.TLS_1_3]),
+            ),
+            (
+                m.ExtensionType.supported_groups,
+                m.push_uint16_list_extension(list(SUPPORTED_GROUPS)),
+            ),
+            (
+                m.ExtensionType.signature_algorithms,
+                m.push_uint16_list_extension(list(SIGNATURE_ALGORITHMS)),
+            ),
+            (m.ExtensionType.key_share, self._key_share_extension()),
+        ]
+        if self.config.alpn_protocols:
+            names = [p.encode() for p in self.config.alpn_protocols]
+            extensions.append(
+                (
+                    m.ExtensionType.application_layer_protocol_negotiation,
+                    m.push_alpn(names),
+                )
+            )
+        return m.ClientHello(
+            random=self._random_bytes(m.RANDOM_LENGTH),
+            # Middlebox compatibility mode (RFC 8446 appendix D.4).
+            legacy_session_id=self._random_bytes(32),
+            cipher_suites=list(CIPHER_SUITES),
+            extensions=extensions,
+        )
+
+    def _key_share_extension(self) -> bytes:
+        entries = [
+            m.KeyShareEntry(group, public_key_bytes(key))
+            for group, key in self._key_shares.items()
+        ]
+        return m.push_key_share_client(entries)
+
+    def _offered_extensions(self) -> set[int]:
+        assert self._client_hello is not None
+        return {extension_type for extension_type, _ in self._client_hello.extensions}
+
+    def _check_hello_common(self, hello: m.ServerHello) -> int:
+        """Apply the checks ServerHello and HelloRetryRequest share; return
+        the selected version (RFC 8446 sections 4.1.3 and 4.1.4)."""
+        assert self._client_hello is not None
+        extensions = hello.extensions or []
+        version_data = m.find_extension(extensions, m.ExtensionType.supported_versions)
+        if version_data is None:
+            # A TLS 1.2 (or older) ServerHello. A TLS 1.3 server that
+            # negotiates lower marks its random; that means a downgrade attack.
+            if hello.random[-8:] in m.DOWNGRADE_SENTINELS:
+                raise IllegalParameter(
+                    "ServerHello.random carries a downgrade sentinel"
+                )
+            raise ProtocolVersion(
+                f"server selected version 0x{hello.legacy_version:04x}; "
+                "this client supports TLS 1.3 only"
+            )
+        version = m.pull_uint16_extension(version_data, "supported_versions")
+        if version != m.TLS_1_3:
+            raise IllegalParameter(
+                f"server selected version 0x{version:04x}, not offered"
+            )
+        if hello.legacy_version != m.TLS_1_2:
+            raise IllegalParameter(
+                f"ServerHello legacy_version 0x{hello.legacy_version:04x} is not 0x0303"
+            )
+        if hello.legacy_session_id_echo != self._client_hello.legacy_session_id:
+            raise IllegalParameter("ServerHello legacy_session_id_echo does not match")
+        if hello.cipher_suite not in self._client_hello.cipher_suites:
+            raise IllegalParameter(
+                f"server selected cipher suite 0x{hello.cipher_suite:04x}, not offered"
+            )
+        if hello.legacy_compression_method != 0:
+            raise IllegalParameter("ServerHello legacy_compression_method is not 0")
+        if hello.cipher_suite not in SUITES:
+            raise IllegalParameter(
+                f"cipher suite 0x{hello.cipher_suite:04x} is not supported"
+            )
+        return version
+
+    def _receive_server_hello(self, hello: m.ServerHello, message: bytes) -> None:
+        self._check_hello_common(hello)
+        if hello.is_hello_retry_request:
+            self._receive_hello_retry_request(hello, message)
+            return
+        extensions = hello.extensions or []
+        check_server_hello_extensions(extensions, self._offered_extensions())
+        retry = self._hello_retry_request
+        if retry is not None and hello.cipher_suite != retry.cipher_suite:
+            raise IllegalParameter(
+                "ServerHello cipher suite differs from the HelloRetryRequest's"
+            )
+
+        # Step 1: the server's key share must be for a group we sent a share for.
+        share_data = m.find_extension(extensions, m.ExtensionType.key_share)
+        if share_data is None:
+            raise MissingExtension("ServerHello has no key_share")
+        share = m.pull_key_share_server(share_data)
+        private_key = self._key_shares.get(share.group)
+        if private_key is None:
+            raise IllegalParameter(
+                f"server key share for group 0x{share.group:04x}, which we sent "
+                "no share for"
+            )
+
+        # Step 2: the handshake secrets (RFC 8446 section 7.1).
+        self._suite_code = CipherSuite(hello.cipher_suite)
+        suite = SUITES[self._suite_code]
+        self._suite = suite
+        if retry is None:
+            self._transcript.select_suite(suite)
+        self._transcript.add(message)
+        schedule = KeySchedule(suite)
+        schedule.set_shared_secret(
+            shared_secret(m.NamedGroup(share.group), private_key, share.key_exchange)
+        )
+        self._schedule = schedule
+        self._key_shares.clear()
+        client_secret, server_secret = schedule.handshake_traffic_secrets(
+            self._transcript.digest()
+        )
+        self._client_secret, self._server_secret = client_secret, server_secret
+
+        # Step 3: switch both directions to the handshake traffic keys.
+        self._require_no_buffered_handshake("ServerHello")
+        self._records.read_cipher = RecordCipher(suite, server_secret)
+        self._records.write_cipher = RecordCipher(suite, client_secret)
+        self.state = State.WAIT_ENCRYPTED_EXTENSIONS
+
+    def _receive_hello_retry_request(
+        self, hello: m.ServerHello, message: bytes
+    ) -> None:
+        # RFC 8446 section 4.1.4.
+        if self._hello_retry_request is not None:
+            raise UnexpectedMessage("second HelloRetryRequest")
+        assert self._client_hello is not None
+        extensions = hello.extensions or []
+        check_hello_retry_request_extensions(extensions, self._offered_extensions())
+        selected_data = m.find_extension(extensions, m.ExtensionType.key_share)
+        cookie_data = m.find_extension(extensions, m.ExtensionType.cookie)
+        if selected_data is None and cookie_data is None:
+            raise IllegalParameter("HelloRetryRequest would not change the ClientHello")
+
+        new_extensions = list(self._client_hello.extensions)
+        if selected_data is not None:
+            group = m.pull_uint16_extension(selected_data, "key_share")
+            if group not in SUPPORTED_GROUPS or group in self._key_shares:
+                raise IllegalParameter(
+                    f"HelloRetryRequest selected group 0x{group:04x}, which is "
+                    "unsupported or already has a share"
+                )
+            self._key_shares = {group: self._generate_key_share(m.NamedGroup(group))}
+            new_extensions = [
+                (
+                    t,
+                    self._key_share_extension()
+                    if t == m.ExtensionType.key_share
+                    else d,
+                )
+                for t, d in new_extensions
+            ]
+        if cookie_data is not None:
+            m.pull_cookie(cookie_data)
+            new_extensions.append((m.ExtensionType.cookie, cookie_data))
+
+        self._hello_retry_request = hello
+        self._suite_code = CipherSuite(hello.cipher_suite)
+        suite = SUITES[self._suite_code]
+        self._transcript.replace_with_message_hash(suite)
+        self._transcript.select_suite(suite)
+        self._transcript.add(message)
+        self._require_no_buffered_handshake("HelloRetryRequest")
+
+        hello2 = m.ClientHello(
+            random=self._client_hello.random,
+            legacy_session_id=self._client_hello.legacy_session_id,
+            cipher_suites=self._client_hello.cipher_suites,
+            extensions=new_extensions,
+        )
+        self._client_hello = hello2
+        self._send_change_cipher_spec()
+        self._send_handshake(m.push_client_hello(hello2))
+
+    def _receive_encrypted_extensions(self, body: bytes, message: bytes) -> None:
+        extensions = m.pull_encrypted_extensions(body).extensions
+        self.alpn_protocol = check_encrypted_extensions(
+            extensions,
+            self._offered_extensions(),
+            [p.encode() for p in self.config.alpn_protocols],
+        )
+        self._transcript.add(message)
+        self.state = State.WAIT_CERTIFICATE_OR_REQUEST
+
+    def _receive_certificate_request(self, body: bytes, message: bytes) -> None:
+        request = m.pull_certificate_request(body)
+        parse_certificate_request(request)
+        self._certificate_request = request
+        self._transcript.add(message)
+        self.state = State.WAIT_CERTIFICATE
+
+    def _receive_certificate(self, body: bytes, message: bytes) -> None:
+        certificate = m.pull_certificate(body)
+        if certificate.certificate_request_context:
+            raise IllegalParameter(
+                "server Certificate has a certificate_request_context"
+            )
+        if not certificate.certificate_list:
+            raise DecodeError("server sent an empty Certificate message")
+        for entry in certificate.certificate_list:
+            check_certificate_entry_extensions(
+                entry.extensions, self._offered_extensions()
+            )
+        chain = parse_certificate_chain(
+            [e.cert_data for e in certificate.certificate_list]
+        )
+        leaf_public_key(chain[0])
+        if self.config.trust is not None:
+            self.config.trust.verify_server(chain, self.config.server_name)
+        self.peer_chain = chain
+        self._transcript.add(message)
+        self.state = State.WAIT_CERTIFICATE_VERIFY
+
+    def _receive_certificate_verify(self, body: bytes, message: bytes) -> None:
+        verify = m.pull_certificate_verify(body)
+        verify_server_signature(
+            self.peer_chain[0],
+            verify.algorithm,
+            verify.signature,
+            self._transcript.digest(),
+            SIGNATURE_ALGORITHMS,
+        )
+        self._transcript.add(message)
+        self.state = State.WAIT_FINISHED
+
+    def _receive_finished(self, body: bytes, message: bytes) -> None:
+        suite, schedule = self._suite, self._schedule
+        assert suite is not None
+        assert schedule is not None
+        finished = m.pull_finished(body, suite.hash_length)
+        expected = finished_verify_data(
+            suite, self._server_secret, self._transcript.digest()
+        )
+        if not hmac.compare_digest(finished.verify_data, expected):
+            raise DecryptError("server Finished verify_data is wrong")
+        self._transcript.add(message)
+
+        # The application secrets cover the transcript through server Finished.
+        client_secret, server_secret = schedule.application_traffic_secrets(
+            self._transcript.digest()
+        )
+        self._require_no_buffered_handshake("server Finished")
+        self._records.read_cipher = RecordCipher(suite, server_secret)
+        self._application_client_secret = client_secret
+        self._server_secret = server_secret
+        self._send_change_cipher_spec()
+        self._send_client_certificate()
+
+    def _send_client_certificate(self) -> None:
+        """Send our Certificate (and ask for a signature) or go to Finished."""
+        request = self._certificate_request
+        if request is None:
+            self._send_client_finished()
+            return
+        parsed = parse_certificate_request(request)
+        selection = select_identity(
+            self.config.identities, parsed.signature_algorithms, parsed.authorities
+        )
+        entries = []
+        if selection is not None:
+            identity, _ = selection
+            entries = [
+                m.CertificateEntry(cert.public_bytes(Encoding.DER))
+                for cert in identity.chain
+            ]
+        certificate = m.push_certificate(
+            m.Certificate(request.certificate_request_context, entries)
+        )
+        self._send_handshake(certificate)
+        if selection is None:
+            self._send_client_finished()
+            return
+        identity, scheme = selection
+        self.client_identity = identity
+        content = client_certificate_verify_content(self._transcript.digest())
+        self._pending_signature = SignatureRequested(identity, scheme, content)
+        self._events.append(self._pending_signature)
+        self.state = State.WAIT_SIGNATURE
+
+    def _finish_client_flight_with(self, signature: bytes) -> None:
+        pending = self._pending_signature
+        if self.state != State.WAIT_SIGNATURE or pending is None:
+            raise TLSError("no signature was requested")
+        self._pending_signature = None
+        verify = m.CertificateVerify(pending.scheme, signature)
+        self._send_handshake(m.push_certificate_verify(verify))
+        self._send_client_finished()
+
+    def _send_client_finished(self) -> None:
+        suite = self._suite
+        assert suite is not None
+        verify_data = finished_verify_data(
+            suite, self._client_secret, self._transcript.digest()
+        )
+        self._send_handshake(m.push_finished(m.Finished(verify_data)))
+        self._client_secret = self._application_client_secret
+        self._records.write_cipher = RecordCipher(suite, self._client_secret)
+        self.state = State.CONNECTED
+        self._events.append(HandshakeComplete())
+
+    # Post-handshake
+
+    def _receive_key_update(self, update: m.KeyUpdate) -> None:
+        # RFC 8446 section 4.6.3.
+        suite = self._suite
+        assert suite is not None
+        self._require_no_buffered_handshake("KeyUpdate")
+        self._server_secret = next_traffic_secret(suite, self._server_secret)
+        self._records.read_cipher = RecordCipher(suite, self._server_secret)
+        requested = update.request_update == m.KeyUpdateRequest.update_requested
+        if requested and not self.send_closed:
+            self._send_key_update(m.KeyUpdateRequest.update_not_requested)
+
+    def _send_key_update(self, request: m.KeyUpdateRequest) -> None:
+        suite = self._suite
+        assert suite is not None
+        self._output += self._records.encode(
+            ContentType.handshake, m.push_key_update(m.KeyUpdate(request))
+        )
+        self._client_secret = next_traffic_secret(suite, self._client_secret)
+        self._records.write_cipher = RecordCipher(suite, self._client_secret)
+
+    # Output helpers
+
+    def _send_handshake(self, message: bytes) -> None:
+        self._transcript.add(message)
+        self._output += self._records.encode(ContentType.handshake, message)
+
+    def _send_change_cipher_spec(self) -> None:
+        # Middlebox compatibility mode: one unprotected change_cipher_spec
+        # before our second flight (RFC 8446 appendix D.4).
+        if self._sent_change_cipher_spec:
+            return
+        self._sent_change_cipher_spec = True
+        self._output += self._records.encode(
+            ContentType.change_cipher_spec, b"\x01", protect=False
+        )
+
+
+def _message_name(message_type: int) -> str:
+    try:
+        return m.HandshakeType(message_type).name
+    except ValueError:
+        return f"handshake type {message_type}"

@@ -1,0 +1,214 @@
+"""The anyio byte stream over the sans-IO client: `connect_tls` and
+`TLSClientStream`.
+
+This module moves bytes between the transport and `ClientConnection` and
+awaits the `Signer`; every protocol decision is made in `client.py`. One
+lock orders writes to the transport, so a KeyUpdate answer queued by
+`receive` and application data from `send` leave in the order they were
+encrypted even when two tasks share the stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import anyio
+import anyio.abc
+from cryptography import x509
+
+from ..signer import SignerError
+from .alerts import Alert, ConnectionLost, HandshakeTimeout, SignatureFailed, TLSError
+from .client import (
+    ApplicationData,
+    ClientConnection,
+    CloseNotifyReceived,
+    HandshakeComplete,
+    SignatureRequested,
+)
+from .config import ClientIdentity, TLSClientConfig
+
+logger = logging.getLogger(__name__)
+
+# Time aclose() waits to send close_notify before closing the transport
+# anyway, so a peer that stopped reading cannot hold the close for long.
+CLOSE_NOTIFY_TIMEOUT_SECONDS = 1.0
+
+# Bytes requested from the transport per read: one maximal TLS record
+# (2^14 + 256 bytes of ciphertext plus its 5-byte header) fits.
+TRANSPORT_READ_SIZE = 2**14 + 256 + 5
+
+
+async def connect_tls(
+    transport: anyio.abc.ByteStream, config: TLSClientConfig
+) -> TLSClientStream:
+    """Run the client handshake over an open transport.
+
+    On failure raise a `TLSError` subclass (after sending our alert, if the
+    failure is ours) and leave closing the transport to the caller. A
+    handshake that outlasts `config.handshake_timeout` raises
+    `HandshakeTimeout`.
+    """
+    stream = TLSClientStream(transport, ClientConnection(config))
+    try:
+        with anyio.fail_after(config.handshake_timeout):
+            await stream._run_handshake()
+    except TimeoutError:
+        raise HandshakeTimeout(
+            f"TLS handshake with {config.server_name!r} timed out after "
+            f"{config.handshake_timeout} s"
+        ) from None
+    return stream
+
+
+class TLSClientStream(anyio.abc.ByteStream):
+    """Application data over TLS 1.3 on top of `transport`."""
+
+    def __init__(
+        self, transport: anyio.abc.ByteStream, connection: ClientConnection
+    ) -> None:
+        self.transport = transport
+        self._connection = connection
+        self._send_lock = anyio.Lock()
+        self._receive_lock = anyio.Lock()
+        self._received = bytearray()
+        self._close_notify_received = False
+
+    @property
+    def version(self) -> str:
+        return self._connection.version
+
+    @property
+    def cipher_suite(self) -> str:
+        return self._connection.cipher_suite
+
+    @property
+    def alpn_protocol(self) -> str | None:
+        return self._connection.alpn_protocol
+
+    @property
+    def peer_chain(self) -> list[x509.Certificate]:
+        return self._connection.peer_chain
+
+    @property
+    def client_identity(self) -> ClientIdentity | None:
+        return self._connection.client_identity
+
+    async def _flush(self) -> None:
+        async with self._send_lock:
+            data = self._connection.data_to_send()
+            if data:
+                await self.transport.send(data)
+
+    async def _flush_alert(self) -> None:
+        """Send a queued alert on a best-effort basis: the error that made
+        it matters more than a failure to deliver it."""
+        with contextlib.suppress(
+            anyio.BrokenResourceError, anyio.ClosedResourceError, OSError
+        ):
+            with anyio.move_on_after(CLOSE_NOTIFY_TIMEOUT_SECONDS):
+                await self._flush()
+
+    async def _feed(self, data: bytes) -> None:
+        try:
+            self._connection.receive_data(data)
+        except Alert:
+            await self._flush_alert()
+            raise
+        await self._flush()
+
+    async def _read_transport(self, during: str) -> bytes:
+        try:
+            return await self.transport.receive(TRANSPORT_READ_SIZE)
+        except anyio.EndOfStream:
+            raise ConnectionLost(
+                f"server closed the connection {during} without close_notify"
+            ) from None
+        except (anyio.BrokenResourceError, OSError) as error:
+            raise ConnectionLost(f"connection failed {during}: {error}") from error
+
+    async def _run_handshake(self) -> None:
+        connection = self._connection
+        connection.start()
+        await self._flush()
+        while True:
+            event = connection.next_event()
+            if event is None:
+                await self._feed(await self._read_transport("during the handshake"))
+            elif isinstance(event, SignatureRequested):
+                signature = await self._sign(event)
+                try:
+                    connection.provide_signature(signature)
+                except Alert:
+                    await self._flush_alert()
+                    raise
+                await self._flush()
+            elif isinstance(event, HandshakeComplete):
+                return
+            else:
+                self._take(event)
+
+    async def _sign(self, request: SignatureRequested) -> bytes:
+        signer = request.identity.signer
+        try:
+            return await signer.sign(request.content, request.scheme)
+        except (SignerError, ValueError) as error:
+            failure = SignatureFailed(
+                f"{signer.uri}: signing CertificateVerify with "
+                f"{request.scheme.name} failed: {error}"
+            )
+            self._connection.fail(failure)
+            await self._flush_alert()
+            raise failure from error
+
+    def _take(self, event: object) -> None:
+        if isinstance(event, ApplicationData):
+            self._received += event.data
+        elif isinstance(event, CloseNotifyReceived):
+            self._close_notify_received = True
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        """Return up to `max_bytes` of application data.
+
+        Raise `anyio.EndOfStream` after the server's close_notify, and
+        `ConnectionLost` when the transport ends without one.
+        """
+        async with self._receive_lock:
+            for _ in range(2**31):
+                if self._received:
+                    data = bytes(self._received[:max_bytes])
+                    del self._received[:max_bytes]
+                    return data
+                if self._close_notify_received:
+                    raise anyio.EndOfStream
+                event = self._connection.next_event()
+                if event is None:
+                    await self._feed(await self._read_transport("mid-stream"))
+                else:
+                    self._take(event)
+            raise AssertionError("unreachable: the loop returns or raises")
+
+    async def send(self, item: bytes) -> None:
+        async with self._send_lock:
+            try:
+                self._connection.send_application_data(item)
+            except TLSError as error:
+                raise anyio.ClosedResourceError(str(error)) from None
+            await self.transport.send(self._connection.data_to_send())
+
+    async def send_eof(self) -> None:
+        """Send close_notify; receiving continues (TLS 1.3 half-close)."""
+        self._connection.send_close_notify()
+        await self._flush()
+
+    async def aclose(self) -> None:
+        """Send close_notify if not yet sent (best effort), then close the
+        transport."""
+        try:
+            with anyio.move_on_after(CLOSE_NOTIFY_TIMEOUT_SECONDS):
+                with contextlib.suppress(
+                    anyio.BrokenResourceError, anyio.ClosedResourceError, OSError
+                ):
+                    await self.send_eof()
+        finally:
+            await self.transport.aclose()
