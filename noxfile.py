@@ -137,6 +137,11 @@ _CONFIGURATION_SUFFIXES = frozenset(
 )
 # `<!-- file: PATH -->` before a code block: the block is a copy of PATH.
 _FILE_COPY = re.compile(r"^<!--\s*file:\s*(\S+)\s*-->\s*$")
+# Words after which the next word is the command that runs.
+_COMMAND_PREFIXES = frozenset(
+    {"$", "sudo", "-m", "exec", "env", "time", "nohup", "then", "do", "&"}
+)
+_SHELL_OPENERS = ("|", "&&", ";", "(", "$(")
 # Shell words that end one command and start another.
 _SHELL_SEPARATORS = frozenset({"|", "||", "&&", ";", "&", "#", ">", "2>", "<"})
 # Commands nest at most two levels (`kmsproxy tpm create`), so a deeper level
@@ -353,6 +358,8 @@ def check_documented_commands(
     for path in files:
         for number, text in command_texts(path):
             for match in _COMMAND.finditer(text):
+                if not at_command_position(text, match.start()):
+                    continue
                 words = shell_words(text[match.end() :])
                 problem = check_command_words(words, commands)
                 if problem:
@@ -393,6 +400,23 @@ def command_texts(path: Path) -> Iterator[tuple[int, str]]:
         joined = ""
     if joined:
         yield start, joined
+
+
+def at_command_position(text: str, start: int) -> bool:
+    """Tell whether the word `kmsproxy` at `start` is the command that runs.
+
+    It is when nothing but a prompt, `sudo`, `python3 -m`, a shell separator
+    or a variable assignment comes before it, and not when it is an argument
+    of another command, as in `journalctl --user -u kmsproxy -f`.
+    """
+    word_start = max(text.rfind(" ", 0, start), text.rfind("\t", 0, start)) + 1
+    before = text[:word_start].split()
+    if not before:
+        return True
+    previous = before[-1].strip("`")
+    if previous in _COMMAND_PREFIXES or previous.endswith(_SHELL_OPENERS):
+        return True
+    return "=" in previous and not previous.startswith("-")
 
 
 def shell_words(text: str) -> list[str]:
