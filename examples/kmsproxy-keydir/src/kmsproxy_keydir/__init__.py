@@ -73,7 +73,7 @@ def kmsproxy_add_commands(subparsers: argparse._SubParsersAction) -> None:  # ty
         "--dir",
         type=Path,
         default=DEFAULT_DIRECTORY,
-        help=f"directory that holds the keys (default: {DEFAULT_DIRECTORY})",
+        help=f"directory that contains the keys (default: {DEFAULT_DIRECTORY})",
     )
     create.set_defaults(handler=create_key)
 
