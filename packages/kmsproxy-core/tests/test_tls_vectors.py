@@ -11,9 +11,12 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import x25519
+from scripted_server import plaintext_record
 
 from kmsproxy.tls import key_schedule as ks
 from kmsproxy.tls import messages as m
+from kmsproxy.tls.client import ClientConnection
+from kmsproxy.tls.config import TLSClientConfig
 from kmsproxy.tls.records import ContentType, RecordCipher, RecordLayer
 
 VECTORS = json.loads(
@@ -228,3 +231,41 @@ def test_certificate_verify_fields() -> None:
     verify = m.pull_certificate_verify(message("CertificateVerify")[4:])
     assert verify.algorithm == 0x0804
     assert len(verify.signature) == 128
+
+
+class ReplayedClient(ClientConnection):
+    """A client that sends the RFC's ClientHello with the RFC's x25519 key,
+    so the RFC's server flight decrypts and verifies against it."""
+
+    def _build_client_hello(self) -> m.ClientHello:
+        private_key = x25519.X25519PrivateKey.from_private_bytes(
+            value("client_private_key")
+        )
+        self._key_shares = {m.NamedGroup.x25519: private_key}
+        return m.pull_client_hello(message("ClientHello")[4:])
+
+
+def test_client_replays_rfc_handshake() -> None:
+    client = ReplayedClient(TLSClientConfig("server"))
+    client.start()
+    assert client.data_to_send()[5:] == message("ClientHello")
+
+    server_flight = b"".join(message(name) for name in SERVER_FLIGHT[2:])
+    server_cipher = RecordCipher(SUITE, value("server_hs_traffic_secret"))
+    client.receive_data(
+        plaintext_record(ContentType.handshake, message("ServerHello"))
+        + server_cipher.seal(ContentType.handshake, server_flight)
+    )
+    assert client.handshake_complete
+
+    reader = RecordLayer()
+    reader.read_cipher = RecordCipher(SUITE, value("client_hs_traffic_secret"))
+    reader.feed(client.data_to_send())
+    assert reader.next_record() == (ContentType.change_cipher_spec, b"\x01")
+    assert reader.next_record() == (
+        ContentType.handshake,
+        value("client_finished_message"),
+    )
+
+    client.send_application_data(value("client_app_payload"))
+    assert client.data_to_send() == value("client_app_record")
