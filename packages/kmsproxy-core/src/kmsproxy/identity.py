@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from kmsproxy.certificates import CertificateError, CertificateSource
+from kmsproxy.config import CertificateSpec, KeySpec
 from kmsproxy.errors import UserError
 from kmsproxy.plugins.registry import FILE_SCHEME, Registry
 from kmsproxy.signer import PublicKey, Signer, SignerError
@@ -113,10 +114,6 @@ def pair_identities(
         identities.append(Identity(tuple(chain), signer, uri))
     unmatched_keys = tuple(s for k, s in by_key.items() if k not in used)
     return Pairing(tuple(identities), unmatched_keys, tuple(unmatched_certificates))
-
-
-KeySpec = str | os.PathLike[str] | Signer
-CertificateSpec = str | os.PathLike[str] | CertificateSource
 
 
 def open_key_slot(registry: Registry, key: KeySpec) -> KeySlot:

@@ -1,4 +1,4 @@
-"""The CONNECT request head and the proxy's answers, without I/O.
+"""The CONNECT request head and the proxy's responses, without I/O.
 
 `HeadParser` consumes bytes as they arrive and returns a `RequestHead` once
 the head is complete; `parse_connect` turns it into a `ConnectRequest`. Both

@@ -1,0 +1,271 @@
+"""`Proxy`: the embeddable server that ties the listener, tunnels and PAC.
+
+`Proxy(config).serve()` opens the CA and the client identities, binds the
+proxy and PAC ports, reports the bound addresses through `task_status`, and
+serves until cancelled. Every connection runs in its own task; a failure in
+one is logged and never stops the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import ssl
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+
+from kmsproxy import tls
+from kmsproxy.ca import LeafMinter, LocalCA
+from kmsproxy.certificates import CertificateSource
+from kmsproxy.config import ProxyConfig
+from kmsproxy.errors import UserError
+from kmsproxy.identity import IdentityStore
+from kmsproxy.plugins.registry import Registry
+from kmsproxy.proxy.connect import (
+    HEAD_TIMEOUT_SECONDS,
+    RequestError,
+    error_response,
+    parse_connect,
+    text_response,
+)
+from kmsproxy.proxy.listener import (
+    ListenAddress,
+    bind,
+    bound_addresses,
+    parse_listen_address,
+    read_head,
+    sniff,
+)
+from kmsproxy.proxy.pac import pac_response
+from kmsproxy.proxy.tunnel import TunnelSettings, run_tunnel, send_final
+from kmsproxy.signer import Signer
+
+logger = logging.getLogger(__name__)
+
+# Seconds to keep reading (and discarding) after an error response before
+# closing, so the client reads the response instead of a TCP reset caused by
+# its unread bytes. nginx's lingering_timeout default is 5 s; a rejected
+# proxy client needs far less.
+LINGER_SECONDS = 2.0
+
+# Maximum bytes discarded while lingering.
+LINGER_MAX_BYTES = 64 * 1024
+
+_CONNECTION_ERRORS = (
+    ssl.SSLError,
+    anyio.EndOfStream,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    OSError,
+)
+
+
+@dataclass(frozen=True)
+class ProxyAddresses:
+    """The addresses the proxy and its PAC listener are bound to."""
+
+    proxy: tuple[ListenAddress, ...]
+    pac: tuple[ListenAddress, ...] = ()
+
+    @property
+    def proxy_url(self) -> str:
+        """An `http://` URL for the first proxy address, for clients."""
+        return f"http://{self.proxy[0]}"
+
+
+class Proxy:
+    """The kmsproxy server; see `serve`."""
+
+    def __init__(self, config: ProxyConfig, registry: Registry | None = None) -> None:
+        self.config = config
+        self.registry = registry
+        self.minter: LeafMinter | None = None
+        self.identity_store: IdentityStore | None = None
+        self.addresses: ProxyAddresses | None = None
+        self._settings: TunnelSettings | None = None
+
+    async def serve(
+        self,
+        *,
+        task_status: anyio.abc.TaskStatus[ProxyAddresses] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled; report the bound addresses once listening.
+
+        Raise `UserError`, `CertificateError` or `SignerError` before
+        binding anything when the configuration cannot work.
+        """
+        config = self.config
+        # Step 1: everything that can fail on user input, before binding.
+        registry = self.registry or Registry.load(config.plugins)
+        ca = await _open_ca(registry, config)
+        self.minter = minter = LeafMinter(ca)
+        store = self.identity_store = IdentityStore.open(
+            registry, config.client_keys, config.client_certificates
+        )
+        await store.load()
+        trust = self._load_trust()
+        self._settings = TunnelSettings(
+            minter, trust, config.connect_timeout, config.idle_timeout
+        )
+        proxy_address = parse_listen_address(config.listen)
+        pac_address = (
+            parse_listen_address(config.pac_listen) if config.pac_listen else None
+        )
+
+        # Step 2: bind.
+        async with contextlib.AsyncExitStack() as stack:
+            proxy_listener = await bind(proxy_address)
+            stack.push_async_callback(proxy_listener.aclose)
+            pac_listener = None
+            if pac_address is not None:
+                pac_listener = await bind(pac_address)
+                stack.push_async_callback(pac_listener.aclose)
+            addresses = self.addresses = ProxyAddresses(
+                tuple(bound_addresses(proxy_listener)),
+                tuple(bound_addresses(pac_listener)) if pac_listener else (),
+            )
+            _log_start(ca, addresses)
+
+            # Step 3: serve.
+            async with anyio.create_task_group() as group:
+                await group.start(
+                    lambda task_status: store.watch(
+                        handle_sighup=config.handle_signals, task_status=task_status
+                    )
+                )
+                group.start_soon(
+                    proxy_listener.serve,
+                    lambda client: self._handle_proxy(client, proxy_address.host),
+                )
+                if pac_listener is not None and pac_address is not None:
+                    group.start_soon(
+                        pac_listener.serve,
+                        lambda client: self._handle_pac(client, pac_address.host),
+                    )
+                task_status.started(addresses)
+
+    def _load_trust(self) -> tls.TrustStore | None:
+        if self.config.insecure_skip_verify:
+            logger.warning(
+                "Upstream certificates are NOT verified (--insecure-skip-verify); "
+                "any server can impersonate any host through this proxy"
+            )
+            return None
+        return tls.TrustStore.load(
+            self.config.trust, include_system=self.config.include_system_trust
+        )
+
+    async def _listener_context(self, host: str) -> ssl.SSLContext:
+        assert self.minter is not None
+        return await self.minter.context_for_listener(host)
+
+    async def _handle_proxy(self, client: anyio.abc.SocketStream, host: str) -> None:
+        async with client:
+            try:
+                await self._serve_proxy_connection(client, host)
+            except Exception:
+                # A bug in one tunnel must not stop the server.
+                logger.exception("Connection failed unexpectedly")
+
+    async def _serve_proxy_connection(
+        self, client: anyio.abc.SocketStream, host: str
+    ) -> None:
+        assert self.identity_store is not None
+        assert self._settings is not None
+        stream: anyio.abc.ByteStream = client
+        try:
+            with anyio.fail_after(HEAD_TIMEOUT_SECONDS):
+                sniffed = await sniff(client, lambda: self._listener_context(host))
+                if sniffed is None:
+                    return
+                stream, initial_data = sniffed
+                head = await read_head(stream, initial_data)
+            if head is None:
+                return
+            request = parse_connect(head)
+        except RequestError as error:
+            logger.info(
+                "Request rejected status=%d reason=%s", error.status_code, error
+            )
+            await _reject(stream, error_response(error))
+            return
+        except TimeoutError:
+            logger.info("Request head timed out seconds=%g", HEAD_TIMEOUT_SECONDS)
+            message = f"no complete request head within {HEAD_TIMEOUT_SECONDS:g} s"
+            await _reject(stream, text_response(408, message))
+            return
+        except _CONNECTION_ERRORS as error:
+            logger.debug("Client connection failed error=%r", error)
+            return
+        logger.debug("CONNECT target=%s", request.authority)
+        await run_tunnel(
+            stream, request, self.identity_store.identities, self._settings
+        )
+
+    async def _handle_pac(self, client: anyio.abc.SocketStream, host: str) -> None:
+        async with client:
+            stream: anyio.abc.ByteStream = client
+            try:
+                with anyio.fail_after(HEAD_TIMEOUT_SECONDS):
+                    sniffed = await sniff(client, lambda: self._listener_context(host))
+                    if sniffed is None:
+                        return
+                    stream, initial_data = sniffed
+                    head = await read_head(stream, initial_data)
+                if head is None:
+                    return
+                response = pac_response(head, self.config.pac_file)
+            except RequestError as error:
+                response = error_response(error)
+            except (TimeoutError, *_CONNECTION_ERRORS) as error:
+                logger.debug("PAC connection failed error=%r", error)
+                return
+            except Exception:
+                logger.exception("PAC connection failed unexpectedly")
+                return
+            await _reject(stream, response)
+
+
+async def _reject(stream: anyio.abc.ByteStream, response: bytes) -> None:
+    """Send a final response, half-close, and drain briefly before closing."""
+    await send_final(stream, response)
+    with anyio.move_on_after(LINGER_SECONDS):
+        try:
+            await stream.send_eof()
+            discarded = 0
+            while discarded < LINGER_MAX_BYTES:
+                discarded += len(await stream.receive())
+        except (*_CONNECTION_ERRORS, NotImplementedError):
+            pass
+
+
+async def _open_ca(registry: Registry, config: ProxyConfig) -> LocalCA:
+    if isinstance(config.ca_key, Signer):
+        signer = config.ca_key
+    else:
+        signer = registry.open_signer(os.fspath(config.ca_key))
+    if isinstance(config.ca_certificate, CertificateSource):
+        source = config.ca_certificate
+    else:
+        source = registry.open_certificates(os.fspath(config.ca_certificate))
+    chain = await source.load()
+    try:
+        return LocalCA(chain[0], signer)
+    except ValueError as error:
+        raise UserError(f"{source.uri}: unusable CA certificate: {error}") from None
+
+
+def _log_start(ca: LocalCA, addresses: ProxyAddresses) -> None:
+    logger.info(
+        "Proxy listening addresses=%s ca=%s ca_not_after=%s",
+        ",".join(str(a) for a in addresses.proxy),
+        ca.certificate.subject.rfc4514_string(),
+        ca.certificate.not_valid_after_utc.isoformat(),
+    )
+    if addresses.pac:
+        logger.info(
+            "PAC listening addresses=%s", ",".join(str(a) for a in addresses.pac)
+        )

@@ -1,0 +1,146 @@
+"""`ServerTLSStream`: the server side of TLS over any anyio byte stream.
+
+The proxy terminates two kinds of TLS with Python's `ssl` module: the
+client's connection to an `https://` proxy URL, and the client's TLS inside
+a tunnel. anyio's `TLSStream` raises NotImplementedError from `send_eof`,
+but a tunnel must pass on a half-close. This stream sends close_notify and
+keeps reading, which TLS 1.3 allows (RFC 8446 section 6.1) and OpenSSL
+supports for TLS 1.2 too.
+"""
+
+from __future__ import annotations
+
+import functools
+import ssl
+from collections.abc import Callable
+from typing import TypeVar
+
+import anyio
+import anyio.abc
+
+# Seconds a client gets to complete its TLS handshake with the proxy. A
+# loopback handshake takes milliseconds; the bound only stops a stalled
+# client from holding a connection open.
+HANDSHAKE_TIMEOUT_SECONDS = 10.0
+
+# Bytes read from the transport per call: one maximum-size TLS record with
+# its header and expansion (RFC 8446 section 5.2).
+_TRANSPORT_READ_BYTES = 16384 + 256 + 5
+
+_T = TypeVar("_T")
+
+
+class ServerTLSStream(anyio.abc.ByteStream):
+    """A TLS server session over `transport`, built with `wrap`."""
+
+    def __init__(
+        self,
+        transport: anyio.abc.ByteStream,
+        ssl_object: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+    ) -> None:
+        self.transport = transport
+        self.ssl_object = ssl_object
+        self._incoming = incoming
+        self._outgoing = outgoing
+        self._eof_sent = False
+
+    @classmethod
+    async def wrap(
+        cls,
+        transport: anyio.abc.ByteStream,
+        context: ssl.SSLContext,
+        *,
+        initial_data: bytes = b"",
+        handshake_timeout: float = HANDSHAKE_TIMEOUT_SECONDS,
+    ) -> ServerTLSStream:
+        """Run the server handshake; `initial_data` was read from `transport`.
+
+        Raise `ssl.SSLError`, `anyio.EndOfStream` or `TimeoutError`; the
+        caller closes the transport.
+        """
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        incoming.write(initial_data)
+        ssl_object = context.wrap_bio(incoming, outgoing, server_side=True)
+        stream = cls(transport, ssl_object, incoming, outgoing)
+        with anyio.fail_after(handshake_timeout):
+            await stream._run(ssl_object.do_handshake)
+        return stream
+
+    @property
+    def version(self) -> str | None:
+        return self.ssl_object.version()
+
+    @property
+    def alpn_protocol(self) -> str | None:
+        return self.ssl_object.selected_alpn_protocol()
+
+    async def _flush(self) -> None:
+        data = self._outgoing.read()
+        if data:
+            await self.transport.send(data)
+
+    async def _run(self, operation: Callable[[], _T]) -> _T:
+        """Call an SSLObject method, moving bytes until it stops waiting."""
+        while True:
+            try:
+                result = operation()
+            except ssl.SSLWantReadError:
+                await self._flush()
+                try:
+                    data = await self.transport.receive(_TRANSPORT_READ_BYTES)
+                except anyio.EndOfStream:
+                    self._incoming.write_eof()
+                else:
+                    self._incoming.write(data)
+                continue
+            await self._flush()
+            return result
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        try:
+            data = await self._run(functools.partial(self.ssl_object.read, max_bytes))
+        except ssl.SSLZeroReturnError:
+            raise anyio.EndOfStream from None
+        except ssl.SSLEOFError:
+            # The client closed TCP without close_notify. Browsers do this
+            # routinely, and HTTP framing detects truncation, so treat it as
+            # an end of stream.
+            raise anyio.EndOfStream from None
+        if not data:
+            raise anyio.EndOfStream
+        return data
+
+    async def send(self, item: bytes) -> None:
+        if self._eof_sent:
+            raise anyio.ClosedResourceError
+        view = memoryview(item)
+        while view:
+            written = await self._run(functools.partial(self.ssl_object.write, view))
+            view = view[written:]
+
+    async def send_eof(self) -> None:
+        """Send close_notify and keep receiving (a TLS half-close)."""
+        if self._eof_sent:
+            return
+        self._eof_sent = True
+        try:
+            self.ssl_object.unwrap()
+        except ssl.SSLWantReadError:
+            # unwrap() has queued close_notify and would now wait for the
+            # client's; the client may keep sending, so do not wait.
+            pass
+        except ssl.SSLError:
+            pass
+        await self._flush()
+
+    async def aclose(self) -> None:
+        """Send close_notify (best effort), then close the transport."""
+        try:
+            with anyio.move_on_after(1):
+                await self.send_eof()
+        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        finally:
+            await self.transport.aclose()

@@ -1,0 +1,223 @@
+"""The proxy end to end: curl and raw sockets through it to real upstreams."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import pytest
+from peers import Peer, free_port, start_nginx
+from pki import Issued, issue, make_ca
+
+from kmsproxy import Proxy, ProxyAddresses, ProxyConfig
+from kmsproxy.proxy.connect import MAX_HEAD_BYTES
+
+pytestmark = [pytest.mark.anyio, pytest.mark.interop]
+
+# Upper bound for one request through the proxy; loopback takes milliseconds.
+REQUEST_TIMEOUT_SECONDS = 20.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@dataclass
+class Site:
+    """Files for one proxy setup: local CA, client identity, upstream CA."""
+
+    directory: Path
+    local_ca: Issued
+    upstream_ca: Issued
+    client: Issued
+
+    def path(self, name: str) -> Path:
+        return self.directory / name
+
+    def config(self, **overrides: object) -> ProxyConfig:
+        settings: dict[str, object] = {
+            "ca_key": self.path("ca.key"),
+            "ca_certificate": self.path("ca.crt"),
+            "client_keys": [self.path("client.key")],
+            "client_certificates": [self.path("client.crt")],
+            "trust": [self.path("upstream-ca.crt")],
+            "include_system_trust": False,
+            "listen": "127.0.0.1:0",
+            "pac_listen": None,
+            "handle_signals": False,
+        }
+        settings.update(overrides)
+        return ProxyConfig(**settings)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    local_ca = make_ca("kmsproxy test local CA")
+    upstream_ca = make_ca("upstream CA")
+    client_ca = make_ca("client CA")
+    client = issue(client_ca, "proxy client", client=True)
+    local_ca.write(tmp_path, "ca")
+    client.write(tmp_path, "client")
+    (tmp_path / "upstream-ca.crt").write_bytes(upstream_ca.chain_pem())
+    (tmp_path / "client-ca.crt").write_bytes(client_ca.chain_pem())
+    server = issue(
+        upstream_ca, "localhost", dns_names=("localhost",), ip_addresses=("127.0.0.1",)
+    )
+    server.write(tmp_path, "server")
+    return Site(tmp_path, local_ca, upstream_ca, client)
+
+
+@pytest.fixture
+def nginx(site: Site) -> Iterator[Peer]:
+    with start_nginx(
+        site.directory,
+        site.path("server.crt"),
+        site.path("server.key"),
+        site.path("client-ca.crt"),
+    ) as peer:
+        yield peer
+
+
+@pytest.fixture
+async def running(site: Site) -> AsyncIterator[tuple[Proxy, ProxyAddresses]]:
+    proxy = Proxy(site.config())
+    async with anyio.create_task_group() as group:
+        addresses = await group.start(proxy.serve)
+        yield proxy, addresses
+        group.cancel_scope.cancel()
+
+
+async def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
+    if shutil.which("curl") is None:
+        pytest.fail("curl not found on PATH (install the Debian package curl)")
+    with anyio.fail_after(REQUEST_TIMEOUT_SECONDS):
+        return await anyio.run_process(
+            ["curl", "--silent", "--show-error", "--max-time", "10", *args],
+            check=False,
+        )
+
+
+async def exchange(address: tuple[str, int], data: bytes) -> bytes:
+    """Send `data` to the proxy and read until it closes the connection."""
+    with anyio.fail_after(REQUEST_TIMEOUT_SECONDS):
+        async with await anyio.connect_tcp(*address) as stream:
+            await stream.send(data)
+            chunks = []
+            while True:
+                try:
+                    chunks.append(await stream.receive())
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    break
+    return b"".join(chunks)
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+def proxy_address(addresses: ProxyAddresses) -> tuple[str, int]:
+    return addresses.proxy[0].host, addresses.proxy[0].port
+
+
+async def test_curl_http_proxy_reaches_nginx(
+    site: Site, nginx: Peer, running: tuple[Proxy, ProxyAddresses]
+) -> None:
+    _, addresses = running
+    result = await curl(
+        "--proxy",
+        addresses.proxy_url,
+        "--cacert",
+        str(site.path("ca.crt")),
+        f"https://localhost:{nginx.port}/subject",
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == b"subject=CN=proxy client\n"
+    assert nginx.client_subjects() == ["CN=proxy client"]
+
+
+async def test_curl_https_proxy_reaches_nginx(
+    site: Site, nginx: Peer, running: tuple[Proxy, ProxyAddresses]
+) -> None:
+    _, addresses = running
+    host, port = proxy_address(addresses)
+    result = await curl(
+        "--proxy",
+        f"https://{host}:{port}",
+        "--proxy-cacert",
+        str(site.path("ca.crt")),
+        "--cacert",
+        str(site.path("ca.crt")),
+        f"https://127.0.0.1:{nginx.port}/subject",
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == b"subject=CN=proxy client\n"
+
+
+async def test_untrusted_upstream_is_502(
+    site: Site, running: tuple[Proxy, ProxyAddresses]
+) -> None:
+    proxy, addresses = running
+    stranger = issue(make_ca("stranger CA"), "localhost", dns_names=("localhost",))
+    key, cert = stranger.write(site.directory, "stranger")
+    with start_nginx(
+        site.directory, cert, key, site.path("client-ca.crt"), name="stranger"
+    ) as peer:
+        request = f"CONNECT localhost:{peer.port} HTTP/1.1\r\n\r\n".encode()
+        response = await exchange(proxy_address(addresses), request)
+    assert status_of(response) == 502
+    assert b"certificate verify failed" in response
+    assert proxy.minter is not None
+    assert proxy.minter.mint_count == 0
+    assert proxy.minter.cached_count == 0
+
+
+async def test_garbage_is_400(running: tuple[Proxy, ProxyAddresses]) -> None:
+    _, addresses = running
+    response = await exchange(proxy_address(addresses), b"\x00\xffhello\r\n\r\n")
+    assert status_of(response) == 400
+    assert b"Connection: close" in response
+
+
+async def test_get_is_405(running: tuple[Proxy, ProxyAddresses]) -> None:
+    _, addresses = running
+    request = b"GET http://example.test/ HTTP/1.1\r\nHost: example.test\r\n\r\n"
+    response = await exchange(proxy_address(addresses), request)
+    assert status_of(response) == 405
+    assert b"Allow: CONNECT" in response
+
+
+async def test_oversized_head_is_431(running: tuple[Proxy, ProxyAddresses]) -> None:
+    _, addresses = running
+    request = b"CONNECT a.test:443 HTTP/1.1\r\nX-Big: " + b"a" * MAX_HEAD_BYTES
+    response = await exchange(proxy_address(addresses), request)
+    assert status_of(response) == 431
+
+
+async def test_unreachable_is_502_refused(
+    running: tuple[Proxy, ProxyAddresses],
+) -> None:
+    _, addresses = running
+    closed_port = free_port()
+    request = f"CONNECT 127.0.0.1:{closed_port} HTTP/1.1\r\n\r\n".encode()
+    response = await exchange(proxy_address(addresses), request)
+    assert status_of(response) == 502
+    assert b"refused" in response
+
+
+async def test_localhost_binds_both_loopbacks(site: Site) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("Python was built without IPv6")
+    proxy = Proxy(site.config(listen="localhost:0"))
+    async with anyio.create_task_group() as group:
+        addresses = await group.start(proxy.serve)
+        group.cancel_scope.cancel()
+    hosts = sorted(address.host for address in addresses.proxy)
+    ports = {address.port for address in addresses.proxy}
+    assert hosts == ["127.0.0.1", "::1"]
+    assert len(ports) == 1
