@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -15,7 +16,9 @@ from peers import Peer, free_port, start_nginx
 from pki import Issued, issue, make_ca
 
 from kmsproxy import Proxy, ProxyAddresses, ProxyConfig
+from kmsproxy.cli.demo import create_demo_files, serve_mtls_upstream, upstream_context
 from kmsproxy.proxy.connect import MAX_HEAD_BYTES
+from kmsproxy.proxy.pac import PAC_MEDIA_TYPE
 
 pytestmark = [pytest.mark.anyio, pytest.mark.interop]
 
@@ -221,3 +224,84 @@ async def test_localhost_binds_both_loopbacks(site: Site) -> None:
     ports = {address.port for address in addresses.proxy}
     assert hosts == ["127.0.0.1", "::1"]
     assert len(ports) == 1
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+async def test_curl_ipv6_literal_upstream(tmp_path: Path) -> None:
+    if not has_ipv6_loopback():
+        pytest.skip("this machine has no ::1 loopback address")
+    files = create_demo_files(tmp_path, "::1")
+    config = ProxyConfig(
+        ca_key=files.ca_key,
+        ca_certificate=files.ca_certificate,
+        client_keys=[files.client_key],
+        client_certificates=[files.client_certificate],
+        trust=[files.upstream_ca],
+        include_system_trust=False,
+        listen="[::1]:0",
+        pac_listen=None,
+        handle_signals=False,
+    )
+    async with anyio.create_task_group() as group:
+        upstream_port = await group.start(
+            serve_mtls_upstream, "::1", upstream_context(files)
+        )
+        addresses = await group.start(Proxy(config).serve)
+        result = await curl(
+            "--proxy",
+            addresses.proxy_url,
+            "--cacert",
+            str(files.ca_certificate),
+            f"https://[::1]:{upstream_port}/",
+        )
+        group.cancel_scope.cancel()
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"subject=CN=kmsproxy demo client" in result.stdout
+
+
+@contextlib.asynccontextmanager
+async def pac_proxy(site: Site, pac_file: Path | None) -> AsyncIterator[int]:
+    proxy = Proxy(site.config(pac_listen="127.0.0.1:0", pac_file=pac_file))
+    async with anyio.create_task_group() as group:
+        addresses = await group.start(proxy.serve)
+        yield addresses.pac[0].port
+        group.cancel_scope.cancel()
+
+
+async def test_pac_served_over_tls(site: Site) -> None:
+    pac = site.path("proxy.pac")
+    pac.write_text('function FindProxyForURL(url, host) { return "PROXY x"; }\n')
+    async with pac_proxy(site, pac) as port:
+        result = await curl(
+            "--include",
+            "--cacert",
+            str(site.path("ca.crt")),
+            f"https://127.0.0.1:{port}/any/path.pac",
+        )
+        pac.write_text("changed\n")
+        changed = await curl(
+            "--cacert", str(site.path("ca.crt")), f"https://localhost:{port}/"
+        )
+    assert result.returncode == 0, result.stderr.decode()
+    assert f"Content-Type: {PAC_MEDIA_TYPE}".encode() in result.stdout
+    assert result.stdout.endswith(b'return "PROXY x"; }\n')
+    assert changed.stdout == b"changed\n"
+
+
+async def test_pac_missing_is_404(site: Site) -> None:
+    async with pac_proxy(site, None) as port:
+        result = await curl(
+            "--include",
+            "--cacert",
+            str(site.path("ca.crt")),
+            f"https://127.0.0.1:{port}/proxy.pac",
+        )
+    assert result.stdout.startswith(b"HTTP/1.1 404")

@@ -1,0 +1,90 @@
+"""The `kmsproxy` command line: one module per command.
+
+`main` builds the parser (backends add their commands through the
+`kmsproxy_add_commands` hook), runs the chosen command, and turns user
+errors into one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import kmsproxy
+from kmsproxy.certificates import CertificateError
+from kmsproxy.cli import backends, demo, init, serve
+from kmsproxy.errors import UserError
+from kmsproxy.plugins.registry import Registry
+from kmsproxy.signer import SignerError
+from kmsproxy.uri import URIError
+
+USER_ERRORS = (UserError, URIError, CertificateError, SignerError)
+
+# Exit status for a user error, as argparse uses for usage errors.
+EXIT_USER_ERROR = 2
+
+# Exit status after SIGINT, by the shell convention 128 + signal number.
+EXIT_INTERRUPTED = 130
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def build_parser(registry: Registry | None) -> argparse.ArgumentParser:
+    """Build the parser with every built-in and backend command."""
+    parser = argparse.ArgumentParser(
+        prog="kmsproxy",
+        description=(
+            "A local HTTPS proxy that authenticates to servers with a client "
+            "certificate whose key stays in hardware."
+        ),
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"kmsproxy {kmsproxy.__version__}"
+    )
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    serve.add_parser(subparsers)
+    init.add_parser(subparsers)
+    backends.add_parser(subparsers)
+    demo.add_parser(subparsers)
+    if registry is not None:
+        registry.plugin_manager.hook.kmsproxy_add_commands(subparsers=subparsers)
+    return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format=LOG_FORMAT,
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `kmsproxy` command and return its exit status."""
+    try:
+        registry = Registry.load()
+        parser = build_parser(registry)
+        args = parser.parse_args(argv)
+        if not hasattr(args, "handler"):
+            parser.print_help(sys.stderr)
+            return EXIT_USER_ERROR
+        configure_logging(getattr(args, "verbose", False))
+        status: int = args.handler(args)
+        return status
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BaseException as error:
+        user_error = _single_user_error(error)
+        if user_error is None:
+            raise
+        print(f"kmsproxy: error: {user_error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _single_user_error(error: BaseException) -> BaseException | None:
+    """Return the user error inside `error`, unwrapping task-group groups."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error if isinstance(error, USER_ERRORS) else None

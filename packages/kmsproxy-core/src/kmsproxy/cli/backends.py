@@ -1,0 +1,26 @@
+"""`kmsproxy backends`: list installed backends and their URI schemes."""
+
+from __future__ import annotations
+
+import argparse
+
+from kmsproxy.plugins.registry import KNOWN_DISTRIBUTIONS, Registry
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "backends", help="list installed key backends and their URI schemes"
+    )
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    registry = Registry.load()
+    for backend in registry.backends:
+        schemes = ", ".join(f"{s}:" for s in backend.schemes)
+        distribution = backend.distribution or "registered at run time"
+        print(f"{backend.name}\t{schemes}\t({distribution})")
+    missing = sorted(set(KNOWN_DISTRIBUTIONS) - set(registry.schemes))
+    for scheme in missing:
+        print(f"not installed: {scheme}: (pip install {KNOWN_DISTRIBUTIONS[scheme]})")
+    return 0

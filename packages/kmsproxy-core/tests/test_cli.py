@@ -1,0 +1,210 @@
+"""The `kmsproxy` command line, run as users run it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+from pki import issue, make_ca
+
+from kmsproxy.cli import build_parser, main
+from kmsproxy.cli.serve import config_from_args
+from kmsproxy.plugins.hookspecs import hookimpl
+from kmsproxy.plugins.registry import Registry
+
+# Upper bound for the proxy process to start or stop; it takes well under a
+# second on an idle machine.
+PROCESS_TIMEOUT_SECONDS = 15.0
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kmsproxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT_SECONDS,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def parse_serve(*args: str) -> argparse.Namespace:
+    return build_parser(None).parse_args(["serve", *args])
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert re.fullmatch(r"kmsproxy \d+\.\d+\.\d+\S*\n", result.stdout)
+
+
+def test_unknown_scheme_is_one_line(tmp_path: Path) -> None:
+    key, cert = make_ca().write(tmp_path, "ca")
+    result = run_cli(
+        "serve", str(key), str(cert), "--clientkey", "tpmkms:name=k",
+        "--clientcert", str(cert),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "pip install kmsproxy-tpm" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_init_creates_private_key(tmp_path: Path) -> None:
+    result = run_cli("init", env={"XDG_CONFIG_HOME": str(tmp_path)})
+    key = tmp_path / "kmsproxy" / "ca.key"
+    assert result.returncode == 0, result.stderr
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "kmsproxy" / "ca.crt").exists()
+
+
+def test_init_prints_trust_steps(tmp_path: Path) -> None:
+    result = run_cli("init", "--dir", str(tmp_path))
+    assert "update-ca-certificates" in result.stdout
+    assert "trust anchor" in result.stdout
+    assert "security add-trusted-cert" in result.stdout
+    assert "certutil -addstore" in result.stdout
+
+
+def test_init_refuses_overwrite(tmp_path: Path) -> None:
+    run_cli("init", "--dir", str(tmp_path))
+    before = (tmp_path / "ca.key").read_bytes()
+    result = run_cli("init", "--dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "--force" in result.stderr
+    assert (tmp_path / "ca.key").read_bytes() == before
+
+
+def test_init_force_replaces(tmp_path: Path) -> None:
+    run_cli("init", "--dir", str(tmp_path))
+    before = (tmp_path / "ca.key").read_bytes()
+    result = run_cli("init", "--dir", str(tmp_path), "--force")
+    assert result.returncode == 0
+    assert (tmp_path / "ca.key").read_bytes() != before
+
+
+def test_serve_without_ca_suggests_init(tmp_path: Path) -> None:
+    result = run_cli(
+        "serve",
+        "--clientkey",
+        "k",
+        "--clientcert",
+        "c",
+        env={"XDG_CONFIG_HOME": str(tmp_path)},
+    )
+    assert result.returncode == 2
+    assert "kmsproxy init" in result.stderr
+
+
+def test_backends_lists_file() -> None:
+    result = run_cli("backends")
+    assert result.returncode == 0
+    assert re.search(r"^file\tfile:\t\(kmsproxy-core\)$", result.stdout, re.M)
+    assert "pip install kmsproxy-tpm" in result.stdout
+
+
+def test_go_flag_spellings() -> None:
+    args = parse_serve(
+        "a.key", "a.crt", "--clientkey", "k", "--clientcert", "c",
+        "--cacert", "x.pem", "--trust", "y.pem", "--pac-port", "9999",
+        "--listen", "tcp:127.0.0.1:8090",
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert list(config.trust) == [Path("x.pem"), Path("y.pem")]
+    assert config.pac_listen == "localhost:9999"
+    assert config.listen == "tcp:127.0.0.1:8090"
+
+
+def test_repeated_identities() -> None:
+    args = parse_serve(
+        "a.key", "a.crt",
+        "--clientkey", "k1", "--clientcert", "c1",
+        "--clientkey", "k2", "--clientcert", "c2",
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert list(config.client_keys) == ["k1", "k2"]
+    assert list(config.client_certificates) == ["c1", "c2"]
+
+
+def test_backend_adds_command(capsys: pytest.CaptureFixture[str]) -> None:
+    module = types.ModuleType("kmsproxy_fake")
+
+    def hello(args: argparse.Namespace) -> int:
+        print(f"hello {args.name}")
+        return 0
+
+    @hookimpl
+    def kmsproxy_schemes() -> list[str]:
+        return ["fakekms"]
+
+    @hookimpl
+    def kmsproxy_add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+        parser = subparsers.add_parser("fake", help="a backend command")
+        parser.add_argument("name")
+        parser.set_defaults(handler=hello)
+
+    module.kmsproxy_schemes = kmsproxy_schemes  # type: ignore[attr-defined]
+    module.kmsproxy_add_commands = kmsproxy_add_commands  # type: ignore[attr-defined]
+    args = build_parser(Registry.load([module])).parse_args(["fake", "world"])
+    assert args.handler(args) == 0
+    assert capsys.readouterr().out == "hello world\n"
+
+
+def test_main_returns_user_error(capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["serve", "a", "b", "--clientkey", "vault:x=1", "--clientcert", "c"])
+    assert status == 2
+    assert capsys.readouterr().err.startswith("kmsproxy: error: ")
+
+
+def wait_for_line(process: subprocess.Popen[str], pattern: str) -> re.Match[str]:
+    """Read the process's stderr until a line matches (bounded)."""
+    assert process.stderr is not None
+    deadline = time.monotonic() + PROCESS_TIMEOUT_SECONDS
+    seen = []
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match
+    raise AssertionError(f"no line matched {pattern!r}; output:\n{''.join(seen)}")
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_serve_stops_on_signal(tmp_path: Path, signal_number: int) -> None:
+    ca = make_ca()
+    ca.write(tmp_path, "ca")
+    issue(ca, "client", client=True).write(tmp_path, "client")
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "kmsproxy", "serve",
+            str(tmp_path / "ca.key"), str(tmp_path / "ca.crt"),
+            "--clientkey", str(tmp_path / "client.key"),
+            "--clientcert", str(tmp_path / "client.crt"),
+            "--trust", str(tmp_path / "ca.crt"),
+            "--listen", "127.0.0.1:0", "--pac-listen", "127.0.0.1:0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        wait_for_line(process, r"Proxy listening addresses=127\.0\.0\.1:\d+")
+        process.send_signal(signal_number)
+        wait_for_line(process, rf"Stopping signal={signal.Signals(signal_number).name}")
+        assert process.wait(timeout=PROCESS_TIMEOUT_SECONDS) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=PROCESS_TIMEOUT_SECONDS)
