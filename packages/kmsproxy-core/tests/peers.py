@@ -16,6 +16,9 @@ test's `tmp_path`.
         ...  # connect to ("127.0.0.1", peer.port), GET /subject
         assert peer.client_subjects() == ["CN=client"]
 
+`serve_python_tls` is the async counterpart for Python's own `ssl` server,
+run in the test's event loop.
+
 The nginx location `/subject` returns `subject=<client DN>\\n` (nginx's
 `$ssl_client_s_dn`, RFC 2253 order), `/` returns `body`, and every request
 is logged to `access.log` as `<client DN>|<request line>|<status>`.
@@ -28,12 +31,17 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+
+import anyio
+import anyio.abc
+from anyio.streams.tls import TLSAttribute, TLSListener, TLSStream
 
 LOOPBACK = "127.0.0.1"
 
@@ -322,3 +330,66 @@ def start_nginx(
     except PeerError as error:
         raise PeerError(f"{error}\n{startup_log.read_text(errors='replace')}") from None
     return peer
+
+
+@dataclass
+class PythonPeer:
+    """An in-process TLS 1.3 echo server built on Python's `ssl` module.
+
+    `client_subjects` lists the client certificate subject of each accepted
+    connection, as the `subject` tuple of `ssl.SSLSocket.getpeercert()`.
+    """
+
+    port: int
+    host: str = LOOPBACK
+    client_subjects: list[object] = field(default_factory=list)
+
+
+async def _echo(stream: TLSStream, peer: PythonPeer) -> None:
+    """Echo every chunk until the client's close_notify, then close
+    (which sends close_notify back, because the listener is standard
+    compatible)."""
+    async with stream:
+        certificate = stream.extra(TLSAttribute.peer_certificate)  # noqa: S610
+        peer.client_subjects.append(certificate["subject"] if certificate else None)
+        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+            for _ in range(10_000):
+                await stream.send(await stream.receive())
+
+
+@contextlib.asynccontextmanager
+async def serve_python_tls(
+    cert: Path,
+    key: Path,
+    client_ca: Path | None,
+    *,
+    alpn_protocols: Sequence[str] = (),
+) -> AsyncIterator[PythonPeer]:
+    """Run an echo server on a free loopback port for the `async with` body.
+
+    With `client_ca`, the server requires a client certificate issued by it
+    (`ssl.CERT_REQUIRED`). Failed handshakes are logged by anyio's listener
+    and do not stop the server.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(cert, key)
+    if client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=client_ca)
+    if alpn_protocols:
+        context.set_alpn_protocols(list(alpn_protocols))
+    listener = await anyio.create_tcp_listener(local_host=LOOPBACK, local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)  # noqa: S610
+    peer = PythonPeer(port)
+    tls_listener = TLSListener(listener, context, standard_compatible=True)
+
+    async def handle(stream: TLSStream) -> None:
+        await _echo(stream, peer)
+
+    async with tls_listener, anyio.create_task_group() as tasks:
+        tasks.start_soon(tls_listener.serve, handle)
+        try:
+            yield peer
+        finally:
+            tasks.cancel_scope.cancel()

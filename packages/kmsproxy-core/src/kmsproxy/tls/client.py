@@ -222,6 +222,11 @@ class ClientConnection:
         return "TLSv1.3"
 
     @property
+    def hello_retry_requested(self) -> bool:
+        """True when the server sent a HelloRetryRequest."""
+        return self._hello_retry_request is not None
+
+    @property
     def handshake_complete(self) -> bool:
         return self.state == State.CONNECTED
 

@@ -75,6 +75,11 @@ class TLSClientStream(anyio.abc.ByteStream):
         self._close_notify_received = False
 
     @property
+    def connection(self) -> ClientConnection:
+        """The sans-IO state machine, for diagnostics; do not feed it."""
+        return self._connection
+
+    @property
     def version(self) -> str:
         return self._connection.version
 

@@ -1,0 +1,392 @@
+"""Handshakes with client authentication against real TLS 1.3 servers:
+`openssl s_server`, nginx and Python's `ssl` module.
+
+Each test performs a handshake, one request or echo, and a close.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import pytest
+from peers import LOOPBACK, Peer, serve_python_tls, start_nginx, start_openssl_server
+from pki import Issued, KeyType, issue, make_ca
+
+from kmsproxy.signer import SignatureScheme, SignerError, SoftwareSigner
+from kmsproxy.tls import (
+    AlertDescription,
+    AlertReceived,
+    CertificateVerifyFailed,
+    ClientIdentity,
+    HandshakeTimeout,
+    SignatureFailed,
+    TLSClientConfig,
+    TLSClientStream,
+    TrustStore,
+    connect_tls,
+)
+
+pytestmark = [pytest.mark.interop, pytest.mark.anyio]
+
+SERVER_NAME = "server.test"
+
+# Time a peer gets to send its alert after our Finished; a local s_server
+# answers in milliseconds, so 10 s only guards against a hang.
+PEER_REPLY_TIMEOUT_SECONDS = 10.0
+
+# Bound on receive() calls while reading one response; responses here are a
+# few KiB, so 1000 reads is far more than any of them needs.
+MAX_READS = 1000
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@dataclass
+class Files:
+    """A CA, its trust store, and where its PEM files live."""
+
+    directory: Path
+    ca: Issued
+    ca_path: Path
+    trust: TrustStore
+
+    def server(self, key_type: KeyType = "p256", **kwargs: object) -> tuple[Path, Path]:
+        """Issue and write a server certificate; return (cert, key) paths."""
+        server = issue(
+            self.ca,
+            "server",
+            dns_names=(SERVER_NAME,),
+            ip_addresses=(LOOPBACK,),
+            key_type=key_type,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        stem = f"server-{key_type}-{len(list(self.directory.iterdir()))}"
+        key, cert = server.write(self.directory, stem)
+        return cert, key
+
+    def client(self, key_type: KeyType = "p256") -> ClientIdentity:
+        client = issue(self.ca, f"client {key_type}", client=True, key_type=key_type)
+        signer = SoftwareSigner(client.key, f"file:client-{key_type}.key")
+        return ClientIdentity(tuple(client.chain), signer)
+
+
+def make_files(directory: Path, name: str) -> Files:
+    ca = make_ca(name)
+    ca_path = directory / f"{name.replace(' ', '-')}.crt"
+    ca_path.write_bytes(ca.chain_pem())
+    return Files(
+        directory, ca, ca_path, TrustStore.load([ca_path], include_system=False)
+    )
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Files:
+    return make_files(tmp_path, "interop CA")
+
+
+def config(
+    files: Files,
+    identities: Sequence[ClientIdentity],
+    server_name: str = SERVER_NAME,
+    **settings: object,
+) -> TLSClientConfig:
+    return TLSClientConfig(server_name, identities, files.trust, **settings)  # type: ignore[arg-type]
+
+
+async def open_tls(port: int, settings: TLSClientConfig) -> TLSClientStream:
+    transport = await anyio.connect_tcp(LOOPBACK, port)
+    try:
+        return await connect_tls(transport, settings)
+    except BaseException:
+        await transport.aclose()
+        raise
+
+
+async def read_to_end(stream: TLSClientStream) -> bytes:
+    """Read until the server's close_notify (anyio.EndOfStream)."""
+    data = b""
+    for _ in range(MAX_READS):
+        try:
+            data += await stream.receive()
+        except anyio.EndOfStream:
+            return data
+    raise AssertionError(f"no close_notify after {MAX_READS} reads")
+
+
+async def s_server_get(
+    peer: Peer, settings: TLSClientConfig
+) -> tuple[TLSClientStream, bytes]:
+    stream = await open_tls(peer.port, settings)
+    async with stream:
+        await stream.send(b"GET / HTTP/1.0\r\n\r\n")
+        return stream, await read_to_end(stream)
+
+
+# openssl s_server
+
+
+@pytest.mark.parametrize(
+    "suite",
+    [
+        "TLS_AES_128_GCM_SHA256",
+        "TLS_AES_256_GCM_SHA384",
+        "TLS_CHACHA20_POLY1305_SHA256",
+    ],
+)
+async def test_s_server_cipher_suite(pki: Files, suite: str) -> None:
+    cert, key = pki.server()
+    with start_openssl_server(
+        pki.directory, cert, key, pki.ca_path, ciphersuites=suite
+    ) as peer:
+        stream, response = await s_server_get(peer, config(pki, [pki.client()]))
+    assert stream.cipher_suite == suite
+    assert stream.version == "TLSv1.3"
+    assert response.startswith(b"HTTP/1.0 200 ok")
+    assert suite.encode() in response
+
+
+@pytest.mark.parametrize("server_key", ["rsa2048", "p256"])
+@pytest.mark.parametrize("client_key", ["p256", "p384", "rsa2048", "ed25519"])
+async def test_s_server_client_key(
+    pki: Files, server_key: KeyType, client_key: KeyType
+) -> None:
+    cert, key = pki.server(server_key)
+    identity = pki.client(client_key)
+    with start_openssl_server(pki.directory, cert, key, pki.ca_path) as peer:
+        stream, response = await s_server_get(peer, config(pki, [identity]))
+    assert stream.client_identity == identity
+    assert (
+        f"CN = client {client_key}".encode() in response
+        or f"CN=client {client_key}".encode() in response
+    )
+
+
+async def test_s_server_hello_retry_request(pki: Files) -> None:
+    cert, key = pki.server()
+    with start_openssl_server(
+        pki.directory, cert, key, pki.ca_path, groups="P-384"
+    ) as peer:
+        stream, response = await s_server_get(peer, config(pki, [pki.client()]))
+    assert stream.connection.hello_retry_requested
+    assert response.startswith(b"HTTP/1.0 200 ok")
+
+
+async def test_s_server_rev_echo(pki: Files) -> None:
+    cert, key = pki.server("rsa2048")
+    with start_openssl_server(
+        pki.directory, cert, key, pki.ca_path, mode="-rev"
+    ) as peer:
+        stream = await open_tls(peer.port, config(pki, [pki.client("rsa2048")]))
+        async with stream:
+            await stream.send(b"kmsproxy\n")
+            reply = b""
+            for _ in range(MAX_READS):
+                reply += await stream.receive()
+                if reply.endswith(b"\n"):
+                    break
+    assert reply.strip() == b"yxorpsmk"
+
+
+async def test_s_server_ip_address_name(pki: Files) -> None:
+    cert, key = pki.server()
+    with start_openssl_server(pki.directory, cert, key, pki.ca_path) as peer:
+        stream, response = await s_server_get(
+            peer, config(pki, [pki.client()], LOOPBACK)
+        )
+    assert response.startswith(b"HTTP/1.0 200 ok")
+    assert stream.peer_chain[0].subject.rfc4514_string() == "CN=server"
+
+
+# nginx
+
+
+@pytest.mark.parametrize(
+    ("server_key", "client_key"),
+    [
+        ("rsa2048", "p256"),
+        ("p256", "rsa2048"),
+        ("p256", "ed25519"),
+        ("rsa2048", "p384"),
+    ],
+)
+async def test_nginx_sees_subject(
+    pki: Files, server_key: KeyType, client_key: KeyType
+) -> None:
+    cert, key = pki.server(server_key)
+    with start_nginx(pki.directory, cert, key, pki.ca_path) as peer:
+        stream = await open_tls(
+            peer.port,
+            config(pki, [pki.client(client_key)], alpn_protocols=["http/1.1"]),
+        )
+        async with stream:
+            await stream.send(
+                b"GET /subject HTTP/1.1\r\nHost: server.test\r\n"
+                b"Connection: close\r\n\r\n"
+            )
+            response = await read_to_end(stream)
+        subjects = peer.client_subjects()
+    assert response.startswith(b"HTTP/1.1 200")
+    assert response.endswith(f"subject=CN=client {client_key}\n".encode())
+    assert subjects == [f"CN=client {client_key}"]
+    assert stream.alpn_protocol == "http/1.1"
+
+
+# Python's ssl module
+
+
+async def test_python_ssl_echo(pki: Files) -> None:
+    cert, key = pki.server("rsa2048")
+    async with serve_python_tls(
+        cert, key, pki.ca_path, alpn_protocols=["http/1.1"]
+    ) as peer:
+        settings = config(pki, [pki.client("p384")], alpn_protocols=["h2", "http/1.1"])
+        stream = await open_tls(peer.port, settings)
+        async with stream:
+            await stream.send(b"hello")
+            echoed = await stream.receive()
+            await stream.send_eof()
+            with pytest.raises(anyio.EndOfStream):
+                await stream.receive()
+    assert echoed == b"hello"
+    assert stream.alpn_protocol == "http/1.1"
+    assert peer.client_subjects == [((("commonName", "client p384"),),)]
+
+
+async def test_python_ssl_large_echo(pki: Files) -> None:
+    cert, key = pki.server()
+    payload = bytes(range(256)) * 400
+    async with serve_python_tls(cert, key, pki.ca_path) as peer:
+        stream = await open_tls(peer.port, config(pki, [pki.client("ed25519")]))
+        async with stream:
+            await stream.send(payload)
+            echoed = b""
+            for _ in range(MAX_READS):
+                if len(echoed) >= len(payload):
+                    break
+                echoed += await stream.receive()
+    assert echoed == payload
+
+
+# Server verification failures
+
+
+async def test_wrong_name(pki: Files) -> None:
+    cert, key = pki.server()
+    with (
+        start_openssl_server(pki.directory, cert, key, pki.ca_path) as peer,
+        pytest.raises(CertificateVerifyFailed) as caught,
+    ):
+        await open_tls(peer.port, config(pki, [pki.client()], "other.test"))
+    assert caught.value.description == AlertDescription.bad_certificate
+    assert (
+        str(caught.value)
+        == "certificate for 'server.test', '127.0.0.1' does not match 'other.test'"
+    )
+
+
+async def test_untrusted_ca(pki: Files, tmp_path: Path) -> None:
+    other = make_files(tmp_path, "other CA")
+    cert, key = other.server()
+    with (
+        start_openssl_server(pki.directory, cert, key, pki.ca_path) as peer,
+        pytest.raises(CertificateVerifyFailed) as caught,
+    ):
+        await open_tls(peer.port, config(pki, [pki.client()]))
+    assert caught.value.description == AlertDescription.unknown_ca
+    assert "unknown issuer" in str(caught.value)
+
+
+async def test_expired_certificate(pki: Files) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    cert, key = pki.server(
+        not_before=now - datetime.timedelta(days=10),
+        not_after=now - datetime.timedelta(days=1),
+    )
+    with (
+        start_openssl_server(pki.directory, cert, key, pki.ca_path) as peer,
+        pytest.raises(CertificateVerifyFailed) as caught,
+    ):
+        await open_tls(peer.port, config(pki, [pki.client()]))
+    assert caught.value.description == AlertDescription.certificate_expired
+    assert "expired" in str(caught.value)
+
+
+# Client authentication failures
+
+
+async def test_identity_from_unknown_ca(pki: Files, tmp_path: Path) -> None:
+    other = make_files(tmp_path, "other CA")
+    cert, key = pki.server()
+    # Without -verify_return_error, s_server logs the failure and goes on.
+    with start_openssl_server(
+        pki.directory,
+        cert,
+        key,
+        other.ca_path,
+        extra_args=["-verify_return_error"],
+    ) as peer:
+        stream = await open_tls(peer.port, config(pki, [pki.client()]))
+        async with stream:
+            with (
+                anyio.fail_after(PEER_REPLY_TIMEOUT_SECONDS),
+                pytest.raises(AlertReceived) as caught,
+            ):
+                await stream.receive()
+    assert caught.value.description == AlertDescription.unknown_ca
+    assert str(caught.value) == "server sent alert unknown_ca (48)"
+
+
+async def test_no_identity(pki: Files) -> None:
+    cert, key = pki.server()
+    with start_openssl_server(pki.directory, cert, key, pki.ca_path) as peer:
+        stream = await open_tls(peer.port, config(pki, []))
+        async with stream:
+            with (
+                anyio.fail_after(PEER_REPLY_TIMEOUT_SECONDS),
+                pytest.raises(AlertReceived) as caught,
+            ):
+                await stream.receive()
+    assert stream.client_identity is None
+    assert caught.value.description == AlertDescription.certificate_required
+
+
+class BrokenSigner(SoftwareSigner):
+    async def sign(self, data: bytes, scheme: SignatureScheme) -> bytes:
+        raise SignerError(f"{self.uri}: token removed")
+
+
+async def test_signer_failure(pki: Files) -> None:
+    cert, key = pki.server()
+    working = pki.client()
+    broken = ClientIdentity(
+        working.chain, BrokenSigner(issue(pki.ca, "x").key, "pkcs11:token=gone")
+    )
+    with (
+        start_openssl_server(pki.directory, cert, key, pki.ca_path) as peer,
+        pytest.raises(SignatureFailed, match="pkcs11:token=gone") as caught,
+    ):
+        await open_tls(peer.port, config(pki, [broken]))
+    assert isinstance(caught.value.__cause__, SignerError)
+    assert caught.value.description == AlertDescription.internal_error
+
+
+async def test_handshake_timeout(pki: Files) -> None:
+    listener = await anyio.create_tcp_listener(local_host=LOOPBACK, local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)  # noqa: S610
+
+    async def swallow(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await anyio.sleep(30)
+
+    async with listener, anyio.create_task_group() as tasks:
+        tasks.start_soon(listener.serve, swallow)
+        with pytest.raises(HandshakeTimeout, match=r"timed out after 0\.5 s"):
+            await open_tls(port, config(pki, [], handshake_timeout=0.5))
+        tasks.cancel_scope.cancel()
