@@ -126,6 +126,11 @@ _OPTION = re.compile(r"^(--?[a-zA-Z0-9][a-zA-Z0-9-]*)(?:=.*)?$")
 _HELP_OPTION = re.compile(r"(?<![\w-])(--?[a-zA-Z0-9][a-zA-Z0-9-]*)")
 # argparse prints subcommands as `{serve,init,demo}` in its usage line.
 _SUBCOMMANDS = re.compile(r"\{([a-z0-9-]+(?:,[a-z0-9-]+)*)\}")
+# A subcommand's line in argparse help: four spaces, the name, its help.
+_SUBCOMMAND_ENTRY = re.compile(r"^    ([a-z][a-z0-9-]*)(?:\s{2,}\S.*)?$")
+_ARGUMENT_SECTIONS = frozenset(
+    {"options", "optional arguments", "positional arguments"}
+)
 # Code block languages whose lines may run kmsproxy.
 _COMMAND_LANGUAGES = frozenset(
     {"", "sh", "bash", "shell", "console", "ini", "systemd", "powershell", "bat"}
@@ -136,7 +141,9 @@ _CONFIGURATION_SUFFIXES = frozenset(
     {".service", ".js", ".yaml", ".yml", ".plist", ".sh", ".ps1"}
 )
 # `<!-- file: PATH -->` before a code block: the block is a copy of PATH.
-_FILE_COPY = re.compile(r"^<!--\s*file:\s*(\S+)\s*-->\s*$")
+# `<!-- excerpt: PATH -->`: the block is a run of PATH's lines, indented
+# differently perhaps.
+_FILE_COPY = re.compile(r"^<!--\s*(file|excerpt):\s*(\S+)\s*-->\s*$")
 # Words after which the next word is the command that runs.
 _COMMAND_PREFIXES = frozenset(
     {"$", "sudo", "-m", "exec", "env", "time", "nohup", "then", "do", "&"}
@@ -260,51 +267,66 @@ def check_link_target(source: Path, target: str) -> str | None:
 
 
 def check_file_copies(files: Sequence[Path]) -> list[str]:
-    """Check that each code block marked `<!-- file: PATH -->` equals PATH.
+    """Check each code block marked as a copy or an excerpt of a file.
 
-    Docs show some example files in full. The mark keeps such a copy from
-    drifting away from the file that lint and tests check.
+    Docs show some example files in full and quote some tests. The marks
+    keep those copies from drifting away from the files that lint and
+    tests check.
     """
     problems: list[str] = []
     for path in files:
-        copy: Path | None = None
+        mark: re.Match[str] | None = None
         mark_line = 0
         block: list[str] | None = None
         for number, line, language in iter_markdown_lines(path):
-            mark = _FILE_COPY.match(line) if language is None else None
-            if mark:
-                copy, mark_line = (path.parent / mark.group(1)).resolve(), number
-            elif copy is not None and language is not None:
+            new_mark = _FILE_COPY.match(line) if language is None else None
+            if new_mark:
+                mark, mark_line = new_mark, number
+            elif mark is not None and language is not None:
                 block = (block or []) + [line]
-            elif copy is not None and (block is not None or line.strip()):
-                problems += compare_copy(Location(path, mark_line), copy, block)
-                copy, block = None, None
-        if copy is not None:
-            problems += compare_copy(Location(path, mark_line), copy, block)
+            elif mark is not None and (block is not None or line.strip()):
+                problems += compare_copy(Location(path, mark_line), mark, block)
+                mark, block = None, None
+        if mark is not None:
+            problems += compare_copy(Location(path, mark_line), mark, block)
     return problems
 
 
 def compare_copy(
-    location: Location, original: Path, block: list[str] | None
+    location: Location, mark: re.Match[str], block: list[str] | None
 ) -> list[str]:
-    """Return a problem if a copied code block differs from its original file."""
+    """Return a problem if a marked code block differs from its original file."""
+    kind, target = mark.groups()
+    original = (location.path.parent / target).resolve()
     if not original.is_file():
-        return [f"{location}: {original} does not exist"]
+        return [f"{location}: {target} does not exist"]
     if block is None:
-        return [f"{location}: no code block follows the file mark"]
+        return [f"{location}: no code block follows the {kind} mark"]
+    name = original.relative_to(ROOT)
     expected = original.read_text(encoding="utf-8").rstrip("\n").splitlines()
+    if kind == "excerpt":
+        if contains_run(
+            [line.strip() for line in expected], [b.strip() for b in block]
+        ):
+            return []
+        return [f"{location}: the excerpt is not a run of lines of {name}"]
     if block == expected:
         return []
     for index, (copied, actual) in enumerate(zip(block, expected, strict=False)):
         if copied != actual:
-            return [
-                f"{location}: the copy of {original.relative_to(ROOT)} differs "
-                f"at its line {index + 1}: {actual!r}"
-            ]
+            return [f"{location}: the copy of {name} differs at line {index + 1}"]
     return [
-        f"{location}: the copy of {original.relative_to(ROOT)} has {len(block)} "
-        f"lines, the file {len(expected)}"
+        f"{location}: the copy of {name} has {len(block)} lines, "
+        f"the file {len(expected)}"
     ]
+
+
+def contains_run(lines: Sequence[str], run: Sequence[str]) -> bool:
+    """Tell whether `run` occurs in `lines` as consecutive lines."""
+    return any(
+        list(lines[start : start + len(run)]) == list(run)
+        for start in range(len(lines) - len(run) + 1)
+    )
 
 
 def read_cli(kmsproxy: Sequence[str]) -> dict[tuple[str, ...], set[str]]:
@@ -319,11 +341,31 @@ def read_cli(kmsproxy: Sequence[str]) -> dict[tuple[str, ...], set[str]]:
         command = pending.pop()
         text = cli_help([*kmsproxy, *command, "--help"])
         commands[command] = set(_HELP_OPTION.findall(options_part(text)))
-        usage = text.split("\n\n", 1)[0]
-        choices = _SUBCOMMANDS.search(usage)
-        if choices and len(command) + 1 < _MAX_COMMAND_DEPTH:
-            pending += [(*command, name) for name in choices.group(1).split(",")]
+        if len(command) + 1 < _MAX_COMMAND_DEPTH:
+            pending += [(*command, name) for name in help_subcommands(text)]
     return commands
+
+
+def help_subcommands(help_text: str) -> list[str]:
+    """Return the subcommand names that an argparse help text lists.
+
+    argparse shows them as `{serve,init}` when the subparsers have no
+    metavar. With a metavar, they are the lines indented by four spaces in
+    a section other than the option and positional argument lists.
+    """
+    choices = _SUBCOMMANDS.search(help_text.split("\n\n", 1)[0])
+    if choices:
+        return choices.group(1).split(",")
+    names: list[str] = []
+    section = ""
+    for line in help_text.splitlines():
+        if line and not line[0].isspace() and line.endswith(":"):
+            section = line[:-1]
+            continue
+        entry = _SUBCOMMAND_ENTRY.match(line)
+        if entry and section not in _ARGUMENT_SECTIONS:
+            names.append(entry.group(1))
+    return names
 
 
 def cli_help(argv: Sequence[str]) -> str:
