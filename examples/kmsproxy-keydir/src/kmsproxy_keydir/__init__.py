@@ -1,8 +1,9 @@
 """An example kmsproxy backend: PEM keys kept in one directory, by name.
 
 `keydir:name=client` names the key `client.key` and the certificate chain
-`client.crt` in the directory given by `dir=`, by default
-`~/.config/kmsproxy/keydir`. `kmsproxy keydir create NAME` makes a key.
+`client.crt` in the directory given by `dir=`, by default `keydir` in
+kmsproxy's configuration directory (`~/.config/kmsproxy/keydir` unless
+XDG_CONFIG_HOME is set). `kmsproxy keydir create NAME` makes a key.
 
 The key is read from disk for each signature, in a worker thread, the way a
 hardware backend calls its device: the backend shows the `BlockingSigner`
@@ -37,7 +38,6 @@ from kmsproxy.signer import (
 from kmsproxy.uri import KeyURI
 
 SCHEME = "keydir"
-DEFAULT_DIRECTORY = Path("~/.config/kmsproxy/keydir")
 
 # One signature at a time for the whole backend, as a device with a single
 # session would need. Other tunnels keep relaying while a signature runs.
@@ -72,8 +72,8 @@ def kmsproxy_add_commands(subparsers: argparse._SubParsersAction) -> None:  # ty
     create.add_argument(
         "--dir",
         type=Path,
-        default=DEFAULT_DIRECTORY,
-        help=f"directory that contains the keys (default: {DEFAULT_DIRECTORY})",
+        default=None,
+        help=f"directory that contains the keys (default: {default_directory()})",
     )
     create.set_defaults(handler=create_key)
 
@@ -85,8 +85,14 @@ def _file_path(uri: KeyURI, suffix: str) -> Path:
             f"{uri.redacted()}: name= must be a plain file name "
             "(for example keydir:name=client)"
         )
-    directory = Path(uri.get("dir") or DEFAULT_DIRECTORY).expanduser()
+    directory = Path(uri.get("dir") or default_directory()).expanduser()
     return directory / f"{name}{suffix}"
+
+
+def default_directory() -> Path:
+    """Return `keydir` in the configuration directory that `kmsproxy init` uses."""
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "kmsproxy" / "keydir"
 
 
 def _load_key(path: Path, uri: str) -> PrivateKey:
@@ -167,7 +173,7 @@ class KeyDirCertificates(CertificateSource):
 
 def create_key(arguments: argparse.Namespace) -> int:
     """Write a new P-256 key as NAME.key with mode 0600 (`kmsproxy keydir create`)."""
-    directory: Path = arguments.dir.expanduser()
+    directory: Path = (arguments.dir or default_directory()).expanduser()
     path = directory / f"{arguments.name}.key"
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(
@@ -186,7 +192,7 @@ def create_key(arguments: argparse.Namespace) -> int:
     with os.fdopen(descriptor, "wb") as file:
         file.write(pem)
     uri = f"keydir:name={arguments.name}"
-    if directory != DEFAULT_DIRECTORY.expanduser():
+    if directory != default_directory():
         uri += f";dir={directory}"
     print(f"created {path}; use it as --clientkey '{uri}'")
     return 0
