@@ -16,17 +16,15 @@ from kmsproxy.signer import (
 from kmsproxy.tls import alerts
 from kmsproxy.tls import messages as m
 from kmsproxy.tls.alerts import AlertDescription
-from kmsproxy.tls.client import (
-    MAX_CHANGE_CIPHER_SPEC_RECORDS,
+from kmsproxy.tls.client import MAX_CHANGE_CIPHER_SPEC_RECORDS, ClientConnection, State
+from kmsproxy.tls.config import ClientIdentity, TLSClientConfig
+from kmsproxy.tls.events import (
     ApplicationData,
-    ClientConnection,
     CloseNotifyReceived,
     Event,
     HandshakeComplete,
     SignatureRequested,
-    State,
 )
-from kmsproxy.tls.config import ClientIdentity, TLSClientConfig
 from kmsproxy.tls.key_schedule import (
     CipherSuite,
     finished_verify_data,

@@ -19,12 +19,10 @@ import os
 import struct
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from ..signer import SignatureScheme
 from . import messages as m
 from .alerts import (
     Alert,
@@ -35,12 +33,18 @@ from .alerts import (
     DecryptError,
     IllegalParameter,
     MissingExtension,
-    ProtocolVersion,
     TLSError,
     UnexpectedMessage,
 )
 from .client_auth import client_certificate_verify_content, select_identity
-from .config import ClientIdentity, TLSClientConfig, is_ip_literal
+from .config import ClientIdentity, TLSClientConfig
+from .events import (
+    ApplicationData,
+    CloseNotifyReceived,
+    Event,
+    HandshakeComplete,
+    SignatureRequested,
+)
 from .extensions import (
     check_certificate_entry_extensions,
     check_encrypted_extensions,
@@ -48,10 +52,17 @@ from .extensions import (
     check_server_hello_extensions,
     parse_certificate_request,
 )
+from .hello import (
+    INITIAL_KEY_SHARE_GROUPS,
+    SIGNATURE_ALGORITHMS,
+    SUPPORTED_GROUPS,
+    build_client_hello,
+    build_retry_client_hello,
+    check_hello,
+)
 from .key_exchange import (
     KeySharePrivateKey,
     generate_private_key,
-    public_key_bytes,
     shared_secret,
 )
 from .key_schedule import (
@@ -68,40 +79,6 @@ from .verify import (
     leaf_public_key,
     parse_certificate_chain,
     verify_server_signature,
-)
-
-# Cipher suites in our preference order: AES-GCM first because it has
-# hardware support on common CPUs, ChaCha20-Poly1305 for the rest.
-CIPHER_SUITES = (
-    CipherSuite.TLS_AES_128_GCM_SHA256,
-    CipherSuite.TLS_AES_256_GCM_SHA384,
-    CipherSuite.TLS_CHACHA20_POLY1305_SHA256,
-)
-
-SUPPORTED_GROUPS = (m.NamedGroup.x25519, m.NamedGroup.secp256r1, m.NamedGroup.secp384r1)
-
-# Groups we send a share for in the first ClientHello. secp384r1 costs a
-# HelloRetryRequest round trip, which only servers that refuse both need.
-INITIAL_KEY_SHARE_GROUPS = (m.NamedGroup.x25519, m.NamedGroup.secp256r1)
-
-# signature_algorithms we offer. The RSASSA-PKCS1-v1_5 schemes come last and
-# apply to certificate signatures only (RFC 8446 section 4.2.3): many CAs
-# still sign with them, but a server CertificateVerify using them is rejected.
-SIGNATURE_ALGORITHMS = (
-    SignatureScheme.ecdsa_secp256r1_sha256,
-    SignatureScheme.ecdsa_secp384r1_sha384,
-    SignatureScheme.ecdsa_secp521r1_sha512,
-    SignatureScheme.ed25519,
-    SignatureScheme.ed448,
-    SignatureScheme.rsa_pss_rsae_sha256,
-    SignatureScheme.rsa_pss_rsae_sha384,
-    SignatureScheme.rsa_pss_rsae_sha512,
-    SignatureScheme.rsa_pss_pss_sha256,
-    SignatureScheme.rsa_pss_pss_sha384,
-    SignatureScheme.rsa_pss_pss_sha512,
-    SignatureScheme.rsa_pkcs1_sha256,
-    SignatureScheme.rsa_pkcs1_sha384,
-    SignatureScheme.rsa_pkcs1_sha512,
 )
 
 # Largest handshake message we buffer: 100 KiB, the limit OpenSSL 3.0 puts
@@ -138,32 +115,18 @@ class State(enum.Enum):
     CLOSED = enum.auto()
 
 
-@dataclass(frozen=True)
-class SignatureRequested:
-    """Sign `content` with `identity.signer` using `scheme`, then call
-    `provide_signature`."""
+H = m.HandshakeType
 
-    identity: ClientIdentity
-    scheme: SignatureScheme
-    content: bytes
-
-
-@dataclass(frozen=True)
-class HandshakeComplete:
-    """Both Finished messages are exchanged; application data may flow."""
-
-
-@dataclass(frozen=True)
-class ApplicationData:
-    data: bytes
-
-
-@dataclass(frozen=True)
-class CloseNotifyReceived:
-    """The server sent close_notify: it will send no more data."""
-
-
-Event = SignatureRequested | HandshakeComplete | ApplicationData | CloseNotifyReceived
+# The handshake messages each state accepts (RFC 8446 appendix A.1).
+_EXPECTED_MESSAGES: dict[State, tuple[int, ...]] = {
+    State.WAIT_SERVER_HELLO: (H.server_hello,),
+    State.WAIT_ENCRYPTED_EXTENSIONS: (H.encrypted_extensions,),
+    State.WAIT_CERTIFICATE_OR_REQUEST: (H.certificate_request, H.certificate),
+    State.WAIT_CERTIFICATE: (H.certificate,),
+    State.WAIT_CERTIFICATE_VERIFY: (H.certificate_verify,),
+    State.WAIT_FINISHED: (H.finished,),
+    State.CONNECTED: (H.new_session_ticket, H.key_update),
+}
 
 
 class ClientConnection:
@@ -411,24 +374,7 @@ class ClientConnection:
     def _handle_handshake(self, message_type: int, message: bytes) -> None:
         body = message[m.HANDSHAKE_HEADER_LENGTH :]
         state = self.state
-        expected: tuple[int, ...]
-        if state == State.WAIT_SERVER_HELLO:
-            expected = (m.HandshakeType.server_hello,)
-        elif state == State.WAIT_ENCRYPTED_EXTENSIONS:
-            expected = (m.HandshakeType.encrypted_extensions,)
-        elif state == State.WAIT_CERTIFICATE_OR_REQUEST:
-            expected = (
-                m.HandshakeType.certificate_request,
-                m.HandshakeType.certificate,
-            )
-        elif state == State.WAIT_CERTIFICATE:
-            expected = (m.HandshakeType.certificate,)
-        elif state == State.WAIT_CERTIFICATE_VERIFY:
-            expected = (m.HandshakeType.certificate_verify,)
-        elif state == State.WAIT_FINISHED:
-            expected = (m.HandshakeType.finished,)
-        else:
-            expected = (m.HandshakeType.new_session_ticket, m.HandshakeType.key_update)
+        expected = _EXPECTED_MESSAGES.get(state, ())
         if message_type not in expected:
             raise UnexpectedMessage(
                 f"{_message_name(message_type)} is not allowed in state "
@@ -457,96 +403,15 @@ class ClientConnection:
     def _build_client_hello(self) -> m.ClientHello:
         for group in INITIAL_KEY_SHARE_GROUPS:
             self._key_shares[group] = self._generate_key_share(group)
-        extensions: list[m.Extension] = []
-        name = self.config.server_name
-        if not is_ip_literal(name):
-            extensions.append(
-                (m.ExtensionType.server_name, m.push_server_name(name.rstrip(".")))
-            )
-        extensions += [
-            (
-                m.ExtensionType.supported_versions,
-                m.push_supported_versions_client([m.TLS_1_3]),
-            ),
-            (
-                m.ExtensionType.supported_groups,
-                m.push_uint16_list_extension(list(SUPPORTED_GROUPS)),
-            ),
-            (
-                m.ExtensionType.signature_algorithms,
-                m.push_uint16_list_extension(list(SIGNATURE_ALGORITHMS)),
-            ),
-            (m.ExtensionType.key_share, self._key_share_extension()),
-        ]
-        if self.config.alpn_protocols:
-            names = [p.encode() for p in self.config.alpn_protocols]
-            extensions.append(
-                (
-                    m.ExtensionType.application_layer_protocol_negotiation,
-                    m.push_alpn(names),
-                )
-            )
-        return m.ClientHello(
-            random=self._random_bytes(m.RANDOM_LENGTH),
-            # Middlebox compatibility mode (RFC 8446 appendix D.4).
-            legacy_session_id=self._random_bytes(32),
-            cipher_suites=list(CIPHER_SUITES),
-            extensions=extensions,
-        )
-
-    def _key_share_extension(self) -> bytes:
-        entries = [
-            m.KeyShareEntry(group, public_key_bytes(key))
-            for group, key in self._key_shares.items()
-        ]
-        return m.push_key_share_client(entries)
+        return build_client_hello(self.config, self._key_shares, self._random_bytes)
 
     def _offered_extensions(self) -> set[int]:
         assert self._client_hello is not None
         return {extension_type for extension_type, _ in self._client_hello.extensions}
 
-    def _check_hello_common(self, hello: m.ServerHello) -> int:
-        """Apply the checks ServerHello and HelloRetryRequest share; return
-        the selected version (RFC 8446 sections 4.1.3 and 4.1.4)."""
-        assert self._client_hello is not None
-        extensions = hello.extensions or []
-        version_data = m.find_extension(extensions, m.ExtensionType.supported_versions)
-        if version_data is None:
-            # A TLS 1.2 (or older) ServerHello. A TLS 1.3 server that
-            # negotiates lower marks its random; that means a downgrade attack.
-            if hello.random[-8:] in m.DOWNGRADE_SENTINELS:
-                raise IllegalParameter(
-                    "ServerHello.random carries a downgrade sentinel"
-                )
-            raise ProtocolVersion(
-                f"server selected version 0x{hello.legacy_version:04x}; "
-                "this client supports TLS 1.3 only"
-            )
-        version = m.pull_uint16_extension(version_data, "supported_versions")
-        if version != m.TLS_1_3:
-            raise IllegalParameter(
-                f"server selected version 0x{version:04x}, not offered"
-            )
-        if hello.legacy_version != m.TLS_1_2:
-            raise IllegalParameter(
-                f"ServerHello legacy_version 0x{hello.legacy_version:04x} is not 0x0303"
-            )
-        if hello.legacy_session_id_echo != self._client_hello.legacy_session_id:
-            raise IllegalParameter("ServerHello legacy_session_id_echo does not match")
-        if hello.cipher_suite not in self._client_hello.cipher_suites:
-            raise IllegalParameter(
-                f"server selected cipher suite 0x{hello.cipher_suite:04x}, not offered"
-            )
-        if hello.legacy_compression_method != 0:
-            raise IllegalParameter("ServerHello legacy_compression_method is not 0")
-        if hello.cipher_suite not in SUITES:
-            raise IllegalParameter(
-                f"cipher suite 0x{hello.cipher_suite:04x} is not supported"
-            )
-        return version
-
     def _receive_server_hello(self, hello: m.ServerHello, message: bytes) -> None:
-        self._check_hello_common(hello)
+        assert self._client_hello is not None
+        check_hello(hello, self._client_hello)
         if hello.is_hello_retry_request:
             self._receive_hello_retry_request(hello, message)
             return
@@ -608,7 +473,6 @@ class ClientConnection:
         if selected_data is None and cookie_data is None:
             raise IllegalParameter("HelloRetryRequest would not change the ClientHello")
 
-        new_extensions = list(self._client_hello.extensions)
         if selected_data is not None:
             group = m.pull_uint16_extension(selected_data, "key_share")
             if group not in SUPPORTED_GROUPS or group in self._key_shares:
@@ -617,18 +481,7 @@ class ClientConnection:
                     "unsupported or already has a share"
                 )
             self._key_shares = {group: self._generate_key_share(m.NamedGroup(group))}
-            new_extensions = [
-                (
-                    t,
-                    self._key_share_extension()
-                    if t == m.ExtensionType.key_share
-                    else d,
-                )
-                for t, d in new_extensions
-            ]
-        if cookie_data is not None:
-            m.pull_cookie(cookie_data)
-            new_extensions.append((m.ExtensionType.cookie, cookie_data))
+        cookie = None if cookie_data is None else m.pull_cookie(cookie_data)
 
         self._hello_retry_request = hello
         self._suite_code = CipherSuite(hello.cipher_suite)
@@ -638,12 +491,7 @@ class ClientConnection:
         self._transcript.add(message)
         self._require_no_buffered_handshake("HelloRetryRequest")
 
-        hello2 = m.ClientHello(
-            random=self._client_hello.random,
-            legacy_session_id=self._client_hello.legacy_session_id,
-            cipher_suites=self._client_hello.cipher_suites,
-            extensions=new_extensions,
-        )
+        hello2 = build_retry_client_hello(self._client_hello, self._key_shares, cookie)
         self._client_hello = hello2
         self._send_change_cipher_spec()
         self._send_handshake(m.push_client_hello(hello2))

@@ -19,14 +19,14 @@ from cryptography import x509
 
 from ..signer import SignerError
 from .alerts import Alert, ConnectionLost, HandshakeTimeout, SignatureFailed, TLSError
-from .client import (
+from .client import ClientConnection
+from .config import ClientIdentity, TLSClientConfig
+from .events import (
     ApplicationData,
-    ClientConnection,
     CloseNotifyReceived,
     HandshakeComplete,
     SignatureRequested,
 )
-from .config import ClientIdentity, TLSClientConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,160 @@
+"""The ClientHello we send and the checks every ServerHello must pass
+(RFC 8446 sections 4.1.2 to 4.1.4), whether or not it is a
+HelloRetryRequest."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from ..signer import SignatureScheme
+from . import messages as m
+from .alerts import IllegalParameter, ProtocolVersion
+from .config import TLSClientConfig, is_ip_literal
+from .key_exchange import KeySharePrivateKey, public_key_bytes
+from .key_schedule import SUITES, CipherSuite
+
+# Cipher suites in our preference order: AES-GCM first because it has
+# hardware support on common CPUs, ChaCha20-Poly1305 for the rest.
+CIPHER_SUITES = (
+    CipherSuite.TLS_AES_128_GCM_SHA256,
+    CipherSuite.TLS_AES_256_GCM_SHA384,
+    CipherSuite.TLS_CHACHA20_POLY1305_SHA256,
+)
+
+SUPPORTED_GROUPS = (m.NamedGroup.x25519, m.NamedGroup.secp256r1, m.NamedGroup.secp384r1)
+
+# Groups we send a share for in the first ClientHello. secp384r1 costs a
+# HelloRetryRequest round trip, which only servers that refuse both need.
+INITIAL_KEY_SHARE_GROUPS = (m.NamedGroup.x25519, m.NamedGroup.secp256r1)
+
+# signature_algorithms we offer. The RSASSA-PKCS1-v1_5 schemes come last and
+# apply to certificate signatures only (RFC 8446 section 4.2.3): many CAs
+# still sign with them, but a server CertificateVerify using them is rejected.
+SIGNATURE_ALGORITHMS = (
+    SignatureScheme.ecdsa_secp256r1_sha256,
+    SignatureScheme.ecdsa_secp384r1_sha384,
+    SignatureScheme.ecdsa_secp521r1_sha512,
+    SignatureScheme.ed25519,
+    SignatureScheme.ed448,
+    SignatureScheme.rsa_pss_rsae_sha256,
+    SignatureScheme.rsa_pss_rsae_sha384,
+    SignatureScheme.rsa_pss_rsae_sha512,
+    SignatureScheme.rsa_pss_pss_sha256,
+    SignatureScheme.rsa_pss_pss_sha384,
+    SignatureScheme.rsa_pss_pss_sha512,
+    SignatureScheme.rsa_pkcs1_sha256,
+    SignatureScheme.rsa_pkcs1_sha384,
+    SignatureScheme.rsa_pkcs1_sha512,
+)
+
+
+def key_share_extension(key_shares: Mapping[int, KeySharePrivateKey]) -> bytes:
+    entries = [
+        m.KeyShareEntry(group, public_key_bytes(key))
+        for group, key in key_shares.items()
+    ]
+    return m.push_key_share_client(entries)
+
+
+def build_client_hello(
+    config: TLSClientConfig,
+    key_shares: Mapping[int, KeySharePrivateKey],
+    random_bytes: Callable[[int], bytes],
+) -> m.ClientHello:
+    """Build the first ClientHello with one share per entry of `key_shares`."""
+    extensions: list[m.Extension] = []
+    name = config.server_name
+    if not is_ip_literal(name):
+        # RFC 6066 section 3: a HostName has no trailing dot, and IP
+        # literals are not sent.
+        extensions.append(
+            (m.ExtensionType.server_name, m.push_server_name(name.rstrip(".")))
+        )
+    extensions += [
+        (
+            m.ExtensionType.supported_versions,
+            m.push_supported_versions_client([m.TLS_1_3]),
+        ),
+        (
+            m.ExtensionType.supported_groups,
+            m.push_uint16_list_extension(list(SUPPORTED_GROUPS)),
+        ),
+        (
+            m.ExtensionType.signature_algorithms,
+            m.push_uint16_list_extension(list(SIGNATURE_ALGORITHMS)),
+        ),
+        (m.ExtensionType.key_share, key_share_extension(key_shares)),
+    ]
+    if config.alpn_protocols:
+        names = [p.encode() for p in config.alpn_protocols]
+        extensions.append(
+            (m.ExtensionType.application_layer_protocol_negotiation, m.push_alpn(names))
+        )
+    return m.ClientHello(
+        random=random_bytes(m.RANDOM_LENGTH),
+        # Middlebox compatibility mode (RFC 8446 appendix D.4).
+        legacy_session_id=random_bytes(32),
+        cipher_suites=list(CIPHER_SUITES),
+        extensions=extensions,
+    )
+
+
+def check_hello(hello: m.ServerHello, client_hello: m.ClientHello) -> int:
+    """Apply the checks ServerHello and HelloRetryRequest share; return
+    the selected version (RFC 8446 sections 4.1.3 and 4.1.4)."""
+    extensions = hello.extensions or []
+    version_data = m.find_extension(extensions, m.ExtensionType.supported_versions)
+    if version_data is None:
+        # A TLS 1.2 (or older) ServerHello. A TLS 1.3 server that
+        # negotiates lower marks its random; that means a downgrade attack.
+        if hello.random[-8:] in m.DOWNGRADE_SENTINELS:
+            raise IllegalParameter("ServerHello.random carries a downgrade sentinel")
+        raise ProtocolVersion(
+            f"server selected version 0x{hello.legacy_version:04x}; "
+            "this client supports TLS 1.3 only"
+        )
+    version = m.pull_uint16_extension(version_data, "supported_versions")
+    if version != m.TLS_1_3:
+        raise IllegalParameter(f"server selected version 0x{version:04x}, not offered")
+    if hello.legacy_version != m.TLS_1_2:
+        raise IllegalParameter(
+            f"ServerHello legacy_version 0x{hello.legacy_version:04x} is not 0x0303"
+        )
+    if hello.legacy_session_id_echo != client_hello.legacy_session_id:
+        raise IllegalParameter("ServerHello legacy_session_id_echo does not match")
+    if hello.cipher_suite not in client_hello.cipher_suites:
+        raise IllegalParameter(
+            f"server selected cipher suite 0x{hello.cipher_suite:04x}, not offered"
+        )
+    if hello.legacy_compression_method != 0:
+        raise IllegalParameter("ServerHello legacy_compression_method is not 0")
+    if hello.cipher_suite not in SUITES:
+        raise IllegalParameter(
+            f"cipher suite 0x{hello.cipher_suite:04x} is not supported"
+        )
+    return version
+
+
+def build_retry_client_hello(
+    client_hello: m.ClientHello,
+    key_shares: Mapping[int, KeySharePrivateKey],
+    cookie: bytes | None,
+) -> m.ClientHello:
+    """Build the ClientHello that answers a HelloRetryRequest.
+
+    RFC 8446 section 4.1.2: the same message, with key_share holding the
+    new shares and the server's cookie appended when it sent one.
+    """
+    share = key_share_extension(key_shares)
+    extensions = [
+        (extension_type, share if extension_type == m.ExtensionType.key_share else data)
+        for extension_type, data in client_hello.extensions
+    ]
+    if cookie is not None:
+        extensions.append((m.ExtensionType.cookie, m.push_cookie(cookie)))
+    return m.ClientHello(
+        random=client_hello.random,
+        legacy_session_id=client_hello.legacy_session_id,
+        cipher_suites=client_hello.cipher_suites,
+        extensions=extensions,
+    )
