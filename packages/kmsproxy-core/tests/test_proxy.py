@@ -12,7 +12,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from peers import Peer, free_port, start_nginx
+from peers import Peer, free_port, start_nginx, start_openssl_server
 from pki import Issued, issue, make_ca
 
 from kmsproxy import Proxy, ProxyAddresses, ProxyConfig
@@ -178,6 +178,28 @@ async def test_untrusted_upstream_is_502(
     assert proxy.minter is not None
     assert proxy.minter.mint_count == 0
     assert proxy.minter.cached_count == 0
+
+
+async def test_rejected_client_certificate_is_502(
+    site: Site, running: tuple[Proxy, ProxyAddresses]
+) -> None:
+    proxy, addresses = running
+    other_ca = site.path("other-ca.crt")
+    other_ca.write_bytes(make_ca("other client CA").chain_pem())
+    with start_openssl_server(
+        site.directory,
+        site.path("server.crt"),
+        site.path("server.key"),
+        other_ca,
+        extra_args=["-verify_return_error"],
+    ) as peer:
+        request = f"CONNECT localhost:{peer.port} HTTP/1.1\r\n\r\n".encode()
+        response = await exchange(proxy_address(addresses), request)
+    assert status_of(response) == 502
+    assert b"server rejected our certificate" in response
+    assert b"unknown_ca" in response
+    assert proxy.minter is not None
+    assert proxy.minter.mint_count == 0
 
 
 async def test_garbage_is_400(running: tuple[Proxy, ProxyAddresses]) -> None:

@@ -1,11 +1,12 @@
 """One tunnel: upstream TLS with the client certificate, mint, relay.
 
 Step 1 connects to the CONNECT target over TCP. Step 2 runs the TLS 1.3
-handshake with the current client identities and verifies the upstream.
-Any failure so far gets a 502 response with the reason, and nothing is
-minted. Step 3 mints (or reuses) a certificate for the upstream, step 4
-sends 200 and completes the client's TLS with it, and step 5 relays bytes
-both ways until both sides finish, one fails, or the tunnel sits idle.
+handshake with the current client identities and verifies the upstream,
+then waits briefly for the server to reject our certificate. Any failure
+so far gets a 502 response with the reason, and nothing is minted.
+Step 3 mints (or reuses) a certificate for the upstream, step 4 sends 200
+and completes the client's TLS with it, and step 5 relays bytes both ways
+until both sides finish, one fails, or the tunnel sits idle.
 """
 
 from __future__ import annotations
@@ -53,8 +54,25 @@ _CERTIFICATE_ALERTS = frozenset(
 )
 
 
+# In TLS 1.3 the client finishes its handshake before the server has checked
+# the client certificate, so a rejection (certificate_required, unknown_ca,
+# ...) arrives about one round trip later. The proxy waits twice the TCP
+# connect time for it, within these bounds, before it sends 200.
+# NOTE: this adds that wait to every new tunnel; the bounds are estimates.
+REJECTION_WAIT_MIN_SECONDS = 0.02
+REJECTION_WAIT_MAX_SECONDS = 0.5
+
+
 class UpstreamError(Exception):
     """Reaching or authenticating to the upstream failed; `str()` is why."""
+
+
+@dataclass
+class Upstream:
+    """An authenticated upstream and any bytes it sent during the wait."""
+
+    stream: tls.TLSClientStream
+    first_data: bytes = b""
 
 
 @dataclass
@@ -84,7 +102,7 @@ async def run_tunnel(
         logger.warning("Upstream failed target=%s reason=%s", target, error)
         await send_final(client, text_response(502, f"{target}: {error}"))
         return
-    async with upstream:
+    async with upstream.stream:
         await _serve_client(client, request, upstream, settings)
 
 
@@ -92,9 +110,10 @@ async def open_upstream(
     request: ConnectRequest,
     identities: Sequence[Identity],
     settings: TunnelSettings,
-) -> tls.TLSClientStream:
+) -> Upstream:
     """Connect and authenticate to the target; raise `UpstreamError` on failure."""
     # Step 1: TCP.
+    started = anyio.current_time()
     try:
         with anyio.fail_after(settings.connect_timeout):
             transport = await anyio.connect_tcp(request.host, request.port)
@@ -112,21 +131,54 @@ async def open_upstream(
         trust=settings.trust,
         alpn_protocols=ALPN_PROTOCOLS,
     )
+    connect_seconds = anyio.current_time() - started
     try:
-        return await tls.connect_tls(transport, config)
+        stream = await tls.connect_tls(transport, config)
     except tls.CertificateVerifyFailed as error:
         reason = f"certificate verify failed: {error}"
     except tls.AlertReceived as error:
-        if error.description in _CERTIFICATE_ALERTS:
-            reason = f"server rejected our certificate: {error}"
-        else:
-            reason = f"TLS handshake failed: {error}"
+        reason = _describe_alert(error)
     except tls.HandshakeTimeout:
         reason = f"TLS handshake timed out after {config.handshake_timeout:g} s"
     except tls.TLSError as error:
         reason = f"TLS handshake failed: {error}"
+    else:
+        wait = min(
+            max(2 * connect_seconds, REJECTION_WAIT_MIN_SECONDS),
+            REJECTION_WAIT_MAX_SECONDS,
+        )
+        try:
+            first_data = await _wait_for_rejection(stream, wait)
+        except UpstreamError:
+            await stream.aclose()
+            raise
+        return Upstream(stream, first_data)
     await transport.aclose()
     raise UpstreamError(reason)
+
+
+def _describe_alert(error: tls.AlertReceived) -> str:
+    if error.description in _CERTIFICATE_ALERTS:
+        return f"server rejected our certificate: {error}"
+    return f"TLS handshake failed: {error}"
+
+
+async def _wait_for_rejection(stream: tls.TLSClientStream, wait: float) -> bytes:
+    """Wait up to `wait` seconds for a post-handshake alert.
+
+    Return the application data that arrived instead (a server that speaks
+    first), or b"" when the server stayed silent.
+    """
+    try:
+        with anyio.move_on_after(wait):
+            return await stream.receive(RELAY_CHUNK_BYTES)
+    except tls.AlertReceived as error:
+        raise UpstreamError(_describe_alert(error)) from None
+    except (tls.TLSError, anyio.EndOfStream) as error:
+        raise UpstreamError(
+            f"server closed the connection after the handshake ({error or 'EOF'})"
+        ) from None
+    return b""
 
 
 def describe_connect_error(error: OSError) -> str:
@@ -153,10 +205,11 @@ def describe_connect_error(error: OSError) -> str:
 async def _serve_client(
     client: anyio.abc.ByteStream,
     request: ConnectRequest,
-    upstream: tls.TLSClientStream,
+    upstream_connection: Upstream,
     settings: TunnelSettings,
 ) -> None:
     target = request.authority
+    upstream = upstream_connection.stream
     # Step 3: a certificate for the upstream, minted once per fingerprint.
     alpn = (upstream.alpn_protocol,) if upstream.alpn_protocol else ()
     context = await settings.minter.context_for_upstream(
@@ -188,6 +241,12 @@ async def _serve_client(
         upstream.version,
         upstream.cipher_suite,
     )
+    try:
+        if upstream_connection.first_data:
+            await downstream.send(upstream_connection.first_data)
+    except (ssl.SSLError, OSError, anyio.BrokenResourceError) as error:
+        logger.debug("Client left before the tunnel opened error=%r", error)
+        return
     sent, received = await relay(downstream, upstream, settings.idle_timeout)
     logger.debug(
         "Tunnel closed target=%s sent_bytes=%d received_bytes=%d",
