@@ -7,7 +7,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from kmsproxy import Proxy, ProxyConfig
+from kmsproxy import Proxy, ProxyConfig, UserError
 from kmsproxy.cli.demo import (
     create_demo_files,
     fetch_through_proxy,
@@ -53,3 +53,18 @@ async def test_embedded_proxy_serves(tmp_path: Path) -> None:
         group.cancel_scope.cancel()
     assert b"subject=CN=kmsproxy demo client" in body
     assert addresses.proxy_url == f"http://127.0.0.1:{proxy.port}"
+
+
+async def test_bad_config_raises_from_start(tmp_path: Path) -> None:
+    files = create_demo_files(tmp_path)
+    config = ProxyConfig(
+        ca_key=files.ca_key,
+        ca_certificate=files.ca_certificate,
+        client_keys=[files.client_key],
+        client_certificates=[files.ca_certificate],
+        listen="127.0.0.1:0",
+        pac_listen=None,
+    )
+    async with anyio.create_task_group() as group:
+        with pytest.raises(UserError, match="no client certificate matches"):
+            await group.start(Proxy(config).serve)
