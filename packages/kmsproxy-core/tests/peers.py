@@ -112,11 +112,31 @@ class Peer:
             time.sleep(READY_POLL_SECONDS)
         return [line.split("|", 1)[0] for line in self.access_log()]
 
+    def write_stdin(self, data: bytes) -> None:
+        """Write to the peer's standard input (interactive s_server only)."""
+        if self.process.stdin is None:
+            raise PeerError(f"{self.name} was started without a stdin pipe")
+        self.process.stdin.write(data)
+        self.process.stdin.flush()
+
+    def wait_for_log(self, text: str) -> bool:
+        """Poll the log (bounded by READY_TIMEOUT_SECONDS) until it contains
+        `text`; return whether it did."""
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return True
+            time.sleep(READY_POLL_SECONDS)
+        return text in self.log()
+
     def stop(self) -> None:
         """Stop the process by PID: SIGTERM, then SIGKILL after a timeout."""
         if self._stopped:
             return
         self._stopped = True
+        if self.process.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
         if self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGTERM)
             try:
@@ -181,6 +201,7 @@ def start_openssl_server(
     require_client_cert: bool = True,
     extra_args: Sequence[str] = (),
     name: str = "s_server",
+    interactive: bool = False,
 ) -> Peer:
     """Start `openssl s_server -tls1_3` on a free loopback port.
 
@@ -204,8 +225,9 @@ def start_openssl_server(
         str(cert),
         "-key",
         str(key),
-        mode,
     ]
+    if not interactive:
+        args.append(mode)
     if client_ca is not None:
         verify_flag = "-Verify" if require_client_cert else "-verify"
         args += [verify_flag, "1", "-CAfile", str(client_ca)]
@@ -217,7 +239,7 @@ def start_openssl_server(
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             args,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if interactive else subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             cwd=directory,

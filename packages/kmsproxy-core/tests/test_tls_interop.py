@@ -38,6 +38,10 @@ SERVER_NAME = "server.test"
 # answers in milliseconds, so 10 s only guards against a hang.
 PEER_REPLY_TIMEOUT_SECONDS = 10.0
 
+# Pause between two stdin commands to s_server, so it reads them separately.
+# It polls stdin in a loop, so 0.3 s is ample on an idle machine (estimate).
+KEY_UPDATE_GAP_SECONDS = 0.3
+
 # Bound on receive() calls while reading one response; responses here are a
 # few KiB, so 1000 reads is far more than any of them needs.
 MAX_READS = 1000
@@ -390,3 +394,24 @@ async def test_handshake_timeout(pki: Files) -> None:
         with pytest.raises(HandshakeTimeout, match=r"timed out after 0\.5 s"):
             await open_tls(port, config(pki, [], handshake_timeout=0.5))
         tasks.cancel_scope.cancel()
+
+
+async def test_s_server_key_update(pki: Files) -> None:
+    cert, key = pki.server()
+    with start_openssl_server(
+        pki.directory, cert, key, pki.ca_path, interactive=True
+    ) as peer:
+        stream = await open_tls(peer.port, config(pki, [pki.client()]))
+        async with stream:
+            # s_server reads one stdin line per command, so "K" (KeyUpdate,
+            # update_requested) and the data go in separate writes.
+            peer.write_stdin(b"K\n")
+            await anyio.sleep(KEY_UPDATE_GAP_SECONDS)
+            peer.write_stdin(b"after update\n")
+            with anyio.fail_after(PEER_REPLY_TIMEOUT_SECONDS):
+                received = await stream.receive()
+            await stream.send(b"client after update\n")
+            logged = peer.wait_for_log("client after update")
+    assert received == b"after update\n"
+    assert stream.connection.key_updates_received == 1
+    assert logged

@@ -173,6 +173,7 @@ class ClientConnection:
         self.alpn_protocol: str | None = None
         self.send_closed = False
         self.receive_closed = False
+        self.key_updates_received = 0
 
     # Public API
 
@@ -629,6 +630,7 @@ class ClientConnection:
         suite = self._suite
         assert suite is not None
         self._require_no_buffered_handshake("KeyUpdate")
+        self.key_updates_received += 1
         self._server_secret = next_traffic_secret(suite, self._server_secret)
         self._records.read_cipher = RecordCipher(suite, self._server_secret)
         requested = update.request_update == m.KeyUpdateRequest.update_requested

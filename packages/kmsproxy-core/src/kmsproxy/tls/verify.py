@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 # File names OpenSSL's c_rehash gives CA certificates in a capath directory.
 _HASHED_NAME = re.compile(r"^[0-9a-f]{8}\.[0-9]+$")
 
+_PEM_CERTIFICATE_MARKER = b"-----BEGIN CERTIFICATE-----"
+
 # The context strings of RFC 8446 section 4.4.3, each preceded by 64 spaces
 # and followed by one zero byte.
 SERVER_CONTEXT = b"TLS 1.3, server CertificateVerify"
@@ -120,19 +122,22 @@ class TrustStore:
         certificates = _system_certificates() if include_system else []
         for path in extra_bundles:
             try:
-                loaded = _load_pem_file(path)
+                data = path.read_bytes()
             except OSError as error:
                 raise CertificateError(
                     f"{path}: cannot read trust bundle ({error.strerror})"
                 ) from None
+            if _PEM_CERTIFICATE_MARKER not in data:
+                raise CertificateError(
+                    f"{path}: trust bundle contains no PEM certificate "
+                    "('-----BEGIN CERTIFICATE-----' block)"
+                )
+            try:
+                certificates += x509.load_pem_x509_certificates(data)
             except ValueError as error:
                 raise CertificateError(
-                    f"{path}: invalid PEM trust bundle ({error}); expected "
-                    "'-----BEGIN CERTIFICATE-----' blocks"
+                    f"{path}: invalid PEM trust bundle ({error})"
                 ) from None
-            if not loaded:
-                raise CertificateError(f"{path}: trust bundle contains no certificate")
-            certificates += loaded
         return cls(certificates)
 
     def verify_server(
