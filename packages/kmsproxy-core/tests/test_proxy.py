@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import os
 import shutil
 import socket
 import subprocess
@@ -12,11 +14,19 @@ from pathlib import Path
 
 import anyio
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
 from peers import Peer, free_port, start_nginx, start_openssl_server
 from pki import Issued, issue, make_ca
 
 from kmsproxy import Proxy, ProxyAddresses, ProxyConfig
-from kmsproxy.cli.demo import create_demo_files, serve_mtls_upstream, upstream_context
+from kmsproxy.cli.demo import (
+    create_demo_files,
+    fetch_through_proxy,
+    serve_mtls_upstream,
+    upstream_context,
+)
 from kmsproxy.proxy.connect import MAX_HEAD_BYTES
 from kmsproxy.proxy.pac import PAC_MEDIA_TYPE
 
@@ -38,6 +48,7 @@ class Site:
     directory: Path
     local_ca: Issued
     upstream_ca: Issued
+    client_ca: Issued
     client: Issued
 
     def path(self, name: str) -> Path:
@@ -73,7 +84,7 @@ def site(tmp_path: Path) -> Site:
         upstream_ca, "localhost", dns_names=("localhost",), ip_addresses=("127.0.0.1",)
     )
     server.write(tmp_path, "server")
-    return Site(tmp_path, local_ca, upstream_ca, client)
+    return Site(tmp_path, local_ca, upstream_ca, client_ca, client)
 
 
 @pytest.fixture
@@ -160,6 +171,73 @@ async def test_curl_https_proxy_reaches_nginx(
     )
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == b"subject=CN=proxy client\n"
+
+
+def renew(site: Site, common_name: str) -> None:
+    """Rename-replace client.crt with a new certificate for the same key."""
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(site.client_ca.cert.subject)
+        .public_key(site.client.key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                site.client_ca.key.public_key()
+            ),
+            critical=False,
+        )
+        .sign(site.client_ca.key, hashes.SHA256())
+    )
+    temporary = site.path("client.crt.new")
+    temporary.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    os.replace(temporary, site.path("client.crt"))
+
+
+async def wait_for_identity(proxy: Proxy, subject: str) -> None:
+    assert proxy.identity_store is not None
+    with anyio.fail_after(REQUEST_TIMEOUT_SECONDS):
+        while proxy.identity_store.identities[0].subject != subject:
+            await anyio.sleep(0.02)
+
+
+async def test_renewed_certificate_reaches_nginx_twice(
+    site: Site, nginx: Peer, running: tuple[Proxy, ProxyAddresses]
+) -> None:
+    proxy, addresses = running
+    url = f"https://localhost:{nginx.port}/subject"
+    ca_option = ("--cacert", str(site.path("ca.crt")))
+    bodies = []
+    for name in ("renewed once", "renewed twice"):
+        renew(site, name)
+        await wait_for_identity(proxy, f"CN={name}")
+        result = await curl("--proxy", addresses.proxy_url, *ca_option, url)
+        bodies.append(result.stdout)
+    assert bodies == [b"subject=CN=renewed once\n", b"subject=CN=renewed twice\n"]
+
+
+async def test_concurrent_connects_mint_once(
+    site: Site, nginx: Peer, running: tuple[Proxy, ProxyAddresses]
+) -> None:
+    proxy, addresses = running
+    results: list[bytes] = []
+
+    async def fetch() -> None:
+        body = await fetch_through_proxy(
+            proxy_address(addresses), "127.0.0.1", nginx.port, site.path("ca.crt")
+        )
+        results.append(body)
+
+    with anyio.fail_after(REQUEST_TIMEOUT_SECONDS):
+        async with anyio.create_task_group() as group:
+            for _ in range(5):
+                group.start_soon(fetch)
+    assert len(results) == 5
+    assert proxy.minter is not None
+    assert proxy.minter.mint_count == 1
 
 
 async def test_untrusted_upstream_is_502(
