@@ -1,6 +1,6 @@
 """A scripted TLS 1.3 server side for byte-level tests of the client.
 
-`ScriptedServer` answers one ClientHello message by message, so a test can
+`ScriptedServer` responds to one ClientHello message by message, so a test can
 send a valid flight, change one byte or one field, reorder messages, or stop
 anywhere. It reuses the engine's codecs and key schedule, which the RFC 8448
 vector tests check independently; it is not an implementation of TLS.

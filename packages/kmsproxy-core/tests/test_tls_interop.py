@@ -34,8 +34,8 @@ pytestmark = [pytest.mark.interop, pytest.mark.anyio]
 
 SERVER_NAME = "server.test"
 
-# Time a peer gets to send its alert after our Finished; a local s_server
-# answers in milliseconds, so 10 s only guards against a hang.
+# Time a peer gets to send its alert after our Finished. A local s_server
+# replies within milliseconds, so 10 s only guards against a hang.
 PEER_REPLY_TIMEOUT_SECONDS = 10.0
 
 # Pause between two stdin commands to s_server, so it reads them separately.

@@ -83,13 +83,14 @@ from .verify import (
 
 # Largest handshake message we buffer: 100 KiB, the limit OpenSSL 3.0 puts
 # on a peer's certificate list by default (SSL_MAX_CERT_LIST_DEFAULT in
-# ssl.h). A Certificate message is the largest a server sends.
+# ssl.h). Certificate is normally the largest message a server sends.
 MAX_HANDSHAKE_MESSAGE_LENGTH = 100 * 1024
 
 # change_cipher_spec records we drop before the server's Finished. A server
-# in middlebox compatibility mode sends one, after its first ServerHello or
-# HelloRetryRequest (RFC 8446 appendix D.4); 2 leaves room for one more
-# after a HelloRetryRequest and still bounds a flood.
+# in middlebox compatibility mode sends one, right after its first
+# ServerHello or HelloRetryRequest (RFC 8446 appendix D.4). We allow one
+# spare for a server that sends another after a HelloRetryRequest; more
+# than that is a flood.
 MAX_CHANGE_CIPHER_SPEC_RECORDS = 2
 
 # Consecutive records that carry no data (empty application_data, or

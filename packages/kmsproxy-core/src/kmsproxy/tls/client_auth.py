@@ -1,5 +1,5 @@
-"""Choosing the client identity a CertificateRequest asks for (RFC 8446
-section 4.3.2) and the content the client signs (section 4.4.3)."""
+"""Selection of the client identity for a CertificateRequest (RFC 8446
+section 4.3.2), and the content the client signs (section 4.4.3)."""
 
 from __future__ import annotations
 

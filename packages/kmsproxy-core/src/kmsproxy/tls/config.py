@@ -1,5 +1,5 @@
-"""What the caller chooses for one upstream connection: the server name, the
-client identities, the trust store and ALPN."""
+"""Settings the caller chooses for one upstream connection: the server name,
+the client identities, the trust store and ALPN."""
 
 from __future__ import annotations
 
@@ -39,9 +39,9 @@ def is_ip_literal(server_name: str) -> bool:
 class TLSClientConfig:
     """Settings for one connection.
 
-    `server_name` is the CONNECT host: a DNS name (sent as SNI and matched
-    against DNSName SANs) or an IP literal without brackets (matched against
-    IPAddress SANs; no SNI, per RFC 6066 section 3). `trust=None` skips chain
+    `server_name` is the CONNECT host. A DNS name is sent as SNI and matched
+    against DNSName SANs. An IP literal, without brackets, is matched against
+    IPAddress SANs and never sent as SNI (RFC 6066 section 3). `trust=None` skips chain
     and name verification but still checks the server's CertificateVerify
     and Finished.
     """

@@ -1,4 +1,4 @@
-"""What the sans-IO client reports to its caller through `next_event`."""
+"""Events the sans-IO client reports to its caller through `next_event`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Which extensions each server message may carry, and what they must say.
+"""Which extensions each server message may carry, and what they must contain.
 
 RFC 8446 section 4.2 gives two rules this module applies to every block the
 server sends: an extension we recognize in a message it does not belong to

@@ -140,7 +140,7 @@ def build_retry_client_hello(
     key_shares: Mapping[int, KeySharePrivateKey],
     cookie: bytes | None,
 ) -> m.ClientHello:
-    """Build the ClientHello that answers a HelloRetryRequest.
+    """Build the ClientHello sent in response to a HelloRetryRequest.
 
     RFC 8446 section 4.1.2: the same message, with key_share holding the
     new shares and the server's cookie appended when it sent one.

@@ -40,9 +40,12 @@ def public_key_bytes(private_key: KeySharePrivateKey) -> bytes:
 def shared_secret(
     group: NamedGroup, private_key: KeySharePrivateKey, peer_share: bytes
 ) -> bytes:
-    """Compute the (EC)DHE shared secret; raise `IllegalParameter` for an
-    invalid peer share (wrong length, point not on the curve, or an x25519
-    result of all zeros, which RFC 8446 section 7.4.2 requires us to reject)."""
+    """Compute the (EC)DHE shared secret.
+
+    Raise `IllegalParameter` for an invalid peer share: a wrong length, a
+    point not on the curve, or an x25519 result of all zeros, which RFC 8446
+    section 7.4.2 requires a client to reject.
+    """
     try:
         if isinstance(private_key, x25519.X25519PrivateKey):
             if len(peer_share) != 32:

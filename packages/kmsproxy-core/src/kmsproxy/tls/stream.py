@@ -3,7 +3,7 @@
 
 This module moves bytes between the transport and `ClientConnection` and
 awaits the `Signer`; every protocol decision is made in `client.py`. One
-lock orders writes to the transport, so a KeyUpdate answer queued by
+lock orders writes to the transport, so a KeyUpdate response queued by
 `receive` and application data from `send` leave in the order they were
 encrypted even when two tasks share the stream.
 """
@@ -149,6 +149,16 @@ class TLSClientStream(anyio.abc.ByteStream):
                     raise
                 await self._flush()
             elif isinstance(event, HandshakeComplete):
+                logger.debug(
+                    "TLS handshake complete server_name=%s cipher_suite=%s "
+                    "alpn=%s client_identity=%s",
+                    connection.config.server_name,
+                    connection.cipher_suite,
+                    connection.alpn_protocol,
+                    connection.client_identity.signer.uri
+                    if connection.client_identity
+                    else None,
+                )
                 return
             else:
                 self._take(event)
@@ -179,7 +189,7 @@ class TLSClientStream(anyio.abc.ByteStream):
         `ConnectionLost` when the transport ends without one.
         """
         async with self._receive_lock:
-            for _ in range(2**31):
+            while True:
                 if self._received:
                     data = bytes(self._received[:max_bytes])
                     del self._received[:max_bytes]
@@ -191,7 +201,6 @@ class TLSClientStream(anyio.abc.ByteStream):
                     await self._feed(await self._read_transport("mid-stream"))
                 else:
                     self._take(event)
-            raise AssertionError("unreachable: the loop returns or raises")
 
     async def send(self, item: bytes) -> None:
         async with self._send_lock:

@@ -2,9 +2,9 @@
 server's CertificateVerify signature (RFC 8446 sections 4.4.2 and 4.4.3).
 
 Chain building and name matching are delegated to
-`cryptography.x509.verification` (RFC 5280 and RFC 6125 rules, SAN only, no
-Common Name fallback); this module maps its failures to alerts with a reason
-a user can act on.
+`cryptography.x509.verification`, which applies RFC 5280 and RFC 6125 rules
+to SANs only, with no Common Name fallback. This module maps its failures to
+alerts with a reason a user can act on.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class TrustStore:
         """Load the system store (unless excluded) plus extra PEM bundles.
 
         Raise `CertificateError` naming the file when a bundle is unreadable,
-        malformed or holds no certificate.
+        malformed or contains no certificate.
         """
         certificates = _system_certificates() if include_system else []
         for path in extra_bundles:
@@ -190,7 +190,7 @@ def _verification_failure(
     original message.
     """
     subject = leaf.subject.rfc4514_string()
-    if "no matching subjectAltName" in message or "subjectAltName" in message:
+    if "subjectAltName" in message:
         names = ", ".join(repr(name) for name in _san_names(leaf)) or "no names"
         return CertificateVerifyFailed(
             f"certificate for {names} does not match {server_name!r}"
