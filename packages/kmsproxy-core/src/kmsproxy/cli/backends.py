@@ -22,5 +22,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{backend.name}\t{schemes}\t({distribution})")
     missing = sorted(set(KNOWN_DISTRIBUTIONS) - set(registry.schemes))
     for scheme in missing:
-        print(f"not installed: {scheme}: (pip install {KNOWN_DISTRIBUTIONS[scheme]})")
+        install = f"pip install {KNOWN_DISTRIBUTIONS[scheme]}"
+        print(f"{scheme}:\tnot installed\t({install})")
     return 0
