@@ -7,7 +7,7 @@ A backend is a distribution that declares an entry point in the group
     tpm = "kmsproxy_tpm.plugin"
 
 The entry point names a plain module (or object) with functions decorated by
-`kmsproxy.plugins.hookimpl`. kmsproxy loads every such entry point at start
+`kmsproxy.hookimpl`. kmsproxy loads every such entry point at start
 through pluggy. The built-in file backend (`kmsproxy.plugins.file`) is
 registered the same way and is a short, complete example.
 
