@@ -9,6 +9,7 @@ one is logged and never stops the server.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import ssl
@@ -77,7 +78,11 @@ class ProxyAddresses:
 
 
 class Proxy:
-    """The kmsproxy server; see `serve`."""
+    """The kmsproxy server; see `serve`.
+
+    `minter`, `identity_store` and `addresses` are set once `serve` has
+    started, for callers that inspect the running proxy.
+    """
 
     def __init__(self, config: ProxyConfig, registry: Registry | None = None) -> None:
         self.config = config
@@ -129,23 +134,25 @@ class Proxy:
             )
             _log_start(ca, addresses)
 
-            # Step 3: serve.
-            async with anyio.create_task_group() as group:
-                await group.start(
-                    lambda task_status: store.watch(
-                        handle_sighup=config.handle_signals, task_status=task_status
+            # Step 3: serve until cancelled.
+            try:
+                async with anyio.create_task_group() as group:
+                    watch = functools.partial(
+                        store.watch, handle_sighup=config.handle_signals
                     )
-                )
-                group.start_soon(
-                    proxy_listener.serve,
-                    lambda client: self._handle_proxy(client, proxy_address.host),
-                )
-                if pac_listener is not None and pac_address is not None:
+                    await group.start(watch)
                     group.start_soon(
-                        pac_listener.serve,
-                        lambda client: self._handle_pac(client, pac_address.host),
+                        proxy_listener.serve,
+                        lambda client: self._handle_proxy(client, proxy_address.host),
                     )
-                task_status.started(addresses)
+                    if pac_listener is not None and pac_address is not None:
+                        group.start_soon(
+                            pac_listener.serve,
+                            lambda client: self._handle_pac(client, pac_address.host),
+                        )
+                    task_status.started(addresses)
+            finally:
+                logger.info("Proxy stopped")
 
     def _load_trust(self) -> tls.TrustStore | None:
         if self.config.insecure_skip_verify:
