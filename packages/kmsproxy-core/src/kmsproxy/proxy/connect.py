@@ -2,11 +2,11 @@
 
 `HeadParser` consumes bytes as they arrive and returns a `RequestHead` once
 the head is complete; `parse_connect` turns it into a `ConnectRequest`. Both
-raise `RequestError` carrying the status code to answer with. Only the
-authority-form CONNECT of RFC 9110 section 9.3.6 is served; every other
-request is answered and the connection closed. The
-`*_response` functions build the bytes sent back. The caller owns the socket,
-the timeouts and the logging.
+raise `RequestError` carrying the response status code. Only the
+authority-form CONNECT of RFC 9110 section 9.3.6 is served. Every other
+request gets an error response, and the connection is closed. The
+`*_response` functions build the bytes sent back. The caller owns the
+socket, the timeouts and the logging.
 """
 
 from __future__ import annotations
