@@ -3,8 +3,8 @@
 The registry loads every entry point in the `kmsproxy` group through pluggy
 and collects each backend's URI schemes. An argument that is an existing
 path goes to the file backend. Anything else is parsed as a `KeyURI`, and
-its scheme selects the backend. It raises `UserError` for a scheme that no installed backend
-claims, and for two backends that claim one scheme.
+its scheme selects the backend. It raises `UserError` for a scheme that no
+installed backend claims, and for two backends that claim one scheme.
 """
 
 from __future__ import annotations
