@@ -367,15 +367,14 @@ class PythonPeer:
     client_subjects: list[object] = field(default_factory=list)
 
 
-async def _echo(stream: TLSStream, peer: PythonPeer) -> None:
-    """Echo every chunk until the client's close_notify, then close
-    (which sends close_notify back, because the listener is standard
-    compatible)."""
+async def _echo(stream: TLSStream, peer: PythonPeer, echo_limit: int) -> None:
+    """Echo up to `echo_limit` chunks or until the client's close_notify,
+    then close the stream."""
     async with stream:
         certificate = stream.extra(TLSAttribute.peer_certificate)  # noqa: S610
         peer.client_subjects.append(certificate["subject"] if certificate else None)
         with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
-            for _ in range(10_000):
+            for _ in range(echo_limit):
                 await stream.send(await stream.receive())
 
 
@@ -386,12 +385,16 @@ async def serve_python_tls(
     client_ca: Path | None,
     *,
     alpn_protocols: Sequence[str] = (),
+    echo_limit: int = 10_000,
+    close_notify: bool = True,
 ) -> AsyncIterator[PythonPeer]:
     """Run an echo server on a free loopback port for the `async with` body.
 
     With `client_ca`, the server requires a client certificate issued by it
-    (`ssl.CERT_REQUIRED`). Failed handshakes are logged by anyio's listener
-    and do not stop the server.
+    (`ssl.CERT_REQUIRED`). Each connection echoes at most `echo_limit`
+    chunks, then closes, sending close_notify first unless `close_notify` is
+    False (a truncation, as a crashed server would leave it). Failed
+    handshakes are logged by anyio's listener and do not stop the server.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -404,10 +407,10 @@ async def serve_python_tls(
     listener = await anyio.create_tcp_listener(local_host=LOOPBACK, local_port=0)
     port = listener.extra(anyio.abc.SocketAttribute.local_port)  # noqa: S610
     peer = PythonPeer(port)
-    tls_listener = TLSListener(listener, context, standard_compatible=True)
+    tls_listener = TLSListener(listener, context, standard_compatible=close_notify)
 
     async def handle(stream: TLSStream) -> None:
-        await _echo(stream, peer)
+        await _echo(stream, peer, echo_limit)
 
     async with tls_listener, anyio.create_task_group() as tasks:
         tasks.start_soon(tls_listener.serve, handle)

@@ -22,6 +22,7 @@ from kmsproxy.tls import (
     AlertReceived,
     CertificateVerifyFailed,
     ClientIdentity,
+    ConnectionLost,
     HandshakeTimeout,
     SignatureFailed,
     TLSClientConfig,
@@ -276,6 +277,73 @@ async def test_python_ssl_large_echo(pki: Files) -> None:
                     break
                 echoed += await stream.receive()
     assert echoed == payload
+
+
+async def test_python_ssl_concurrent_relay(pki: Files) -> None:
+    cert, key = pki.server()
+    chunk = bytes(range(256)) * 16
+    count = 64
+    received = bytearray()
+    async with serve_python_tls(cert, key, pki.ca_path) as peer:
+        stream = await open_tls(peer.port, config(pki, [pki.client()]))
+
+        async def send_all() -> None:
+            for _ in range(count):
+                await stream.send(chunk)
+
+        async def receive_all() -> None:
+            for _ in range(MAX_READS):
+                if len(received) >= count * len(chunk):
+                    return
+                received.extend(await stream.receive())
+
+        async with stream:
+            with anyio.fail_after(PEER_REPLY_TIMEOUT_SECONDS):
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(send_all)
+                    tasks.start_soon(receive_all)
+    assert bytes(received) == chunk * count
+
+
+async def test_python_ssl_server_closes(pki: Files) -> None:
+    cert, key = pki.server()
+    async with serve_python_tls(cert, key, pki.ca_path, echo_limit=1) as peer:
+        stream = await open_tls(peer.port, config(pki, [pki.client()]))
+        async with stream:
+            await stream.send(b"once")
+            echoed = await stream.receive()
+            with (
+                anyio.fail_after(PEER_REPLY_TIMEOUT_SECONDS),
+                pytest.raises(anyio.EndOfStream),
+            ):
+                await stream.receive()
+    assert echoed == b"once"
+
+
+async def test_truncation_raises(pki: Files) -> None:
+    cert, key = pki.server()
+    async with serve_python_tls(
+        cert, key, pki.ca_path, echo_limit=1, close_notify=False
+    ) as peer:
+        stream = await open_tls(peer.port, config(pki, [pki.client()]))
+        async with stream:
+            await stream.send(b"once")
+            echoed = await stream.receive()
+            with (
+                anyio.fail_after(PEER_REPLY_TIMEOUT_SECONDS),
+                pytest.raises(ConnectionLost, match="without close_notify"),
+            ):
+                await stream.receive()
+    assert echoed == b"once"
+
+
+async def test_stream_passes_socket_attributes(pki: Files) -> None:
+    cert, key = pki.server()
+    async with serve_python_tls(cert, key, pki.ca_path) as peer:
+        stream = await open_tls(peer.port, config(pki, [pki.client()]))
+        async with stream:
+            remote = stream.extra(anyio.abc.SocketAttribute.remote_address)  # noqa: S610
+    assert remote == (LOOPBACK, peer.port)
 
 
 # Server verification failures

@@ -83,6 +83,11 @@ def test_verify_dns_name() -> None:
     assert chain == [SERVER.cert, CA.cert]
 
 
+def test_verify_trailing_dot() -> None:
+    chain = TrustStore([CA.cert]).verify_server([SERVER.cert], "server.test.")
+    assert chain[0] == SERVER.cert
+
+
 def test_verify_ip_address() -> None:
     chain = TrustStore([CA.cert]).verify_server([SERVER.cert], "::1")
     assert chain[0] == SERVER.cert

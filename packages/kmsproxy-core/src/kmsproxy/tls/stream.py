@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -58,6 +60,11 @@ async def connect_tls(
             f"TLS handshake with {config.server_name!r} timed out after "
             f"{config.handshake_timeout} s"
         ) from None
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as error:
+        raise ConnectionLost(
+            f"connection to {config.server_name!r} failed during the TLS "
+            f"handshake: {error!r}"
+        ) from error
     return stream
 
 
@@ -73,6 +80,12 @@ class TLSClientStream(anyio.abc.ByteStream):
         self._receive_lock = anyio.Lock()
         self._received = bytearray()
         self._close_notify_received = False
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        """The transport's typed attributes (addresses, socket), passed
+        through so callers can log where a tunnel goes."""
+        return self.transport.extra_attributes
 
     @property
     def connection(self) -> ClientConnection:

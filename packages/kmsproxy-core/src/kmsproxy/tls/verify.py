@@ -167,7 +167,9 @@ def _subject_for(server_name: str) -> x509.DNSName | x509.IPAddress:
     try:
         return x509.IPAddress(ipaddress.ip_address(server_name))
     except ValueError:
-        return x509.DNSName(server_name)
+        # A fully qualified "example.com." names the same host as the SAN
+        # "example.com", which never carries the trailing dot.
+        return x509.DNSName(server_name.rstrip("."))
 
 
 def _san_names(leaf: x509.Certificate) -> list[str]:
