@@ -147,3 +147,23 @@ async def test_expiry_triggers_reload() -> None:
         await wait_for_subject(store, "CN=renewed")
         group.cancel_scope.cancel()
     assert source.loads == 2
+
+
+async def test_rotated_key_and_certificate(tmp_path: Path) -> None:
+    ca = make_ca()
+    first = issue(ca, "first", client=True)
+    key_path, cert_path = first.write(tmp_path, "client")
+    store = IdentityStore.open(Registry.load(), [key_path], [cert_path])
+    await store.load()
+    rotated = issue(ca, "rotated", client=True)
+    async with anyio.create_task_group() as group:
+        await group.start(store.watch)
+        # The key file changes first. A reload that runs before the
+        # certificate follows finds no pair and keeps the first identity.
+        new_key = tmp_path / "client.key.new"
+        new_key.write_bytes(rotated.key_pem())
+        os.replace(new_key, key_path)
+        rename_replace(cert_path, rotated.cert)
+        await wait_for_subject(store, "CN=rotated")
+        group.cancel_scope.cancel()
+    assert store.identities[0].signer.public_key() == rotated.key.public_key()
