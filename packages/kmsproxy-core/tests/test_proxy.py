@@ -280,6 +280,38 @@ async def test_rejected_client_certificate_is_502(
     assert proxy.minter.mint_count == 0
 
 
+async def test_insecure_mode_reaches_untrusted_upstream(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    stranger = issue(make_ca("stranger CA"), "localhost", dns_names=("localhost",))
+    key, cert = stranger.write(site.directory, "stranger")
+    proxy = Proxy(site.config(insecure_skip_verify=True))
+    with start_nginx(
+        site.directory, cert, key, site.path("client-ca.crt"), name="stranger"
+    ) as peer:
+        async with anyio.create_task_group() as group:
+            addresses = await group.start(proxy.serve)
+            result = await curl(
+                "--proxy",
+                addresses.proxy_url,
+                "--cacert",
+                str(site.path("ca.crt")),
+                f"https://localhost:{peer.port}/subject",
+            )
+            group.cancel_scope.cancel()
+    assert result.stdout == b"subject=CN=proxy client\n"
+    assert "NOT verified" in caplog.text
+
+
+async def test_slow_head_is_408(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("kmsproxy.proxy.server.HEAD_TIMEOUT_SECONDS", 0.3)
+    async with anyio.create_task_group() as group:
+        addresses = await group.start(Proxy(site.config()).serve)
+        response = await exchange(proxy_address(addresses), b"CONNECT a.test:4")
+        group.cancel_scope.cancel()
+    assert status_of(response) == 408
+
+
 async def test_garbage_is_400(running: tuple[Proxy, ProxyAddresses]) -> None:
     _, addresses = running
     response = await exchange(proxy_address(addresses), b"\x00\xffhello\r\n\r\n")
