@@ -229,13 +229,20 @@ def test_trust_store_accepts_chain() -> None:
 
 def test_hello_retry_request_to_p384() -> None:
     client, server = started()
+    first = server.client_hello
+    assert first is not None
     cookie = b"opaque state"
     client.receive_data(server.hello_retry_request(m.NamedGroup.secp384r1, cookie))
-    second = server.read_second_client_hello(client.data_to_send())
+    output = client.data_to_send()
+    second = server.read_second_client_hello(output)
     shares = m.pull_key_share_client(server.client_extension(E.key_share) or b"")
+    # Middlebox compatibility mode: change_cipher_spec before ClientHello2.
+    assert output[:6] == plaintext_record(ContentType.change_cipher_spec, b"\x01")
     assert [share.group for share in shares] == [m.NamedGroup.secp384r1]
     assert m.pull_cookie(server.client_extension(E.cookie) or b"") == cookie
-    assert second.random is not None
+    assert second.random == first.random
+    assert second.legacy_session_id == first.legacy_session_id
+    assert second.cipher_suites == first.cipher_suites
     client.receive_data(server.server_hello() + server.flight())
     assert client.handshake_complete
 
