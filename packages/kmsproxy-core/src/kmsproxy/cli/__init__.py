@@ -53,12 +53,20 @@ def build_parser(registry: Registry | None) -> argparse.ArgumentParser:
     return parser
 
 
+# Libraries whose DEBUG output is noise for a proxy user. watchfiles logs
+# every filtered file event, so a log file written next to a watched
+# certificate would feed itself.
+QUIET_LOGGERS = ("watchfiles", "asyncio")
+
+
 def configure_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format=LOG_FORMAT,
         stream=sys.stderr,
     )
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
