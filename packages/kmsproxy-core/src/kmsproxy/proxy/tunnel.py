@@ -247,7 +247,7 @@ async def _serve_client(
     except (ssl.SSLError, OSError, anyio.BrokenResourceError) as error:
         logger.debug("Client left before the tunnel opened error=%r", error)
         return
-    sent, received = await relay(downstream, upstream, settings.idle_timeout)
+    sent, received = await relay(downstream, upstream, settings.idle_timeout, target)
     logger.debug(
         "Tunnel closed target=%s sent_bytes=%d received_bytes=%d",
         target,
@@ -260,6 +260,7 @@ async def relay(
     client: anyio.abc.ByteStream,
     upstream: anyio.abc.ByteStream,
     idle_timeout: float,
+    target: str = "-",
 ) -> tuple[int, int]:
     """Copy bytes both ways; return (bytes to upstream, bytes to client).
 
@@ -292,7 +293,7 @@ async def relay(
             await sink.send_eof()
         except Exception as error:
             # Any failure (reset, TLS alert, closed stream) ends the tunnel.
-            logger.debug("Relay stopped error=%r", error)
+            logger.debug("Relay stopped target=%s error=%r", target, error)
             group.cancel_scope.cancel()
             return
         finished += 1
@@ -303,7 +304,11 @@ async def relay(
         while True:
             remaining = last_activity + idle_timeout - anyio.current_time()
             if remaining <= 0:
-                logger.info("Tunnel idle, closing idle_seconds=%g", idle_timeout)
+                logger.info(
+                    "Tunnel idle, closing target=%s idle_seconds=%g",
+                    target,
+                    idle_timeout,
+                )
                 group.cancel_scope.cancel()
                 return
             await anyio.sleep(remaining)
