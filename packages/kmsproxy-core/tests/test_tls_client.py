@@ -16,7 +16,12 @@ from kmsproxy.signer import (
 from kmsproxy.tls import alerts
 from kmsproxy.tls import messages as m
 from kmsproxy.tls.alerts import AlertDescription
-from kmsproxy.tls.client import MAX_CHANGE_CIPHER_SPEC_RECORDS, ClientConnection, State
+from kmsproxy.tls.client import (
+    KEY_UPDATE_AFTER_RECORDS,
+    MAX_CHANGE_CIPHER_SPEC_RECORDS,
+    ClientConnection,
+    State,
+)
 from kmsproxy.tls.config import ClientIdentity, TLSClientConfig
 from kmsproxy.tls.events import (
     ApplicationData,
@@ -683,6 +688,28 @@ def test_key_update_requested() -> None:
     assert server.read_client_records(client.data_to_send()) == [
         (ContentType.application_data, b"reply")
     ]
+
+
+def test_key_update_before_key_exhaustion() -> None:
+    client = new_client()
+    server = ScriptedServer(SERVER)
+    complete_handshake(client, server)
+    write_cipher = client._records.write_cipher
+    assert write_cipher is not None
+    server_reader = server.client_reader.read_cipher
+    assert server_reader is not None
+    write_cipher.sequence_number = KEY_UPDATE_AFTER_RECORDS
+    server_reader.sequence_number = KEY_UPDATE_AFTER_RECORDS
+    client.send_application_data(b"next")
+    output = client.data_to_send()
+
+    update = server.read_client_records(output[: 5 + 5 + 1 + 16])
+    client_secret = next_traffic_secret(server.suite, server.application_secrets[0])
+    server.client_reader.read_cipher = RecordCipher(server.suite, client_secret)
+    data = server.read_client_records(output[5 + 5 + 1 + 16 :])
+    not_requested = m.KeyUpdate(m.KeyUpdateRequest.update_not_requested)
+    assert update == [(ContentType.handshake, m.push_key_update(not_requested))]
+    assert data == [(ContentType.application_data, b"next")]
 
 
 def test_key_update_invalid_request() -> None:
