@@ -72,6 +72,8 @@ def test_load_system_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     write_bundle(capath / "0a1b2c3d.0", OTHER_CA)
     (capath / "README").write_text("not a certificate")
     (capath / "deadbeef.0").write_text("corrupt")
+    broken = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+    (capath / "deadbeef.1").write_text(broken)
     paths = ssl.DefaultVerifyPaths(str(cafile), str(capath), "", "", "", "")
     monkeypatch.setattr(ssl, "get_default_verify_paths", lambda: paths)
     store = TrustStore.load()

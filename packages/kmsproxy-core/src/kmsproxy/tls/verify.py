@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import re
 import ssl
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import PublicKeyAlgorithmOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
@@ -41,6 +43,9 @@ logger = logging.getLogger(__name__)
 _HASHED_NAME = re.compile(r"^[0-9a-f]{8}\.[0-9]+$")
 
 _PEM_CERTIFICATE_MARKER = b"-----BEGIN CERTIFICATE-----"
+_PEM_CERTIFICATE_BLOCK = re.compile(
+    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
+)
 
 # The context strings of RFC 8446 section 4.4.3, each preceded by 64 spaces
 # and followed by one zero byte.
@@ -68,15 +73,29 @@ def signed_content(context: bytes, transcript_hash: bytes) -> bytes:
     return b" " * 64 + context + b"\x00" + transcript_hash
 
 
-def _load_pem_file(path: Path) -> list[x509.Certificate]:
-    return x509.load_pem_x509_certificates(path.read_bytes())
+def _load_system_file(path: Path) -> list[x509.Certificate]:
+    """Parse each PEM certificate of a system store file on its own.
+
+    One certificate that `cryptography` rejects (Debian's bundle has one with
+    a non-positive serial, which cryptography 50 warns about and a later
+    release will refuse) is skipped and logged, not the whole file.
+    """
+    certificates = []
+    for block in _PEM_CERTIFICATE_BLOCK.findall(path.read_bytes()):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+                certificates.append(x509.load_pem_x509_certificate(block))
+        except ValueError as error:
+            logger.debug("Skipped system CA certificate path=%s error=%s", path, error)
+    return certificates
 
 
 def _system_certificates() -> list[x509.Certificate]:
     """Read the certificates of the default OpenSSL verify paths.
 
-    Unreadable or malformed files in the system store are skipped with a log
-    line, so one bad file in /etc/ssl/certs does not disable every CA.
+    Unreadable files in the system store are skipped with a log line, so one
+    bad file in /etc/ssl/certs does not disable every CA.
     """
     paths = ssl.get_default_verify_paths()
     files: list[Path] = []
@@ -91,8 +110,8 @@ def _system_certificates() -> list[x509.Certificate]:
     certificates = []
     for path in files:
         try:
-            certificates += _load_pem_file(path)
-        except (OSError, ValueError) as error:
+            certificates += _load_system_file(path)
+        except OSError as error:
             logger.debug("Skipped system trust file path=%s error=%s", path, error)
     return certificates
 
