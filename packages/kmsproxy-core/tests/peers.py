@@ -64,9 +64,9 @@ class PeerError(Exception):
 def free_port(host: str = LOOPBACK) -> int:
     """Return a TCP port on `host` that was free a moment ago.
 
-    Another process may take the port before the peer binds it. The peer
-    then fails to start with an error naming the port, so a test never talks
-    to the wrong server.
+    NOTE: another process may take the port before the peer binds it. The
+    peer then exits with a bind error, which the start functions report with
+    the peer's log, unless a probe reaches the other process first.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
