@@ -207,6 +207,28 @@ async def test_s_server_ip_address_name(pki: Files) -> None:
     assert stream.peer_chain[0].subject.rfc4514_string() == "CN=server"
 
 
+async def test_s_server_selects_cert_by_sni(pki: Files) -> None:
+    default_cert, default_key = pki.server()
+    other = issue(pki.ca, "sni server", dns_names=("sni.test",))
+    sni_key, sni_cert = other.write(pki.directory, "sni-server")
+    sni_args = [
+        "-servername",
+        "sni.test",
+        "-cert2",
+        str(sni_cert),
+        "-key2",
+        str(sni_key),
+    ]
+    with start_openssl_server(
+        pki.directory, default_cert, default_key, pki.ca_path, extra_args=sni_args
+    ) as peer:
+        stream, response = await s_server_get(
+            peer, config(pki, [pki.client()], "sni.test")
+        )
+    assert response.startswith(b"HTTP/1.0 200 ok")
+    assert stream.peer_chain[0] == other.cert
+
+
 # nginx
 
 
