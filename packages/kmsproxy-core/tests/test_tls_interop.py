@@ -157,7 +157,7 @@ async def test_s_server_cipher_suite(pki: Files, suite: str) -> None:
     assert suite.encode() in response
 
 
-@pytest.mark.parametrize("server_key", ["rsa2048", "p256"])
+@pytest.mark.parametrize("server_key", ["rsa2048", "p256", "p384", "ed25519"])
 @pytest.mark.parametrize("client_key", ["p256", "p384", "rsa2048", "ed25519"])
 async def test_s_server_client_key(
     pki: Files, server_key: KeyType, client_key: KeyType
