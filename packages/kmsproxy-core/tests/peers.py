@@ -268,7 +268,7 @@ http {{
     scgi_temp_path {directory}/scgi;
     log_format client '$ssl_client_s_dn|$request|$status';
     server {{
-        listen {host}:{port} ssl;
+        listen {host}:{port} ssl{listen_options};
         server_name {server_name};
         ssl_protocols TLSv1.3;
         ssl_certificate {cert};
@@ -300,8 +300,12 @@ def start_nginx(
     verify_client: str = "on",
     server_name: str = "localhost",
     name: str = "nginx",
+    http2: bool = False,
 ) -> Peer:
     """Start nginx (TLS 1.3 only) on a free loopback port.
+
+    `http2=True` adds HTTP/2 to the listener, so ALPN offers h2 before
+    http/1.1 (nginx 1.22, Debian 12, takes it as a `listen` option).
 
     `verify_client` is nginx's `ssl_verify_client` value (`on`, `optional`,
     `optional_no_ca`, `off`); `extra` is inserted into the `server` block.
@@ -325,6 +329,7 @@ def start_nginx(
             key=key,
             client_ca=client_ca,
             verify_client=verify_client,
+            listen_options=" http2" if http2 else "",
             body=body.replace("\n", "\\n"),
             extra=extra,
         )
