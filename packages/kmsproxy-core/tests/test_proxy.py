@@ -240,7 +240,7 @@ async def test_concurrent_connects_mint_once(
     assert proxy.minter.mint_count == 1
 
 
-async def test_untrusted_upstream_is_502(
+async def test_untrusted_upstream_is_502_page(
     site: Site, running: tuple[Proxy, ProxyAddresses]
 ) -> None:
     proxy, addresses = running
@@ -249,16 +249,24 @@ async def test_untrusted_upstream_is_502(
     with start_nginx(
         site.directory, cert, key, site.path("client-ca.crt"), name="stranger"
     ) as peer:
-        request = f"CONNECT localhost:{peer.port} HTTP/1.1\r\n\r\n".encode()
-        response = await exchange(proxy_address(addresses), request)
-    assert status_of(response) == 502
-    assert b"certificate verify failed" in response
+        result = await curl(
+            "--proxy",
+            addresses.proxy_url,
+            "--cacert",
+            str(site.path("ca.crt")),
+            "--write-out",
+            "status=%{http_code}",
+            f"https://localhost:{peer.port}/subject",
+        )
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"certificate verify failed" in result.stdout
+    assert result.stdout.endswith(b"status=502")
     assert proxy.minter is not None
     assert proxy.minter.mint_count == 0
     assert proxy.minter.cached_count == 0
 
 
-async def test_rejected_client_certificate_is_502(
+async def test_rejected_client_certificate_is_502_page(
     site: Site, running: tuple[Proxy, ProxyAddresses]
 ) -> None:
     proxy, addresses = running
@@ -271,11 +279,18 @@ async def test_rejected_client_certificate_is_502(
         other_ca,
         extra_args=["-verify_return_error"],
     ) as peer:
-        request = f"CONNECT localhost:{peer.port} HTTP/1.1\r\n\r\n".encode()
-        response = await exchange(proxy_address(addresses), request)
-    assert status_of(response) == 502
-    assert b"server rejected our certificate" in response
-    assert b"unknown_ca" in response
+        result = await curl(
+            "--proxy",
+            addresses.proxy_url,
+            "--cacert",
+            str(site.path("ca.crt")),
+            "--write-out",
+            "status=%{http_code}",
+            f"https://localhost:{peer.port}/",
+        )
+    assert b"server rejected our certificate" in result.stdout
+    assert b"unknown_ca" in result.stdout
+    assert result.stdout.endswith(b"status=502")
     assert proxy.minter is not None
     assert proxy.minter.mint_count == 0
 

@@ -251,10 +251,18 @@ def parse_authority(target: str) -> tuple[str, int]:
 def _validate_host(host: str, target: str) -> str:
     if is_ip_literal(host):
         return host
+    name = normalize_host_name(host)
+    if name is None:
+        raise RequestError(400, f"invalid host name {host!r} in target {target!r}")
+    return name
+
+
+def normalize_host_name(host: str) -> str | None:
+    """Lower-case a DNS name and drop its final dot; None if it is invalid."""
     name = host[:-1] if host.endswith(".") else host
     labels = name.split(".")
     if len(name) > _MAX_DNS_NAME or not all(_DNS_LABEL.fullmatch(x) for x in labels):
-        raise RequestError(400, f"invalid host name {host!r} in target {target!r}")
+        return None
     return name.lower()
 
 

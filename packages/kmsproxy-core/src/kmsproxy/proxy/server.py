@@ -32,6 +32,7 @@ from kmsproxy.proxy.connect import (
     parse_connect,
     text_response,
 )
+from kmsproxy.proxy.error_leaf import ErrorLeafMinter
 from kmsproxy.proxy.listener import (
     ListenAddress,
     bind,
@@ -41,19 +42,10 @@ from kmsproxy.proxy.listener import (
     sniff,
 )
 from kmsproxy.proxy.pac import pac_response
-from kmsproxy.proxy.tunnel import TunnelSettings, run_tunnel, send_final
+from kmsproxy.proxy.tunnel import TunnelSettings, run_tunnel, send_final_and_linger
 from kmsproxy.signer import Signer
 
 logger = logging.getLogger(__name__)
-
-# Seconds to keep reading (and discarding) after an error response before
-# closing, so the client reads the response instead of a TCP reset caused by
-# its unread bytes. nginx's lingering_timeout default is 5 s; a rejected
-# proxy client needs far less.
-LINGER_SECONDS = 2.0
-
-# Maximum bytes discarded while lingering.
-LINGER_MAX_BYTES = 64 * 1024
 
 _CONNECTION_ERRORS = (
     ssl.SSLError,
@@ -113,7 +105,11 @@ class Proxy:
         await store.load()
         trust = self._load_trust()
         self._settings = TunnelSettings(
-            minter, trust, config.connect_timeout, config.idle_timeout
+            minter,
+            trust,
+            config.connect_timeout,
+            config.idle_timeout,
+            error_minter=ErrorLeafMinter(ca),
         )
         proxy_address = parse_listen_address(config.listen)
         pac_address = (
@@ -197,12 +193,12 @@ class Proxy:
             logger.info(
                 "Request rejected status=%d reason=%s", error.status_code, error
             )
-            await _reject(stream, error_response(error))
+            await send_final_and_linger(stream, error_response(error))
             return
         except TimeoutError:
             logger.info("Request head timed out seconds=%g", HEAD_TIMEOUT_SECONDS)
             message = f"no complete request head within {HEAD_TIMEOUT_SECONDS:g} s"
-            await _reject(stream, text_response(408, message))
+            await send_final_and_linger(stream, text_response(408, message))
             return
         except _CONNECTION_ERRORS as error:
             logger.debug("Client connection failed error=%r", error)
@@ -233,20 +229,7 @@ class Proxy:
             except Exception:
                 logger.exception("PAC connection failed unexpectedly")
                 return
-            await _reject(stream, response)
-
-
-async def _reject(stream: anyio.abc.ByteStream, response: bytes) -> None:
-    """Send a final response, half-close, and drain briefly before closing."""
-    await send_final(stream, response)
-    with anyio.move_on_after(LINGER_SECONDS):
-        try:
-            await stream.send_eof()
-            discarded = 0
-            while discarded < LINGER_MAX_BYTES:
-                discarded += len(await stream.receive())
-        except (*_CONNECTION_ERRORS, NotImplementedError):
-            pass
+            await send_final_and_linger(stream, response)
 
 
 async def _open_ca(registry: Registry, config: ProxyConfig) -> LocalCA:

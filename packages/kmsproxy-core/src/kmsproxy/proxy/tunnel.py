@@ -1,12 +1,18 @@
 """One tunnel: upstream TLS with the client certificate, mint, relay.
 
-Step 1 connects to the CONNECT target over TCP. Step 2 runs the TLS 1.3
-handshake with the current client identities and verifies the upstream,
-then waits briefly for the server to reject our certificate. Any failure
-so far gets a 502 response with the reason, and nothing is minted.
-Step 3 mints (or reuses) a certificate for the upstream, step 4 sends 200
-and completes the client's TLS with it, and step 5 relays bytes both ways
-until both sides finish, one fails, or the tunnel sits idle.
+Step 1 connects to the CONNECT target over TCP; a failure gets a 502
+response to the CONNECT itself, so curl names it in its error message.
+Step 2 sends 200 and reads the client's ClientHello without consuming it,
+to learn its SNI and ALPN offers. Step 3 runs the upstream TLS handshake
+with that SNI (the CONNECT host when absent), that ALPN list and the
+current client identities, verifies the upstream, then waits briefly for
+the server to reject our certificate. Step 4 mints (or reuses) a
+certificate for the upstream and completes the client's handshake,
+selecting the protocol the upstream selected. Step 5 relays bytes both
+ways until both sides finish, one fails, or the tunnel sits idle.
+
+When step 3 fails, the client gets the reason in the protocol it can read
+(see `serve_upstream_failure`), and nothing is minted for the upstream.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 import anyio.abc
@@ -24,7 +30,14 @@ import anyio.abc
 from kmsproxy import tls
 from kmsproxy.ca import LeafMinter
 from kmsproxy.identity import Identity
+from kmsproxy.proxy.client_hello import (
+    CLIENT_HELLO_TIMEOUT_SECONDS,
+    ClientHello,
+    ClientHelloError,
+    read_client_hello,
+)
 from kmsproxy.proxy.connect import ConnectRequest, established_response, text_response
+from kmsproxy.proxy.error_leaf import ErrorLeafMinter
 from kmsproxy.proxy.tls_stream import ServerTLSStream
 
 logger = logging.getLogger(__name__)
@@ -33,10 +46,17 @@ logger = logging.getLogger(__name__)
 # (RFC 8446 section 5.1), so each read maps to about one record.
 RELAY_CHUNK_BYTES = 16384
 
-# The protocol offered upstream and downstream. Offering h2 upstream would
-# need the client's ALPN list, which arrives only after the 200 response.
-# NOTE: so HTTP/2-only clients (gRPC) cannot use the tunnel yet.
-ALPN_PROTOCOLS = ("http/1.1",)
+# The ALPN protocol ID of HTTP/1.1 (RFC 7301 section 6).
+HTTP_1_1 = "http/1.1"
+
+# Seconds to keep reading (and discarding) after an error response before
+# closing, so the client reads the response instead of a TCP reset caused by
+# its unread bytes. nginx's lingering_timeout default is 5 s; a rejected
+# proxy client needs far less.
+LINGER_SECONDS = 2.0
+
+# Maximum bytes discarded while lingering.
+LINGER_MAX_BYTES = 64 * 1024
 
 # Server alerts that mean the upstream rejected our client certificate
 # (RFC 8446 section 6.2).
@@ -57,14 +77,32 @@ _CERTIFICATE_ALERTS = frozenset(
 # In TLS 1.3 the client finishes its handshake before the server has checked
 # the client certificate, so a rejection (certificate_required, unknown_ca,
 # ...) arrives about one round trip later. The proxy waits twice the TCP
-# connect time for it, within these bounds, before it sends 200.
+# connect time for it, within these bounds, before it answers the client.
 # NOTE: this adds that wait to every new tunnel; the bounds are estimates.
 REJECTION_WAIT_MIN_SECONDS = 0.02
 REJECTION_WAIT_MAX_SECONDS = 0.5
 
+_CLIENT_ERRORS = (
+    ssl.SSLError,
+    anyio.EndOfStream,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    OSError,
+)
+
 
 class UpstreamError(Exception):
-    """Reaching or authenticating to the upstream failed; `str()` is why."""
+    """Reaching or authenticating to the upstream failed; `str()` is why.
+
+    `alert` is the TLS alert that ended the upstream handshake (received or
+    sent), or handshake_failure when none did; an h2-only client gets it.
+    """
+
+    def __init__(
+        self, reason: str, alert: int = tls.AlertDescription.handshake_failure
+    ) -> None:
+        super().__init__(reason)
+        self.alert = alert
 
 
 @dataclass
@@ -76,13 +114,24 @@ class Upstream:
 
 
 @dataclass
+class TunnelCounters:
+    """Tunnel counts since start: open now, opened in total, and failed."""
+
+    open: int = 0
+    total: int = 0
+    failed: int = 0
+
+
+@dataclass
 class TunnelSettings:
-    """Settings shared by every tunnel: the minter, trust and timeouts."""
+    """Settings shared by every tunnel: minters, trust, timeouts, counters."""
 
     minter: LeafMinter
     trust: tls.TrustStore | None
     connect_timeout: float
     idle_timeout: float
+    error_minter: ErrorLeafMinter | None = None
+    counters: TunnelCounters = field(default_factory=TunnelCounters)
 
 
 async def run_tunnel(
@@ -95,66 +144,138 @@ async def run_tunnel(
 
     `identities` is the snapshot this tunnel keeps even if the store reloads.
     """
-    target = request.authority
+    counters = settings.counters
+    counters.total += 1
+    counters.open += 1
     try:
-        upstream = await open_upstream(request, identities, settings)
-    except UpstreamError as error:
-        logger.warning("Upstream failed target=%s reason=%s", target, error)
-        await send_final(client, text_response(502, f"{target}: {error}"))
-        return
-    async with upstream.stream:
-        await _serve_client(client, request, upstream, settings)
+        if not await _run_tunnel(client, request, identities, settings):
+            counters.failed += 1
+    finally:
+        counters.open -= 1
 
 
-async def open_upstream(
+async def _run_tunnel(
+    client: anyio.abc.ByteStream,
     request: ConnectRequest,
     identities: Sequence[Identity],
     settings: TunnelSettings,
-) -> Upstream:
-    """Connect and authenticate to the target; raise `UpstreamError` on failure."""
-    # Step 1: TCP.
+) -> bool:
+    """Serve the tunnel; return False when it failed before the relay."""
+    target = request.authority
+    # Step 1: TCP, answered with 502 on the CONNECT itself when it fails.
     started = anyio.current_time()
     try:
-        with anyio.fail_after(settings.connect_timeout):
-            transport = await anyio.connect_tcp(request.host, request.port)
+        transport = await connect_upstream(request, settings.connect_timeout)
+    except UpstreamError as error:
+        logger.warning("Upstream failed target=%s reason=%s", target, error)
+        await send_final_and_linger(client, text_response(502, f"{target}: {error}"))
+        return False
+    connect_seconds = anyio.current_time() - started
+
+    async with transport:
+        # Step 2: 200, then the client's ClientHello, kept for the handshake.
+        try:
+            await client.send(established_response())
+            with anyio.fail_after(CLIENT_HELLO_TIMEOUT_SECONDS):
+                hello = await read_client_hello(client, request.trailing_data)
+        except ClientHelloError as error:
+            logger.warning(
+                "Client did not start TLS in the tunnel target=%s error=%s",
+                target,
+                error,
+            )
+            if error.is_tls:
+                await send_final(
+                    client, alert_record(tls.AlertDescription.decode_error)
+                )
+            return False
+        except TimeoutError:
+            logger.info("Client sent no ClientHello in time target=%s", target)
+            return False
+        except _CLIENT_ERRORS as error:
+            logger.debug("Client left before its ClientHello error=%r", error)
+            return False
+
+        # Step 3: upstream TLS with the client's SNI and ALPN offers.
+        server_name = hello.server_name or request.host
+        try:
+            upstream = await open_upstream(
+                transport,
+                server_name,
+                hello.alpn_protocols,
+                identities,
+                settings,
+                connect_seconds,
+            )
+        except UpstreamError as error:
+            logger.warning("Upstream failed target=%s reason=%s", target, error)
+            await serve_upstream_failure(client, request, hello, error, settings)
+            return False
+        async with upstream.stream:
+            return await _serve_client(client, request, hello, upstream, settings)
+
+
+async def connect_upstream(
+    request: ConnectRequest, connect_timeout: float
+) -> anyio.abc.SocketStream:
+    """Open TCP to the target; raise `UpstreamError` on failure."""
+    try:
+        with anyio.fail_after(connect_timeout):
+            return await anyio.connect_tcp(request.host, request.port)
     except TimeoutError:
         raise UpstreamError(
-            f"connection timed out after {settings.connect_timeout:g} s"
+            f"connection timed out after {connect_timeout:g} s"
         ) from None
     except OSError as error:
         raise UpstreamError(describe_connect_error(error)) from None
 
-    # Step 2: TLS 1.3 with our client certificate, then verification.
+
+async def open_upstream(
+    transport: anyio.abc.ByteStream,
+    server_name: str,
+    alpn_protocols: Sequence[str],
+    identities: Sequence[Identity],
+    settings: TunnelSettings,
+    connect_seconds: float = 0.0,
+) -> Upstream:
+    """Authenticate to the upstream over `transport`; raise `UpstreamError`.
+
+    The caller closes `transport` when this raises.
+    """
     config = tls.TLSClientConfig(
-        server_name=request.host,
+        server_name=server_name,
         identities=[tls.ClientIdentity(i.chain, i.signer) for i in identities],
         trust=settings.trust,
-        alpn_protocols=ALPN_PROTOCOLS,
+        alpn_protocols=alpn_protocols,
     )
-    connect_seconds = anyio.current_time() - started
     try:
         stream = await tls.connect_tls(transport, config)
     except tls.CertificateVerifyFailed as error:
-        reason = f"certificate verify failed: {error}"
+        raise UpstreamError(
+            f"certificate verify failed: {error}", error.description
+        ) from None
     except tls.AlertReceived as error:
-        reason = _describe_alert(error)
+        raise UpstreamError(_describe_alert(error), error.description) from None
     except tls.HandshakeTimeout:
-        reason = f"TLS handshake timed out after {config.handshake_timeout:g} s"
+        raise UpstreamError(
+            f"TLS handshake timed out after {config.handshake_timeout:g} s"
+        ) from None
+    except tls.Alert as error:
+        raise UpstreamError(
+            f"TLS handshake failed: {error}", error.description
+        ) from None
     except tls.TLSError as error:
-        reason = f"TLS handshake failed: {error}"
-    else:
-        wait = min(
-            max(2 * connect_seconds, REJECTION_WAIT_MIN_SECONDS),
-            REJECTION_WAIT_MAX_SECONDS,
-        )
-        try:
-            first_data = await _wait_for_rejection(stream, wait)
-        except UpstreamError:
-            await stream.aclose()
-            raise
-        return Upstream(stream, first_data)
-    await transport.aclose()
-    raise UpstreamError(reason)
+        raise UpstreamError(f"TLS handshake failed: {error}") from None
+    wait = min(
+        max(2 * connect_seconds, REJECTION_WAIT_MIN_SECONDS),
+        REJECTION_WAIT_MAX_SECONDS,
+    )
+    try:
+        first_data = await _wait_for_rejection(stream, wait)
+    except UpstreamError:
+        await stream.aclose()
+        raise
+    return Upstream(stream, first_data)
 
 
 def _describe_alert(error: tls.AlertReceived) -> str:
@@ -173,7 +294,7 @@ async def _wait_for_rejection(stream: tls.TLSClientStream, wait: float) -> bytes
         with anyio.move_on_after(wait):
             return await stream.receive(RELAY_CHUNK_BYTES)
     except tls.AlertReceived as error:
-        raise UpstreamError(_describe_alert(error)) from None
+        raise UpstreamError(_describe_alert(error), error.description) from None
     except (tls.TLSError, anyio.EndOfStream) as error:
         raise UpstreamError(
             f"server closed the connection after the handshake ({error or 'EOF'})"
@@ -205,48 +326,36 @@ def describe_connect_error(error: OSError) -> str:
 async def _serve_client(
     client: anyio.abc.ByteStream,
     request: ConnectRequest,
+    hello: ClientHello,
     upstream_connection: Upstream,
     settings: TunnelSettings,
-) -> None:
+) -> bool:
     target = request.authority
     upstream = upstream_connection.stream
-    # Step 3: a certificate for the upstream, minted once per fingerprint.
+    # Step 4: a certificate for the upstream, minted once per fingerprint,
+    # offering only the protocol the upstream selected (or none).
     alpn = (upstream.alpn_protocol,) if upstream.alpn_protocol else ()
     context = await settings.minter.context_for_upstream(
-        upstream.peer_chain[0], request.host, alpn
+        upstream.peer_chain[0], hello.server_name or request.host, alpn
     )
-
-    # Step 4: 200, then the client's own TLS handshake with that certificate.
-    await client.send(established_response())
-    try:
-        downstream = await ServerTLSStream.wrap(
-            client, context, initial_data=request.trailing_data
-        )
-    except (ssl.SSLError, anyio.EndOfStream, anyio.BrokenResourceError) as error:
-        logger.info(
-            "Client TLS handshake failed target=%s error=%s "
-            "(does the client trust the kmsproxy CA?)",
-            target,
-            error,
-        )
-        return
-    except TimeoutError:
-        logger.info("Client TLS handshake timed out target=%s", target)
-        return
+    downstream = await _accept_client_tls(client, context, hello, target)
+    if downstream is None:
+        return False
 
     # Step 5: relay.
     logger.debug(
-        "Tunnel open target=%s upstream=%s %s",
+        "Tunnel open target=%s upstream=%s %s alpn=%s",
         target,
         upstream.version,
         upstream.cipher_suite,
+        upstream.alpn_protocol or "-",
     )
     try:
         if upstream_connection.first_data:
             await downstream.send(upstream_connection.first_data)
     except (ssl.SSLError, OSError, anyio.BrokenResourceError) as error:
         logger.debug("Client left before the tunnel opened error=%r", error)
-        return
+        return True
     sent, received = await relay(downstream, upstream, settings.idle_timeout, target)
     logger.debug(
         "Tunnel closed target=%s sent_bytes=%d received_bytes=%d",
@@ -254,6 +363,72 @@ async def _serve_client(
         sent,
         received,
     )
+    return True
+
+
+async def _accept_client_tls(
+    client: anyio.abc.ByteStream,
+    context: ssl.SSLContext,
+    hello: ClientHello,
+    target: str,
+) -> ServerTLSStream | None:
+    """Complete the client's handshake from its buffered ClientHello."""
+    try:
+        return await ServerTLSStream.wrap(client, context, initial_data=hello.raw)
+    except (ssl.SSLError, anyio.EndOfStream, anyio.BrokenResourceError) as error:
+        logger.info(
+            "Client TLS handshake failed target=%s error=%s "
+            "(does the client trust the kmsproxy CA?)",
+            target,
+            error,
+        )
+    except TimeoutError:
+        logger.info("Client TLS handshake timed out target=%s", target)
+    return None
+
+
+async def serve_upstream_failure(
+    client: anyio.abc.ByteStream,
+    request: ConnectRequest,
+    hello: ClientHello,
+    error: UpstreamError,
+    settings: TunnelSettings,
+) -> None:
+    """Tell a client whose tunnel already got 200 why its upstream failed.
+
+    A client that offered HTTP/1.1 (or no ALPN at all) completes its
+    handshake with an error-page leaf for the CONNECT host and reads a 502
+    response stating the reason, selecting http/1.1 even when it offered h2
+    first. Any other client (h2-only, such as gRPC) gets the TLS alert that
+    ended the upstream handshake in place of a ServerHello, because its
+    HTTP/2 stack would report a GOAWAY less clearly than its TLS library
+    reports an alert.
+    """
+    offers = hello.alpn_protocols
+    if (offers and HTTP_1_1 not in offers) or settings.error_minter is None:
+        await send_final(client, alert_record(error.alert))
+        return
+    context = await settings.error_minter.context_for(
+        request.host, (HTTP_1_1,) if offers else ()
+    )
+    downstream = await _accept_client_tls(client, context, hello, request.authority)
+    if downstream is None:
+        return
+    response = text_response(502, f"{request.authority}: {error}")
+    try:
+        await send_final_and_linger(downstream, response)
+    finally:
+        with contextlib.suppress(*_CLIENT_ERRORS):
+            await downstream.aclose()
+
+
+def alert_record(description: int) -> bytes:
+    """Build a plaintext fatal alert record, valid before any ServerHello.
+
+    RFC 8446 section 6: AlertLevel fatal (2) and the description, in a
+    record of type alert (21) with legacy_record_version 0x0303.
+    """
+    return bytes((21, 3, 3, 0, 2, 2, description))
 
 
 async def relay(
@@ -326,3 +501,16 @@ async def send_final(stream: anyio.abc.ByteStream, data: bytes) -> None:
         anyio.BrokenResourceError, anyio.ClosedResourceError, OSError
     ):
         await stream.send(data)
+
+
+async def send_final_and_linger(stream: anyio.abc.ByteStream, response: bytes) -> None:
+    """Send a final response, half-close, and drain briefly before closing."""
+    await send_final(stream, response)
+    with anyio.move_on_after(LINGER_SECONDS):
+        try:
+            await stream.send_eof()
+            discarded = 0
+            while discarded < LINGER_MAX_BYTES:
+                discarded += len(await stream.receive())
+        except (*_CLIENT_ERRORS, NotImplementedError):
+            pass
