@@ -30,6 +30,7 @@ from .alerts import (
     UnsupportedExtension,
 )
 from .config import HANDSHAKE_TIMEOUT_SECONDS, ClientIdentity, TLSClientConfig
+from .session_cache import SessionCache, SessionTicket
 from .stream import TLSClientStream, connect_tls
 from .verify import TrustStore
 
@@ -53,6 +54,8 @@ __all__ = [
     "MissingExtension",
     "ProtocolVersion",
     "RecordOverflow",
+    "SessionCache",
+    "SessionTicket",
     "SignatureFailed",
     "TLSClientConfig",
     "TLSClientStream",

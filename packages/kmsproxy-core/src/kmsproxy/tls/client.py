@@ -19,10 +19,12 @@ import os
 import struct
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from ..signer import SignatureScheme
 from . import messages as m
 from .alerts import (
     Alert,
@@ -75,6 +77,14 @@ from .key_schedule import (
     next_traffic_secret,
 )
 from .records import ContentType, RecordCipher, RecordLayer
+from .resumption import (
+    check_selected_identity,
+    offer_ticket,
+    same_hash,
+    ticket_from_message,
+    without_ticket,
+)
+from .session_cache import SessionTicket
 from .verify import (
     leaf_public_key,
     parse_certificate_chain,
@@ -126,8 +136,22 @@ _EXPECTED_MESSAGES: dict[State, tuple[int, ...]] = {
     State.WAIT_CERTIFICATE: (H.certificate,),
     State.WAIT_CERTIFICATE_VERIFY: (H.certificate_verify,),
     State.WAIT_FINISHED: (H.finished,),
-    State.CONNECTED: (H.new_session_ticket, H.key_update),
+    State.CONNECTED: (H.new_session_ticket, H.key_update, H.certificate_request),
 }
+
+
+@dataclass
+class _PostHandshakeRequest:
+    """A post-handshake CertificateRequest waiting for our signature.
+
+    `transcript` is the handshake transcript plus this CertificateRequest
+    and our Certificate (RFC 8446 section 4.4.1, post-handshake case).
+    """
+
+    transcript: Transcript
+    certificate: bytes
+    identity: ClientIdentity
+    scheme: SignatureScheme
 
 
 class ClientConnection:
@@ -175,6 +199,12 @@ class ClientConnection:
         self.send_closed = False
         self.receive_closed = False
         self.key_updates_received = 0
+        self.resumed = False
+        self._ticket: SessionTicket | None = None
+        self._resumption_master_secret = b""
+        self._handshake_transcript: Transcript | None = None
+        self._post_handshake_requests: deque[_PostHandshakeRequest] = deque()
+        self.post_handshake_authentications = 0
 
     # Public API
 
@@ -209,8 +239,9 @@ class ClientConnection:
         self._guarded(self._records.feed, data)
 
     def provide_signature(self, signature: bytes) -> None:
-        """Complete the client flight with the signature a
-        `SignatureRequested` event asked for."""
+        """Complete the client flight, or the answer to a post-handshake
+        CertificateRequest, with the signature a `SignatureRequested` event
+        asked for. Signatures are consumed in the order they were requested."""
         self._guarded(self._finish_client_flight_with, signature)
 
     def next_event(self) -> Event | None:
@@ -388,7 +419,10 @@ class ClientConnection:
         elif message_type == m.HandshakeType.encrypted_extensions:
             self._receive_encrypted_extensions(body, message)
         elif message_type == m.HandshakeType.certificate_request:
-            self._receive_certificate_request(body, message)
+            if state == State.CONNECTED:
+                self._receive_post_handshake_request(body, message)
+            else:
+                self._receive_certificate_request(body, message)
         elif message_type == m.HandshakeType.certificate:
             self._receive_certificate(body, message)
         elif message_type == m.HandshakeType.certificate_verify:
@@ -396,16 +430,21 @@ class ClientConnection:
         elif message_type == m.HandshakeType.finished:
             self._receive_finished(body, message)
         elif message_type == m.HandshakeType.new_session_ticket:
-            # NOTE: resumption is not implemented, so tickets are validated
-            # and dropped.
-            m.pull_new_session_ticket(body)
+            self._receive_new_session_ticket(m.pull_new_session_ticket(body))
         else:
             self._receive_key_update(m.pull_key_update(body))
 
     def _build_client_hello(self) -> m.ClientHello:
         for group in INITIAL_KEY_SHARE_GROUPS:
             self._key_shares[group] = self._generate_key_share(group)
-        return build_client_hello(self.config, self._key_shares, self._random_bytes)
+        hello = build_client_hello(self.config, self._key_shares, self._random_bytes)
+        cache, key = self.config.session_cache, self.config.session_key
+        if cache is None or key is None:
+            return hello
+        self._ticket = cache.take(key)
+        if self._ticket is None:
+            return hello
+        return offer_ticket(hello, self._ticket, self._transcript, cache.clock())
 
     def _offered_extensions(self) -> set[int]:
         assert self._client_hello is not None
@@ -437,14 +476,26 @@ class ClientConnection:
                 "no share for"
             )
 
-        # Step 2: the handshake secrets (RFC 8446 section 7.1).
+        # Step 2: a selected PSK resumes the ticket's session, which keeps
+        # the certificates of the handshake that created it.
         self._suite_code = CipherSuite(hello.cipher_suite)
+        psk = None
+        psk_data = m.find_extension(extensions, m.ExtensionType.pre_shared_key)
+        if psk_data is not None:
+            check_selected_identity(psk_data, self._ticket, self._suite_code)
+            assert self._ticket is not None
+            psk = self._ticket.psk
+            self.resumed = True
+            self.peer_chain = list(self._ticket.peer_chain)
+            self.client_identity = self._ticket.client_identity
+
+        # Step 3: the handshake secrets (RFC 8446 section 7.1).
         suite = SUITES[self._suite_code]
         self._suite = suite
         if retry is None:
             self._transcript.select_suite(suite)
         self._transcript.add(message)
-        schedule = KeySchedule(suite)
+        schedule = KeySchedule(suite, psk)
         schedule.set_shared_secret(
             shared_secret(m.NamedGroup(share.group), private_key, share.key_exchange)
         )
@@ -455,7 +506,7 @@ class ClientConnection:
         )
         self._client_secret, self._server_secret = client_secret, server_secret
 
-        # Step 3: switch both directions to the handshake traffic keys.
+        # Step 4: switch both directions to the handshake traffic keys.
         self._require_no_buffered_handshake("ServerHello")
         self._records.read_cipher = RecordCipher(suite, server_secret)
         self._records.write_cipher = RecordCipher(suite, client_secret)
@@ -494,6 +545,18 @@ class ClientConnection:
         self._require_no_buffered_handshake("HelloRetryRequest")
 
         hello2 = build_retry_client_hello(self._client_hello, self._key_shares, cookie)
+        ticket = self._ticket
+        if ticket is not None and same_hash(ticket.cipher_suite, self._suite_code):
+            clock = (
+                self.config.session_cache.clock if self.config.session_cache else None
+            )
+            assert clock is not None
+            hello2 = offer_ticket(hello2, ticket, self._transcript, clock())
+        elif ticket is not None:
+            # The PSK is bound to a hash the server's suite does not use
+            # (RFC 8446 section 4.1.2 allows dropping it from ClientHello2).
+            self._ticket = None
+            hello2 = without_ticket(hello2)
         self._client_hello = hello2
         self._send_change_cipher_spec()
         self._send_handshake(m.push_client_hello(hello2))
@@ -506,7 +569,12 @@ class ClientConnection:
             [p.encode() for p in self.config.alpn_protocols],
         )
         self._transcript.add(message)
-        self.state = State.WAIT_CERTIFICATE_OR_REQUEST
+        # A resumed handshake has no Certificate, CertificateVerify or
+        # CertificateRequest: the PSK authenticates (RFC 8446 section 2.2).
+        if self.resumed:
+            self.state = State.WAIT_FINISHED
+        else:
+            self.state = State.WAIT_CERTIFICATE_OR_REQUEST
 
     def _receive_certificate_request(self, body: bytes, message: bytes) -> None:
         request = m.pull_certificate_request(body)
@@ -604,6 +672,9 @@ class ClientConnection:
         self.state = State.WAIT_SIGNATURE
 
     def _finish_client_flight_with(self, signature: bytes) -> None:
+        if self.state == State.CONNECTED and self._post_handshake_requests:
+            self._finish_post_handshake_authentication(signature)
+            return
         pending = self._pending_signature
         if self.state != State.WAIT_SIGNATURE or pending is None:
             raise TLSError("no signature was requested")
@@ -619,12 +690,95 @@ class ClientConnection:
             suite, self._client_secret, self._transcript.digest()
         )
         self._send_handshake(m.push_finished(m.Finished(verify_data)))
+        assert self._schedule is not None
+        self._resumption_master_secret = self._schedule.resumption_master_secret(
+            self._transcript.digest()
+        )
+        self._handshake_transcript = self._transcript.copy()
         self._client_secret = self._application_client_secret
         self._records.write_cipher = RecordCipher(suite, self._client_secret)
         self.state = State.CONNECTED
         self._events.append(HandshakeComplete())
 
     # Post-handshake
+
+    def _receive_new_session_ticket(self, message: m.NewSessionTicket) -> None:
+        # RFC 8446 section 4.6.1. max_early_data is ignored: no 0-RTT.
+        cache, key = self.config.session_cache, self.config.session_key
+        if cache is None or key is None:
+            return
+        ticket = ticket_from_message(
+            message,
+            self._suite_code,
+            self._resumption_master_secret,
+            cache.clock(),
+            self.peer_chain,
+            self.client_identity,
+        )
+        if ticket is not None:
+            cache.put(key, ticket)
+
+    def _receive_post_handshake_request(self, body: bytes, message: bytes) -> None:
+        # RFC 8446 section 4.6.2: only after we offered post_handshake_auth.
+        if m.ExtensionType.post_handshake_auth not in self._offered_extensions():
+            raise UnexpectedMessage(
+                "post-handshake CertificateRequest without post_handshake_auth"
+            )
+        request = m.pull_certificate_request(body)
+        parsed = parse_certificate_request(request, post_handshake=True)
+        assert self._handshake_transcript is not None
+        transcript = self._handshake_transcript.copy()
+        transcript.add(message)
+        selection = select_identity(
+            self.config.identities, parsed.signature_algorithms, parsed.authorities
+        )
+        entries = []
+        if selection is not None:
+            entries = [
+                m.CertificateEntry(cert.public_bytes(Encoding.DER))
+                for cert in selection[0].chain
+            ]
+        certificate = m.push_certificate(
+            m.Certificate(request.certificate_request_context, entries)
+        )
+        transcript.add(certificate)
+        if selection is None:
+            # An empty Certificate and Finished, no CertificateVerify.
+            self._send_post_handshake_flight(transcript, certificate)
+            return
+        identity, scheme = selection
+        self._post_handshake_requests.append(
+            _PostHandshakeRequest(transcript, certificate, identity, scheme)
+        )
+        content = client_certificate_verify_content(transcript.digest())
+        self._events.append(SignatureRequested(identity, scheme, content))
+
+    def _finish_post_handshake_authentication(self, signature: bytes) -> None:
+        request = self._post_handshake_requests.popleft()
+        verify = m.push_certificate_verify(
+            m.CertificateVerify(request.scheme, signature)
+        )
+        request.transcript.add(verify)
+        self.client_identity = request.identity
+        self._send_post_handshake_flight(
+            request.transcript, request.certificate + verify
+        )
+
+    def _send_post_handshake_flight(
+        self, transcript: Transcript, messages: bytes
+    ) -> None:
+        """Queue Certificate (and CertificateVerify) then Finished, whose key
+        derives from the current client application traffic secret."""
+        suite = self._suite
+        assert suite is not None
+        verify_data = finished_verify_data(
+            suite, self._client_secret, transcript.digest()
+        )
+        finished = m.push_finished(m.Finished(verify_data))
+        self.post_handshake_authentications += 1
+        if self.send_closed:
+            return
+        self._output += self._records.encode(ContentType.handshake, messages + finished)
 
     def _receive_key_update(self, update: m.KeyUpdate) -> None:
         # RFC 8446 section 4.6.3.

@@ -4,13 +4,17 @@ the client identities, the trust store and ALPN."""
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 
 from ..signer import Signer
 from .verify import TrustStore
+
+if TYPE_CHECKING:
+    from .session_cache import SessionCache
 
 # Time allowed for the whole handshake, from ClientHello to our Finished. It
 # covers network round trips plus one client signature, and a hardware
@@ -44,6 +48,12 @@ class TLSClientConfig:
     IPAddress SANs and never sent as SNI (RFC 6066 section 3). `trust=None` skips chain
     and name verification but still checks the server's CertificateVerify
     and Finished.
+
+    With both `session_cache` and `session_key`, the client offers a stored
+    ticket for `session_key` and stores the tickets the server sends. The key
+    must tell apart everything a resumed session inherits without checking
+    it again: the upstream (host, port, SNI), the trust settings and the
+    client identities.
     """
 
     server_name: str
@@ -51,6 +61,8 @@ class TLSClientConfig:
     trust: TrustStore | None = None
     alpn_protocols: Sequence[str] = ()
     handshake_timeout: float = HANDSHAKE_TIMEOUT_SECONDS
+    session_cache: SessionCache | None = None
+    session_key: Hashable | None = None
 
     def __post_init__(self) -> None:
         name = self.server_name

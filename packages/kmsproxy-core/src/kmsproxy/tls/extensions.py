@@ -147,10 +147,11 @@ class ParsedCertificateRequest:
 
 
 def parse_certificate_request(
-    request: m.CertificateRequest,
+    request: m.CertificateRequest, *, post_handshake: bool = False
 ) -> ParsedCertificateRequest:
-    """Validate a handshake CertificateRequest (RFC 8446 section 4.3.2)."""
-    if request.certificate_request_context:
+    """Validate a CertificateRequest (RFC 8446 section 4.3.2). Only a
+    post-handshake request may carry a certificate_request_context."""
+    if request.certificate_request_context and not post_handshake:
         raise IllegalParameter(
             "CertificateRequest in the handshake has a certificate_request_context"
         )

@@ -90,6 +90,20 @@ def build_client_hello(
         extensions.append(
             (m.ExtensionType.application_layer_protocol_negotiation, m.push_alpn(names))
         )
+    if config.identities:
+        # RFC 8446 section 4.2.6: we answer a CertificateRequest after the
+        # handshake, which servers such as Apache's per-location
+        # SSLVerifyClient send.
+        extensions.append((m.ExtensionType.post_handshake_auth, b""))
+    if config.session_cache is not None and config.session_key is not None:
+        # Resumption without 0-RTT, and always with a fresh (EC)DHE share
+        # so a stolen ticket does not expose the session (forward secrecy).
+        extensions.append(
+            (
+                m.ExtensionType.psk_key_exchange_modes,
+                m.push_psk_key_exchange_modes([m.PskKeyExchangeMode.psk_dhe_ke]),
+            )
+        )
     return m.ClientHello(
         random=random_bytes(m.RANDOM_LENGTH),
         # Middlebox compatibility mode (RFC 8446 appendix D.4).

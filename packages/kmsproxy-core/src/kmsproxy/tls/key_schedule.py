@@ -172,14 +172,48 @@ class Transcript:
             raise RuntimeError("transcript hash needs the cipher suite first")
         return self._hash.copy().finalize()
 
+    def digest_with(self, suite: SuiteParameters, data: bytes) -> bytes:
+        """Hash the transcript so far plus `data`, leaving the transcript as it
+        is. Before a suite is selected, `suite` picks the hash; a PSK binder
+        needs this because it is computed before the server chooses."""
+        if self._hash is None:
+            digest = hashes.Hash(suite.hash_factory())
+            for message in self._pending:
+                digest.update(message)
+        else:
+            digest = self._hash.copy()
+        digest.update(data)
+        return digest.finalize()
+
+    def copy(self) -> Transcript:
+        """Return an independent transcript with the same messages so far."""
+        clone = Transcript()
+        clone._pending = list(self._pending)
+        clone._hash = None if self._hash is None else self._hash.copy()
+        return clone
+
+
+def resumption_psk(
+    suite: SuiteParameters, resumption_master_secret: bytes, ticket_nonce: bytes
+) -> bytes:
+    """The PSK of one NewSessionTicket (RFC 8446 section 4.6.1)."""
+    return hkdf_expand_label(
+        suite,
+        resumption_master_secret,
+        b"resumption",
+        ticket_nonce,
+        suite.hash_length,
+    )
+
 
 class KeySchedule:
-    """The secrets of RFC 8446 section 7.1 for a (EC)DHE handshake, no PSK."""
+    """The secrets of RFC 8446 section 7.1 for an (EC)DHE handshake, with a
+    resumption PSK (psk_dhe_ke) or without one (the PSK is then zeros)."""
 
-    def __init__(self, suite: SuiteParameters) -> None:
+    def __init__(self, suite: SuiteParameters, psk: bytes | None = None) -> None:
         self.suite = suite
         zeros = bytes(suite.hash_length)
-        self.early_secret = hkdf_extract(suite, zeros, zeros)
+        self.early_secret = hkdf_extract(suite, zeros, zeros if psk is None else psk)
         self.handshake_secret = b""
         self.master_secret = b""
 
@@ -196,6 +230,22 @@ class KeySchedule:
             self.suite,
             self._derived(self.handshake_secret),
             bytes(self.suite.hash_length),
+        )
+
+    def binder_key(self) -> bytes:
+        """The resumption binder_key ("res binder", RFC 8446 section 7.1)."""
+        empty_hash = transcript_digest(self.suite, b"")
+        return derive_secret(self.suite, self.early_secret, b"res binder", empty_hash)
+
+    def binder(self, truncated_hello_hash: bytes) -> bytes:
+        """A PSK binder: a Finished MAC under binder_key over the transcript
+        through the truncated ClientHello (RFC 8446 section 4.2.11.2)."""
+        return finished_verify_data(self.suite, self.binder_key(), truncated_hello_hash)
+
+    def resumption_master_secret(self, transcript_hash: bytes) -> bytes:
+        """resumption_master_secret over ClientHello..client Finished."""
+        return derive_secret(
+            self.suite, self.master_secret, b"res master", transcript_hash
         )
 
     def handshake_traffic_secrets(self, transcript_hash: bytes) -> tuple[bytes, bytes]:

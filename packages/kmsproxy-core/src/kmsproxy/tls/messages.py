@@ -67,6 +67,15 @@ class NamedGroup(enum.IntEnum):
     secp256r1 = 0x0017
     secp384r1 = 0x0018
     x25519 = 0x001D
+    # ML-KEM-768 combined with X25519 (draft-ietf-tls-ecdhe-mlkem).
+    X25519MLKEM768 = 0x11EC
+
+
+class PskKeyExchangeMode(enum.IntEnum):
+    """PskKeyExchangeMode (RFC 8446 section 4.2.9)."""
+
+    psk_ke = 0
+    psk_dhe_ke = 1
 
 
 class KeyUpdateRequest(enum.IntEnum):
@@ -278,6 +287,69 @@ def pull_certificate_authorities(data: bytes) -> list[bytes]:
 def push_certificate_authorities(names: list[bytes]) -> bytes:
     body = b"".join(encode_vector(name, 2, 1, 2**16 - 1) for name in names)
     return encode_vector(body, 2, 3, 2**16 - 1)
+
+
+def push_psk_key_exchange_modes(modes: list[PskKeyExchangeMode]) -> bytes:
+    return encode_vector(bytes(modes), 1, 1, 255)
+
+
+def pull_psk_key_exchange_modes(data: bytes) -> list[int]:
+    reader = _whole(data, "psk_key_exchange_modes")
+    modes = reader.read_vector(1, 1, 255)
+    reader.expect_end()
+    return list(modes)
+
+
+@dataclass(frozen=True)
+class PskIdentity:
+    identity: bytes
+    obfuscated_ticket_age: int
+
+
+@dataclass(frozen=True)
+class OfferedPsks:
+    """The client's pre_shared_key extension (RFC 8446 section 4.2.11)."""
+
+    identities: list[PskIdentity]
+    binders: list[bytes]
+
+
+def push_psk_binders(binders: list[bytes]) -> bytes:
+    """Encode `PskBinderEntry binders<33..2^16-1>`, the tail of the
+    ClientHello that the binders themselves do not cover."""
+    body = b"".join(encode_vector(binder, 1, 32, 255) for binder in binders)
+    return encode_vector(body, 2, 33, 2**16 - 1)
+
+
+def push_offered_psks(offered: OfferedPsks) -> bytes:
+    identities = b"".join(
+        encode_vector(entry.identity, 2, 1, 2**16 - 1)
+        + encode_uint(entry.obfuscated_ticket_age, 4)
+        for entry in offered.identities
+    )
+    return encode_vector(identities, 2, 7, 2**16 - 1) + push_psk_binders(
+        offered.binders
+    )
+
+
+def pull_offered_psks(data: bytes) -> OfferedPsks:
+    reader = _whole(data, "pre_shared_key")
+    identities_reader = reader.read_sub(2, 7, 2**16 - 1, "identities")
+    binders_reader = reader.read_sub(2, 33, 2**16 - 1, "binders")
+    reader.expect_end()
+    identities = []
+    while not identities_reader.at_end():
+        identity = identities_reader.read_vector(2, 1, 2**16 - 1)
+        identities.append(PskIdentity(identity, identities_reader.read_uint(4)))
+    binders = []
+    while not binders_reader.at_end():
+        binders.append(binders_reader.read_vector(1, 32, 255))
+    if len(binders) != len(identities):
+        raise IllegalParameter(
+            f"pre_shared_key has {len(identities)} identities but "
+            f"{len(binders)} binders"
+        )
+    return OfferedPsks(identities, binders)
 
 
 # Handshake framing

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,6 +20,7 @@ import anyio
 import anyio.abc
 from cryptography import x509
 
+from ..metrics import metrics
 from ..signer import SignerError
 from .alerts import Alert, ConnectionLost, HandshakeTimeout, SignatureFailed, TLSError
 from .client import ClientConnection
@@ -106,7 +108,14 @@ class TLSClientStream(anyio.abc.ByteStream):
 
     @property
     def peer_chain(self) -> list[x509.Certificate]:
+        """The server's chain, leaf first; on a resumed connection, the chain
+        of the full handshake that created the session."""
         return self._connection.peer_chain
+
+    @property
+    def resumed(self) -> bool:
+        """True when the server accepted a session ticket (no signature)."""
+        return self._connection.resumed
 
     @property
     def client_identity(self) -> ClientIdentity | None:
@@ -162,11 +171,13 @@ class TLSClientStream(anyio.abc.ByteStream):
                     raise
                 await self._flush()
             elif isinstance(event, HandshakeComplete):
+                metrics.count_handshake(resumed=connection.resumed)
                 logger.debug(
                     "TLS handshake complete server_name=%s cipher_suite=%s "
-                    "alpn=%s client_identity=%s",
+                    "resumed=%s alpn=%s client_identity=%s",
                     connection.config.server_name,
                     connection.cipher_suite,
+                    connection.resumed,
                     connection.alpn_protocol,
                     connection.client_identity.signer.uri
                     if connection.client_identity
@@ -178,8 +189,17 @@ class TLSClientStream(anyio.abc.ByteStream):
 
     async def _sign(self, request: SignatureRequested) -> bytes:
         signer = request.identity.signer
+        metrics.count_signer_call()
+        started = time.perf_counter()
         try:
-            return await signer.sign(request.content, request.scheme)
+            signature = await signer.sign(request.content, request.scheme)
+            logger.debug(
+                "signed CertificateVerify key=%s scheme=%s ms=%.1f",
+                signer.uri,
+                request.scheme.name,
+                (time.perf_counter() - started) * 1000,
+            )
+            return signature
         except (SignerError, ValueError) as error:
             failure = SignatureFailed(
                 f"{signer.uri}: signing CertificateVerify with "
@@ -194,6 +214,23 @@ class TLSClientStream(anyio.abc.ByteStream):
             self._received += event.data
         elif isinstance(event, CloseNotifyReceived):
             self._close_notify_received = True
+
+    async def _answer_post_handshake_request(self, event: SignatureRequested) -> None:
+        """Sign for a post-handshake CertificateRequest (RFC 8446 section
+        4.6.2) and send Certificate, CertificateVerify and Finished. Other
+        tasks may send application data meanwhile."""
+        signature = await self._sign(event)
+        try:
+            self._connection.provide_signature(signature)
+        except Alert:
+            await self._flush_alert()
+            raise
+        await self._flush()
+        logger.debug(
+            "answered post-handshake CertificateRequest server_name=%s key=%s",
+            self._connection.config.server_name,
+            event.identity.signer.uri,
+        )
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         """Return up to `max_bytes` of application data.
@@ -212,6 +249,8 @@ class TLSClientStream(anyio.abc.ByteStream):
                 event = self._connection.next_event()
                 if event is None:
                     await self._feed(await self._read_transport("mid-stream"))
+                elif isinstance(event, SignatureRequested):
+                    await self._answer_post_handshake_request(event)
                 else:
                     self._take(event)
 

@@ -1,0 +1,131 @@
+"""Resumption tickets kept between connections (RFC 8446 sections 2.2, 4.6.1).
+
+A `SessionCache` maps a caller-chosen key, such as (host, port, SNI, client
+identity fingerprints), to the newest tickets a server sent on that key. A
+resumed handshake costs no client signature, which matters when the key sits
+in a slow token. The cache owns expiry and single use; the client state
+machine only stores and takes tickets.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from .config import ClientIdentity
+from .key_schedule import CipherSuite
+
+# Upper bound on ticket_lifetime, in seconds: RFC 8446 section 4.6.1 forbids
+# servers to send more than 7 days and clients to use a ticket longer.
+MAX_TICKET_LIFETIME_SECONDS = 7 * 24 * 3600
+
+# Cache keys (upstreams) kept at once; the least recently used key goes
+# first. One entry per upstream a proxy talks to, so 1024 covers a busy
+# workstation with room to spare (an estimate, not a measurement).
+MAX_SESSION_CACHE_KEYS = 1024
+
+# Tickets kept per key, newest first. OpenSSL 3.0 sends two tickets after a
+# full handshake and one after a resumption, and each ticket is used once,
+# so four leave spares for parallel connections to one upstream.
+MAX_TICKETS_PER_KEY = 4
+
+
+@dataclass(frozen=True)
+class SessionTicket:
+    """One NewSessionTicket and what resuming with it needs.
+
+    `received_at` is on the cache's clock, in seconds. `peer_chain` and
+    `client_identity` come from the full handshake that created the session,
+    because a resumed handshake carries no certificates.
+    """
+
+    ticket: bytes
+    psk: bytes
+    cipher_suite: CipherSuite
+    ticket_age_add: int
+    lifetime: float
+    received_at: float
+    peer_chain: tuple[x509.Certificate, ...] = ()
+    client_identity: ClientIdentity | None = None
+
+    def expired(self, now: float) -> bool:
+        return now - self.received_at >= self.lifetime
+
+    def obfuscated_age(self, now: float) -> int:
+        """obfuscated_ticket_age: the age in ms plus ticket_age_add mod 2^32."""
+        age_ms = max(0, int((now - self.received_at) * 1000))
+        return (age_ms + self.ticket_age_add) % 2**32
+
+
+class SessionCache:
+    """Resumption tickets per key, bounded in keys and tickets per key.
+
+    Safe to share between tasks and threads. `clock` returns seconds and
+    exists so tests can move time; production code keeps the default.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_keys: int = MAX_SESSION_CACHE_KEYS,
+        max_tickets_per_key: int = MAX_TICKETS_PER_KEY,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_keys < 1 or max_tickets_per_key < 1:
+            raise ValueError(
+                f"session cache bounds must be at least 1, got max_keys={max_keys} "
+                f"max_tickets_per_key={max_tickets_per_key}"
+            )
+        self.max_keys = max_keys
+        self.max_tickets_per_key = max_tickets_per_key
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._tickets: OrderedDict[Hashable, list[SessionTicket]] = OrderedDict()
+
+    def __len__(self) -> int:
+        """Number of tickets stored, expired ones included until next use."""
+        with self._lock:
+            return sum(len(tickets) for tickets in self._tickets.values())
+
+    def put(self, key: Hashable, ticket: SessionTicket) -> None:
+        """Store `ticket` as the newest for `key`, dropping the oldest beyond
+        the per-key bound and the least recently used key beyond the key
+        bound."""
+        with self._lock:
+            tickets = self._tickets.pop(key, [])
+            tickets.insert(0, ticket)
+            del tickets[self.max_tickets_per_key :]
+            self._tickets[key] = tickets
+            while len(self._tickets) > self.max_keys:
+                self._tickets.popitem(last=False)
+
+    def take(self, key: Hashable) -> SessionTicket | None:
+        """Remove and return the newest unexpired ticket for `key`.
+
+        A TLS 1.3 ticket is used once (RFC 8446 appendix C.4), so the ticket
+        leaves the cache whether or not the server accepts it. Expired
+        tickets for `key` are dropped on the way.
+        """
+        now = self.clock()
+        with self._lock:
+            tickets = self._tickets.get(key)
+            if tickets is None:
+                return None
+            live = [ticket for ticket in tickets if not ticket.expired(now)]
+            ticket = live.pop(0) if live else None
+            if live:
+                self._tickets[key] = live
+                self._tickets.move_to_end(key)
+            else:
+                del self._tickets[key]
+            return ticket
+
+    def clear(self) -> None:
+        """Drop every ticket, for example after client identities reload."""
+        with self._lock:
+            self._tickets.clear()

@@ -1,0 +1,307 @@
+"""Session resumption (RFC 8446 sections 2.2 and 4.6.1): the SessionCache on
+its own, and repeat connections to real servers that must cost no signature."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from peers import serve_python_tls, start_openssl_server
+from test_tls_interop import Files, config, make_files, open_tls, s_server_get
+
+from kmsproxy.metrics import metrics
+from kmsproxy.signer import PublicKey, SignatureScheme, Signer
+from kmsproxy.tls import ClientIdentity, SessionCache, SessionTicket
+from kmsproxy.tls import messages as m
+from kmsproxy.tls.key_schedule import CipherSuite
+from kmsproxy.tls.resumption import ticket_from_message
+
+pytestmark = pytest.mark.anyio
+
+# Connections the signature-count proof makes to one upstream.
+SEQUENTIAL_CONNECTIONS = 50
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Files:
+    return make_files(tmp_path, "resumption CA")
+
+
+class CountingSigner(Signer):
+    """A Signer that counts its calls and delegates to another."""
+
+    def __init__(self, inner: Signer) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    @property
+    def uri(self) -> str:
+        return self.inner.uri
+
+    def public_key(self) -> PublicKey:
+        return self.inner.public_key()
+
+    @property
+    def schemes(self) -> Sequence[SignatureScheme]:
+        return self.inner.schemes
+
+    async def sign(self, data: bytes, scheme: SignatureScheme) -> bytes:
+        self.calls += 1
+        return await self.inner.sign(data, scheme)
+
+
+def counting_identity(files: Files) -> tuple[ClientIdentity, CountingSigner]:
+    identity = files.client()
+    signer = CountingSigner(identity.signer)
+    return ClientIdentity(identity.chain, signer), signer
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ticket(
+    name: bytes, received_at: float = 1000.0, lifetime: float = 60
+) -> SessionTicket:
+    return SessionTicket(
+        ticket=name,
+        psk=bytes(32),
+        cipher_suite=CipherSuite.TLS_AES_128_GCM_SHA256,
+        ticket_age_add=0,
+        lifetime=lifetime,
+        received_at=received_at,
+    )
+
+
+# SessionCache
+
+
+def test_cache_takes_newest_once() -> None:
+    cache = SessionCache(clock=FakeClock())
+    cache.put("a", ticket(b"old"))
+    cache.put("a", ticket(b"new"))
+    first = cache.take("a")
+    second = cache.take("a")
+    assert first is not None
+    assert first.ticket == b"new"
+    assert second is not None
+    assert second.ticket == b"old"
+    assert cache.take("a") is None
+
+
+def test_cache_drops_expired() -> None:
+    clock = FakeClock()
+    cache = SessionCache(clock=clock)
+    cache.put("a", ticket(b"t", lifetime=60))
+    clock.now += 60
+    assert cache.take("a") is None
+    assert len(cache) == 0
+
+
+def test_cache_bounds_tickets_per_key() -> None:
+    cache = SessionCache(max_tickets_per_key=2, clock=FakeClock())
+    for name in (b"1", b"2", b"3"):
+        cache.put("a", ticket(name))
+    assert len(cache) == 2
+    taken = [cache.take("a"), cache.take("a")]
+    assert [t.ticket for t in taken if t] == [b"3", b"2"]
+
+
+def test_cache_evicts_least_recent_key() -> None:
+    cache = SessionCache(max_keys=2, clock=FakeClock())
+    cache.put("a", ticket(b"a"))
+    cache.put("b", ticket(b"b"))
+    cache.put("c", ticket(b"c"))
+    assert cache.take("a") is None
+    assert cache.take("c") is not None
+
+
+def test_cache_keys_apart() -> None:
+    cache = SessionCache(clock=FakeClock())
+    cache.put(("host", 443), ticket(b"t"))
+    assert cache.take(("host", 8443)) is None
+
+
+def test_cache_clear() -> None:
+    cache = SessionCache(clock=FakeClock())
+    cache.put("a", ticket(b"t"))
+    cache.clear()
+    assert len(cache) == 0
+
+
+def test_cache_rejects_zero_bound() -> None:
+    with pytest.raises(ValueError, match="max_keys=0"):
+        SessionCache(max_keys=0)
+
+
+def test_obfuscated_age_wraps() -> None:
+    entry = SessionTicket(
+        b"t", bytes(32), CipherSuite.TLS_AES_128_GCM_SHA256, 2**32 - 1, 60, 10.0
+    )
+    assert entry.obfuscated_age(10.5) == 499
+
+
+def test_ticket_lifetime_capped() -> None:
+    message = m.NewSessionTicket(2**32 - 1, 0, b"n", b"t")
+    stored = ticket_from_message(
+        message, CipherSuite.TLS_AES_128_GCM_SHA256, bytes(32), 0.0, (), None
+    )
+    assert stored is not None
+    assert stored.lifetime == 7 * 24 * 3600
+
+
+def test_zero_lifetime_not_stored() -> None:
+    message = m.NewSessionTicket(0, 0, b"n", b"t")
+    stored = ticket_from_message(
+        message, CipherSuite.TLS_AES_128_GCM_SHA256, bytes(32), 0.0, (), None
+    )
+    assert stored is None
+
+
+# Real servers
+
+
+async def test_s_server_fifty_connections_one_signature(pki: Files) -> None:
+    cert, key = pki.server()
+    identity, signer = counting_identity(pki)
+    cache = SessionCache()
+    settings = config(
+        pki, [identity], session_cache=cache, session_key=("s_server", "one")
+    )
+    before = metrics.snapshot()
+    resumed = []
+    with start_openssl_server(pki.directory, cert, key, pki.ca_path) as peer:
+        for _ in range(SEQUENTIAL_CONNECTIONS):
+            stream, response = await s_server_get(peer, settings)
+            resumed.append(stream.resumed)
+            assert response.startswith(b"HTTP/1.0 200 ok")
+    after = metrics.snapshot()
+    assert signer.calls == 1
+    assert after.signer_calls - before.signer_calls == 1
+    assert resumed == [False] + [True] * (SEQUENTIAL_CONNECTIONS - 1)
+    assert after.resumed_handshakes - before.resumed_handshakes == 49
+    assert after.full_handshakes - before.full_handshakes == 1
+
+
+async def test_s_server_resumed_keeps_identity(pki: Files) -> None:
+    cert, key = pki.server()
+    identity = pki.client()
+    settings = config(pki, [identity], session_cache=SessionCache(), session_key="k")
+    with start_openssl_server(pki.directory, cert, key, pki.ca_path) as peer:
+        first, _ = await s_server_get(peer, settings)
+        second, response = await s_server_get(peer, settings)
+    assert second.resumed
+    assert second.peer_chain == first.peer_chain
+    assert second.client_identity == identity
+    # s_server -www reports "Reused" for a resumed session.
+    assert b"Reused, TLSv1.3" in response
+
+
+async def test_s_server_sha384_session(pki: Files) -> None:
+    cert, key = pki.server()
+    settings = config(
+        pki, [pki.client()], session_cache=SessionCache(), session_key="k"
+    )
+    with start_openssl_server(
+        pki.directory, cert, key, pki.ca_path, ciphersuites="TLS_AES_256_GCM_SHA384"
+    ) as peer:
+        await s_server_get(peer, settings)
+        second, _ = await s_server_get(peer, settings)
+    assert second.resumed
+    assert second.cipher_suite == "TLS_AES_256_GCM_SHA384"
+
+
+async def test_s_server_hello_retry_resumes(pki: Files) -> None:
+    cert, key = pki.server()
+    settings = config(
+        pki, [pki.client()], session_cache=SessionCache(), session_key="k"
+    )
+    with start_openssl_server(
+        pki.directory, cert, key, pki.ca_path, groups="P-384"
+    ) as peer:
+        await s_server_get(peer, settings)
+        second, response = await s_server_get(peer, settings)
+    assert second.connection.hello_retry_requested
+    assert second.resumed
+    assert response.startswith(b"HTTP/1.0 200 ok")
+
+
+async def test_unknown_ticket_falls_back(pki: Files) -> None:
+    cert, key = pki.server()
+    identity, signer = counting_identity(pki)
+    cache = SessionCache()
+    settings = config(pki, [identity], session_cache=cache, session_key="k")
+    # A restarted server has new ticket keys, so it ignores the old ticket.
+    with start_openssl_server(pki.directory, cert, key, pki.ca_path) as peer:
+        await s_server_get(peer, settings)
+    assert len(cache) > 0
+    with start_openssl_server(pki.directory, cert, key, pki.ca_path) as peer:
+        stream, response = await s_server_get(peer, settings)
+    assert not stream.resumed
+    assert signer.calls == 2
+    assert response.startswith(b"HTTP/1.0 200 ok")
+
+
+async def test_server_without_tickets(pki: Files) -> None:
+    cert, key = pki.server()
+    cache = SessionCache()
+    settings = config(pki, [pki.client()], session_cache=cache, session_key="k")
+    with start_openssl_server(
+        pki.directory, cert, key, pki.ca_path, extra_args=["-num_tickets", "0"]
+    ) as peer:
+        await s_server_get(peer, settings)
+        second, _ = await s_server_get(peer, settings)
+    assert len(cache) == 0
+    assert not second.resumed
+
+
+async def test_no_session_key_no_resumption(pki: Files) -> None:
+    cert, key = pki.server()
+    identity, signer = counting_identity(pki)
+    settings = config(pki, [identity], session_cache=SessionCache())
+    with start_openssl_server(pki.directory, cert, key, pki.ca_path) as peer:
+        await s_server_get(peer, settings)
+        second, _ = await s_server_get(peer, settings)
+    assert not second.resumed
+    assert signer.calls == 2
+
+
+async def test_python_ssl_resumes(pki: Files) -> None:
+    cert, key = pki.server()
+    identity, signer = counting_identity(pki)
+    settings = config(pki, [identity], session_cache=SessionCache(), session_key="k")
+    resumed = []
+    async with serve_python_tls(cert, key, pki.ca_path) as peer:
+        for _ in range(3):
+            stream = await open_tls(peer.port, settings)
+            async with stream:
+                await stream.send(b"ping")
+                assert await stream.receive() == b"ping"
+            resumed.append(stream.resumed)
+    assert resumed == [False, True, True]
+    assert signer.calls == 1
+
+
+async def test_python_ssl_concurrent_without_tickets(pki: Files) -> None:
+    # Two connections opened before any ticket arrives both run in full.
+    cert, key = pki.server()
+    identity, signer = counting_identity(pki)
+    settings = config(pki, [identity], session_cache=SessionCache(), session_key="k")
+    async with serve_python_tls(cert, key, pki.ca_path) as peer:
+        first = await open_tls(peer.port, settings)
+        second = await open_tls(peer.port, settings)
+        async with first, second:
+            pass
+    assert not first.resumed
+    assert not second.resumed
+    assert signer.calls == 2
