@@ -72,6 +72,11 @@ class Site:
 
 @pytest.fixture
 def site(tmp_path: Path) -> Site:
+    return make_site(tmp_path)
+
+
+def make_site(tmp_path: Path) -> Site:
+    """Write a local CA, a client identity and an upstream server leaf."""
     local_ca = make_ca("kmsproxy test local CA")
     upstream_ca = make_ca("upstream CA")
     client_ca = make_ca("client CA")
