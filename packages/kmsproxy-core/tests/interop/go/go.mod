@@ -1,0 +1,3 @@
+module kmsproxy.test/tlspeer
+
+go 1.27
