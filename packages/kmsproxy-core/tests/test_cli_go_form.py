@@ -83,8 +83,17 @@ def test_wrong_positional_count(count: int) -> None:
 def test_two_positionals_need_clientkey() -> None:
     # step-kmsproxy-plugin's older CLIENTKEY CAKEY form.
     args = parse_serve("client.key", "ca.key", "--clientcert", "client.crt")
-    with pytest.raises(UserError, match="missing --clientkey"):
+    with pytest.raises(UserError, match="older CLIENTKEY CAKEY form"):
         config_from_args(args)
+
+
+def test_no_arguments_show_both_forms() -> None:
+    with pytest.raises(UserError) as raised:
+        config_from_args(parse_serve())
+    message = str(raised.value)
+    assert message.startswith("missing --clientkey: ")
+    assert "CAKEY CACERT" in message
+    assert "KMSURI CERT KEY" in message
 
 
 def test_clientkey_needs_clientcert() -> None:

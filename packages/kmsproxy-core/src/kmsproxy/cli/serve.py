@@ -187,13 +187,17 @@ def read_positional_form(args: argparse.Namespace) -> PositionalForm:
             f"expected 0, 2 or 3 positional arguments, got {len(positionals)}: "
             f"use {BOTH_FORMS}"
         )
-    if not client_keys:
+    if not client_keys and positionals:
+        # step-kmsproxy-plugin's older form was CLIENTKEY CAKEY, with the CA
+        # certificate in --cacert, which kmsproxy reads as upstream trust.
         raise UserError(
-            "missing --clientkey: with CAKEY CACERT, name each client key with "
-            "--clientkey and its chain with --clientcert (step-kmsproxy-plugin's "
-            "older CLIENTKEY CAKEY form is not accepted); or use "
-            "step-kmsproxy-plugin's KMSURI CERT KEY"
+            "missing --clientkey: two positionals are CAKEY CACERT, so name "
+            "each client key with --clientkey and its chain with --clientcert "
+            "(step-kmsproxy-plugin's older CLIENTKEY CAKEY form is not "
+            "accepted), or use step-kmsproxy-plugin's KMSURI CERT KEY"
         )
+    if not client_keys:
+        raise UserError(f"missing --clientkey: use {BOTH_FORMS}")
     if not client_certificates:
         raise UserError(
             "missing --clientcert: give the certificate chain of each --clientkey"
