@@ -1,5 +1,6 @@
-"""RFC 8448 section 3 ("Simple 1-RTT Handshake") against our key schedule,
-record layer and message codecs. Expected values come from the vector file,
+"""RFC 8448 section 3 ("Simple 1-RTT Handshake") and section 4 ("Resumed
+0-RTT Handshake", its PSK and binder) against our key schedule, record layer
+and message codecs. Expected values come from the vector file,
 never from the code under test."""
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from kmsproxy.tls import messages as m
 from kmsproxy.tls.client import ClientConnection
 from kmsproxy.tls.config import TLSClientConfig
 from kmsproxy.tls.records import ContentType, RecordCipher, RecordLayer
+from kmsproxy.tls.resumption import offer_ticket, without_ticket
+from kmsproxy.tls.session_cache import SessionCache, SessionTicket
 
 VECTORS = json.loads(
     (Path(__file__).parent / "vectors" / "rfc8448-simple-1rtt.json").read_text()
@@ -269,3 +272,105 @@ def test_client_replays_rfc_handshake() -> None:
 
     client.send_application_data(value("client_app_payload"))
     assert client.data_to_send() == value("client_app_record")
+
+
+# RFC 8448 section 4 ("Resumed 0-RTT Handshake"): the PSK from section 3's
+# ticket, its binder, and the key schedule entered with that PSK.
+
+RESUMED = json.loads(
+    (Path(__file__).parent / "vectors" / "rfc8448-resumed.json").read_text()
+)
+
+
+def resumed_value(name: str) -> bytes:
+    return bytes.fromhex(RESUMED["values"][name])
+
+
+def resumed_message(name: str) -> bytes:
+    return bytes.fromhex(RESUMED["handshake_messages"][name])
+
+
+def test_resumption_psk_from_ticket_nonce() -> None:
+    psk = ks.resumption_psk(SUITE, value("resumption_master_secret"), b"\x00\x00")
+    assert psk == resumed_value("psk")
+
+
+def test_psk_early_secret() -> None:
+    schedule = ks.KeySchedule(SUITE, resumed_value("psk"))
+    assert schedule.early_secret == resumed_value("early_secret")
+
+
+def test_binder_key() -> None:
+    schedule = ks.KeySchedule(SUITE, resumed_value("psk"))
+    assert schedule.binder_key() == resumed_value("binder_key")
+    finished_key = ks.finished_key(SUITE, schedule.binder_key())
+    assert finished_key == resumed_value("binder_finished_key")
+
+
+def test_binder_over_truncated_hello() -> None:
+    hello = resumed_message("ClientHello")
+    # The binders list is 2 length bytes, 1 binder length byte, 32 bytes.
+    truncated_hash = ks.transcript_digest(SUITE, hello[:-35])
+    assert truncated_hash == resumed_value("binder_hash")
+    schedule = ks.KeySchedule(SUITE, resumed_value("psk"))
+    assert schedule.binder(truncated_hash) == resumed_value("binder")
+
+
+def test_offer_ticket_rebuilds_rfc_hello() -> None:
+    hello = m.pull_client_hello(resumed_message("ClientHello")[4:])
+    offered = m.pull_offered_psks(
+        m.find_extension(hello.extensions, m.ExtensionType.pre_shared_key) or b""
+    )
+    identity = offered.identities[0]
+    # Age 0 ms, so the obfuscated age is ticket_age_add itself.
+    ticket = SessionTicket(
+        ticket=identity.identity,
+        psk=resumed_value("psk"),
+        cipher_suite=ks.CipherSuite.TLS_AES_128_GCM_SHA256,
+        ticket_age_add=identity.obfuscated_ticket_age,
+        lifetime=60,
+        received_at=5.0,
+    )
+    rebuilt = offer_ticket(without_ticket(hello), ticket, ks.Transcript(), 5.0)
+    assert m.push_client_hello(rebuilt) == resumed_message("ClientHello")
+
+
+def test_psk_handshake_secrets() -> None:
+    schedule = ks.KeySchedule(SUITE, resumed_value("psk"))
+    schedule.set_shared_secret(resumed_value("shared_secret"))
+    assert schedule.handshake_secret == resumed_value("handshake_secret")
+    transcript = ks.transcript_digest(
+        SUITE, resumed_message("ClientHello") + resumed_message("ServerHello")
+    )
+    client_secret, server_secret = schedule.handshake_traffic_secrets(transcript)
+    assert client_secret == resumed_value("client_hs_traffic_secret")
+    assert server_secret == resumed_value("server_hs_traffic_secret")
+
+
+def test_server_hello_selects_identity_zero() -> None:
+    hello = m.pull_server_hello(resumed_message("ServerHello")[4:])
+    data = m.find_extension(hello.extensions or [], m.ExtensionType.pre_shared_key)
+    assert data is not None
+    assert m.pull_uint16_extension(data, "pre_shared_key") == 0
+
+
+def test_replayed_client_stores_rfc_psk() -> None:
+    cache = SessionCache()
+    client = ReplayedClient(
+        TLSClientConfig("server", session_cache=cache, session_key="rfc")
+    )
+    client.start()
+    server_flight = b"".join(message(name) for name in SERVER_FLIGHT[2:])
+    server_cipher = RecordCipher(SUITE, value("server_hs_traffic_secret"))
+    client.receive_data(
+        plaintext_record(ContentType.handshake, message("ServerHello"))
+        + server_cipher.seal(ContentType.handshake, server_flight)
+    )
+    application_cipher = RecordCipher(SUITE, value("server_ap_traffic_secret"))
+    ticket_message = m.push_new_session_ticket(
+        m.NewSessionTicket(30, 0, b"\x00\x00", b"ticket")
+    )
+    client.receive_data(application_cipher.seal(ContentType.handshake, ticket_message))
+    stored = cache.take("rfc")
+    assert stored is not None
+    assert stored.psk == resumed_value("psk")
