@@ -153,6 +153,7 @@ class IdentityStore:
         self.sources = list(sources)
         self._identities: tuple[Identity, ...] = ()
         self._changed = anyio.Event()
+        self._reload_callbacks: list[Callable[[], None]] = []
         self.reload_count = 0
         self.failed_reload_count = 0
 
@@ -172,6 +173,11 @@ class IdentityStore:
     def identities(self) -> tuple[Identity, ...]:
         """The current identities; callers keep this tuple as their snapshot."""
         return self._identities
+
+    def add_reload_callback(self, callback: Callable[[], None]) -> None:
+        """Call `callback` after each successful reload, such as to drop
+        TLS sessions that the previous identities established."""
+        self._reload_callbacks.append(callback)
 
     def watch_paths(self) -> list[Path]:
         paths = [p for source in self.sources for p in source.watch_paths()]
@@ -198,6 +204,8 @@ class IdentityStore:
             return False
         self._install(pairing)
         self.reload_count += 1
+        for callback in self._reload_callbacks:
+            callback()
         logger.info(
             "Reloaded identities reason=%s count=%d", reason, len(self._identities)
         )

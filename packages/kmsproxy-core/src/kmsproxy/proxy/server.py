@@ -9,7 +9,9 @@ one is logged and never stops the server.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import ipaddress
 import logging
 import os
 import ssl
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 import anyio
 import anyio.abc
+from anyio.abc import SocketAttribute
 
 from kmsproxy import tls
 from kmsproxy.ca import LeafMinter, LocalCA
@@ -24,10 +27,12 @@ from kmsproxy.certificates import CertificateSource
 from kmsproxy.config import ProxyConfig
 from kmsproxy.errors import UserError
 from kmsproxy.identity import IdentityStore
+from kmsproxy.metrics import metrics
 from kmsproxy.plugins.registry import Registry
 from kmsproxy.proxy.connect import (
     HEAD_TIMEOUT_SECONDS,
     RequestError,
+    RequestHead,
     error_response,
     parse_connect,
     text_response,
@@ -42,6 +47,7 @@ from kmsproxy.proxy.listener import (
     sniff,
 )
 from kmsproxy.proxy.pac import pac_response
+from kmsproxy.proxy.prometheus import ProxyCounts, is_metrics_request, metrics_response
 from kmsproxy.proxy.tunnel import TunnelSettings, run_tunnel, send_final_and_linger
 from kmsproxy.signer import Signer
 
@@ -110,7 +116,9 @@ class Proxy:
             config.connect_timeout,
             config.idle_timeout,
             error_minter=ErrorLeafMinter(ca),
+            session_cache=tls.SessionCache(),
         )
+        store.add_reload_callback(self._clear_sessions)
         proxy_address = parse_listen_address(config.listen)
         pac_address = (
             parse_listen_address(config.pac_listen) if config.pac_listen else None
@@ -149,6 +157,25 @@ class Proxy:
                     task_status.started(addresses)
             finally:
                 logger.info("Proxy stopped")
+
+    def _clear_sessions(self) -> None:
+        if self._settings is not None and self._settings.session_cache is not None:
+            self._settings.session_cache.clear()
+            logger.debug("Cleared TLS sessions after an identity reload")
+
+    def counts(self) -> ProxyCounts:
+        """Return the TLS client's and this proxy's counters now."""
+        assert self._settings is not None
+        return ProxyCounts(
+            tls=metrics.snapshot(),
+            tunnels=dataclasses.replace(self._settings.counters),
+            minted_certificates=self._settings.minter.mint_count,
+            minted_error_certificates=(
+                self._settings.error_minter.mint_count
+                if self._settings.error_minter is not None
+                else 0
+            ),
+        )
 
     def _load_trust(self) -> tls.TrustStore | None:
         if self.config.insecure_skip_verify:
@@ -220,7 +247,7 @@ class Proxy:
                     head = await read_head(stream, initial_data)
                 if head is None:
                     return
-                response = pac_response(head, self.config.pac_file)
+                response = self._pac_listener_response(client, head)
             except RequestError as error:
                 response = error_response(error)
             except (TimeoutError, *_CONNECTION_ERRORS) as error:
@@ -230,6 +257,27 @@ class Proxy:
                 logger.exception("PAC connection failed unexpectedly")
                 return
             await send_final_and_linger(stream, response)
+
+    def _pac_listener_response(
+        self, client: anyio.abc.SocketStream, head: RequestHead
+    ) -> bytes:
+        if head.method not in ("GET", "HEAD") or not is_metrics_request(head):
+            return pac_response(head, self.config.pac_file)
+        # The counts are for local monitoring, even if the PAC port is
+        # reachable from other hosts.
+        remote = client.extra(SocketAttribute.remote_address)  # noqa: S610
+        host = remote[0] if isinstance(remote, tuple) else ""
+        if not _is_loopback(host):
+            logger.info("Metrics request rejected remote=%s", host)
+            return text_response(404, "metrics are served to loopback clients only")
+        return metrics_response(head, self.counts())
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def _open_ca(registry: Registry, config: ProxyConfig) -> LocalCA:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import anyio
 import anyio.abc
+from cryptography.hazmat.primitives import hashes
 
 from kmsproxy import tls
 from kmsproxy.ca import LeafMinter
@@ -131,6 +132,7 @@ class TunnelSettings:
     connect_timeout: float
     idle_timeout: float
     error_minter: ErrorLeafMinter | None = None
+    session_cache: tls.SessionCache | None = None
     counters: TunnelCounters = field(default_factory=TunnelCounters)
 
 
@@ -201,6 +203,7 @@ async def _run_tunnel(
         try:
             upstream = await open_upstream(
                 transport,
+                request,
                 server_name,
                 hello.alpn_protocols,
                 identities,
@@ -232,6 +235,7 @@ async def connect_upstream(
 
 async def open_upstream(
     transport: anyio.abc.ByteStream,
+    request: ConnectRequest,
     server_name: str,
     alpn_protocols: Sequence[str],
     identities: Sequence[Identity],
@@ -240,13 +244,18 @@ async def open_upstream(
 ) -> Upstream:
     """Authenticate to the upstream over `transport`; raise `UpstreamError`.
 
-    The caller closes `transport` when this raises.
+    The caller closes `transport` when this raises. With a session cache,
+    the ticket key is (host, port, SNI, client leaf fingerprints), so a
+    ticket never resumes for another upstream or another identity set.
     """
+    fingerprints = tuple(i.leaf.fingerprint(hashes.SHA256()) for i in identities)
     config = tls.TLSClientConfig(
         server_name=server_name,
         identities=[tls.ClientIdentity(i.chain, i.signer) for i in identities],
         trust=settings.trust,
         alpn_protocols=alpn_protocols,
+        session_cache=settings.session_cache,
+        session_key=(request.host, request.port, server_name, fingerprints),
     )
     try:
         stream = await tls.connect_tls(transport, config)

@@ -1,0 +1,127 @@
+"""Session resumption through the proxy, and the counters on /metrics."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from peers import Peer, free_port, start_nginx
+from test_proxy import (
+    REQUEST_TIMEOUT_SECONDS,
+    Site,
+    curl,
+    make_site,
+    proxy_address,
+    renew,
+    wait_for_identity,
+)
+
+from kmsproxy import Proxy, ProxyAddresses
+from kmsproxy.cli.demo import fetch_through_proxy
+from kmsproxy.metrics import metrics
+from kmsproxy.proxy.prometheus import METRICS_MEDIA_TYPE
+
+pytestmark = [pytest.mark.anyio, pytest.mark.interop]
+
+# Sequential tunnels to one upstream in the resumption test.
+TUNNEL_COUNT = 50
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    return make_site(tmp_path)
+
+
+@pytest.fixture
+def nginx(site: Site) -> Iterator[Peer]:
+    with start_nginx(
+        site.directory,
+        site.path("server.crt"),
+        site.path("server.key"),
+        site.path("client-ca.crt"),
+    ) as peer:
+        yield peer
+
+
+@pytest.fixture
+async def running(site: Site) -> AsyncIterator[tuple[Proxy, ProxyAddresses]]:
+    proxy = Proxy(site.config(pac_listen="127.0.0.1:0"))
+    async with anyio.create_task_group() as group:
+        addresses = await group.start(proxy.serve)
+        yield proxy, addresses
+        group.cancel_scope.cancel()
+
+
+async def fetch(addresses: ProxyAddresses, site: Site, port: int) -> bytes:
+    with anyio.fail_after(REQUEST_TIMEOUT_SECONDS):
+        return await fetch_through_proxy(
+            proxy_address(addresses), "localhost", port, site.path("ca.crt")
+        )
+
+
+async def test_fifty_tunnels_sign_once(
+    site: Site, nginx: Peer, running: tuple[Proxy, ProxyAddresses]
+) -> None:
+    _, addresses = running
+    before = metrics.snapshot()
+    bodies = [await fetch(addresses, site, nginx.port) for _ in range(TUNNEL_COUNT)]
+    after = metrics.snapshot()
+    assert bodies == [b"hello from nginx\n"] * TUNNEL_COUNT
+    assert after.signer_calls - before.signer_calls == 1
+    assert after.full_handshakes - before.full_handshakes == 1
+    assert after.resumed_handshakes - before.resumed_handshakes == TUNNEL_COUNT - 1
+    assert nginx.client_subjects() == ["CN=proxy client"] * TUNNEL_COUNT
+
+
+async def test_reload_forgets_sessions(
+    site: Site, nginx: Peer, running: tuple[Proxy, ProxyAddresses]
+) -> None:
+    proxy, addresses = running
+    await fetch(addresses, site, nginx.port)
+    renew(site, "renewed")
+    await wait_for_identity(proxy, "CN=renewed")
+    before = metrics.snapshot()
+    await fetch(addresses, site, nginx.port)
+    after = metrics.snapshot()
+    assert after.signer_calls - before.signer_calls == 1
+    assert after.resumed_handshakes - before.resumed_handshakes == 0
+    assert nginx.client_subjects() == ["CN=proxy client", "CN=renewed"]
+
+
+async def test_metrics_page_counts_tunnels(
+    site: Site, nginx: Peer, running: tuple[Proxy, ProxyAddresses]
+) -> None:
+    _, addresses = running
+    await fetch(addresses, site, nginx.port)
+    result = await curl(
+        "--include", f"http://127.0.0.1:{addresses.pac[0].port}/metrics"
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    head, _, body = result.stdout.decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 200 OK")
+    assert f"Content-Type: {METRICS_MEDIA_TYPE}" in head
+    lines = body.splitlines()
+    assert "# TYPE kmsproxy_signer_calls_total counter" in lines
+    assert "kmsproxy_tunnels_total 1" in lines
+    assert "kmsproxy_tunnels_open 0" in lines
+    assert "kmsproxy_tunnels_failed_total 0" in lines
+    assert 'kmsproxy_certificates_minted_total{purpose="upstream"} 1' in lines
+
+
+async def test_metrics_page_counts_failures(
+    site: Site, running: tuple[Proxy, ProxyAddresses]
+) -> None:
+    _, addresses = running
+    closed_port = free_port()
+    await curl("--proxy", addresses.proxy_url, f"https://localhost:{closed_port}/")
+    result = await curl(f"http://127.0.0.1:{addresses.pac[0].port}/metrics")
+    lines = result.stdout.decode().splitlines()
+    assert "kmsproxy_tunnels_total 1" in lines
+    assert "kmsproxy_tunnels_failed_total 1" in lines
