@@ -85,8 +85,12 @@ async def test_reload_forgets_sessions(
 ) -> None:
     proxy, addresses = running
     await fetch(addresses, site, nginx.port)
+    assert proxy.session_cache is not None
+    assert len(proxy.session_cache) > 0
     renew(site, "renewed")
     await wait_for_identity(proxy, "CN=renewed")
+    assert proxy.session_cache is not None
+    assert len(proxy.session_cache) == 0
     before = metrics.snapshot()
     await fetch(addresses, site, nginx.port)
     after = metrics.snapshot()

@@ -78,8 +78,8 @@ class ProxyAddresses:
 class Proxy:
     """The kmsproxy server; see `serve`.
 
-    `minter`, `identity_store` and `addresses` are set once `serve` has
-    started, for callers that inspect the running proxy.
+    `minter`, `identity_store`, `session_cache` and `addresses` are set once
+    `serve` has started, for callers that inspect the running proxy.
     """
 
     def __init__(self, config: ProxyConfig, registry: Registry | None = None) -> None:
@@ -87,6 +87,7 @@ class Proxy:
         self.registry = registry
         self.minter: LeafMinter | None = None
         self.identity_store: IdentityStore | None = None
+        self.session_cache: tls.SessionCache | None = None
         self.addresses: ProxyAddresses | None = None
         self._settings: TunnelSettings | None = None
 
@@ -110,13 +111,14 @@ class Proxy:
         )
         await store.load()
         trust = self._load_trust()
+        self.session_cache = tls.SessionCache()
         self._settings = TunnelSettings(
             minter,
             trust,
             config.connect_timeout,
             config.idle_timeout,
             error_minter=ErrorLeafMinter(ca),
-            session_cache=tls.SessionCache(),
+            session_cache=self.session_cache,
         )
         store.add_reload_callback(self._clear_sessions)
         proxy_address = parse_listen_address(config.listen)
@@ -159,8 +161,8 @@ class Proxy:
                 logger.info("Proxy stopped")
 
     def _clear_sessions(self) -> None:
-        if self._settings is not None and self._settings.session_cache is not None:
-            self._settings.session_cache.clear()
+        if self.session_cache is not None:
+            self.session_cache.clear()
             logger.debug("Cleared TLS sessions after an identity reload")
 
     def counts(self) -> ProxyCounts:
