@@ -66,6 +66,13 @@ async def fetch(addresses: ProxyAddresses, site: Site, port: int) -> bytes:
         )
 
 
+async def wait_for_tunnels_closed(proxy: Proxy) -> None:
+    """Wait (bounded) until the proxy has noticed that every client left."""
+    with anyio.fail_after(REQUEST_TIMEOUT_SECONDS):
+        while proxy.counts().tunnels.open:
+            await anyio.sleep(0.01)
+
+
 async def test_fifty_tunnels_sign_once(
     site: Site, nginx: Peer, running: tuple[Proxy, ProxyAddresses]
 ) -> None:
@@ -102,8 +109,9 @@ async def test_reload_forgets_sessions(
 async def test_metrics_page_counts_tunnels(
     site: Site, nginx: Peer, running: tuple[Proxy, ProxyAddresses]
 ) -> None:
-    _, addresses = running
+    proxy, addresses = running
     await fetch(addresses, site, nginx.port)
+    await wait_for_tunnels_closed(proxy)
     result = await curl(
         "--include", f"http://127.0.0.1:{addresses.pac[0].port}/metrics"
     )
@@ -122,9 +130,10 @@ async def test_metrics_page_counts_tunnels(
 async def test_metrics_page_counts_failures(
     site: Site, running: tuple[Proxy, ProxyAddresses]
 ) -> None:
-    _, addresses = running
+    proxy, addresses = running
     closed_port = free_port()
     await curl("--proxy", addresses.proxy_url, f"https://localhost:{closed_port}/")
+    await wait_for_tunnels_closed(proxy)
     result = await curl(f"http://127.0.0.1:{addresses.pac[0].port}/metrics")
     lines = result.stdout.decode().splitlines()
     assert "kmsproxy_tunnels_total 1" in lines
