@@ -1,4 +1,5 @@
-"""The PAC listener's responses: the `--pac` file for any GET path.
+"""The PAC listener's responses: the `--pac` file for any GET path but
+`/metrics`, which `prometheus.py` serves.
 
 Browsers and OS proxy settings fetch a proxy auto-config file (a JavaScript
 `FindProxyForURL` function) from a URL. The file is read again for every

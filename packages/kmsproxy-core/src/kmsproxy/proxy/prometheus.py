@@ -1,9 +1,9 @@
 """The `/metrics` page of the PAC listener, in the Prometheus text format.
 
 The page joins the TLS client's process-wide counters (`kmsproxy.metrics`)
-with the proxy's own tunnel and minting counts. It is served on the PAC
-listener, which binds localhost unless the user chooses otherwise, because
-the counts reveal how often each kind of work happens.
+with the proxy's own tunnel and minting counts. The PAC listener serves
+it to loopback clients only, even when it listens on another address,
+because the counts reveal how often each kind of work happens.
 """
 
 from __future__ import annotations
