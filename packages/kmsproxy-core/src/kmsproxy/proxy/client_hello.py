@@ -7,9 +7,9 @@ server_name (SNI, RFC 6066 section 3) and the ALPN list (RFC 7301 section
 handshake headers strictly, and returns the raw bytes too, so the proxy's
 own TLS server later reads the same ClientHello from the buffer.
 
-The parser reads only what it needs and checks every length it crosses; it
-does not validate cipher suites or other extensions, which the TLS server
-(Python's `ssl`) checks when it reads the same bytes.
+The parser reads only what it needs and checks every length it crosses.
+It does not validate cipher suites or other extensions, because the TLS
+server (Python's `ssl`) checks them when it reads the same bytes.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import anyio.abc
 
 from kmsproxy.proxy.connect import normalize_host_name
 
-# Maximum ClientHello size in bytes, across all its records. A ClientHello
-# with post-quantum key shares (X25519MLKEM768 adds 1,184 bytes) and every
-# common extension stays under 4 KiB, so 64 KiB leaves room for unusual
-# clients while bounding what one tunnel buffers.
+# Maximum ClientHello size in bytes, across all its records. A browser's
+# ClientHello with an X25519MLKEM768 key share (1,216 bytes) is about 2 KiB
+# (an estimate), so 64 KiB leaves room for unusual clients while bounding
+# what one tunnel buffers.
 MAX_CLIENT_HELLO_BYTES = 64 * 1024
 
 # Seconds the client has, after the 200 response, to send its whole
@@ -74,15 +74,17 @@ class ClientHello:
 class _Reader:
     """A cursor over one message that raises `ClientHelloError` on overrun."""
 
-    def __init__(self, data: bytes, what: str) -> None:
+    def __init__(self, data: bytes, message_name: str) -> None:
         self.data = data
         self.offset = 0
-        self.what = what
+        self.message_name = message_name
 
     def take(self, length: int) -> bytes:
         end = self.offset + length
         if end > len(self.data):
-            raise ClientHelloError(f"{self.what} is truncated at byte {self.offset}")
+            raise ClientHelloError(
+                f"{self.message_name} is truncated at byte {self.offset}"
+            )
         chunk = self.data[self.offset : end]
         self.offset = end
         return chunk
@@ -94,9 +96,9 @@ class _Reader:
         length = self.uint(length_size)
         if length < minimum:
             raise ClientHelloError(
-                f"{self.what} has a vector of {length} bytes, below {minimum}"
+                f"{self.message_name} has a vector of {length} bytes, below {minimum}"
             )
-        return _Reader(self.take(length), self.what)
+        return _Reader(self.take(length), self.message_name)
 
     @property
     def remaining(self) -> int:
