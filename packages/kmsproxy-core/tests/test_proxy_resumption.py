@@ -132,9 +132,12 @@ async def test_metrics_page_counts_failures(
 ) -> None:
     proxy, addresses = running
     closed_port = free_port()
-    await curl("--proxy", addresses.proxy_url, f"https://localhost:{closed_port}/")
+    refused = await curl(
+        "--proxy", addresses.proxy_url, f"https://localhost:{closed_port}/"
+    )
     await wait_for_tunnels_closed(proxy)
     result = await curl(f"http://127.0.0.1:{addresses.pac[0].port}/metrics")
     lines = result.stdout.decode().splitlines()
     assert "kmsproxy_tunnels_total 1" in lines
     assert "kmsproxy_tunnels_failed_total 1" in lines
+    assert b"CONNECT tunnel failed, response 502" in refused.stderr
