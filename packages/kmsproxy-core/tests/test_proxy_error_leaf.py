@@ -103,7 +103,7 @@ def test_metrics_text_format() -> None:
     assert "kmsproxy_tunnels_total 9" in lines
     assert "kmsproxy_tunnels_failed_total 2" in lines
     assert 'kmsproxy_certificates_minted_total{purpose="error_page"} 1' in lines
-    # Each family has one HELP and one TYPE line before its samples.
+    # Six families, each declared by exactly one TYPE line.
     types = [line.split()[2] for line in lines if line.startswith("# TYPE")]
     assert len(types) == 6
     assert len(set(types)) == len(types)

@@ -40,6 +40,7 @@ from kmsproxy.proxy.client_hello import (
 from kmsproxy.proxy.connect import ConnectRequest, established_response, text_response
 from kmsproxy.proxy.error_leaf import ErrorLeafMinter
 from kmsproxy.proxy.tls_stream import ServerTLSStream
+from kmsproxy.signer import SignerError
 
 logger = logging.getLogger(__name__)
 
@@ -417,9 +418,18 @@ async def serve_upstream_failure(
     if (offers and HTTP_1_1 not in offers) or settings.error_minter is None:
         await send_final(client, alert_record(error.alert))
         return
-    context = await settings.error_minter.context_for(
-        request.host, (HTTP_1_1,) if offers else ()
-    )
+    try:
+        context = await settings.error_minter.context_for(
+            request.host, (HTTP_1_1,) if offers else ()
+        )
+    except SignerError as error_page_error:
+        logger.error(
+            "Minting the error-page certificate failed target=%s error=%s",
+            request.authority,
+            error_page_error,
+        )
+        await send_final(client, alert_record(error.alert))
+        return
     downstream = await _accept_client_tls(client, context, hello, request.authority)
     if downstream is None:
         return
