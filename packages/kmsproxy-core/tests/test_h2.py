@@ -93,6 +93,7 @@ async def open_tunnel(
     port: int,
     alpn: list[str],
     host: str = "localhost",
+    server_name: str = "localhost",
 ) -> TLSStream:
     """CONNECT through the proxy and start TLS that trusts the local CA."""
     stream = await anyio.connect_tcp(*proxy_address(addresses))
@@ -105,7 +106,10 @@ async def open_tunnel(
     context.set_alpn_protocols(alpn)
     try:
         return await TLSStream.wrap(
-            stream, hostname=host, ssl_context=context, standard_compatible=False
+            stream,
+            hostname=server_name,
+            ssl_context=context,
+            standard_compatible=False,
         )
     except BaseException:
         await stream.aclose()
@@ -239,6 +243,27 @@ async def test_h2_client_through_proxy(
                 stream, f"localhost:{nginx_h2.port}", "/subject"
             )
     assert alpn == "h2"
+    assert status == 200
+    assert body == b"subject=CN=proxy client\n"
+
+
+async def test_sni_names_upstream_for_ip_connect(
+    site: Site, running: tuple[Proxy, ProxyAddresses]
+) -> None:
+    # The upstream certificate has no IP address, so only a check against
+    # the client's SNI (not the CONNECT host) can pass.
+    named_only = issue(site.upstream_ca, "localhost", dns_names=("localhost",))
+    key, cert = named_only.write(site.directory, "named-only")
+    _, addresses = running
+    with (
+        start_nginx(
+            site.directory, cert, key, site.path("client-ca.crt"), http2=True
+        ) as peer,
+        anyio.fail_after(REQUEST_TIMEOUT_SECONDS),
+    ):
+        stream = await open_tunnel(addresses, site, peer.port, ["h2"], host="127.0.0.1")
+        async with stream:
+            status, body = await h2_get(stream, f"localhost:{peer.port}", "/subject")
     assert status == 200
     assert body == b"subject=CN=proxy client\n"
 
