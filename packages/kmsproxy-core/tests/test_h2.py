@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,7 +21,10 @@ from pki import issue, make_ca
 from test_proxy import REQUEST_TIMEOUT_SECONDS, Site, curl, make_site, proxy_address
 
 from kmsproxy import Proxy, ProxyAddresses
+from kmsproxy.proxy import tunnel
 from kmsproxy.proxy.error_leaf import ERROR_LEAF_LIFETIME
+from kmsproxy.proxy.tunnel import alert_record
+from kmsproxy.tls import AlertDescription
 
 pytestmark = [pytest.mark.anyio, pytest.mark.interop]
 
@@ -324,3 +328,39 @@ async def test_plain_http_in_tunnel_closes(
     assert response == b"HTTP/1.1 200 Connection established\r\n\r\n"
     assert "Client did not start TLS in the tunnel" in caplog.text
     assert nginx_h2.access_log() == []
+
+
+async def test_malformed_hello_gets_decode_error(
+    site: Site, nginx_h2: Peer, running: tuple[Proxy, ProxyAddresses]
+) -> None:
+    proxy, addresses = running
+    request = f"CONNECT localhost:{nginx_h2.port} HTTP/1.1\r\n\r\n".encode()
+    # A handshake record that carries a ServerHello header instead.
+    server_hello = b"\x16\x03\x01\x00\x04\x02\x00\x00\x00"
+    with anyio.fail_after(REQUEST_TIMEOUT_SECONDS):
+        async with await anyio.connect_tcp(*proxy_address(addresses)) as stream:
+            await stream.send(request + server_hello)
+            response = await read_to_end(stream)
+    established = b"HTTP/1.1 200 Connection established\r\n\r\n"
+    assert response == established + alert_record(AlertDescription.decode_error)
+    assert proxy.counts().tunnels.failed == 1
+
+
+async def test_silent_client_times_out(
+    site: Site,
+    nginx_h2: Peer,
+    running: tuple[Proxy, ProxyAddresses],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(tunnel, "CLIENT_HELLO_TIMEOUT_SECONDS", 0.2)
+    caplog.set_level(logging.INFO, logger=tunnel.__name__)
+    proxy, addresses = running
+    request = f"CONNECT localhost:{nginx_h2.port} HTTP/1.1\r\n\r\n".encode()
+    with anyio.fail_after(REQUEST_TIMEOUT_SECONDS):
+        async with await anyio.connect_tcp(*proxy_address(addresses)) as stream:
+            await stream.send(request)
+            response = await read_to_end(stream)
+    assert response == b"HTTP/1.1 200 Connection established\r\n\r\n"
+    assert "Client sent no ClientHello in time" in caplog.text
+    assert proxy.counts().tunnels.failed == 1
