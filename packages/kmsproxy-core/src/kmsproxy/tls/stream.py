@@ -31,6 +31,7 @@ from .events import (
     HandshakeComplete,
     SignatureRequested,
 )
+from .records import MAX_PLAINTEXT_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -255,12 +256,24 @@ class TLSClientStream(anyio.abc.ByteStream):
                     self._take(event)
 
     async def send(self, item: bytes) -> None:
-        async with self._send_lock:
-            try:
-                self._connection.send_application_data(item)
-            except TLSError as error:
-                raise anyio.ClosedResourceError(str(error)) from None
-            await self.transport.send(self._connection.data_to_send())
+        """Send `item`, one record at a time.
+
+        The lock is released between records so that a handshake flight
+        queued meanwhile, such as the answer to a post-handshake
+        CertificateRequest, goes out before the rest of a large write. A
+        server that stops reading until it has our certificate (Apache
+        httpd does) would otherwise wait for us while we wait for it.
+        """
+        view = memoryview(item)
+        for start in range(0, max(len(item), 1), MAX_PLAINTEXT_LENGTH):
+            async with self._send_lock:
+                try:
+                    self._connection.send_application_data(
+                        bytes(view[start : start + MAX_PLAINTEXT_LENGTH])
+                    )
+                except TLSError as error:
+                    raise anyio.ClosedResourceError(str(error)) from None
+                await self.transport.send(self._connection.data_to_send())
 
     async def send_eof(self) -> None:
         """Send close_notify; receiving continues (TLS 1.3 half-close)."""
