@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives.asymmetric import ec, x25519
+from cryptography.hazmat.primitives.asymmetric import ec, mlkem, x25519
 from cryptography.hazmat.primitives.serialization import Encoding
 from pki import Issued
 
@@ -20,7 +20,11 @@ from kmsproxy.tls import key_schedule as ks
 from kmsproxy.tls import messages as m
 from kmsproxy.tls.alerts import AlertDescription
 from kmsproxy.tls.client import ClientConnection
-from kmsproxy.tls.key_exchange import generate_private_key, public_key_bytes
+from kmsproxy.tls.key_exchange import (
+    MLKEM768_ENCAPSULATION_KEY_LENGTH,
+    generate_private_key,
+    public_key_bytes,
+)
 from kmsproxy.tls.records import ContentType, RecordCipher, RecordLayer
 from kmsproxy.tls.verify import SERVER_CONTEXT, signed_content
 
@@ -28,6 +32,21 @@ _SCHEME_FOR_KEY = {
     "secp256r1": SignatureScheme.ecdsa_secp256r1_sha256,
     "secp384r1": SignatureScheme.ecdsa_secp384r1_sha384,
 }
+
+
+def encapsulate_hybrid(client_share: bytes) -> tuple[bytes, bytes]:
+    """Answer an X25519MLKEM768 client share as a server does: return
+    (ML-KEM ciphertext || X25519 public key, ML-KEM secret || X25519 secret)."""
+    encapsulation_key = mlkem.MLKEM768PublicKey.from_public_bytes(
+        client_share[:MLKEM768_ENCAPSULATION_KEY_LENGTH]
+    )
+    mlkem_secret, ciphertext = encapsulation_key.encapsulate()
+    private_key = x25519.X25519PrivateKey.generate()
+    peer = x25519.X25519PublicKey.from_public_bytes(
+        client_share[MLKEM768_ENCAPSULATION_KEY_LENGTH:]
+    )
+    server_share = ciphertext + public_key_bytes(private_key)
+    return server_share, mlkem_secret + private_key.exchange(peer)
 
 
 def plaintext_record(content_type: int, data: bytes) -> bytes:
@@ -142,15 +161,22 @@ class ScriptedServer:
         share = (
             shares[0] if group is None else next(s for s in shares if s.group == group)
         )
+        if share.group == m.NamedGroup.X25519MLKEM768:
+            server_share, secret = encapsulate_hybrid(share.key_exchange)
+            return self._server_hello(share.group, server_share), secret
         private_key = generate_private_key(m.NamedGroup(share.group))
         if isinstance(private_key, x25519.X25519PrivateKey):
             peer = x25519.X25519PublicKey.from_public_bytes(share.key_exchange)
             secret = private_key.exchange(peer)
         else:
+            assert isinstance(private_key, ec.EllipticCurvePrivateKey)
             point = ec.EllipticCurvePublicKey.from_encoded_point(
                 private_key.curve, share.key_exchange
             )
             secret = private_key.exchange(ec.ECDH(), point)
+        return self._server_hello(share.group, public_key_bytes(private_key)), secret
+
+    def _server_hello(self, group: int, key_exchange: bytes) -> bytes:
         assert self.client_hello is not None
         hello = m.ServerHello(
             os.urandom(32),
@@ -160,13 +186,11 @@ class ScriptedServer:
                 (m.ExtensionType.supported_versions, b"\x03\x04"),
                 (
                     m.ExtensionType.key_share,
-                    m.push_key_share_server(
-                        m.KeyShareEntry(share.group, public_key_bytes(private_key))
-                    ),
+                    m.push_key_share_server(m.KeyShareEntry(group, key_exchange)),
                 ),
             ],
         )
-        return m.push_server_hello(hello), secret
+        return m.push_server_hello(hello)
 
     def accept_server_hello(self, message: bytes, secret: bytes) -> bytes:
         """Add a ServerHello, derive the handshake keys, return its record."""

@@ -108,8 +108,8 @@ def test_client_hello_shape() -> None:
     assert len(hello.legacy_session_id) == 32
     assert hello.cipher_suites == [0x1301, 0x1302, 0x1303]
     assert [share.group for share in shares] == [
+        m.NamedGroup.X25519MLKEM768,
         m.NamedGroup.x25519,
-        m.NamedGroup.secp256r1,
     ]
     assert server.client_extension(E.supported_versions) == b"\x02\x03\x04"
     assert server.client_extension(E.server_name) == m.push_server_name("server.test")

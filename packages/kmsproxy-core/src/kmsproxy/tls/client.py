@@ -200,6 +200,7 @@ class ClientConnection:
         self.receive_closed = False
         self.key_updates_received = 0
         self.resumed = False
+        self.key_exchange_group: m.NamedGroup | None = None
         self._ticket: SessionTicket | None = None
         self._resumption_master_secret = b""
         self._handshake_transcript: Transcript | None = None
@@ -501,6 +502,7 @@ class ClientConnection:
         )
         self._schedule = schedule
         self._key_shares.clear()
+        self.key_exchange_group = m.NamedGroup(share.group)
         client_secret, server_secret = schedule.handshake_traffic_secrets(
             self._transcript.digest()
         )

@@ -21,11 +21,19 @@ CIPHER_SUITES = (
     CipherSuite.TLS_CHACHA20_POLY1305_SHA256,
 )
 
-SUPPORTED_GROUPS = (m.NamedGroup.x25519, m.NamedGroup.secp256r1, m.NamedGroup.secp384r1)
+# Groups in our preference order: the post-quantum hybrid first, so a
+# recorded session stays safe against a future quantum computer.
+SUPPORTED_GROUPS = (
+    m.NamedGroup.X25519MLKEM768,
+    m.NamedGroup.x25519,
+    m.NamedGroup.secp256r1,
+    m.NamedGroup.secp384r1,
+)
 
-# Groups we send a share for in the first ClientHello. secp384r1 costs a
-# HelloRetryRequest round trip, which only servers that refuse both need.
-INITIAL_KEY_SHARE_GROUPS = (m.NamedGroup.x25519, m.NamedGroup.secp256r1)
+# Groups we send a share for in the first ClientHello: the hybrid (1216
+# bytes) and x25519 for servers without it. A server that accepts only the
+# NIST curves costs a HelloRetryRequest round trip.
+INITIAL_KEY_SHARE_GROUPS = (m.NamedGroup.X25519MLKEM768, m.NamedGroup.x25519)
 
 # signature_algorithms we offer. The RSASSA-PKCS1-v1_5 schemes come last and
 # apply to certificate signatures only (RFC 8446 section 4.2.3): many CAs
