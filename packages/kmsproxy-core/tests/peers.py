@@ -642,8 +642,12 @@ SSLRandomSeed startup builtin
     SSLCACertificateFile "{client_ca}"
     SSLVerifyDepth 2
     ScriptAlias /echo "{directory}/cgi/echo"
+    ScriptAlias /protected/echo "{directory}/cgi/echo"
     <Location /protected>
         SSLVerifyClient require
+        # mod_ssl holds the request body in memory while it asks for the
+        # certificate; its 128 KiB default rejects a 1 MiB body with 413.
+        SSLRenegBufferSize 2097152
     </Location>
     <Location /echo>
         SSLOptions +StdEnvVars
@@ -651,11 +655,17 @@ SSLRandomSeed startup builtin
 </VirtualHost>
 """
 
-# A CGI program that returns the request body, so Apache can echo bytes.
+# A CGI program that returns the request body, so Apache can echo bytes. It
+# reads the whole body into a file before writing: mod_cgi writes the body to
+# the program's stdin before reading its stdout, so echoing while reading
+# would deadlock once both pipe buffers fill.
 _APACHE_ECHO_CGI = """\
 #!/bin/sh
+body=$(mktemp "$SCRIPT_FILENAME.XXXXXX")
+head -c "${CONTENT_LENGTH:-0}" > "$body"
 printf 'Content-Type: application/octet-stream\\r\\n\\r\\n'
-exec head -c "${CONTENT_LENGTH:-0}"
+cat "$body"
+rm -f "$body"
 """
 
 
@@ -673,8 +683,9 @@ def start_apache(
     ServerRoot under `tmp_path`. `/open` is a static file that needs no client
     certificate; `/protected/page` (a static file) requires one through
     `SSLVerifyClient require` in its `<Location>`, which TLS 1.3 can only
-    satisfy by post-handshake authentication. `/echo` returns the request
-    body. The access log lines are `<client DN>|<request line>|<status>`.
+    satisfy by post-handshake authentication. `/echo` and `/protected/echo`
+    return the request body. The access log lines are
+    `<client DN>|<request line>|<status>`.
     """
     apache2 = shutil.which("apache2") or "/usr/sbin/apache2"
     if not Path(apache2).exists():
