@@ -163,7 +163,7 @@ class ScriptedServer:
         )
         if share.group == m.NamedGroup.X25519MLKEM768:
             server_share, secret = encapsulate_hybrid(share.key_exchange)
-            return self._server_hello(share.group, server_share), secret
+            return self.server_hello_with_share(share.group, server_share), secret
         private_key = generate_private_key(m.NamedGroup(share.group))
         if isinstance(private_key, x25519.X25519PrivateKey):
             peer = x25519.X25519PublicKey.from_public_bytes(share.key_exchange)
@@ -174,9 +174,12 @@ class ScriptedServer:
                 private_key.curve, share.key_exchange
             )
             secret = private_key.exchange(ec.ECDH(), point)
-        return self._server_hello(share.group, public_key_bytes(private_key)), secret
+        return self.server_hello_with_share(
+            share.group, public_key_bytes(private_key)
+        ), secret
 
-    def _server_hello(self, group: int, key_exchange: bytes) -> bytes:
+    def server_hello_with_share(self, group: int, key_exchange: bytes) -> bytes:
+        """Build a ServerHello carrying `key_exchange` for `group` as is."""
         assert self.client_hello is not None
         hello = m.ServerHello(
             os.urandom(32),
