@@ -7,12 +7,25 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from peers import serve_python_tls, start_openssl_server
+from hypothesis import given
+from hypothesis import strategies as st
+from peers import (
+    build_go_server,
+    serve_python_tls,
+    start_gnutls_server,
+    start_go_server,
+    start_node_server,
+    start_openssl_server,
+)
+from test_interop_peers import Files as PeerFiles
+from test_interop_peers import exchange, split_header
+from test_interop_peers import make_files as make_peer_files
+from test_interop_peers import open_tls as open_peer_tls
 from test_tls_interop import Files, config, make_files, open_tls, s_server_get
 
 from kmsproxy.metrics import metrics
 from kmsproxy.signer import PublicKey, SignatureScheme, Signer
-from kmsproxy.tls import ClientIdentity, SessionCache, SessionTicket
+from kmsproxy.tls import ClientIdentity, SessionCache, SessionTicket, alerts
 from kmsproxy.tls import messages as m
 from kmsproxy.tls.key_schedule import CipherSuite
 from kmsproxy.tls.resumption import ticket_from_message
@@ -56,7 +69,9 @@ class CountingSigner(Signer):
         return await self.inner.sign(data, scheme)
 
 
-def counting_identity(files: Files) -> tuple[ClientIdentity, CountingSigner]:
+def counting_identity(
+    files: Files | PeerFiles,
+) -> tuple[ClientIdentity, CountingSigner]:
     identity = files.client()
     signer = CountingSigner(identity.signer)
     return ClientIdentity(identity.chain, signer), signer
@@ -305,3 +320,142 @@ async def test_python_ssl_concurrent_without_tickets(pki: Files) -> None:
     assert not first.resumed
     assert not second.resumed
     assert signer.calls == 2
+
+
+# Go crypto/tls, GnuTLS and Node.js
+
+
+@pytest.fixture(scope="session")
+def go_server_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_go_server(tmp_path_factory.mktemp("go-build"))
+
+
+@pytest.fixture
+def peer_files(tmp_path: Path) -> PeerFiles:
+    directory = tmp_path / "peers"
+    directory.mkdir()
+    return make_peer_files(directory)
+
+
+async def test_go_fifty_connections_one_signature(
+    peer_files: PeerFiles, go_server_binary: Path
+) -> None:
+    cert, key = peer_files.server()
+    identity, signer = counting_identity(peer_files)
+    settings = peer_files.config(
+        identity, session_cache=SessionCache(), session_key=("go", "one")
+    )
+    before = metrics.snapshot()
+    reported = []
+    with start_go_server(
+        peer_files.directory, go_server_binary, cert, key, peer_files.ca_path
+    ) as peer:
+        for _ in range(SEQUENTIAL_CONNECTIONS):
+            stream = await open_peer_tls(peer.port, settings)
+            async with stream:
+                reply = await exchange(stream, b"ping\n")
+            fields, echoed = split_header(reply)
+            assert echoed == b"ping\n"
+            reported.append((stream.resumed, fields["resumed"], fields["subject"]))
+    after = metrics.snapshot()
+    assert signer.calls == 1
+    assert after.signer_calls - before.signer_calls == 1
+    assert reported[0] == (False, "false", "CN=client p256")
+    # Go keeps the client certificate in its ticket and reports it again.
+    assert set(reported[1:]) == {(True, "true", "CN=client p256")}
+
+
+async def test_go_without_tickets(
+    peer_files: PeerFiles, go_server_binary: Path
+) -> None:
+    cert, key = peer_files.server()
+    identity, signer = counting_identity(peer_files)
+    cache = SessionCache()
+    settings = peer_files.config(identity, session_cache=cache, session_key="go")
+    with start_go_server(
+        peer_files.directory,
+        go_server_binary,
+        cert,
+        key,
+        peer_files.ca_path,
+        tickets=False,
+    ) as peer:
+        for _ in range(2):
+            stream = await open_peer_tls(peer.port, settings)
+            async with stream:
+                await exchange(stream, b"ping\n")
+            assert not stream.resumed
+    assert signer.calls == 2
+    assert len(cache) == 0
+
+
+async def test_gnutls_resumes(peer_files: PeerFiles) -> None:
+    cert, key = peer_files.server()
+    identity, signer = counting_identity(peer_files)
+    settings = peer_files.config(
+        identity, session_cache=SessionCache(), session_key="gnutls"
+    )
+    resumed = []
+    with start_gnutls_server(
+        peer_files.directory, cert, key, peer_files.ca_path
+    ) as peer:
+        for _ in range(3):
+            stream = await open_peer_tls(peer.port, settings)
+            async with stream:
+                assert await exchange(stream, b"ping\n") == b"ping\n"
+            resumed.append(stream.resumed)
+    assert resumed == [False, True, True]
+    assert signer.calls == 1
+
+
+async def test_node_resumes(peer_files: PeerFiles) -> None:
+    cert, key = peer_files.server()
+    identity, signer = counting_identity(peer_files)
+    settings = peer_files.config(
+        identity, session_cache=SessionCache(), session_key="node"
+    )
+    resumed = []
+    with start_node_server(peer_files.directory, cert, key, peer_files.ca_path) as peer:
+        for _ in range(3):
+            stream = await open_peer_tls(peer.port, settings)
+            async with stream:
+                reply = await exchange(stream, b"ping\n")
+            assert split_header(reply)[1] == b"ping\n"
+            resumed.append(stream.resumed)
+    assert resumed == [False, True, True]
+    assert signer.calls == 1
+
+
+# Encoders
+
+
+@given(
+    identity=st.binary(min_size=1, max_size=300),
+    age=st.integers(0, 2**32 - 1),
+    binder=st.binary(min_size=32, max_size=255),
+)
+def test_offered_psks_round_trip(identity: bytes, age: int, binder: bytes) -> None:
+    offered = m.OfferedPsks([m.PskIdentity(identity, age)], [binder])
+    assert m.pull_offered_psks(m.push_offered_psks(offered)) == offered
+
+
+@given(modes=st.lists(st.sampled_from(list(m.PskKeyExchangeMode)), min_size=1))
+def test_psk_modes_round_trip(modes: list[m.PskKeyExchangeMode]) -> None:
+    data = m.push_psk_key_exchange_modes(modes)
+    assert m.pull_psk_key_exchange_modes(data) == list(modes)
+
+
+def test_offered_psks_binder_count_mismatch() -> None:
+    offered = m.OfferedPsks(
+        [m.PskIdentity(b"a", 0), m.PskIdentity(b"b", 0)], [bytes(32)]
+    )
+    with pytest.raises(alerts.IllegalParameter, match="2 identities but 1 binders"):
+        m.pull_offered_psks(m.push_offered_psks(offered))
+
+
+def test_offered_psks_short_binder() -> None:
+    data = m.push_offered_psks(m.OfferedPsks([m.PskIdentity(b"a", 0)], [bytes(32)]))
+    # Shorten the one binder to 31 bytes, fixing up both length fields.
+    broken = data[:-35] + b"\x00\x20\x1f" + bytes(31)
+    with pytest.raises(alerts.DecodeError):
+        m.pull_offered_psks(broken)
