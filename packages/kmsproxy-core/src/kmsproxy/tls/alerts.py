@@ -42,6 +42,9 @@ class AlertDescription(enum.IntEnum):
     internal_error = 80
     inappropriate_fallback = 86
     user_canceled = 90
+    # TLS 1.2 only (RFC 5246 section 7.2.2): a warning that refuses a
+    # server's request to renegotiate.
+    no_renegotiation = 100
     missing_extension = 109
     unsupported_extension = 110
     unrecognized_name = 112
