@@ -78,6 +78,10 @@ class ScriptedServer:
     application_secrets: tuple[bytes, bytes] = (b"", b"")
     schedule: ks.KeySchedule | None = None
     retried: bool = False
+    # With `selected_identity` set, ServerHello accepts that PSK identity
+    # and the key schedule starts from `psk` (a resumed handshake).
+    psk: bytes | None = None
+    selected_identity: int | None = None
 
     @property
     def suite(self) -> ks.SuiteParameters:
@@ -181,17 +185,25 @@ class ScriptedServer:
     def server_hello_with_share(self, group: int, key_exchange: bytes) -> bytes:
         """Build a ServerHello carrying `key_exchange` for `group` as is."""
         assert self.client_hello is not None
+        extensions: list[m.Extension] = [
+            (m.ExtensionType.supported_versions, b"\x03\x04"),
+            (
+                m.ExtensionType.key_share,
+                m.push_key_share_server(m.KeyShareEntry(group, key_exchange)),
+            ),
+        ]
+        if self.selected_identity is not None:
+            extensions.append(
+                (
+                    m.ExtensionType.pre_shared_key,
+                    self.selected_identity.to_bytes(2, "big"),
+                )
+            )
         hello = m.ServerHello(
             os.urandom(32),
             self.client_hello.legacy_session_id,
             self.suite_code,
-            [
-                (m.ExtensionType.supported_versions, b"\x03\x04"),
-                (
-                    m.ExtensionType.key_share,
-                    m.push_key_share_server(m.KeyShareEntry(group, key_exchange)),
-                ),
-            ],
+            extensions,
         )
         return m.push_server_hello(hello)
 
@@ -200,7 +212,7 @@ class ScriptedServer:
         if not self.retried:
             self.transcript.select_suite(self.suite)
         self.transcript.add(message)
-        self.schedule = ks.KeySchedule(self.suite)
+        self.schedule = ks.KeySchedule(self.suite, self.psk)
         self.schedule.set_shared_secret(secret)
         client_secret, server_secret = self.schedule.handshake_traffic_secrets(
             self.transcript.digest()

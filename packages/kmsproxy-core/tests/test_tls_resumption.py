@@ -17,20 +17,33 @@ from peers import (
     start_node_server,
     start_openssl_server,
 )
+from pki import issue, make_ca
+from scripted_server import ScriptedServer, complete_handshake
 from test_interop_peers import Files as PeerFiles
 from test_interop_peers import exchange, split_header
 from test_interop_peers import make_files as make_peer_files
 from test_interop_peers import open_tls as open_peer_tls
+from test_tls_client import events as client_events
+from test_tls_client import identity as scripted_identity
 from test_tls_interop import Files, config, make_files, open_tls, s_server_get
 
 from kmsproxy.metrics import metrics
 from kmsproxy.signer import PublicKey, SignatureScheme, Signer
 from kmsproxy.tls import ClientIdentity, SessionCache, SessionTicket, alerts
+from kmsproxy.tls import key_schedule as ks
 from kmsproxy.tls import messages as m
+from kmsproxy.tls.alerts import AlertDescription
+from kmsproxy.tls.client import ClientConnection
+from kmsproxy.tls.config import TLSClientConfig
+from kmsproxy.tls.events import HandshakeComplete
 from kmsproxy.tls.key_schedule import CipherSuite
+from kmsproxy.tls.records import ContentType
 from kmsproxy.tls.resumption import ticket_from_message
 
 pytestmark = pytest.mark.anyio
+
+E = m.ExtensionType
+G = m.NamedGroup
 
 # Connections the signature-count proof makes to one upstream.
 SEQUENTIAL_CONNECTIONS = 50
@@ -186,6 +199,7 @@ def test_zero_lifetime_not_stored() -> None:
 # Real servers
 
 
+@pytest.mark.interop
 async def test_s_server_fifty_connections_one_signature(pki: Files) -> None:
     cert, key = pki.server()
     identity, signer = counting_identity(pki)
@@ -208,6 +222,7 @@ async def test_s_server_fifty_connections_one_signature(pki: Files) -> None:
     assert after.full_handshakes - before.full_handshakes == 1
 
 
+@pytest.mark.interop
 async def test_s_server_resumed_keeps_identity(pki: Files) -> None:
     cert, key = pki.server()
     identity = pki.client()
@@ -222,6 +237,7 @@ async def test_s_server_resumed_keeps_identity(pki: Files) -> None:
     assert b"Reused, TLSv1.3" in response
 
 
+@pytest.mark.interop
 async def test_s_server_sha384_session(pki: Files) -> None:
     cert, key = pki.server()
     settings = config(
@@ -236,6 +252,7 @@ async def test_s_server_sha384_session(pki: Files) -> None:
     assert second.cipher_suite == "TLS_AES_256_GCM_SHA384"
 
 
+@pytest.mark.interop
 async def test_s_server_hello_retry_resumes(pki: Files) -> None:
     cert, key = pki.server()
     settings = config(
@@ -251,6 +268,7 @@ async def test_s_server_hello_retry_resumes(pki: Files) -> None:
     assert response.startswith(b"HTTP/1.0 200 ok")
 
 
+@pytest.mark.interop
 async def test_unknown_ticket_falls_back(pki: Files) -> None:
     cert, key = pki.server()
     identity, signer = counting_identity(pki)
@@ -267,6 +285,7 @@ async def test_unknown_ticket_falls_back(pki: Files) -> None:
     assert response.startswith(b"HTTP/1.0 200 ok")
 
 
+@pytest.mark.interop
 async def test_server_without_tickets(pki: Files) -> None:
     cert, key = pki.server()
     cache = SessionCache()
@@ -280,6 +299,7 @@ async def test_server_without_tickets(pki: Files) -> None:
     assert not second.resumed
 
 
+@pytest.mark.interop
 async def test_no_session_key_no_resumption(pki: Files) -> None:
     cert, key = pki.server()
     identity, signer = counting_identity(pki)
@@ -291,6 +311,7 @@ async def test_no_session_key_no_resumption(pki: Files) -> None:
     assert signer.calls == 2
 
 
+@pytest.mark.interop
 async def test_python_ssl_resumes(pki: Files) -> None:
     cert, key = pki.server()
     identity, signer = counting_identity(pki)
@@ -307,6 +328,7 @@ async def test_python_ssl_resumes(pki: Files) -> None:
     assert signer.calls == 1
 
 
+@pytest.mark.interop
 async def test_python_ssl_concurrent_without_tickets(pki: Files) -> None:
     # Two connections opened before any ticket arrives both run in full.
     cert, key = pki.server()
@@ -337,6 +359,7 @@ def peer_files(tmp_path: Path) -> PeerFiles:
     return make_peer_files(directory)
 
 
+@pytest.mark.interop
 async def test_go_fifty_connections_one_signature(
     peer_files: PeerFiles, go_server_binary: Path
 ) -> None:
@@ -365,6 +388,7 @@ async def test_go_fifty_connections_one_signature(
     assert set(reported[1:]) == {(True, "true", "CN=client p256")}
 
 
+@pytest.mark.interop
 async def test_go_without_tickets(
     peer_files: PeerFiles, go_server_binary: Path
 ) -> None:
@@ -389,6 +413,7 @@ async def test_go_without_tickets(
     assert len(cache) == 0
 
 
+@pytest.mark.interop
 async def test_gnutls_resumes(peer_files: PeerFiles) -> None:
     cert, key = peer_files.server()
     identity, signer = counting_identity(peer_files)
@@ -408,6 +433,7 @@ async def test_gnutls_resumes(peer_files: PeerFiles) -> None:
     assert signer.calls == 1
 
 
+@pytest.mark.interop
 async def test_node_resumes(peer_files: PeerFiles) -> None:
     cert, key = peer_files.server()
     identity, signer = counting_identity(peer_files)
@@ -459,3 +485,209 @@ def test_offered_psks_short_binder() -> None:
     broken = data[:-35] + b"\x00\x20\x1f" + bytes(31)
     with pytest.raises(alerts.DecodeError):
         m.pull_offered_psks(broken)
+
+
+# Byte level, against the scripted server
+
+CA = make_ca("resumption CA")
+SERVER = issue(CA, "server", dns_names=("server.test",))
+CLIENT = issue(CA, "client", client=True)
+PSK = bytes(range(32))
+
+
+def stored_ticket(
+    clock: FakeClock, suite: CipherSuite = CipherSuite.TLS_AES_128_GCM_SHA256
+) -> SessionTicket:
+    return SessionTicket(
+        ticket=b"opaque ticket",
+        psk=PSK,
+        cipher_suite=suite,
+        ticket_age_add=5,
+        lifetime=60,
+        received_at=clock.now,
+        peer_chain=(SERVER.cert,),
+    )
+
+
+def resuming(
+    suite: CipherSuite = CipherSuite.TLS_AES_128_GCM_SHA256,
+    server_suite: int = CipherSuite.TLS_AES_128_GCM_SHA256,
+) -> tuple[ClientConnection, ScriptedServer, SessionCache]:
+    clock = FakeClock()
+    cache = SessionCache(clock=clock)
+    cache.put("k", stored_ticket(clock, suite))
+    client = ClientConnection(
+        TLSClientConfig(
+            "server.test",
+            identities=[scripted_identity(CLIENT)],
+            session_cache=cache,
+            session_key="k",
+        )
+    )
+    server = ScriptedServer(SERVER, suite_code=server_suite)
+    client.start()
+    server.read_client_hello(client.data_to_send())
+    return client, server, cache
+
+
+def test_hello_offers_ticket_last() -> None:
+    _client, server, _cache = resuming()
+    assert server.client_hello is not None
+    assert server.client_hello.extensions[-1][0] == E.pre_shared_key
+    modes = m.pull_psk_key_exchange_modes(
+        server.client_extension(E.psk_key_exchange_modes) or b""
+    )
+    assert modes == [m.PskKeyExchangeMode.psk_dhe_ke]
+    offered = m.pull_offered_psks(server.client_extension(E.pre_shared_key) or b"")
+    assert offered.identities == [m.PskIdentity(b"opaque ticket", 5)]
+
+
+def test_hello_binder_verifies() -> None:
+    _client, server, _cache = resuming()
+    assert server.client_hello is not None
+    offered = m.pull_offered_psks(server.client_extension(E.pre_shared_key) or b"")
+    suite = ks.SUITES[CipherSuite.TLS_AES_128_GCM_SHA256]
+    truncated = m.push_client_hello(server.client_hello)[:-35]
+    expected = ks.KeySchedule(suite, PSK).binder(ks.transcript_digest(suite, truncated))
+    assert offered.binders == [expected]
+
+
+def test_ticket_taken_once() -> None:
+    _client, _server, cache = resuming()
+    assert cache.take("k") is None
+
+
+def test_resumed_handshake_skips_certificate() -> None:
+    client, server, _cache = resuming()
+    server.psk, server.selected_identity = PSK, 0
+    client.receive_data(
+        server.server_hello() + server.encrypted_extensions() + server.finished()
+    )
+    found = client_events(client)
+    records = server.read_client_finished(client.data_to_send())
+    assert [type(event) for event in found] == [HandshakeComplete]
+    assert client.resumed
+    assert client.peer_chain == [SERVER.cert]
+    assert [record[1][0] for record in records] == [m.HandshakeType.finished]
+
+
+def test_ticket_not_selected_runs_full_handshake() -> None:
+    client, server, _cache = resuming()
+    client.receive_data(server.server_hello() + server.flight())
+    assert client.handshake_complete
+    assert not client.resumed
+
+
+def test_certificate_in_resumed_handshake() -> None:
+    client, server, _cache = resuming()
+    server.psk, server.selected_identity = PSK, 0
+    wire = server.server_hello() + server.encrypted_extensions() + server.certificate()
+    with pytest.raises(alerts.UnexpectedMessage):
+        client.receive_data(wire)
+    assert (
+        server.client_alert(client.data_to_send())
+        == AlertDescription.unexpected_message
+    )
+
+
+def test_identity_not_offered() -> None:
+    client, server, _cache = resuming()
+    server.psk, server.selected_identity = PSK, 1
+    with pytest.raises(alerts.IllegalParameter, match="PSK identity 1"):
+        client.receive_data(server.server_hello())
+
+
+def test_resumed_with_other_hash() -> None:
+    client, server, _cache = resuming(server_suite=CipherSuite.TLS_AES_256_GCM_SHA384)
+    server.psk, server.selected_identity = PSK, 0
+    with pytest.raises(alerts.IllegalParameter, match="hash differs"):
+        client.receive_data(server.server_hello())
+
+
+def test_expired_ticket_not_offered() -> None:
+    clock = FakeClock()
+    cache = SessionCache(clock=clock)
+    cache.put("k", stored_ticket(clock))
+    clock.now += 60
+    client = ClientConnection(
+        TLSClientConfig("server.test", session_cache=cache, session_key="k")
+    )
+    server = ScriptedServer(SERVER)
+    client.start()
+    server.read_client_hello(client.data_to_send())
+    assert server.client_extension(E.pre_shared_key) is None
+
+
+def test_retry_keeps_ticket_last() -> None:
+    client, server, _cache = resuming()
+    assert server.client_hello is not None
+    first_hello = m.push_client_hello(server.client_hello)
+    retry_record = server.hello_retry_request(G.secp256r1, cookie=b"cookie")
+    client.receive_data(retry_record)
+    retry = server.read_second_client_hello(client.data_to_send())
+    assert [t for t, _ in retry.extensions][-2:] == [E.cookie, E.pre_shared_key]
+
+    # The binder covers message_hash(ClientHello1), the HelloRetryRequest
+    # and the truncated second ClientHello (RFC 8446 section 4.2.11.2).
+    suite = ks.SUITES[CipherSuite.TLS_AES_128_GCM_SHA256]
+    message_hash = bytes([254, 0, 0, 32]) + ks.transcript_digest(suite, first_hello)
+    truncated = m.push_client_hello(retry)[:-35]
+    transcript = message_hash + retry_record[5:] + truncated
+    expected = ks.KeySchedule(suite, PSK).binder(
+        ks.transcript_digest(suite, transcript)
+    )
+    offered = m.pull_offered_psks(
+        m.find_extension(retry.extensions, E.pre_shared_key) or b""
+    )
+    assert offered.binders == [expected]
+
+    server.psk, server.selected_identity = PSK, 0
+    client.receive_data(
+        server.server_hello() + server.encrypted_extensions() + server.finished()
+    )
+    assert client.resumed
+
+
+def test_retry_to_other_hash_drops_ticket() -> None:
+    client, server, _cache = resuming(server_suite=CipherSuite.TLS_AES_256_GCM_SHA384)
+    client.receive_data(server.hello_retry_request(G.secp256r1))
+    retry = server.read_second_client_hello(client.data_to_send())
+    assert m.find_extension(retry.extensions, E.pre_shared_key) is None
+    client.receive_data(server.server_hello() + server.flight())
+    assert not client.resumed
+
+
+def test_ticket_stored_after_full_handshake() -> None:
+    cache = SessionCache()
+    client = ClientConnection(
+        TLSClientConfig("server.test", session_cache=cache, session_key="k")
+    )
+    server = ScriptedServer(SERVER)
+    complete_handshake(client, server)
+    tickets = [
+        m.NewSessionTicket(0, 1, b"a", b"dropped"),
+        m.NewSessionTicket(30, 1, b"b", b"kept"),
+    ]
+    client.receive_data(
+        b"".join(
+            server.protect(ContentType.handshake, m.push_new_session_ticket(t))
+            for t in tickets
+        )
+    )
+    stored = cache.take("k")
+    assert stored is not None
+    assert stored.ticket == b"kept"
+    assert stored.lifetime == 30
+    assert stored.peer_chain == (SERVER.cert,)
+    assert cache.take("k") is None
+
+
+def test_truncated_ticket_message() -> None:
+    client = ClientConnection(TLSClientConfig("server.test"))
+    server = ScriptedServer(SERVER)
+    complete_handshake(client, server)
+    message = m.push_new_session_ticket(m.NewSessionTicket(30, 1, b"n", b"ticket"))
+    broken = bytes([message[0]]) + (len(message) - 5).to_bytes(3, "big") + message[4:-1]
+    with pytest.raises(alerts.DecodeError):
+        client.receive_data(server.protect(ContentType.handshake, broken))
+    assert server.client_alert(client.data_to_send()) == AlertDescription.decode_error

@@ -547,13 +547,10 @@ class ClientConnection:
         self._require_no_buffered_handshake("HelloRetryRequest")
 
         hello2 = build_retry_client_hello(self._client_hello, self._key_shares, cookie)
-        ticket = self._ticket
+        ticket, cache = self._ticket, self.config.session_cache
         if ticket is not None and same_hash(ticket.cipher_suite, self._suite_code):
-            clock = (
-                self.config.session_cache.clock if self.config.session_cache else None
-            )
-            assert clock is not None
-            hello2 = offer_ticket(hello2, ticket, self._transcript, clock())
+            assert cache is not None
+            hello2 = offer_ticket(hello2, ticket, self._transcript, cache.clock())
         elif ticket is not None:
             # The PSK is bound to a hash the server's suite does not use
             # (RFC 8446 section 4.1.2 allows dropping it from ClientHello2).
