@@ -1,4 +1,4 @@
-"""Developer sessions: lint, tests and docs by default, demo and lock on request.
+"""Developer sessions: lint, tests and docs by default; demo, lock, fuzz on request.
 
 Every session runs the tools of the locked dev environment in `.venv` (made by
 `bash .ci/run`, or by hand as docs/development.md shows) instead of building
@@ -83,6 +83,38 @@ def lock(session: nox.Session) -> None:
         "requirements-dev.in",
         "-o",
         "requirements-dev.lock",
+        external=True,
+    )
+
+
+# Time budget of `nox -s fuzz` in seconds, unless `-- -max_total_time=N` is
+# given. The default tests run the same target for a few seconds only.
+FUZZ_SECONDS = 600
+
+
+@nox.session(venv_backend="none", default=False)
+def fuzz(session: nox.Session) -> None:
+    """Run the atheris TLS and CONNECT parser fuzz target for FUZZ_SECONDS.
+
+    Extra arguments go to libFuzzer (`nox -s fuzz -- -max_total_time=60`).
+    The corpus grows in .nox/fuzz-corpus, and crashing inputs are written to
+    .nox/fuzz-artifacts; copy each into packages/kmsproxy-core/fuzz/regressions
+    so the default tests replay it.
+    """
+    corpus = ROOT / ".nox" / "fuzz-corpus"
+    artifacts = ROOT / ".nox" / "fuzz-artifacts"
+    corpus.mkdir(parents=True, exist_ok=True)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    arguments = list(session.posargs)
+    if not any(argument.startswith("-max_total_time=") for argument in arguments):
+        arguments.append(f"-max_total_time={FUZZ_SECONDS}")
+    session.run(
+        venv_tool(session, "python"),
+        str(ROOT / "packages" / "kmsproxy-core" / "fuzz" / "fuzz_tls.py"),
+        f"-artifact_prefix={artifacts}/",
+        *arguments,
+        str(corpus),
+        str(ROOT / "packages" / "kmsproxy-core" / "fuzz" / "seeds"),
         external=True,
     )
 
