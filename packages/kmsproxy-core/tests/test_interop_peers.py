@@ -32,6 +32,7 @@ from kmsproxy.tls import (
     TrustStore,
     connect_tls,
 )
+from kmsproxy.tls.messages import NamedGroup
 
 pytestmark = [pytest.mark.interop, pytest.mark.anyio]
 
@@ -199,6 +200,20 @@ async def test_go_reports_subject(pki: Files, go_server_binary: Path) -> None:
     assert echoed == b"hello go\n"
 
 
+async def test_go_hybrid_group(pki: Files, go_server_binary: Path) -> None:
+    cert, key = pki.server()
+    with start_go_server(
+        pki.directory, go_server_binary, cert, key, pki.ca_path
+    ) as peer:
+        stream = await open_tls(peer.port, pki.config(pki.client()))
+        async with stream:
+            reply = await exchange(stream, b"")
+    fields, _ = split_header(reply)
+    assert fields["group"] == "X25519MLKEM768"
+    assert stream.connection.key_exchange_group == NamedGroup.X25519MLKEM768
+    assert not stream.connection.hello_retry_requested
+
+
 # Node.js
 
 
@@ -214,6 +229,17 @@ async def test_node_reports_subject(pki: Files) -> None:
     assert fields["version"] == "TLSv1.3"
     assert fields["suite"] == stream.cipher_suite
     assert echoed == b"hello node\n"
+
+
+async def test_node_hybrid_group(pki: Files) -> None:
+    cert, key = pki.server()
+    with start_node_server(pki.directory, cert, key, pki.ca_path) as peer:
+        stream = await open_tls(peer.port, pki.config(pki.client()))
+        async with stream:
+            await exchange(stream, b"")
+    # Node reports no group on a server socket, so the client's view decides.
+    assert stream.connection.key_exchange_group == NamedGroup.X25519MLKEM768
+    assert not stream.connection.hello_retry_requested
 
 
 async def test_node_requires_certificate(pki: Files) -> None:
