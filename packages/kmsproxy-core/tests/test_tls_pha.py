@@ -1,23 +1,26 @@
 """Post-handshake client authentication (RFC 8446 section 4.6.2): byte-level
 against the scripted server, then against `openssl s_server`, whose `c`
-command requests a certificate after the handshake."""
+command requests a certificate after the handshake, and Apache httpd, which
+requests one for a protected location only."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import anyio
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
-from peers import start_openssl_server
+from peers import start_apache, start_openssl_server
 from pki import issue, make_ca
 from scripted_server import ScriptedServer, complete_handshake
 from test_tls_client import events, expect_alert, identity
-from test_tls_interop import Files, config, make_files, open_tls
+from test_tls_interop import SERVER_NAME, Files, config, make_files, open_tls
 
+from kmsproxy.metrics import metrics
 from kmsproxy.signer import SignatureScheme, sign_with_private_key, verify_signature
-from kmsproxy.tls import alerts
+from kmsproxy.tls import TLSClientStream, alerts
 from kmsproxy.tls import messages as m
 from kmsproxy.tls.client import ClientConnection
 from kmsproxy.tls.config import ClientIdentity, TLSClientConfig
@@ -261,3 +264,95 @@ async def test_s_server_requests_after_handshake(pki: Files) -> None:
     assert stream.connection.post_handshake_authentications == 1
     assert "depth=0 CN = client p256" in log
     assert "verify error" not in log
+
+
+# Apache httpd: SSLVerifyClient require inside one <Location>
+
+# Bytes POSTed to the protected echo: many records, sent while the
+# certificate exchange runs.
+LARGE_BODY_LENGTH = 1024 * 1024
+
+# Bound on receive() calls while reading one HTTP response.
+MAX_READS = 10_000
+
+
+async def read_response(stream: TLSClientStream) -> tuple[bytes, bytes]:
+    """Read one HTTP/1.1 response with Content-Length; return (head, body)."""
+    data = b""
+    for _ in range(MAX_READS):
+        head, found, body = data.partition(b"\r\n\r\n")
+        if found:
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            if len(body) >= length:
+                return head, body
+        data += await stream.receive()
+    raise AssertionError(f"no complete response after {MAX_READS} reads")
+
+
+def keep_alive_get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: {SERVER_NAME}\r\n\r\n".encode()
+
+
+@pytest.mark.interop
+@pytest.mark.anyio
+async def test_apache_open_then_protected(pki: Files) -> None:
+    cert, key = pki.server()
+    client = pki.client()
+    before = metrics.snapshot()
+    with start_apache(pki.directory, cert, key, pki.ca_path) as peer:
+        stream = await open_tls(peer.port, config(pki, [client]))
+        async with stream:
+            with anyio.fail_after(PEER_REPLY_TIMEOUT_SECONDS):
+                await stream.send(keep_alive_get("/open"))
+                open_head, open_body = await read_response(stream)
+                identity_after_open = stream.client_identity
+                await stream.send(keep_alive_get("/protected/page"))
+                protected_head, protected_body = await read_response(stream)
+        access = peer.access_log()
+    after = metrics.snapshot()
+    assert open_head.startswith(b"HTTP/1.1 200")
+    assert open_body == b"open\n"
+    assert identity_after_open is None
+    assert protected_head.startswith(b"HTTP/1.1 200")
+    assert protected_body == b"protected\n"
+    assert stream.client_identity == client
+    assert after.signer_calls - before.signer_calls == 1
+    assert access == [
+        "-|GET /open HTTP/1.1|200",
+        "CN=client p256|GET /protected/page HTTP/1.1|200",
+    ]
+
+
+@pytest.mark.interop
+@pytest.mark.anyio
+async def test_apache_protected_large_post(pki: Files) -> None:
+    # The proxy relays both directions at once, so this test does too: one
+    # task writes the body while another reads and answers Apache's
+    # CertificateRequest. NOTE: start_apache sets SSLRenegBufferSize to
+    # 2 MiB, so Apache reads the whole body first and this test does not
+    # show whether a server that stops reading could deadlock us.
+    cert, key = pki.server()
+    body = os.urandom(LARGE_BODY_LENGTH)
+    request = (
+        f"POST /protected/echo HTTP/1.1\r\nHost: {SERVER_NAME}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    heads: list[bytes] = []
+    with start_apache(pki.directory, cert, key, pki.ca_path) as peer:
+        stream = await open_tls(peer.port, config(pki, [pki.client()]))
+        async with stream:
+
+            async def receive_head() -> None:
+                heads.append(await stream.receive())
+
+            with anyio.fail_after(PEER_REPLY_TIMEOUT_SECONDS):
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(receive_head)
+                    await stream.send(request)
+        subjects = peer.client_subjects()
+    assert heads[0].startswith(b"HTTP/1.1 200")
+    assert subjects == ["CN=client p256"]

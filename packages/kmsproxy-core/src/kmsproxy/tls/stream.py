@@ -260,9 +260,9 @@ class TLSClientStream(anyio.abc.ByteStream):
 
         The lock is released between records so that a handshake flight
         queued meanwhile, such as the answer to a post-handshake
-        CertificateRequest, goes out before the rest of a large write. A
-        server that stops reading until it has our certificate (Apache
-        httpd does) would otherwise wait for us while we wait for it.
+        CertificateRequest, is not held back until a large write ends. A
+        server that reads no further before it has our certificate would
+        otherwise wait for us while we wait for it.
         """
         view = memoryview(item)
         for start in range(0, max(len(item), 1), MAX_PLAINTEXT_LENGTH):
