@@ -35,7 +35,7 @@ _SCHEME_FOR_KEY = {
 
 
 def encapsulate_hybrid(client_share: bytes) -> tuple[bytes, bytes]:
-    """Answer an X25519MLKEM768 client share as a server does: return
+    """Encapsulate to an X25519MLKEM768 client share as a server does; return
     (ML-KEM ciphertext || X25519 public key, ML-KEM secret || X25519 secret)."""
     encapsulation_key = mlkem.MLKEM768PublicKey.from_public_bytes(
         client_share[:MLKEM768_ENCAPSULATION_KEY_LENGTH]

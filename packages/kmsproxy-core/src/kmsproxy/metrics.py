@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class MetricsSnapshot:
-    """Counter values at one moment, each counted since process start or
-    the last `reset`."""
+    """Counter values at one moment, each counted since process start."""
 
     signer_calls: int
     full_handshakes: int
@@ -50,13 +49,6 @@ class Metrics:
                 full_handshakes=self._full_handshakes,
                 resumed_handshakes=self._resumed_handshakes,
             )
-
-    def reset(self) -> None:
-        """Set every counter to zero; for tests."""
-        with self._lock:
-            self._signer_calls = 0
-            self._full_handshakes = 0
-            self._resumed_handshakes = 0
 
 
 # The counters of this process.

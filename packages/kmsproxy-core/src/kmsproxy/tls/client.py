@@ -240,9 +240,9 @@ class ClientConnection:
         self._guarded(self._records.feed, data)
 
     def provide_signature(self, signature: bytes) -> None:
-        """Complete the client flight, or the answer to a post-handshake
+        """Complete the client flight, or the response to a post-handshake
         CertificateRequest, with the signature a `SignatureRequested` event
-        asked for. Signatures are consumed in the order they were requested."""
+        requested. Signatures are consumed in the order of the requests."""
         self._guarded(self._finish_client_flight_with, signature)
 
     def next_event(self) -> Event | None:

@@ -99,9 +99,9 @@ def build_client_hello(
             (m.ExtensionType.application_layer_protocol_negotiation, m.push_alpn(names))
         )
     if config.identities:
-        # RFC 8446 section 4.2.6: we answer a CertificateRequest after the
-        # handshake, which servers such as Apache's per-location
-        # SSLVerifyClient send.
+        # RFC 8446 section 4.2.6: we respond to a CertificateRequest sent
+        # after the handshake, as Apache sends for a per-location
+        # SSLVerifyClient.
         extensions.append((m.ExtensionType.post_handshake_auth, b""))
     if config.session_cache is not None and config.session_key is not None:
         # Resumption without 0-RTT, and always with a fresh (EC)DHE share

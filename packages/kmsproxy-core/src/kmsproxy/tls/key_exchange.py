@@ -107,7 +107,8 @@ def _x25519_shared_secret(
 
 
 def _hybrid_shared_secret(private_key: HybridPrivateKey, peer_share: bytes) -> bytes:
-    """The ML-KEM shared secret followed by the X25519 one (32 + 32 bytes)."""
+    """Decapsulate and exchange; return the ML-KEM shared secret followed by
+    the X25519 one (32 + 32 bytes)."""
     expected = MLKEM768_CIPHERTEXT_LENGTH + X25519_KEY_LENGTH
     if len(peer_share) != expected:
         raise ValueError(

@@ -27,7 +27,7 @@ def offer_ticket(
     """Return `hello` with a pre_shared_key extension for `ticket`, last as
     RFC 8446 section 4.2.11 requires, and its binder filled in.
 
-    `transcript` holds the messages before this ClientHello: none for the
+    `transcript` contains the messages before this ClientHello: none for the
     first, ClientHello1's message_hash and the HelloRetryRequest for the
     second (section 4.2.11.2).
     """
@@ -112,8 +112,8 @@ def ticket_from_message(
     peer_chain: Sequence[x509.Certificate],
     client_identity: ClientIdentity | None,
 ) -> SessionTicket | None:
-    """Build a `SessionTicket`, or None when the lifetime is 0 (the server
-    says not to use the ticket). Lifetimes above 7 days are capped."""
+    """Build a `SessionTicket`, or None when the lifetime is 0, which means
+    the ticket must not be used. Lifetimes above 7 days are capped."""
     if message.ticket_lifetime == 0:
         return None
     psk = resumption_psk(SUITES[suite], resumption_master_secret, message.ticket_nonce)

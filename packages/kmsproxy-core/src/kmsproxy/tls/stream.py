@@ -216,7 +216,9 @@ class TLSClientStream(anyio.abc.ByteStream):
         elif isinstance(event, CloseNotifyReceived):
             self._close_notify_received = True
 
-    async def _answer_post_handshake_request(self, event: SignatureRequested) -> None:
+    async def _respond_to_post_handshake_request(
+        self, event: SignatureRequested
+    ) -> None:
         """Sign for a post-handshake CertificateRequest (RFC 8446 section
         4.6.2) and send Certificate, CertificateVerify and Finished. Other
         tasks may send application data meanwhile."""
@@ -228,7 +230,7 @@ class TLSClientStream(anyio.abc.ByteStream):
             raise
         await self._flush()
         logger.debug(
-            "answered post-handshake CertificateRequest server_name=%s key=%s",
+            "sent post-handshake client certificate server_name=%s key=%s",
             self._connection.config.server_name,
             event.identity.signer.uri,
         )
@@ -251,7 +253,7 @@ class TLSClientStream(anyio.abc.ByteStream):
                 if event is None:
                     await self._feed(await self._read_transport("mid-stream"))
                 elif isinstance(event, SignatureRequested):
-                    await self._answer_post_handshake_request(event)
+                    await self._respond_to_post_handshake_request(event)
                 else:
                     self._take(event)
 
@@ -259,7 +261,7 @@ class TLSClientStream(anyio.abc.ByteStream):
         """Send `item`, one record at a time.
 
         The lock is released between records so that a handshake flight
-        queued meanwhile, such as the answer to a post-handshake
+        queued meanwhile, such as the response to a post-handshake
         CertificateRequest, is not held back until a large write ends. A
         server that reads no further before it has our certificate would
         otherwise wait for us while we wait for it.
