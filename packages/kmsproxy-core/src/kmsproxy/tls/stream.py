@@ -221,7 +221,12 @@ class TLSClientStream(anyio.abc.ByteStream):
     ) -> None:
         """Sign for a post-handshake CertificateRequest (RFC 8446 section
         4.6.2) and send Certificate, CertificateVerify and Finished. Other
-        tasks may send application data meanwhile."""
+        tasks may send application data meanwhile.
+
+        NOTE: this runs inside `receive`, so data the server sends after
+        its CertificateRequest is delivered only once the signature is
+        done; a signer that waits for a touch stalls that direction.
+        """
         signature = await self._sign(event)
         try:
             self._connection.provide_signature(signature)
