@@ -331,7 +331,7 @@ async def test_apache_open_then_protected(pki: Files) -> None:
 @pytest.mark.anyio
 async def test_apache_protected_large_post(pki: Files) -> None:
     # The proxy relays both directions at once, so this test does too: one
-    # task writes the body while another reads and answers Apache's
+    # task writes the body while another reads and responds to Apache's
     # CertificateRequest. NOTE: start_apache sets SSLRenegBufferSize to
     # 2 MiB, so Apache reads the whole body first and this test does not
     # show whether a server that stops reading could deadlock us.

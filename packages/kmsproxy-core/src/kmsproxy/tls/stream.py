@@ -223,9 +223,9 @@ class TLSClientStream(anyio.abc.ByteStream):
         4.6.2) and send Certificate, CertificateVerify and Finished. Other
         tasks may send application data meanwhile.
 
-        NOTE: this runs inside `receive`, so data the server sends after
-        its CertificateRequest is delivered only once the signature is
-        done; a signer that waits for a touch stalls that direction.
+        NOTE: this runs inside `receive`. Data the server sends after its
+        CertificateRequest is delivered only after the signature, so a
+        signer that waits for a touch stalls that direction.
         """
         signature = await self._sign(event)
         try:
