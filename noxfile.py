@@ -102,6 +102,8 @@ def fuzz(session: nox.Session) -> None:
     so the default tests replay it.
     """
     corpus = ROOT / ".nox" / "fuzz-corpus"
+    fuzz_directory = ROOT / "packages" / "kmsproxy-core" / "fuzz"
+    inputs = [fuzz_directory / "seeds", fuzz_directory / "regressions"]
     artifacts = ROOT / ".nox" / "fuzz-artifacts"
     corpus.mkdir(parents=True, exist_ok=True)
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -114,7 +116,7 @@ def fuzz(session: nox.Session) -> None:
         f"-artifact_prefix={artifacts}/",
         *arguments,
         str(corpus),
-        str(ROOT / "packages" / "kmsproxy-core" / "fuzz" / "seeds"),
+        *[str(directory) for directory in inputs if directory.is_dir()],
         external=True,
     )
 

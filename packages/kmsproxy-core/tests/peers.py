@@ -495,15 +495,26 @@ def go_executable() -> str:
     return _require("go")
 
 
+# The Go peer built by this process, reused by every later `build_go_server`
+# call so a test session compiles crypto/tls once, whichever module asks first.
+_go_server_binary: Path | None = None
+
+
 def build_go_server(build_directory: Path) -> Path:
     """Build the Go peer from `interop/go` into `build_directory`.
 
     The program imports only the standard library, so the build runs offline
     (GOPROXY=off) with the installed toolchain (GOTOOLCHAIN=local). The build
-    cache lives under `build_directory`.
+    cache lives under `build_directory`. Later calls in the same process
+    return the first binary, which stays valid because pytest keeps its
+    temporary directories until the session ends.
     """
+    global _go_server_binary
+    if _go_server_binary is not None and _go_server_binary.exists():
+        return _go_server_binary
     binary = build_directory / "tlspeer"
     if binary.exists():
+        _go_server_binary = binary
         return binary
     build_directory.mkdir(parents=True, exist_ok=True)
     environment = {
@@ -526,6 +537,7 @@ def build_go_server(build_directory: Path) -> Path:
     )
     if result.returncode != 0:
         raise PeerError(f"go build failed: {result.stdout}{result.stderr}")
+    _go_server_binary = binary
     return binary
 
 

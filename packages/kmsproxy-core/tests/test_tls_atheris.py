@@ -1,5 +1,5 @@
-"""The atheris fuzz target (`fuzz/fuzz_tls.py`) on a short budget, and every
-input in `fuzz/seeds` and `fuzz/regressions` replayed once.
+"""The atheris fuzz target (`fuzz/fuzz_tls.py`) on a short budget, starting
+from the inputs in `fuzz/seeds` and `fuzz/regressions`.
 
 A crashing input that fuzzing finds goes into `fuzz/regressions` (created
 with its first file), so every later run replays it.
@@ -51,26 +51,13 @@ def run_target(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess[s
 def test_fuzz_finds_no_crash(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    result = run_target(
-        tmp_path, f"-max_total_time={FUZZ_SECONDS}", str(corpus), str(SEEDS)
-    )
+    # libFuzzer first runs every file of the corpus directories, so the seeds
+    # and regression inputs are replayed before fuzzing starts.
+    directories = [str(d) for d in (corpus, SEEDS, REGRESSIONS) if d.is_dir()]
+    result = run_target(tmp_path, f"-max_total_time={FUZZ_SECONDS}", *directories)
     crashes = sorted(path.name for path in tmp_path.glob("crash-*"))
     done = _DONE.search(result.stderr)
     assert result.returncode == 0, result.stderr[-4000:]
     assert crashes == []
     assert done is not None, result.stderr[-4000:]
-    assert int(done.group(1)) > 0
-
-
-def test_fuzz_replays_seeds(tmp_path: Path) -> None:
-    inputs = [
-        str(path)
-        for directory in (SEEDS, REGRESSIONS)
-        if directory.is_dir()
-        for path in sorted(directory.iterdir())
-    ]
-    # Without input files libFuzzer would fuzz without end instead of replaying.
-    assert inputs
-    result = run_target(tmp_path, *inputs)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert f"Executed {inputs[-1]}" in result.stderr
+    assert int(done.group(1)) > len(list(SEEDS.iterdir()))
