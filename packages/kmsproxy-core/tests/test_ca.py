@@ -4,29 +4,45 @@ from __future__ import annotations
 
 import datetime
 import ssl
+import subprocess
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
 
 import anyio
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pki import KeyType, generate_key, issue, make_ca
 
+import kmsproxy.ca
 from kmsproxy.ca import (
+    CA_LIFETIME,
     CLOCK_SKEW_ALLOWANCE,
     MINTED_MAX_LIFETIME,
     LeafMinter,
     LeafRequest,
     LocalCA,
+    MintError,
     create_ca_certificate,
+    leaf_request_for_listener,
     leaf_request_for_upstream,
 )
+from kmsproxy.errors import UserError
+from kmsproxy.plugins.file import load_private_key
 from kmsproxy.signer import SignatureScheme, SignerError, SoftwareSigner
 
 pytestmark = pytest.mark.anyio
 
 NOW = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+
+# Maximum seconds for one openssl command; each takes milliseconds.
+OPENSSL_TIMEOUT_SECONDS = 30
+
+# An SKI that no key hash produces, as another tool or an HSM may set it.
+OTHER_TOOL_SKI = bytes(range(1, 21))
 
 
 @pytest.fixture
@@ -215,3 +231,203 @@ def test_init_certificate_is_ca() -> None:
     names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     assert names[0].value == "my CA"
     certificate.verify_directly_issued_by(certificate)
+
+
+def run_openssl(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["openssl", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=OPENSSL_TIMEOUT_SECONDS,
+        check=False,
+    )
+
+
+def write_pem(path: Path, certificate: x509.Certificate) -> Path:
+    path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def openssl_ca(directory: Path) -> tuple[Path, Path]:
+    """Create a CA with `openssl req -x509` and an SKI that is not SHA-1."""
+    key_path = directory / "other.key"
+    certificate_path = directory / "other.crt"
+    result = run_openssl(
+        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+        "-nodes", "-keyout", key_path, "-out", certificate_path,
+        "-subj", "/CN=Other Tool CA", "-days", "2",
+        "-addext", f"subjectKeyIdentifier={OTHER_TOOL_SKI.hex()}",
+        # OpenSSL 3.0 otherwise adds an AKI from the key hash, not this SKI.
+        "-addext", "authorityKeyIdentifier=keyid",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return key_path, certificate_path
+
+
+async def test_aki_copies_ca_ski(tmp_path: Path) -> None:
+    key_path, certificate_path = openssl_ca(tmp_path)
+    certificate = x509.load_pem_x509_certificate(certificate_path.read_bytes())
+    key = load_private_key(key_path)
+    ca = LocalCA(certificate, SoftwareSigner(key, str(key_path)))
+    leaf = await ca.mint_leaf(LeafRequest("a.test", ("a.test",)), leaf_key())
+    aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    assert aki.key_identifier == OTHER_TOOL_SKI
+    result = run_openssl(
+        "verify", "-CAfile", certificate_path, write_pem(tmp_path / "leaf.crt", leaf)
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_aki_computed_without_ski() -> None:
+    ca_key = generate_key("p256")
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "no SKI")])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(NOW - datetime.timedelta(hours=1))
+        .not_valid_after(NOW + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca = LocalCA(certificate, SoftwareSigner(ca_key, "ca.key"))
+    leaf = await ca.mint_leaf(LeafRequest("a.test", ("a.test",)), leaf_key())
+    aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    expected = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    assert aki.key_identifier == expected.digest
+
+
+def hostile_upstream(
+    common_name: str | None, dns_names: Sequence[str]
+) -> x509.Certificate:
+    """Issue an upstream leaf whose names cryptography would not build.
+
+    A trusted but hostile (or just unusual) CA can sign such names, so the
+    test builds them with cryptography's unvalidated constructors.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return _sign_unvalidated(common_name, dns_names)
+
+
+def _sign_unvalidated(
+    common_name: str | None, dns_names: Sequence[str]
+) -> x509.Certificate:
+    ca = make_ca()
+    key = generate_key("p256")
+    attributes = []
+    if common_name is not None:
+        attributes.append(
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name, _validate=False)
+        )
+    sans: list[x509.GeneralName] = [
+        x509.DNSName._init_without_validation(n) for n in dns_names
+    ]
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(attributes))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - datetime.timedelta(hours=1))
+        .not_valid_after(NOW + datetime.timedelta(days=1))
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), False)
+    return builder.sign(ca.key, hashes.SHA256())
+
+
+def minted_names(leaf: x509.Certificate) -> tuple[list[str], list[str]]:
+    """Return the minted leaf's CN values and DNS SANs."""
+    common_names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    return [str(a.value) for a in common_names], sans.value.get_values_for_type(
+        x509.DNSName
+    )
+
+
+async def mint_for(upstream: x509.Certificate, host: str) -> x509.Certificate:
+    minter = LeafMinter(local_ca())
+    await minter.context_for_upstream(upstream, host)
+    return minter._cache[next(iter(minter._cache))].certificate
+
+
+async def test_long_utf8_cn_replaced() -> None:
+    upstream = hostile_upstream("é" * 40, ["up.test"])
+    common_names, dns_names = minted_names(await mint_for(upstream, "up.test"))
+    assert common_names == ["up.test"]
+    assert dns_names == ["up.test"]
+
+
+async def test_empty_cn_replaced() -> None:
+    upstream = hostile_upstream("", ["up.test"])
+    common_names, _ = minted_names(await mint_for(upstream, "up.test"))
+    assert common_names == ["up.test"]
+
+
+async def test_unicode_dns_name_as_a_label() -> None:
+    upstream = hostile_upstream("up", ["up.test", "bücher.test"])
+    _, dns_names = minted_names(await mint_for(upstream, "up.test"))
+    assert dns_names == ["up.test", "xn--bcher-kva.test"]
+
+
+@pytest.mark.parametrize("wildcard", ["*", "*.test", "a*.b.test", "*.*.b.test"])
+async def test_odd_wildcard_dropped(wildcard: str) -> None:
+    upstream = hostile_upstream("up", ["up.test", wildcard])
+    _, dns_names = minted_names(await mint_for(upstream, "up.test"))
+    assert dns_names == ["up.test"]
+
+
+async def test_cn_dropped_when_host_too_long() -> None:
+    host = ".".join(["a" * 60] * 2)
+    upstream = hostile_upstream(None, [host])
+    leaf = await mint_for(upstream, host)
+    common_names, dns_names = minted_names(leaf)
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert common_names == []
+    assert dns_names == [host]
+    assert san.critical is True
+
+
+async def test_no_usable_name_raises() -> None:
+    upstream = hostile_upstream("up", [])
+    with pytest.raises(MintError, match="a b"):
+        await LeafMinter(local_ca()).context_for_upstream(upstream, "a b")
+
+
+async def test_hung_ca_signer_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kmsproxy.ca, "CA_SIGN_TIMEOUT_SECONDS", 0.2)
+    ca = make_ca()
+
+    class Hung(SoftwareSigner):
+        async def sign(self, data: bytes, scheme: SignatureScheme) -> bytes:
+            await anyio.sleep_forever()
+            raise AssertionError("unreachable")
+
+    minter = LeafMinter(LocalCA(ca.cert, Hung(ca.key, "hung")))
+    upstream = issue(make_ca(), "u", dns_names=("b.test",))
+    with anyio.fail_after(5):
+        with pytest.raises(MintError, match=r"did not sign within 0\.2 s"):
+            await minter.context_for_upstream(upstream.cert, "b.test")
+
+
+def test_ca_without_ca_flag_rejected() -> None:
+    upstream = issue(make_ca(), "leaf", dns_names=("a.test",))
+    with pytest.raises(UserError, match="is not a CA"):
+        LocalCA(upstream.cert, SoftwareSigner(upstream.key, "leaf.key"))
+
+
+def test_expired_ca_rejected() -> None:
+    key = generate_key("p256")
+    certificate = create_ca_certificate(
+        key, "old CA", now=NOW - CA_LIFETIME - datetime.timedelta(days=1)
+    )
+    with pytest.raises(UserError, match="expired"):
+        LocalCA(certificate, SoftwareSigner(key, "ca.key"))
+
+
+async def test_listener_skips_unspecified_address() -> None:
+    request = leaf_request_for_listener("0.0.0.0")  # noqa: S104
+    assert "0.0.0.0" not in request.ip_addresses  # noqa: S104

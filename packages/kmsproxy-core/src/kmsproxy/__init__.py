@@ -16,7 +16,7 @@ Embedding the proxy in another anyio program::
 
 from importlib.metadata import PackageNotFoundError, version
 
-from kmsproxy.ca import LeafMinter, LocalCA
+from kmsproxy.ca import LeafMinter, LocalCA, MintError
 from kmsproxy.certificates import CertificateError, CertificateSource
 from kmsproxy.config import ProxyConfig
 from kmsproxy.errors import UserError
@@ -47,6 +47,7 @@ __all__ = [
     "KeyURI",
     "LeafMinter",
     "LocalCA",
+    "MintError",
     "Proxy",
     "ProxyAddresses",
     "ProxyConfig",

@@ -23,8 +23,11 @@ import hashlib
 import ipaddress
 import logging
 import os
+import re
+import secrets
 import ssl
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from kmsproxy.errors import UserError
 from kmsproxy.signer import PrivateKey, SignatureScheme, Signer, SignerError
 
 logger = logging.getLogger(__name__)
@@ -60,6 +64,40 @@ CONTEXT_CACHE_SIZE = 256
 # Lifetime of a CA created by `kmsproxy init`: ten years, because users
 # install it in trust stores by hand and re-trusting it is a chore.
 CA_LIFETIME = datetime.timedelta(days=3650)
+
+# Maximum seconds the CA `Signer` may take for one certificate. A hardware
+# CA key can wait for a touch or a PIN, so this allows a person to act. A
+# hung device then fails the mint and frees the upstream's lock, instead of
+# stalling every later CONNECT to that upstream. The proxy may wrap the
+# whole mint in a shorter timeout of its own.
+CA_SIGN_TIMEOUT_SECONDS = 30.0
+
+# X.520 ub-common-name is 64 characters, but `cryptography` limits the
+# encoded CN to 64 bytes, so a longer CN is dropped and the SANs carry the
+# names (RFC 6125 clients match SANs only).
+MAX_COMMON_NAME_BYTES = 64
+
+# RFC 1035 section 2.3.4: at most 253 characters in a name written without
+# the trailing dot, and at most 63 in each label.
+MAX_DNS_NAME_LENGTH = 253
+MAX_DNS_LABEL_LENGTH = 63
+
+# One DNS label in A-label form. The underscore is allowed because the
+# CONNECT parser allows it (service names such as `_acme.example`).
+_DNS_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")
+
+
+class MintError(Exception):
+    """Minting a leaf for `host` failed; `reason` says why.
+
+    The names of a trusted upstream certificate leave nothing that can be
+    encoded, or the CA `Signer` failed or timed out.
+    """
+
+    def __init__(self, host: str, reason: str) -> None:
+        super().__init__(f"cannot mint a certificate for {host!r}: {reason}")
+        self.host = host
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -107,9 +145,19 @@ class LocalCA:
                 f"{signer.uri}: the CA key does not match the CA certificate "
                 f"{certificate.subject.rfc4514_string()!r}"
             )
+        _check_ca_certificate(certificate)
         self.certificate = certificate
         self.signer = signer
         self.scheme = choose_ca_scheme(signer)
+        self._authority_key_identifier = _authority_key_identifier(certificate)
+        if self.scheme in (SignatureScheme.ed25519, SignatureScheme.ed448):
+            logger.warning(
+                "The CA key is %s: browsers and most TLS clients reject "
+                "certificates signed with it; use an ECDSA P-256 CA "
+                "ca=%s",
+                self.scheme.name,
+                certificate.subject.rfc4514_string(),
+            )
         self._template_key: PrivateKey | None = None
         self.signed_count = 0
 
@@ -125,7 +173,15 @@ class LocalCA:
         tbs = template.tbs_certificate_bytes
         algorithm = _algorithm_identifier(template.public_bytes(_DER))
         # Step 2: the CA key signs the TBS. Step 3: assemble the Certificate.
-        signature = await self.signer.sign(tbs, self.scheme)
+        try:
+            with anyio.fail_after(CA_SIGN_TIMEOUT_SECONDS):
+                signature = await self.signer.sign(tbs, self.scheme)
+        except TimeoutError:
+            raise SignerError(
+                f"{self.signer.uri}: the CA key did not sign within "
+                f"{CA_SIGN_TIMEOUT_SECONDS:g} s; check that the device is "
+                "present and unlocked"
+            ) from None
         der = _der_sequence(tbs + algorithm + _der_bit_string(signature))
         certificate = x509.load_der_x509_certificate(der)
         try:
@@ -167,17 +223,27 @@ class LocalCA:
 
         Validity starts `CLOCK_SKEW_ALLOWANCE` back and ends at the earliest
         of `request.not_after`, `MINTED_MAX_LIFETIME` from now and the CA's
-        own expiry.
+        own expiry. Names that X.509 cannot encode are dropped. Raise
+        `MintError` when no SAN remains, and `SignerError` when the CA key
+        fails or takes longer than `CA_SIGN_TIMEOUT_SECONDS`.
         """
         now = now or datetime.datetime.now(datetime.UTC)
         not_after = min(now + MINTED_MAX_LIFETIME, self.certificate.not_valid_after_utc)
         if request.not_after is not None:
             not_after = min(not_after, request.not_after)
         not_before = min(now - CLOCK_SKEW_ALLOWANCE, not_after)
-        names: list[x509.GeneralName] = [x509.DNSName(n) for n in request.dns_names]
-        names += [x509.IPAddress(ipaddress.ip_address(a)) for a in request.ip_addresses]
+        names = _subject_alternative_names(request)
+        if not names:
+            raise MintError(
+                request.common_name,
+                "the upstream certificate has no DNS name or IP address that a "
+                "certificate can carry",
+            )
+        common_name = _encodable_common_name(request.common_name)
         subject = x509.Name(
-            [x509.NameAttribute(NameOID.COMMON_NAME, request.common_name[:64])]
+            [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+            if common_name is not None
+            else []
         )
         builder = (
             x509.CertificateBuilder()
@@ -207,17 +273,13 @@ class LocalCA:
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
                 critical=False,
             )
+            .add_extension(self._authority_key_identifier, critical=False)
+            # RFC 5280 section 4.2.1.6: with an empty subject, the SAN
+            # extension must be critical.
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                    self.signer.public_key()
-                ),
-                critical=False,
+                x509.SubjectAlternativeName(names), critical=common_name is None
             )
         )
-        if names:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(names), critical=False
-            )
         return await self.sign(builder)
 
 
@@ -230,9 +292,19 @@ def leaf_request_for_upstream(
 
     The CONNECT host is always among the SANs, so the client's name check
     passes even when the upstream was reached by an IP address or unverified.
+    A trusted upstream may still carry names that X.509 cannot encode again:
+    a CN over 64 bytes, an empty CN, a Unicode DNS name or a malformed
+    wildcard. Such a CN falls back to `server_name` (or to none), Unicode
+    names become A-labels, and the rest are dropped.
     """
-    common_names = upstream_leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    common_name = str(common_names[0].value) if common_names else server_name
+    with warnings.catch_warnings():
+        # cryptography warns about a CN it would not create, such as "".
+        warnings.simplefilter("ignore", UserWarning)
+        common_names = upstream_leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    candidates = [str(common_names[0].value)] if common_names else []
+    common_name = next(
+        (c for c in [*candidates, server_name] if _encodable_common_name(c)), ""
+    )
     dns_names: list[str] = []
     ip_addresses: list[str] = []
     try:
@@ -241,15 +313,24 @@ def leaf_request_for_upstream(
         ).value
         dns_names = list(sans.get_values_for_type(x509.DNSName))
         ip_addresses = [str(a) for a in sans.get_values_for_type(x509.IPAddress)]
-    except x509.ExtensionNotFound:
+    except (x509.ExtensionNotFound, ValueError):
+        # cryptography raises ValueError while parsing a malformed SAN.
         pass
     try:
         ip_addresses.append(str(ipaddress.ip_address(server_name)))
     except ValueError:
         dns_names.append(server_name)
+    a_labels = (_dns_name_for_san(name) for name in dns_names)
+    valid_dns_names = tuple(dict.fromkeys(n for n in a_labels if n is not None))
+    if not valid_dns_names and not ip_addresses:
+        raise MintError(
+            server_name,
+            "neither the host nor the upstream certificate has a DNS name or "
+            "IP address that a certificate can carry",
+        )
     return LeafRequest(
         common_name=common_name,
-        dns_names=tuple(dict.fromkeys(dns_names)),
+        dns_names=valid_dns_names,
         ip_addresses=tuple(dict.fromkeys(ip_addresses)),
         not_after=upstream_leaf.not_valid_after_utc,
         alpn_protocols=tuple(alpn_protocols),
@@ -261,9 +342,13 @@ def leaf_request_for_listener(host: str) -> LeafRequest:
     dns_names = ["localhost"]
     ip_addresses = ["127.0.0.1", "::1"]
     try:
-        ip_addresses.append(str(ipaddress.ip_address(host)))
+        address = ipaddress.ip_address(host)
     except ValueError:
         dns_names.append(host.lower())
+    else:
+        # No client connects to 0.0.0.0 or ::, so they are no use as a SAN.
+        if not address.is_unspecified:
+            ip_addresses.append(str(address))
     return LeafRequest(
         common_name=host,
         dns_names=tuple(dict.fromkeys(dns_names)),
@@ -306,10 +391,20 @@ class LeafMinter:
         server_name: str,
         alpn_protocols: Sequence[str] = (),
     ) -> ssl.SSLContext:
-        """Return a server context whose leaf mirrors `upstream_leaf`."""
+        """Return a server context whose leaf mirrors `upstream_leaf`.
+
+        Raise `MintError` when the names cannot be encoded, or when the CA
+        key fails or takes longer than `CA_SIGN_TIMEOUT_SECONDS`.
+        """
         fingerprint = upstream_leaf.fingerprint(hashes.SHA256())
         request = leaf_request_for_upstream(upstream_leaf, server_name, alpn_protocols)
-        return await self._context((fingerprint, request), request)
+        try:
+            return await self._context((fingerprint, request), request)
+        except MintError:
+            raise
+        except (SignerError, ValueError) as error:
+            # ValueError: cryptography rejected a name the filters let pass.
+            raise MintError(server_name, str(error)) from error
 
     async def context_for_listener(self, host: str) -> ssl.SSLContext:
         """Return the context for the proxy's own TLS port (and the PAC port)."""
@@ -375,25 +470,28 @@ def server_context(
 
     `ssl` loads certificates only from files, so the PEM goes into a private
     (mode 0700) temporary directory and is unlinked as soon as it is loaded.
+    The key is written encrypted under a one-off password, so a copy left on
+    a disk-backed temporary directory after a crash reveals nothing.
     """
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if alpn_protocols:
         context.set_alpn_protocols(list(alpn_protocols))
     chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
+    password = secrets.token_bytes(32)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
+        serialization.BestAvailableEncryption(password),
     )
+    # mkdtemp, under TemporaryDirectory, creates the directory with mode 0700.
     with tempfile.TemporaryDirectory(prefix="kmsproxy-") as directory:
-        os.chmod(directory, 0o700)
         chain_path = Path(directory, "chain.pem")
         key_path = Path(directory, "key.pem")
         _write_private(chain_path, chain_pem)
         _write_private(key_path, key_pem)
         try:
-            context.load_cert_chain(chain_path, key_path)
+            context.load_cert_chain(chain_path, key_path, password=password)
         finally:
             key_path.unlink()
             chain_path.unlink()
@@ -453,6 +551,117 @@ def create_ca_certificate(
         if private_key.curve.key_size > 256:
             return builder.sign(private_key, hashes.SHA384())
     return builder.sign(private_key, hashes.SHA256())
+
+
+def _check_ca_certificate(certificate: x509.Certificate) -> None:
+    """Raise `UserError` for a CA certificate that cannot issue leaves now."""
+    subject = certificate.subject.rfc4514_string()
+    try:
+        constraints = certificate.extensions.get_extension_for_class(
+            x509.BasicConstraints
+        ).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is None or not constraints.ca:
+        raise UserError(
+            f"CA certificate {subject!r} is not a CA (basicConstraints cA is "
+            "not set); create one with `kmsproxy init`"
+        )
+    try:
+        usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is not None and not usage.key_cert_sign:
+        raise UserError(
+            f"CA certificate {subject!r} may not sign certificates (keyUsage "
+            "lacks keyCertSign); create one with `kmsproxy init`"
+        )
+    not_after = certificate.not_valid_after_utc
+    if not_after <= datetime.datetime.now(datetime.UTC):
+        raise UserError(
+            f"CA certificate {subject!r} expired at {not_after.isoformat()}; "
+            "renew it, or create a new CA with `kmsproxy init --force`"
+        )
+
+
+def _authority_key_identifier(
+    certificate: x509.Certificate,
+) -> x509.AuthorityKeyIdentifier:
+    """Return the AKI for leaves of `certificate`, RFC 5280 section 4.2.1.1.
+
+    OpenSSL finds the issuer by matching the leaf's AKI with the CA's SKI,
+    and a CA made by another tool (or with an RFC 7093 SHA-256 SKI) need not
+    use the SHA-1 form that `from_issuer_public_key` computes, so the CA's
+    own SKI is copied when it has one.
+    """
+    try:
+        ski = certificate.extensions.get_extension_for_class(
+            x509.SubjectKeyIdentifier
+        ).value
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            certificate.public_key()  # type: ignore[arg-type]
+        )
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def _encodable_common_name(name: str) -> str | None:
+    """Return `name` when it fits a CN attribute, else None."""
+    if not name or len(name.encode("utf-8")) > MAX_COMMON_NAME_BYTES:
+        return None
+    return name
+
+
+def _dns_name_for_san(name: str) -> str | None:
+    """Return `name` as an A-label dNSName for a SAN, or None if it has none.
+
+    A Unicode name is converted with IDNA 2003 (the stdlib codec). A
+    wildcard is kept only as the whole leftmost label above at least two
+    more labels (RFC 6125 section 6.4.3), so `*`, `*.com` and `a*.b.c` go.
+    """
+    name = name.rstrip(".").lower()
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    if not name or len(name) > MAX_DNS_NAME_LENGTH:
+        return None
+    labels = name.split(".")
+    if labels[0] == "*":
+        if len(labels) < 3:
+            return None
+        labels = labels[1:]
+    for label in labels:
+        if len(label) > MAX_DNS_LABEL_LENGTH or not _DNS_LABEL.fullmatch(label):
+            return None
+    return name
+
+
+def _subject_alternative_names(request: LeafRequest) -> list[x509.GeneralName]:
+    """Return the request's encodable SANs; with none, the CN as a SAN.
+
+    Clients match host names against SANs only (RFC 6125), so a leaf whose
+    request names no SAN carries its CN there.
+    """
+    dns_names = request.dns_names
+    ip_addresses = request.ip_addresses
+    if not dns_names and not ip_addresses:
+        try:
+            ip_addresses = (str(ipaddress.ip_address(request.common_name)),)
+        except ValueError:
+            dns_names = (request.common_name,)
+    names: list[x509.GeneralName] = []
+    for text in dns_names:
+        name = _dns_name_for_san(text)
+        if name is not None:
+            names.append(x509.DNSName(name))
+    for text in ip_addresses:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(text)))
+        except ValueError:
+            continue
+    return list(dict.fromkeys(names))
 
 
 def _template_key_for(scheme: SignatureScheme) -> PrivateKey:
