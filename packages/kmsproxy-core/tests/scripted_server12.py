@@ -183,9 +183,16 @@ class ScriptedServer12:
                 private_key.curve, client_public
             )
             premaster = private_key.exchange(ec.ECDH(), point)
-        self.master_secret = extended_master_secret(
-            self.suite, premaster, self.hash(bytes(self.transcript))
+        self.set_master_secret(
+            extended_master_secret(
+                self.suite, premaster, self.hash(bytes(self.transcript))
+            )
         )
+
+    def set_master_secret(self, master_secret: bytes) -> None:
+        """Use `master_secret` (new, or a resumed session's) and derive the
+        keys each side switches to after its change_cipher_spec."""
+        self.master_secret = master_secret
         assert self.client_hello is not None
         keys = key_block(
             self.suite, self.master_secret, self.client_hello.random, self.server_random
@@ -304,8 +311,11 @@ class ScriptedServer12:
         if corrupt:
             verify_data = bytes([verify_data[0] ^ 1]) + verify_data[1:]
         self.server_verify_data = verify_data
-        self.pending = None
         return records + self.handshake(m12.push_finished12(verify_data))
+
+    def new_session_ticket(self, ticket: bytes, hint: int = 3600) -> bytes:
+        message = m12.NewSessionTicket12(hint, ticket)
+        return self.handshake(m12.push_new_session_ticket12(message))
 
     def hello_request(self) -> bytes:
         """HelloRequest, which is not part of any transcript."""

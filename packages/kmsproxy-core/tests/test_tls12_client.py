@@ -28,9 +28,15 @@ from kmsproxy.tls.events import (
     SignatureRequested,
 )
 from kmsproxy.tls.records import ContentType
+from kmsproxy.tls.session_cache import SessionCache
 from kmsproxy.tls.tls12 import messages12 as m12
 from kmsproxy.tls.tls12.client12 import ClientConnection12, State12
 from kmsproxy.tls.tls12.key_schedule12 import CIPHER_SUITES12, CipherSuite12
+from kmsproxy.tls.tls12.session12 import (
+    DEFAULT_TICKET_LIFETIME_SECONDS,
+    MAX_TICKET12_LIFETIME_SECONDS,
+    ticket_lifetime,
+)
 from kmsproxy.tls.verify import TrustStore
 
 CA = make_ca()
@@ -789,3 +795,160 @@ def test_hand_over_completes() -> None:
 def test_hand_over_downgrade_sentinel() -> None:
     with pytest.raises(alerts.IllegalParameter, match="downgrade"):
         handed_over(bytes(24) + m.DOWNGRADE_SENTINELS[0])
+
+
+# Resumption with RFC 5077 tickets
+
+
+class Clock:
+    """A session cache clock that tests move by hand, in seconds."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def cached_client(cache: SessionCache, **settings: object) -> ClientConnection12:
+    config = TLSClientConfig(
+        "server.test",
+        session_cache=cache,
+        session_key="server.test:443",
+        **settings,  # type: ignore[arg-type]
+    )
+    return ClientConnection12(config)
+
+
+def ticket_extensions(server: ScriptedServer12) -> list[m.Extension]:
+    return [
+        *ScriptedServer12.server_hello_extensions(server),
+        (E12.session_ticket, b""),
+    ]
+
+
+def full_handshake_with_ticket(
+    cache: SessionCache, ticket: bytes = b"ticket-1", **settings: object
+) -> tuple[ClientConnection12, ScriptedServer12]:
+    client = cached_client(cache, **settings)
+    client.start()
+    server = ScriptedServer12(SERVER)
+    server.read_client_hello(client.data_to_send())
+    client.receive_data(
+        server.server_hello(ticket_extensions(server))
+        + server.certificate()
+        + server.server_key_exchange()
+        + server.server_hello_done()
+    )
+    server.read_client_flight(client.data_to_send())
+    client.receive_data(server.new_session_ticket(ticket) + server.finished())
+    return client, server
+
+
+def resume(
+    cache: SessionCache, master_secret: bytes, new_ticket: bytes | None
+) -> tuple[ClientConnection12, ScriptedServer12, ClientFlight]:
+    """Run an abbreviated handshake that accepts the offered ticket."""
+    client = cached_client(cache)
+    client.start()
+    server = ScriptedServer12(SERVER)
+    hello = server.read_client_hello(client.data_to_send())
+    extensions = server.server_hello_extensions()
+    if new_ticket is not None:
+        extensions = ticket_extensions(server)
+    wire = server.server_hello(
+        extensions, legacy_session_id_echo=hello.legacy_session_id
+    )
+    server.set_master_secret(master_secret)
+    if new_ticket is not None:
+        wire += server.new_session_ticket(new_ticket)
+    client.receive_data(wire + server.finished())
+    return client, server, server.read_client_flight(client.data_to_send())
+
+
+def test_ticket_requested_and_stored() -> None:
+    cache = SessionCache(clock=Clock())
+    client, server = full_handshake_with_ticket(cache)
+    assert server.client_extension(E12.session_ticket) == b""
+    assert client.handshake_complete
+    session = cache.take_tls12("server.test:443")
+    assert session is not None
+    assert session.ticket == b"ticket-1"
+    assert session.master_secret == server.master_secret
+    assert session.lifetime == 3600
+    assert session.peer_chain == tuple(SERVER.chain)
+
+
+def test_resumption_skips_signature() -> None:
+    cache = SessionCache(clock=Clock())
+    first, server = full_handshake_with_ticket(cache, identities=[identity(CLIENT)])
+    client, resumed_server, flight = resume(cache, server.master_secret, b"ticket-2")
+    hello = resumed_server.client_hello
+    assert hello is not None
+    assert resumed_server.client_extension(E12.session_ticket) == b"ticket-1"
+    assert len(hello.legacy_session_id) == 32
+    assert client.resumed
+    assert client.handshake_complete
+    assert client.peer_chain == SERVER.chain
+    assert [type(e) for e in events(client)] == [HandshakeComplete]
+    assert flight.certificate is None
+    assert flight.client_key_exchange == b""
+    assert flight.finished == resumed_server.client_verify_data
+    session = cache.take_tls12("server.test:443")
+    assert session is not None
+    assert session.ticket == b"ticket-2"
+    assert first.resumed is False
+
+
+def test_resumption_keeps_ticket_without_new_one() -> None:
+    cache = SessionCache(clock=Clock())
+    _, server = full_handshake_with_ticket(cache)
+    client, _, _ = resume(cache, server.master_secret, None)
+    assert client.resumed
+    session = cache.take_tls12("server.test:443")
+    assert session is not None
+    assert session.ticket == b"ticket-1"
+
+
+def test_resumption_with_other_suite() -> None:
+    cache = SessionCache(clock=Clock())
+    full_handshake_with_ticket(cache)
+    client = cached_client(cache)
+    client.start()
+    server = ScriptedServer12(SERVER, C.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384)
+    hello = server.read_client_hello(client.data_to_send())
+    wire = server.server_hello(legacy_session_id_echo=hello.legacy_session_id)
+    expect_alert(client, wire, alerts.IllegalParameter)
+
+
+def test_expired_session_not_offered() -> None:
+    clock = Clock()
+    cache = SessionCache(clock=clock)
+    full_handshake_with_ticket(cache)
+    clock.now += 3600
+    client = cached_client(cache)
+    client.start()
+    server = ScriptedServer12(SERVER)
+    hello = server.read_client_hello(client.data_to_send())
+    assert server.client_extension(E12.session_ticket) == b""
+    assert hello.legacy_session_id == b""
+
+
+def test_empty_ticket_not_stored() -> None:
+    cache = SessionCache(clock=Clock())
+    client, _ = full_handshake_with_ticket(cache, ticket=b"")
+    assert client.handshake_complete
+    assert cache.take_tls12("server.test:443") is None
+
+
+def test_ticket_lifetime_hint_zero() -> None:
+    assert ticket_lifetime(0) == DEFAULT_TICKET_LIFETIME_SECONDS
+    assert ticket_lifetime(10**9) == MAX_TICKET12_LIFETIME_SECONDS
+
+
+def test_cache_clear_drops_sessions() -> None:
+    cache = SessionCache(clock=Clock())
+    full_handshake_with_ticket(cache)
+    assert len(cache) == 1
+    cache.clear()
+    assert cache.take_tls12("server.test:443") is None

@@ -22,6 +22,7 @@ from kmsproxy.signer import SignatureScheme, SoftwareSigner
 from kmsproxy.tls import (
     AlertReceived,
     ClientIdentity,
+    SessionCache,
     TLSClientConfig,
     TLSClientStream,
     TrustStore,
@@ -305,6 +306,51 @@ async def test_s_server_renegotiation_certificate(files: Files) -> None:
     assert stream.connection.renegotiations == 1  # type: ignore[attr-defined]
     assert stream.client_identity == identity
     assert signer.signed == [SignatureScheme.rsa_pkcs1_sha256]
+
+
+# Resumption with RFC 5077 tickets
+
+# Sequential connections in the resumption test: the count the proxy's
+# resumption requirement names for one upstream.
+RESUMED_CONNECTIONS = 50
+
+
+async def test_s_server_tickets_one_signature(files: Files) -> None:
+    identity, signer = files.client("p256")
+    config = TLSClientConfig(
+        SERVER_NAME,
+        [identity],
+        files.trust,
+        session_cache=SessionCache(),
+        session_key="s_server",
+    )
+    resumed = []
+    with start_s_server12(files, "p256") as peer:
+        for _ in range(RESUMED_CONNECTIONS):
+            stream, response = await www_get(peer, config)
+            resumed.append(stream.resumed)
+    assert resumed == [False] + [True] * (RESUMED_CONNECTIONS - 1)
+    assert signer.signed == [SignatureScheme.ecdsa_secp256r1_sha256]
+    # s_server -www reports a resumed session as "Reused".
+    assert b"Reused, TLSv1.2" in response
+
+
+async def test_s_server_without_tickets(files: Files) -> None:
+    identity, signer = files.client("p256")
+    config = TLSClientConfig(
+        SERVER_NAME,
+        [identity],
+        files.trust,
+        session_cache=SessionCache(),
+        session_key="s_server",
+    )
+    with start_s_server12(files, "p256", "-no_ticket") as peer:
+        first, _ = await www_get(peer, config)
+        second, response = await www_get(peer, config)
+    assert not first.resumed
+    assert not second.resumed
+    assert len(signer.signed) == 2
+    assert b"New, TLSv1.2" in response
 
 
 # nginx with ssl_protocols TLSv1.2

@@ -19,6 +19,7 @@ from cryptography import x509
 
 from .config import ClientIdentity
 from .key_schedule import CipherSuite
+from .tls12.session12 import Session12
 
 # Upper bound on ticket_lifetime, in seconds: RFC 8446 section 4.6.1 forbids
 # servers to send more than 7 days and clients to use a ticket longer.
@@ -86,11 +87,14 @@ class SessionCache:
         self.clock = clock
         self._lock = threading.Lock()
         self._tickets: OrderedDict[Hashable, list[SessionTicket]] = OrderedDict()
+        # TLS 1.2 sessions, one per key, because an RFC 5077 ticket may be reused.
+        self._sessions12: OrderedDict[Hashable, Session12] = OrderedDict()
 
     def __len__(self) -> int:
         """Number of tickets stored, expired ones included until next use."""
         with self._lock:
-            return sum(len(tickets) for tickets in self._tickets.values())
+            count = sum(len(tickets) for tickets in self._tickets.values())
+            return count + len(self._sessions12)
 
     def put(self, key: Hashable, ticket: SessionTicket) -> None:
         """Store `ticket` as the newest for `key`, dropping the oldest beyond
@@ -125,7 +129,29 @@ class SessionCache:
                 del self._tickets[key]
             return ticket
 
+    def put_tls12(self, key: Hashable, session: Session12) -> None:
+        """Store `session` as the TLS 1.2 session for `key`, replacing the
+        previous one and dropping the least recently used key beyond the
+        key bound."""
+        with self._lock:
+            self._sessions12.pop(key, None)
+            self._sessions12[key] = session
+            while len(self._sessions12) > self.max_keys:
+                self._sessions12.popitem(last=False)
+
+    def take_tls12(self, key: Hashable) -> Session12 | None:
+        """Remove and return the unexpired TLS 1.2 session for `key`. The
+        client stores it again after a resumption that brings no new
+        ticket."""
+        now = self.clock()
+        with self._lock:
+            session = self._sessions12.pop(key, None)
+            if session is None or session.expired(now):
+                return None
+            return session
+
     def clear(self) -> None:
         """Drop every ticket, for example after client identities reload."""
         with self._lock:
             self._tickets.clear()
+            self._sessions12.clear()

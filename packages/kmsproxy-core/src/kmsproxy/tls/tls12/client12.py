@@ -100,6 +100,7 @@ from .messages12 import (
     push_finished12,
 )
 from .records12 import RecordCipher12, RecordLayer12
+from .session12 import Session12, ticket_lifetime
 
 # Largest handshake message we buffer: 100 KiB, the limit OpenSSL 3.0 puts
 # on a peer's certificate list by default (SSL_MAX_CERT_LIST_DEFAULT), as
@@ -216,6 +217,7 @@ class ClientConnection12:
         self._pending_write: RecordCipher12 | None = None
         self._certificate_request: CertificateRequest12 | None = None
         self._pending_signature: SignatureRequested | None = None
+        self._session: Session12 | None = None
 
         # The connection, across renegotiations.
         self._established = False
@@ -263,7 +265,13 @@ class ClientConnection12:
         """Queue a ClientHello that offers TLS 1.2 alone."""
         if self.state != State12.START:
             raise TLSError("the handshake has already started")
-        hello = build_client_hello12(self.config, self._random_bytes)
+        cache, key = self.config.session_cache, self.config.session_key
+        ticket = None
+        if cache is not None and key is not None:
+            self._session = cache.take_tls12(key)
+            # An empty extension asks for a ticket (RFC 5077 section 3.2).
+            ticket = self._session.ticket if self._session else b""
+        hello = build_client_hello12(self.config, self._random_bytes, ticket=ticket)
         self._send_client_hello(hello)
 
     def hand_over(
@@ -273,16 +281,19 @@ class ClientConnection12:
         server_hello_message: bytes,
         handshake_data: bytes = b"",
         record_data: bytes = b"",
+        session: Session12 | None = None,
     ) -> None:
         """Continue from a ServerHello that selected TLS 1.2 in response to a
         ClientHello offering TLS 1.3 and 1.2.
 
         `handshake_data` is what followed the ServerHello in its records,
-        `record_data` the received bytes not yet framed as records.
+        `record_data` the received bytes not yet framed as records, and
+        `session` the session whose ticket the ClientHello offered.
         """
         if self.state != State12.START:
             raise TLSError("the handshake has already started")
         self._offered_tls13 = True
+        self._session = session
         self._client_hello = client_hello
         self._transcript += client_hello_message
         self.state = State12.WAIT_SERVER_HELLO
@@ -551,17 +562,39 @@ class ClientConnection12:
             offered_tls13=self._offered_tls13,
             renegotiation_info=self._client_verify_data + self._server_verify_data,
         )
-        if negotiated.session_id_echoed:
-            # NOTE: session resumption is not implemented, so we never offer
-            # a ticket and an echoed session ID is a session we did not offer.
-            raise IllegalParameter("server resumed a session we did not offer")
         self._negotiated = negotiated
         self._server_random = hello.random
         if not self._established:
             self.secure_renegotiation = negotiated.secure_renegotiation
             self.alpn_protocol = negotiated.alpn_protocol
         self._transcript += message
-        self.state = State12.WAIT_CERTIFICATE
+        if negotiated.session_id_echoed:
+            self._resume(negotiated)
+        else:
+            self.state = State12.WAIT_CERTIFICATE
+
+    def _resume(self, negotiated: Negotiated12) -> None:
+        """Enter the abbreviated handshake (RFC 5077 section 3.1): the
+        server echoed the session ID sent with our ticket, so the keys come
+        from the stored master secret and the server finishes first."""
+        session = self._session
+        if session is None or self._established:
+            raise IllegalParameter("server resumed a session we did not offer")
+        if negotiated.suite.code != session.cipher_suite:
+            # RFC 5246 section 7.4.1.3: a resumed session keeps its suite.
+            raise IllegalParameter(
+                f"server resumed a {session.cipher_suite.name} session with "
+                f"{negotiated.suite.code.name}"
+            )
+        self.resumed = True
+        self.peer_chain = list(session.peer_chain)
+        self.client_identity = session.client_identity
+        self._master_secret = session.master_secret
+        self._derive_pending_keys()
+        if negotiated.ticket_expected:
+            self.state = State12.WAIT_NEW_SESSION_TICKET
+        else:
+            self.state = State12.WAIT_CHANGE_CIPHER_SPEC
 
     def _receive_certificate(self, certificate: Certificate12, message: bytes) -> None:
         if not certificate.certificate_list:
@@ -665,11 +698,7 @@ class ClientConnection12:
             suite, self._pre_master_secret, self._hash(bytes(self._transcript))
         )
         self._pre_master_secret = b""
-        keys = key_block(
-            suite, self._master_secret, self._client_hello.random, self._server_random
-        )
-        self._pending_write = RecordCipher12(suite, keys.client_key, keys.client_iv)
-        self._pending_read = RecordCipher12(suite, keys.server_key, keys.server_iv)
+        self._derive_pending_keys()
 
         # Step 3: CertificateVerify signs every handshake message so far
         # (RFC 5246 section 7.4.8); the caller's Signer produces it.
@@ -683,6 +712,16 @@ class ClientConnection12:
         )
         self._events.append(self._pending_signature)
         self.state = State12.WAIT_SIGNATURE
+
+    def _derive_pending_keys(self) -> None:
+        """Derive the keys each side uses after its change_cipher_spec."""
+        suite = self._suite
+        assert self._client_hello is not None
+        keys = key_block(
+            suite, self._master_secret, self._client_hello.random, self._server_random
+        )
+        self._pending_write = RecordCipher12(suite, keys.client_key, keys.client_iv)
+        self._pending_read = RecordCipher12(suite, keys.server_key, keys.server_iv)
 
     def _finish_client_flight_with(self, signature: bytes) -> None:
         pending = self._pending_signature
@@ -712,7 +751,9 @@ class ClientConnection12:
             self._send_application_data(bytes(self._deferred))
             self._deferred.clear()
         assert self._negotiated is not None
-        if self._negotiated.ticket_expected:
+        if self.resumed and not self._established:
+            self._complete_handshake()
+        elif self._negotiated.ticket_expected:
             self.state = State12.WAIT_NEW_SESSION_TICKET
         else:
             self.state = State12.WAIT_CHANGE_CIPHER_SPEC
@@ -729,10 +770,44 @@ class ClientConnection12:
         if self._handshake_buffer:
             raise UnexpectedMessage("handshake data continues past server Finished")
         self._server_verify_data = verify_data
+        self._transcript += message
+        if self.resumed and not self._established:
+            # The abbreviated handshake: our Finished comes second.
+            self._send_client_finished()
+        else:
+            self._complete_handshake()
+
+    def _complete_handshake(self) -> None:
         self._transcript.clear()
+        self._store_session()
         self._established = True
         self.state = State12.CONNECTED
         self._events.append(HandshakeComplete())
+
+    def _store_session(self) -> None:
+        """Keep the session for resumption: with the server's new ticket,
+        or with the ticket just used when the server sent none."""
+        cache, key = self.config.session_cache, self.config.session_key
+        if cache is None or key is None or self._established:
+            return
+        ticket = self.session_ticket
+        if ticket is not None and not ticket.ticket:
+            # RFC 5077 section 3.3: an empty ticket means none is issued.
+            return
+        if ticket is None:
+            if self.resumed and self._session is not None:
+                cache.put_tls12(key, self._session)
+            return
+        session = Session12(
+            ticket=ticket.ticket,
+            master_secret=self._master_secret,
+            cipher_suite=self._suite.code,
+            lifetime=ticket_lifetime(ticket.ticket_lifetime_hint),
+            received_at=cache.clock(),
+            peer_chain=tuple(self.peer_chain),
+            client_identity=self.client_identity,
+        )
+        cache.put_tls12(key, session)
 
 
 def _check_scheme_fits_key12(
