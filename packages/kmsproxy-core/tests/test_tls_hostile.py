@@ -29,6 +29,7 @@ from scripted_server import ScriptedServer, plaintext_record
 from kmsproxy import Proxy, ProxyConfig
 from kmsproxy.signer import SoftwareSigner
 from kmsproxy.tls import (
+    HANDSHAKE_TIMEOUT_SECONDS,
     Alert,
     AlertDescription,
     BadRecordMac,
@@ -70,8 +71,9 @@ CLIENT_CLOSE_TIMEOUT_SECONDS = 5.0
 # Bound on reads while the server collects what the client sent.
 MAX_SERVER_READS = 1000
 
-# Time curl gets for one request through the proxy, in seconds.
-CURL_MAX_TIME_SECONDS = 10
+# Time curl gets for one request through the proxy, in seconds: the proxy's
+# upstream handshake timeout (the stall case waits all of it) plus slack.
+CURL_MAX_TIME_SECONDS = int(HANDSHAKE_TIMEOUT_SECONDS) + 10
 
 
 @pytest.fixture
@@ -310,7 +312,8 @@ async def garbage_after_handshake(server: ScriptedServer, side: ServerSide) -> N
 
 
 async def stall(server: ScriptedServer, side: ServerSide) -> None:
-    await anyio.sleep(SCENARIO_TIMEOUT_SECONDS)
+    # Silent until serve_hostile's task group is cancelled.
+    await anyio.sleep_forever()
 
 
 # The cases
@@ -480,16 +483,13 @@ async def test_hostile_garbage_after_handshake(
 PROXY_CASES = [name for name in CASES if name != "stall"]
 
 
-@pytest.mark.parametrize("name", PROXY_CASES)
-async def test_hostile_through_proxy(
-    keys: Keys, tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str
-) -> None:
-    """curl asks the proxy for https://localhost:PORT/ on the hostile server
-    and gets a 502 page with the reason connect_tls gives for the script."""
+async def curl_through_proxy(
+    keys: Keys, tmp_path: Path, issued: Issued, script: Script
+) -> subprocess.CompletedProcess[bytes]:
+    """Start a proxy and the hostile server, and let curl ask the proxy for
+    https://localhost:PORT/ on it; return curl's result."""
     if shutil.which("curl") is None:
         pytest.fail("curl not found on PATH (install the Debian package curl)")
-    caplog.set_level(logging.DEBUG)
-    case = CASES[name]
     local_ca = make_ca("hostile local CA")
     local_ca.write(tmp_path, "local-ca")
     keys.client.write(tmp_path, "client")
@@ -506,18 +506,9 @@ async def test_hostile_through_proxy(
         handle_signals=False,
     )
     proxy = Proxy(config)
-    issued = server_certificate(keys, case.server)
-
-    # The same script against connect_tls gives the reason the page must name.
-    with anyio.fail_after(SCENARIO_TIMEOUT_SECONDS):
-        async with serve_hostile(issued, case.script) as hostile:
-            with pytest.raises(case.error) as raised:
-                await open_tls(hostile.port, client_config(keys))
-    reason = str(raised.value)
-
-    with anyio.fail_after(SCENARIO_TIMEOUT_SECONDS + CURL_MAX_TIME_SECONDS):
+    with anyio.fail_after(CURL_MAX_TIME_SECONDS + SCENARIO_TIMEOUT_SECONDS):
         async with (
-            serve_hostile(issued, case.script) as hostile,
+            serve_hostile(issued, script) as hostile,
             anyio.create_task_group() as group,
         ):
             addresses = await group.start(proxy.serve)
@@ -540,7 +531,39 @@ async def test_hostile_through_proxy(
                 stdin=subprocess.DEVNULL,
             )
             group.cancel_scope.cancel()
+    return result
+
+
+@pytest.mark.parametrize("name", PROXY_CASES)
+async def test_hostile_through_proxy(
+    keys: Keys, tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str
+) -> None:
+    """The proxy answers a 502 page with the reason connect_tls gives."""
+    caplog.set_level(logging.DEBUG)
+    case = CASES[name]
+    issued = server_certificate(keys, case.server)
+
+    # The same script against connect_tls gives the reason the page must name.
+    with anyio.fail_after(SCENARIO_TIMEOUT_SECONDS):
+        async with serve_hostile(issued, case.script) as hostile:
+            with pytest.raises(case.error) as raised:
+                await open_tls(hostile.port, client_config(keys))
+    reason = str(raised.value)
+
+    result = await curl_through_proxy(keys, tmp_path, issued, case.script)
     assert result.stdout.endswith(b"status=502"), result.stderr
     assert reason
     assert reason.encode() in result.stdout
+    assert tracebacks(caplog) == []
+
+
+async def test_hostile_stall_through_proxy(
+    keys: Keys, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A silent upstream costs the proxy its full handshake timeout, then a
+    502 page that says so."""
+    caplog.set_level(logging.DEBUG)
+    result = await curl_through_proxy(keys, tmp_path, keys.server, stall)
+    assert result.stdout.endswith(b"status=502"), result.stderr
+    assert b"timed out" in result.stdout
     assert tracebacks(caplog) == []
