@@ -216,6 +216,7 @@ def test_each_group(group: m.NamedGroup) -> None:
     server.group = group
     handshake(client, server)
     assert client.handshake_complete
+    assert client.key_exchange_group == group
 
 
 def test_application_data_both_ways() -> None:
@@ -359,6 +360,25 @@ def test_certificate_type_mismatch_sends_none() -> None:
     assert events(client) == []
     assert flight.certificate == m12.Certificate12([])
     assert flight.certificate_verify is None
+
+
+def test_mismatch_named_in_server_alert() -> None:
+    client, server = started(identities=[identity(CLIENT)])
+    client.receive_data(
+        server.server_hello()
+        + server.certificate()
+        + server.server_key_exchange()
+        + server.certificate_request(schemes=[SignatureScheme.ecdsa_secp384r1_sha384])
+        + server.server_hello_done()
+    )
+    server.read_client_flight(client.data_to_send())
+    alert = server.send(ContentType.alert, bytes([2, 40]))
+    with pytest.raises(alerts.AlertReceived) as caught:
+        client.receive_data(alert)
+    message = str(caught.value)
+    assert message.startswith("server sent alert handshake_failure (40)")
+    assert "the server accepts ecdsa_secp384r1_sha384" in message
+    assert "our keys offer ecdsa_secp256r1_sha256" in message
 
 
 def test_listed_ca_preferred() -> None:
@@ -707,6 +727,7 @@ def test_renegotiation_with_certificate() -> None:
     assert flight.certificate_verify is not None
     assert flight.application_data == [b"queued"]
     assert client.renegotiations == 1
+    assert client.post_handshake_authentications == 1
     assert client.client_identity is not None
     assert client.state == State12.CONNECTED
     assert [type(e) for e in events(client)] == [HandshakeComplete]

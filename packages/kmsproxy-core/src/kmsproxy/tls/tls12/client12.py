@@ -29,7 +29,7 @@ import hmac
 import os
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -87,6 +87,7 @@ from .key_schedule12 import (
 from .messages12 import (
     Certificate12,
     CertificateRequest12,
+    ClientCertificateType,
     HandshakeType12,
     NewSessionTicket12,
     pull_certificate12,
@@ -235,6 +236,14 @@ class ClientConnection12:
         self.send_closed = False
         self.receive_closed = False
         self.resumed = False
+        self.key_exchange_group: m.NamedGroup | None = None
+        # TLS 1.2 has no KeyUpdate; kept so callers read both versions alike.
+        self.key_updates_received = 0
+        # Renegotiations that sent a client certificate, the TLS 1.2
+        # counterpart of TLS 1.3 post-handshake authentication.
+        self.post_handshake_authentications = 0
+        self._unmatched_request = ""
+        self._sent_certificate = False
 
     # Public API
 
@@ -247,6 +256,11 @@ class ClientConnection12:
         if self._negotiated is None:
             return "(none)"
         return self._negotiated.suite.code.name
+
+    @property
+    def hello_retry_requested(self) -> bool:
+        """Always False: TLS 1.2 has no HelloRetryRequest."""
+        return False
 
     @property
     def handshake_complete(self) -> bool:
@@ -463,7 +477,12 @@ class ClientConnection12:
             # no_renegotiation) do not end the connection (RFC 5246 7.2.2).
             self._count_empty()
             return
-        raise AlertReceived(description, level)
+        error = AlertReceived(description, level)
+        if self._unmatched_request:
+            # The alert most likely rejects our empty Certificate; say why
+            # we sent one.
+            error.args = (f"{error}; {self._unmatched_request}",)
+        raise error
 
     def _process_one_handshake_message(self) -> bool:
         buffer = self._handshake_buffer
@@ -523,6 +542,7 @@ class ClientConnection12:
 
     def _send_client_hello(self, hello: m.ClientHello) -> None:
         self._client_hello = hello
+        self._sent_certificate = False
         message = m.push_client_hello(hello)
         self._transcript = bytearray(message)
         self._output += self._records.encode(ContentType.handshake, message)
@@ -659,6 +679,7 @@ class ClientConnection12:
         group = m.NamedGroup(exchange.named_curve)
         private_key = self._generate_key_share(group)
         self._pre_master_secret = shared_secret(group, private_key, exchange.public)
+        self.key_exchange_group = group
         self._client_public = public_key_bytes(private_key)
         self._transcript += message
         self.state = State12.WAIT_CERTIFICATE_REQUEST_OR_DONE
@@ -685,6 +706,10 @@ class ClientConnection12:
         request = self._certificate_request
         if request is not None:
             selection = select_identity12(self.config.identities, request)
+            if selection is None and self.config.identities:
+                self._unmatched_request = _describe_mismatch(
+                    self.config.identities, request
+                )
             chain = selection[0].chain if selection else ()
             certificate = Certificate12([c.public_bytes(Encoding.DER) for c in chain])
             self._send_handshake(push_certificate12(certificate))
@@ -707,6 +732,7 @@ class ClientConnection12:
             return
         identity, scheme = selection
         self.client_identity = identity
+        self._sent_certificate = True
         self._pending_signature = SignatureRequested(
             identity, scheme, bytes(self._transcript)
         )
@@ -778,6 +804,9 @@ class ClientConnection12:
             self._complete_handshake()
 
     def _complete_handshake(self) -> None:
+        if self._established and self._sent_certificate:
+            self.post_handshake_authentications += 1
+        self._unmatched_request = ""
         self._transcript.clear()
         self._store_session()
         self._established = True
@@ -808,6 +837,34 @@ class ClientConnection12:
             client_identity=self.client_identity,
         )
         cache.put_tls12(key, session)
+
+
+def _describe_mismatch(
+    identities: Sequence[ClientIdentity], request: CertificateRequest12
+) -> str:
+    """Name what the server accepts and what our identities offer."""
+    accepted = [_scheme_name(s) for s in request.signature_algorithms]
+    types = [_certificate_type_name(t) for t in request.certificate_types]
+    offered = sorted({s.name for i in identities for s in i.signer.schemes})
+    return (
+        "we sent no client certificate because no identity fits the server's "
+        f"CertificateRequest: the server accepts {', '.join(accepted)} for "
+        f"certificate types {', '.join(types)}; our keys offer {', '.join(offered)}"
+    )
+
+
+def _scheme_name(code: int) -> str:
+    try:
+        return SignatureScheme(code).name
+    except ValueError:
+        return f"0x{code:04x}"
+
+
+def _certificate_type_name(code: int) -> str:
+    try:
+        return ClientCertificateType(code).name
+    except ValueError:
+        return str(code)
 
 
 def _check_scheme_fits_key12(
