@@ -43,6 +43,11 @@ CLOSE_NOTIFY_TIMEOUT_SECONDS = 1.0
 # (2^14 + 256 bytes of ciphertext plus its 5-byte header) fits.
 TRANSPORT_READ_SIZE = 2**14 + 256 + 5
 
+# Time a shielded write of control records (alerts, KeyUpdate, the response
+# to a post-handshake CertificateRequest) may take. These are a few hundred
+# bytes to a few KiB, so only a peer that stopped reading reaches this.
+CONTROL_WRITE_TIMEOUT_SECONDS = 10.0
+
 
 async def connect_tls(
     transport: anyio.abc.ByteStream, config: TLSClientConfig
@@ -83,6 +88,7 @@ class TLSClientStream(anyio.abc.ByteStream):
         self._receive_lock = anyio.Lock()
         self._received = bytearray()
         self._close_notify_received = False
+        self._write_interrupted = False
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
@@ -123,10 +129,54 @@ class TLSClientStream(anyio.abc.ByteStream):
         return self._connection.client_identity
 
     async def _flush(self) -> None:
+        """Send what the connection has queued, unless another task is sending.
+
+        The task that holds the send lock sends everything queued before it
+        releases the lock (`_send_queued`), so nothing waits for the lock
+        here. Waiting would stop `receive` from reading while `send` waits for
+        a peer that stops reading until we read, and neither would move.
+        """
+        if self._send_lock.locked() or not self._connection.has_pending_output:
+            return
         async with self._send_lock:
+            # Control records (alerts, KeyUpdate and post-handshake
+            # responses) are small, so shielding their write from an outer
+            # timeout rarely delays it; a write cut short would corrupt the
+            # stream.
+            try:
+                with anyio.CancelScope(shield=True):
+                    with anyio.fail_after(CONTROL_WRITE_TIMEOUT_SECONDS):
+                        await self._send_queued()
+            except TimeoutError:
+                raise anyio.BrokenResourceError(
+                    f"writing TLS control records to {self._server_name!r} "
+                    f"timed out after {CONTROL_WRITE_TIMEOUT_SECONDS} s; the "
+                    "server stopped reading"
+                ) from None
+
+    async def _send_queued(self) -> None:
+        """Send queued bytes until none are left; the caller holds the lock.
+
+        A write interrupted by cancellation or an error may have sent part
+        of a record, so the stream is marked broken and later writes raise
+        `anyio.BrokenResourceError` rather than send a corrupt record stream.
+        """
+        while self._connection.has_pending_output:
+            if self._write_interrupted:
+                raise anyio.BrokenResourceError(
+                    "an earlier write to the transport was interrupted, so the "
+                    "TLS record stream cannot continue"
+                )
             data = self._connection.data_to_send()
-            if data:
+            try:
                 await self.transport.send(data)
+            except BaseException:
+                self._write_interrupted = True
+                raise
+
+    @property
+    def _server_name(self) -> str:
+        return self._connection.config.server_name
 
     async def _flush_alert(self) -> None:
         """Send a queued alert on a best-effort basis: the error that made
@@ -280,7 +330,7 @@ class TLSClientStream(anyio.abc.ByteStream):
                     )
                 except TLSError as error:
                     raise anyio.ClosedResourceError(str(error)) from None
-                await self.transport.send(self._connection.data_to_send())
+                await self._send_queued()
 
     async def send_eof(self) -> None:
         """Send close_notify; receiving continues (TLS 1.3 half-close)."""
