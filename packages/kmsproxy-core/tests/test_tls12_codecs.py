@@ -17,8 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kmsproxy.tls import alerts
+from kmsproxy.tls.config import TLSClientConfig
 from kmsproxy.tls.records import ContentType
 from kmsproxy.tls.tls12 import messages12 as m12
+from kmsproxy.tls.tls12.client12 import ClientConnection12
 from kmsproxy.tls.tls12.key_schedule12 import (
     SUITES12,
     CipherSuite12,
@@ -248,6 +250,27 @@ def test_decoders_raise_only_alerts(data: bytes) -> None:
     for decoder in decoders:
         with contextlib.suppress(alerts.Alert):
             decoder(data)
+
+
+@settings(max_examples=EXAMPLES)
+@given(st.lists(st.binary(max_size=300), max_size=4))
+def test_client_raises_only_tls_errors(chunks: list[bytes]) -> None:
+    client = ClientConnection12(TLSClientConfig("server.test"))
+    client.start()
+    with contextlib.suppress(alerts.TLSError):
+        for chunk in chunks:
+            client.receive_data(b"\x16\x03\x03" + chunk)
+
+
+@settings(max_examples=EXAMPLES)
+@given(st.binary(min_size=1, max_size=400))
+def test_server_hello_body_raises_only_alerts(body: bytes) -> None:
+    client = ClientConnection12(TLSClientConfig("server.test"))
+    client.start()
+    message = m12.encode_handshake12(m12.HandshakeType12.server_hello, body)
+    record = bytes([22, 3, 3]) + len(message).to_bytes(2, "big") + message
+    with contextlib.suppress(alerts.Alert):
+        client.receive_data(record)
 
 
 def test_certificate_request_empty_types() -> None:

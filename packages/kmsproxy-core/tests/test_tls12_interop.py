@@ -308,6 +308,32 @@ async def test_s_server_renegotiation_certificate(files: Files) -> None:
     assert signer.signed == [SignatureScheme.rsa_pkcs1_sha256]
 
 
+async def test_s_server_renegotiation_plain(files: Files) -> None:
+    """s_server's `r` command renegotiates, and with -verify OpenSSL 3.0
+    does not request the certificate again, so no second signature."""
+    identity, signer = files.client("p384")
+    lines: list[bytes] = []
+    with start_s_server12(files, "p256", verify="-verify", interactive=True) as peer:
+        stream = await open_tls12(peer.port, files.config([identity]))
+        async with stream:
+            peer.write_stdin(b"r\n")
+            await anyio.sleep(STDIN_GAP_SECONDS)
+            peer.write_stdin(b"after\n")
+            with anyio.fail_after(PEER_REPLY_TIMEOUT_SECONDS):
+                await read_into(stream, lines)
+                # Reading on drives the renegotiation to its end.
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(read_into, stream, lines)
+                    await stream.send(b"done\n")
+                    sent = await anyio.to_thread.run_sync(peer.wait_for_log, "done")
+                    peer.write_stdin(b"bye\n")
+    assert lines == [b"after\n", b"bye\n"]
+    assert sent
+    assert stream.connection.renegotiations == 1  # type: ignore[attr-defined]
+    assert stream.client_identity == identity
+    assert signer.signed == [SignatureScheme.ecdsa_secp384r1_sha384]
+
+
 # Resumption with RFC 5077 tickets
 
 # Sequential connections in the resumption test: the count the proxy's

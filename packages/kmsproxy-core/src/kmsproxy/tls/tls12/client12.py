@@ -330,6 +330,11 @@ class ClientConnection12:
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
+    @property
+    def has_pending_output(self) -> bool:
+        """True when `data_to_send` would return bytes."""
+        return bool(self._output)
+
     def data_to_send(self) -> bytes:
         data = bytes(self._output)
         self._output.clear()
