@@ -13,10 +13,19 @@ from pathlib import Path
 
 import anyio
 import pytest
-from peers import LOOPBACK
+from peers import LOOPBACK, start_openssl_server
 from pki import issue, make_ca
 
-from kmsproxy.tls import TLSClientConfig, TrustStore, connect_tls
+from kmsproxy.signer import SignatureScheme, SoftwareSigner
+from kmsproxy.tls import (
+    SIGNATURE_TIMEOUT_SECONDS,
+    AlertDescription,
+    ClientIdentity,
+    SignatureFailed,
+    TLSClientConfig,
+    TrustStore,
+    connect_tls,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -96,3 +105,72 @@ async def test_full_duplex_32_mib(tmp_path: Path) -> None:
                     tasks.start_soon(send_all)
                     tasks.start_soon(receive_all)
     assert received == DUPLEX_BYTES
+
+
+class UnpluggedSigner(SoftwareSigner):
+    """A plugin Signer that fails with an exception other than SignerError."""
+
+    async def sign(self, data: bytes, scheme: SignatureScheme) -> bytes:
+        raise RuntimeError("device unplugged")
+
+
+class HangingSigner(SoftwareSigner):
+    """A Signer that waits forever, like a token waiting for a touch."""
+
+    async def sign(self, data: bytes, scheme: SignatureScheme) -> bytes:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def handshake_with_signer(
+    tmp_path: Path,
+    signer_class: type[SoftwareSigner],
+    signature_timeout: float = SIGNATURE_TIMEOUT_SECONDS,
+) -> tuple[SignatureFailed, str]:
+    """Handshake with `openssl s_server` that requires a client certificate.
+
+    Return the SignatureFailed raised and the server's log. Fail when
+    connect_tls closed the transport, which the caller owns.
+    """
+    ca = make_ca()
+    key, cert = issue(ca, "server", dns_names=(SERVER_NAME,)).write(tmp_path, "s")
+    ca_path = tmp_path / "ca.crt"
+    ca_path.write_bytes(ca.chain_pem())
+    client = issue(ca, "client", client=True)
+    identity = ClientIdentity(
+        tuple(client.chain), signer_class(client.key, "plugin:name=client")
+    )
+    config = TLSClientConfig(
+        SERVER_NAME,
+        [identity],
+        TrustStore([ca.cert]),
+        signature_timeout=signature_timeout,
+    )
+    with start_openssl_server(tmp_path, cert, key, ca_path) as peer:
+        transport = await anyio.connect_tcp(LOOPBACK, peer.port)
+        async with transport:
+            with pytest.raises(SignatureFailed) as caught:
+                await connect_tls(transport, config)
+            # Raises ClosedResourceError if connect_tls closed the transport.
+            await transport.send(b"")
+        peer.wait_for_log("internal error")
+        log = peer.log()
+    return caught.value, log
+
+
+async def test_signer_runtime_error(tmp_path: Path) -> None:
+    failure, log = await handshake_with_signer(tmp_path, UnpluggedSigner)
+    assert isinstance(failure.__cause__, RuntimeError)
+    assert "RuntimeError: device unplugged" in str(failure)
+    assert failure.description == AlertDescription.internal_error
+    assert "internal error" in log
+
+
+async def test_signer_hang_times_out(tmp_path: Path) -> None:
+    with anyio.fail_after(DUPLEX_TIMEOUT_SECONDS):
+        failure, log = await handshake_with_signer(
+            tmp_path, HangingSigner, signature_timeout=0.5
+        )
+    assert "timed out after 0.5 s" in str(failure)
+    assert isinstance(failure.__cause__, TimeoutError)
+    assert "internal error" in log

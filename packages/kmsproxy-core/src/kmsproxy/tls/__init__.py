@@ -29,13 +29,19 @@ from .alerts import (
     UnsupportedCertificate,
     UnsupportedExtension,
 )
-from .config import HANDSHAKE_TIMEOUT_SECONDS, ClientIdentity, TLSClientConfig
+from .config import (
+    HANDSHAKE_TIMEOUT_SECONDS,
+    SIGNATURE_TIMEOUT_SECONDS,
+    ClientIdentity,
+    TLSClientConfig,
+)
 from .session_cache import SessionCache, SessionTicket
 from .stream import TLSClientStream, connect_tls
 from .verify import TrustStore
 
 __all__ = [
     "HANDSHAKE_TIMEOUT_SECONDS",
+    "SIGNATURE_TIMEOUT_SECONDS",
     "Alert",
     "AlertDescription",
     "AlertReceived",

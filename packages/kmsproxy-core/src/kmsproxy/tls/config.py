@@ -22,6 +22,12 @@ if TYPE_CHECKING:
 # 30 s value is an estimate with room for a slow token, not a measurement.
 HANDSHAKE_TIMEOUT_SECONDS = 30.0
 
+# Time one Signer call may take, in the handshake or for a post-handshake
+# CertificateRequest, before it fails with `SignatureFailed`. A token that
+# waits for a touch must finish within it. Like the handshake bound, 20 s is
+# an estimate for a slow token, not a measurement.
+SIGNATURE_TIMEOUT_SECONDS = 20.0
+
 
 @dataclass(frozen=True)
 class ClientIdentity:
@@ -61,6 +67,7 @@ class TLSClientConfig:
     trust: TrustStore | None = None
     alpn_protocols: Sequence[str] = ()
     handshake_timeout: float = HANDSHAKE_TIMEOUT_SECONDS
+    signature_timeout: float = SIGNATURE_TIMEOUT_SECONDS
     session_cache: SessionCache | None = None
     session_key: Hashable | None = None
 

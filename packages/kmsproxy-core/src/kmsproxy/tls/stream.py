@@ -239,11 +239,28 @@ class TLSClientStream(anyio.abc.ByteStream):
                 self._take(event)
 
     async def _sign(self, request: SignatureRequested) -> bytes:
+        """Await the Signer, bounded by `config.signature_timeout`.
+
+        Any exception from the Signer, a plugin's code, becomes
+        `SignatureFailed` with the exception as its cause, after the
+        internal_error alert is sent. Cancellation still propagates.
+        """
         signer = request.identity.signer
+        timeout = self._connection.config.signature_timeout
         metrics.count_signer_call()
         started = time.perf_counter()
         try:
-            signature = await signer.sign(request.content, request.scheme)
+            with anyio.fail_after(timeout):
+                signature = await signer.sign(request.content, request.scheme)
+        except TimeoutError as error:
+            reason = f"timed out after {timeout} s"
+            cause: BaseException = error
+        except Exception as error:
+            reason = f"failed: {error}"
+            if not isinstance(error, SignerError | ValueError):
+                reason = f"failed: {type(error).__name__}: {error}"
+            cause = error
+        else:
             logger.debug(
                 "signed CertificateVerify key=%s scheme=%s ms=%.1f",
                 signer.uri,
@@ -251,14 +268,13 @@ class TLSClientStream(anyio.abc.ByteStream):
                 (time.perf_counter() - started) * 1000,
             )
             return signature
-        except (SignerError, ValueError) as error:
-            failure = SignatureFailed(
-                f"{signer.uri}: signing CertificateVerify with "
-                f"{request.scheme.name} failed: {error}"
-            )
-            self._connection.fail(failure)
-            await self._flush_alert()
-            raise failure from error
+        failure = SignatureFailed(
+            f"{signer.uri}: signing CertificateVerify with "
+            f"{request.scheme.name} {reason}"
+        )
+        self._connection.fail(failure)
+        await self._flush_alert()
+        raise failure from cause
 
     def _take(self, event: object) -> None:
         if isinstance(event, ApplicationData):
