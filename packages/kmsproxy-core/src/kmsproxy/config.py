@@ -40,6 +40,8 @@ class ProxyConfig:
     extra PEM bundles checked besides the system store (unless
     `include_system_trust` is false). `insecure_skip_verify` accepts any
     upstream certificate and is logged as a warning at start.
+    `max_connections` caps the connections served at once; None derives the
+    cap from RLIMIT_NOFILE (see `kmsproxy.proxy.accept.connection_limit`).
     """
 
     ca_key: KeySpec
@@ -55,4 +57,5 @@ class ProxyConfig:
     handle_signals: bool = True
     connect_timeout: float = CONNECT_TIMEOUT_SECONDS
     idle_timeout: float = IDLE_TIMEOUT_SECONDS
+    max_connections: int | None = None
     plugins: Sequence[object] = field(default_factory=tuple)

@@ -29,6 +29,7 @@ from kmsproxy.errors import UserError
 from kmsproxy.identity import IdentityStore
 from kmsproxy.metrics import metrics
 from kmsproxy.plugins.registry import Registry
+from kmsproxy.proxy.accept import connection_limit, serve_listener
 from kmsproxy.proxy.connect import (
     HEAD_TIMEOUT_SECONDS,
     RequestError,
@@ -138,7 +139,10 @@ class Proxy:
                 tuple(bound_addresses(proxy_listener)),
                 tuple(bound_addresses(pac_listener)) if pac_listener else (),
             )
-            _log_start(ca, addresses)
+            # One limit for both listeners, because they share the process's
+            # descriptors.
+            limiter = anyio.CapacityLimiter(connection_limit(config.max_connections))
+            _log_start(ca, addresses, int(limiter.total_tokens))
 
             # Step 3: serve until cancelled.
             try:
@@ -148,13 +152,17 @@ class Proxy:
                     )
                     await group.start(watch)
                     group.start_soon(
-                        proxy_listener.serve,
+                        serve_listener,
+                        proxy_listener,
                         lambda client: self._handle_proxy(client, proxy_address.host),
+                        limiter,
                     )
                     if pac_listener is not None and pac_address is not None:
                         group.start_soon(
-                            pac_listener.serve,
+                            serve_listener,
+                            pac_listener,
                             lambda client: self._handle_pac(client, pac_address.host),
+                            limiter,
                         )
                     task_status.started(addresses)
             finally:
@@ -298,12 +306,13 @@ async def _open_ca(registry: Registry, config: ProxyConfig) -> LocalCA:
         raise UserError(f"{source.uri}: unusable CA certificate: {error}") from None
 
 
-def _log_start(ca: LocalCA, addresses: ProxyAddresses) -> None:
+def _log_start(ca: LocalCA, addresses: ProxyAddresses, max_connections: int) -> None:
     logger.info(
-        "Proxy listening addresses=%s ca=%s ca_not_after=%s",
+        "Proxy listening addresses=%s ca=%s ca_not_after=%s max_connections=%d",
         ",".join(str(a) for a in addresses.proxy),
         ca.certificate.subject.rfc4514_string(),
         ca.certificate.not_valid_after_utc.isoformat(),
+        max_connections,
     )
     if addresses.pac:
         logger.info(
