@@ -32,9 +32,11 @@ from kmsproxy.tls.session_cache import SessionCache
 from kmsproxy.tls.tls12 import messages12 as m12
 from kmsproxy.tls.tls12.client12 import ClientConnection12, State12
 from kmsproxy.tls.tls12.key_schedule12 import CIPHER_SUITES12, CipherSuite12
+from kmsproxy.tls.tls12.offer import add_tls12_offer, offers_tls12_only
 from kmsproxy.tls.tls12.session12 import (
     DEFAULT_TICKET_LIFETIME_SECONDS,
     MAX_TICKET12_LIFETIME_SECONDS,
+    Session12,
     ticket_lifetime,
 )
 from kmsproxy.tls.verify import TrustStore
@@ -782,15 +784,23 @@ def handed_over(
     random: bytes | None = None,
 ) -> tuple[ClientConnection12, ScriptedServer12]:
     """Hand a ServerHello for a TLS 1.3-and-1.2 ClientHello to the machine."""
-    probe = ClientConnection12(TLSClientConfig("server.test"))
-    probe.start()
     server = ScriptedServer12(SERVER)
-    hello = server.read_client_hello(probe.data_to_send())
-    hello.legacy_session_id = bytes(range(32))
-    hello.extensions.append(
-        (E.supported_versions, m.push_supported_versions_client([0x0304, 0x0303]))
+    hello = add_tls12_offer(
+        m.ClientHello(
+            random=bytes(range(32)),
+            legacy_session_id=bytes(32),
+            cipher_suites=[0x1301],
+            extensions=[
+                (E.supported_versions, m.push_supported_versions_client([0x0304])),
+                (E.supported_groups, m.push_uint16_list_extension([0x11EC, 0x1D])),
+                (E.signature_algorithms, m.push_uint16_list_extension([0x0403])),
+            ],
+        ),
+        None,
+        request_ticket=False,
     )
     message = m.push_client_hello(hello)
+    server.client_hello = hello
     server.transcript = bytearray(message)
     if random is None:
         server_hello = server.server_hello_message()
@@ -973,3 +983,46 @@ def test_cache_clear_drops_sessions() -> None:
     assert len(cache) == 1
     cache.clear()
     assert cache.take_tls12("server.test:443") is None
+
+
+def test_offer_adds_tls12() -> None:
+    hello = m.ClientHello(
+        random=bytes(32),
+        legacy_session_id=bytes(32),
+        cipher_suites=[0x1301, 0x1302],
+        extensions=[
+            (E.supported_versions, m.push_supported_versions_client([0x0304])),
+            (E.pre_shared_key, b"psk"),
+        ],
+    )
+    session = Session12(b"t", bytes(48), C.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256, 60, 0)
+    offered = add_tls12_offer(hello, session, request_ticket=True)
+    types = [extension_type for extension_type, _ in offered.extensions]
+    assert offered.cipher_suites == [0x1301, 0x1302, *CIPHER_SUITES12]
+    assert m.find_extension(offered.extensions, E.supported_versions) == (
+        b"\x04\x03\x04\x03\x03"
+    )
+    assert types[-1] == E.pre_shared_key
+    assert m.find_extension(offered.extensions, E12.session_ticket) == b"t"
+    assert m.find_extension(offered.extensions, E12.extended_master_secret) == b""
+    assert m.find_extension(offered.extensions, E12.renegotiation_info) == b"\x00"
+
+
+def test_pkcs1_only_key_offers_tls12_only(caplog: pytest.LogCaptureFixture) -> None:
+    signer = Pkcs1Signer(RSA_CLIENT.key, "pkcs11:object=pkcs1-only-test")
+    config = TLSClientConfig("server.test", [identity(RSA_CLIENT, signer)])
+    with caplog.at_level("INFO", logger="kmsproxy.tls.tls12.offer"):
+        assert offers_tls12_only(config)
+        assert offers_tls12_only(config)
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 1
+    assert "key=pkcs11:object=pkcs1-only-test" in logged[0]
+
+
+def test_pss_key_offers_both_versions() -> None:
+    config = TLSClientConfig("server.test", [identity(RSA_CLIENT)])
+    assert not offers_tls12_only(config)
+
+
+def test_no_identity_offers_both_versions() -> None:
+    assert not offers_tls12_only(TLSClientConfig("server.test"))

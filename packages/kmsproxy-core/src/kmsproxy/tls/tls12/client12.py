@@ -296,16 +296,19 @@ class ClientConnection12:
         handshake_data: bytes = b"",
         record_data: bytes = b"",
         session: Session12 | None = None,
+        pending_output: bytes = b"",
     ) -> None:
         """Continue from a ServerHello that selected TLS 1.2 in response to a
         ClientHello offering TLS 1.3 and 1.2.
 
         `handshake_data` is what followed the ServerHello in its records,
-        `record_data` the received bytes not yet framed as records, and
-        `session` the session whose ticket the ClientHello offered.
+        `record_data` the received bytes not yet framed as records,
+        `session` the session whose ticket the ClientHello offered, and
+        `pending_output` bytes the TLS 1.3 client queued but did not send.
         """
         if self.state != State12.START:
             raise TLSError("the handshake has already started")
+        self._output += pending_output
         self._offered_tls13 = True
         self._session = session
         self._client_hello = client_hello
