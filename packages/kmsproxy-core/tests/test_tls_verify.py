@@ -5,15 +5,27 @@ from __future__ import annotations
 
 import datetime
 import ssl
+import subprocess
 from pathlib import Path
 
+import anyio
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from peers import LOOPBACK, start_openssl_server
 from pki import issue, make_ca
 
 from kmsproxy.certificates import CertificateError
 from kmsproxy.signer import SignatureScheme, sign_with_private_key
-from kmsproxy.tls import AlertDescription, CertificateVerifyFailed, TrustStore
+from kmsproxy.tls import (
+    AlertDescription,
+    CertificateVerifyFailed,
+    TLSClientConfig,
+    TrustStore,
+    connect_tls,
+)
 from kmsproxy.tls.alerts import DecryptError, IllegalParameter
 from kmsproxy.tls.verify import SERVER_CONTEXT, signed_content, verify_server_signature
 
@@ -135,6 +147,115 @@ def test_verify_client_certificate_as_server() -> None:
     with pytest.raises(CertificateVerifyFailed, match="EKU") as caught:
         TrustStore([CA.cert]).verify_server([leaf], "server.test")
     assert caught.value.description == AlertDescription.bad_certificate
+
+
+def test_verify_underscore_name() -> None:
+    # The CONNECT parser allows "_" in host names; cryptography's DNSName
+    # does not, and the server did nothing wrong.
+    with pytest.raises(CertificateVerifyFailed) as caught:
+        TrustStore([CA.cert]).verify_server([SERVER.cert], "a_b.test")
+    assert "cannot verify host name 'a_b.test'" in str(caught.value)
+    assert caught.value.description == AlertDescription.bad_certificate
+
+
+def test_verify_ed25519_ca_reason() -> None:
+    # cryptography's verifier forbids Ed25519 in chains, so the CA is known
+    # but unusable: the reason must say so, not "unknown issuer".
+    ed25519_ca = make_ca("ed25519 CA", "ed25519")
+    leaf = issue(ed25519_ca, "server", dns_names=("server.test",)).cert
+    with pytest.raises(CertificateVerifyFailed) as caught:
+        TrustStore([ed25519_ca.cert]).verify_server([leaf], "server.test")
+    message = str(caught.value)
+    assert "Forbidden public key algorithm: Ed25519" in message
+    assert "unknown issuer" not in message
+    assert "add the CA" not in message
+    assert "AlgorithmIdentifier" not in message
+    assert caught.value.description == AlertDescription.bad_certificate
+
+
+def openssl_self_signed(directory: Path, name: str = "localhost") -> tuple[Path, Path]:
+    """Make a self-signed server certificate the common way, with
+    `openssl req -x509`, which marks it cA:TRUE. Return (cert, key)."""
+    cert = directory / f"self-signed-{name}.crt"
+    key = directory / f"self-signed-{name}.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec",
+            "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", str(key), "-out", str(cert), "-days", "2",
+            "-subj", f"/CN={name}",
+            "-addext", f"subjectAltName=DNS:{name},DNS:*.{name}.test,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_self_signed_ca_leaf_trusted(tmp_path: Path) -> None:
+    cert_path, _ = openssl_self_signed(tmp_path)
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert constraints.value.ca
+    store = TrustStore.load([cert_path], include_system=False)
+    assert store.verify_server([cert], "localhost") == [cert]
+    assert store.verify_server([cert], "127.0.0.1") == [cert]
+    assert store.verify_server([cert], "a.localhost.test") == [cert]
+
+
+def test_self_signed_wrong_name(tmp_path: Path) -> None:
+    cert_path, _ = openssl_self_signed(tmp_path)
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    store = TrustStore.load([cert_path], include_system=False)
+    for name in ("other.test", "a.b.localhost.test", "::1", "localhost.test"):
+        with pytest.raises(CertificateVerifyFailed, match="does not match"):
+            store.verify_server([cert], name)
+
+
+def test_self_signed_untrusted(tmp_path: Path) -> None:
+    # Only an exact match with a trusted certificate makes it an anchor.
+    cert_path, _ = openssl_self_signed(tmp_path)
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    other_path, _ = openssl_self_signed(tmp_path, "other")
+    store = TrustStore.load([other_path], include_system=False)
+    with pytest.raises(CertificateVerifyFailed):
+        store.verify_server([cert], "localhost")
+
+
+def test_self_signed_expired() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=3))
+        .not_valid_after(now - datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
+        .sign(key, hashes.SHA256())
+    )
+    with pytest.raises(CertificateVerifyFailed, match="expired at") as caught:
+        TrustStore([cert]).verify_server([cert], "localhost")
+    assert caught.value.description == AlertDescription.certificate_expired
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_self_signed_s_server(tmp_path: Path) -> None:
+    cert, key = openssl_self_signed(tmp_path)
+    trust = TrustStore.load([cert], include_system=False)
+    with start_openssl_server(tmp_path, cert, key, require_client_cert=False) as peer:
+        transport = await anyio.connect_tcp(LOOPBACK, peer.port)
+        async with transport:
+            stream = await connect_tls(
+                transport, TLSClientConfig("localhost", (), trust)
+            )
+            await stream.aclose()
+    assert stream.peer_chain == [x509.load_pem_x509_certificate(cert.read_bytes())]
 
 
 def server_signature(scheme: SignatureScheme, transcript_hash: bytes) -> bytes:

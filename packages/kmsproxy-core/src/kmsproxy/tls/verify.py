@@ -47,6 +47,16 @@ _PEM_CERTIFICATE_BLOCK = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
 )
 
+# The reason cryptography 50 gives when no chain reaches a trusted CA and
+# no candidate failed for another reason, which means the issuer is unknown.
+_NO_INTERIOR_ERRORS = "all candidates exhausted with no interior errors"
+
+# Reprs in cryptography's VerificationError text: a trailing
+# "(encountered processing <Certificate(...)>)" and a Rust debug dump of an
+# AlgorithmIdentifier whose last field names the algorithm.
+_ENCOUNTERED_TAIL = re.compile(r"\s*\(encountered processing <Certificate\(.*\)>\)\s*$")
+_ALGORITHM_IDENTIFIER = re.compile(r"AlgorithmIdentifier \{.*?params: (\w+).*?\}")
+
 # The context strings of RFC 8446 section 4.4.3, each preceded by 64 spaces
 # and followed by one zero byte.
 SERVER_CONTEXT = b"TLS 1.3, server CertificateVerify"
@@ -128,6 +138,7 @@ class TrustStore:
             )
         self.certificates = list(unique.values())
         self._store = Store(self.certificates)
+        self._anchors = frozenset(self.certificates)
 
     @classmethod
     def load(
@@ -166,14 +177,31 @@ class TrustStore:
 
         Return the verified chain, leaf first and ending at the trust anchor.
         Raise `CertificateVerifyFailed` with the reason.
+
+        A leaf whose DER equals a trusted certificate is accepted as its own
+        anchor after its validity period and names are checked, even when it
+        is marked cA:TRUE (as `openssl req -x509` marks it). curl with
+        OpenSSL and Go's crypto/x509 accept such a self-signed server the
+        same way, while RFC 5280 path validation alone rejects it.
         """
         if not chain:
             raise CertificateVerifyFailed("server sent no certificate")
-        subject = _subject_for(server_name)
         now = datetime.datetime.now(datetime.UTC)
-        verifier = (
-            PolicyBuilder().store(self._store).time(now).build_server_verifier(subject)
-        )
+        if chain[0] in self._anchors:
+            return _verify_pinned_leaf(chain[0], server_name, now)
+        try:
+            subject = _subject_for(server_name)
+            verifier = (
+                PolicyBuilder()
+                .store(self._store)
+                .time(now)
+                .build_server_verifier(subject)
+            )
+        except ValueError as error:
+            raise CertificateVerifyFailed(
+                f"cannot verify host name {server_name!r}: {error} (cryptography "
+                "accepts only letters, digits and hyphens in DNS names)"
+            ) from None
         try:
             return verifier.verify(chain[0], list(chain[1:]))
         except VerificationError as error:
@@ -189,6 +217,64 @@ def _subject_for(server_name: str) -> x509.DNSName | x509.IPAddress:
         # A fully qualified "example.com." names the same host as the SAN
         # "example.com", which never carries the trailing dot.
         return x509.DNSName(server_name.rstrip("."))
+
+
+def _verify_pinned_leaf(
+    leaf: x509.Certificate, server_name: str, now: datetime.datetime
+) -> list[x509.Certificate]:
+    """Check the validity period and names of a leaf that is itself trusted.
+
+    The trust comes from the exact DER match, so only the checks that do not
+    depend on a chain remain.
+    """
+    subject = leaf.subject.rfc4514_string()
+    if now > leaf.not_valid_after_utc:
+        raise CertificateVerifyFailed(
+            f"certificate {subject!r} expired at "
+            f"{leaf.not_valid_after_utc.isoformat()}",
+            AlertDescription.certificate_expired,
+        )
+    if now < leaf.not_valid_before_utc:
+        raise CertificateVerifyFailed(
+            f"certificate {subject!r} is not valid before "
+            f"{leaf.not_valid_before_utc.isoformat()}",
+            AlertDescription.certificate_expired,
+        )
+    if not _leaf_matches_name(leaf, server_name):
+        names = ", ".join(repr(name) for name in _san_names(leaf)) or "no names"
+        raise CertificateVerifyFailed(
+            f"certificate for {names} does not match {server_name!r}"
+        )
+    return [leaf]
+
+
+def _leaf_matches_name(leaf: x509.Certificate, server_name: str) -> bool:
+    """Match `server_name` against the leaf's SANs (RFC 6125 section 6.4).
+
+    An IP literal matches an equal IPAddress SAN. A DNS name matches a
+    DNSName SAN case-insensitively, and a wildcard SAN "*.example.com"
+    matches exactly one leftmost label. The Common Name is never used.
+    """
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except (x509.ExtensionNotFound, ValueError):
+        return False
+    try:
+        address = ipaddress.ip_address(server_name)
+    except ValueError:
+        address = None
+    if address is not None:
+        return address in san.value.get_values_for_type(x509.IPAddress)
+    host = server_name.rstrip(".").lower()
+    for pattern in san.value.get_values_for_type(x509.DNSName):
+        pattern = pattern.rstrip(".").lower()
+        if pattern == host:
+            return True
+        if pattern.startswith("*.") and "." in host:
+            first_label, rest = host.split(".", 1)
+            if first_label and rest == pattern[2:]:
+                return True
+    return False
 
 
 def _san_names(leaf: x509.Certificate) -> list[str]:
@@ -218,10 +304,16 @@ def _verification_failure(
         )
     if "candidates exhausted" in message:
         issuer = leaf.issuer.rfc4514_string()
+        detail = _clean_detail(message.partition("candidates exhausted:")[2])
+        if not detail or detail == _NO_INTERIOR_ERRORS:
+            return CertificateVerifyFailed(
+                f"unknown issuer: no trusted CA leads to {subject!r} (issued by "
+                f"{issuer!r}); add the CA to the trust bundle",
+                AlertDescription.unknown_ca,
+            )
         return CertificateVerifyFailed(
-            f"unknown issuer: no trusted CA leads to {subject!r} (issued by "
-            f"{issuer!r}); add the CA to the trust bundle",
-            AlertDescription.unknown_ca,
+            f"no valid chain from {subject!r} (issued by {issuer!r}) to a "
+            f"trusted CA: {detail}"
         )
     if "not valid at validation time" in message:
         if now > leaf.not_valid_after_utc:
@@ -234,7 +326,16 @@ def _verification_failure(
             f"a certificate in the chain of {subject!r} is not valid now: {message}",
             AlertDescription.certificate_expired,
         )
-    return CertificateVerifyFailed(f"certificate {subject!r} rejected: {message}")
+    return CertificateVerifyFailed(
+        f"certificate {subject!r} rejected: {_clean_detail(message)}"
+    )
+
+
+def _clean_detail(message: str) -> str:
+    """Drop the Python and Rust reprs cryptography appends to its reasons."""
+    message = _ENCOUNTERED_TAIL.sub("", message)
+    message = _ALGORITHM_IDENTIFIER.sub(r"\1", message)
+    return message.strip()
 
 
 def parse_certificate_chain(cert_data: Sequence[bytes]) -> list[x509.Certificate]:
