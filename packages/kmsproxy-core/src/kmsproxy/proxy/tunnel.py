@@ -29,7 +29,7 @@ import anyio.abc
 from cryptography.hazmat.primitives import hashes
 
 from kmsproxy import tls
-from kmsproxy.ca import LeafMinter
+from kmsproxy.ca import CA_SIGN_TIMEOUT_SECONDS, LeafMinter, MintError
 from kmsproxy.identity import Identity
 from kmsproxy.proxy.client_hello import (
     CLIENT_HELLO_TIMEOUT_SECONDS,
@@ -83,6 +83,13 @@ _CERTIFICATE_ALERTS = frozenset(
 # NOTE: this adds that wait to every new tunnel; the bounds are estimates.
 REJECTION_WAIT_MIN_SECONDS = 0.02
 REJECTION_WAIT_MAX_SECONDS = 0.5
+
+# Maximum seconds for minting one leaf, including the wait for another
+# tunnel minting for the same upstream. It is a little longer than
+# ca.CA_SIGN_TIMEOUT_SECONDS, so the CA's own message about a slow device
+# comes first. A hung CA Signer thus costs each CONNECT at most this long.
+# NOTE: a Signer that blocks the event loop (no await) cannot be bounded.
+MINT_TIMEOUT_SECONDS = CA_SIGN_TIMEOUT_SECONDS + 5.0
 
 _CLIENT_ERRORS = (
     ssl.SSLError,
@@ -345,9 +352,25 @@ async def _serve_client(
     # Step 4: a certificate for the upstream, minted once per fingerprint,
     # offering only the protocol the upstream selected (or none).
     alpn = (upstream.alpn_protocol,) if upstream.alpn_protocol else ()
-    context = await settings.minter.context_for_upstream(
-        upstream.peer_chain[0], hello.server_name or request.host, alpn
-    )
+    server_name = hello.server_name or request.host
+    try:
+        with anyio.fail_after(MINT_TIMEOUT_SECONDS):
+            context = await settings.minter.context_for_upstream(
+                upstream.peer_chain[0], server_name, alpn
+            )
+    except Exception as error:
+        # The minter raises MintError for names it cannot encode and for a
+        # failed CA Signer. Any other exception comes from a plugin's Signer
+        # or a bug. Neither may escape as a traceback that leaves the client
+        # without an answer.
+        reason = describe_mint_error(error, MINT_TIMEOUT_SECONDS)
+        logger.warning("Minting failed target=%s reason=%s", target, reason)
+        failure = UpstreamError(
+            f"minting a certificate for {server_name!r} failed: {reason}",
+            tls.AlertDescription.internal_error,
+        )
+        await serve_upstream_failure(client, request, hello, failure, settings)
+        return False
     downstream = await _accept_client_tls(client, context, hello, target)
     if downstream is None:
         return False
@@ -385,7 +408,7 @@ async def _accept_client_tls(
     """Complete the client's handshake from its buffered ClientHello."""
     try:
         return await ServerTLSStream.wrap(client, context, initial_data=hello.raw)
-    except (ssl.SSLError, anyio.EndOfStream, anyio.BrokenResourceError) as error:
+    except _CLIENT_ERRORS as error:
         logger.info(
             "Client TLS handshake failed target=%s error=%s "
             "(does the client trust the kmsproxy CA?)",
@@ -419,14 +442,16 @@ async def serve_upstream_failure(
         await send_final(client, alert_record(error.alert))
         return
     try:
-        context = await settings.error_minter.context_for(
-            request.host, (HTTP_1_1,) if offers else ()
-        )
-    except SignerError as error_page_error:
-        logger.error(
-            "Minting the error-page certificate failed target=%s error=%s",
+        with anyio.fail_after(MINT_TIMEOUT_SECONDS):
+            context = await settings.error_minter.context_for(
+                request.host, (HTTP_1_1,) if offers else ()
+            )
+    except Exception as error_page_error:
+        # Any failure here falls back to the alert; see _serve_client.
+        logger.warning(
+            "Minting the error-page certificate failed target=%s reason=%s",
             request.authority,
-            error_page_error,
+            describe_mint_error(error_page_error, MINT_TIMEOUT_SECONDS),
         )
         await send_final(client, alert_record(error.alert))
         return
@@ -439,6 +464,15 @@ async def serve_upstream_failure(
     finally:
         with contextlib.suppress(*_CLIENT_ERRORS):
             await downstream.aclose()
+
+
+def describe_mint_error(error: Exception, timeout: float) -> str:
+    """Name why minting failed, with the exception type when it is unexpected."""
+    if isinstance(error, TimeoutError):
+        return f"timed out after {timeout:g} s"
+    if isinstance(error, MintError | SignerError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
 
 
 def alert_record(description: int) -> bytes:

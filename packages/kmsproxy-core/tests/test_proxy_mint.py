@@ -1,0 +1,148 @@
+"""Failures after the 200: a CA Signer that fails or hangs, a client reset."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import pytest
+from peers import Peer, start_nginx
+from test_proxy import REQUEST_TIMEOUT_SECONDS, Site, curl, make_site
+
+from kmsproxy import Proxy, ProxyAddresses
+from kmsproxy.proxy import tunnel
+from kmsproxy.signer import SignatureScheme, SoftwareSigner
+
+pytestmark = [pytest.mark.anyio, pytest.mark.interop]
+
+# Seconds a hanging Signer waits; far beyond the test's mint timeout.
+HANG_SECONDS = 3600.0
+
+# The mint timeout used in the hang test, so it finishes quickly.
+SHORT_MINT_TIMEOUT_SECONDS = 0.5
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class UpstreamLeafSigner(SoftwareSigner):
+    """A CA key that fails or hangs for leaves naming `localhost` only.
+
+    The upstream's leaf names localhost, while the error-page leaf for
+    CONNECT 127.0.0.1 does not, so the 502 page can still be minted.
+    """
+
+    def __init__(self, site: Site, mode: str) -> None:
+        super().__init__(site.local_ca.key, "broken-ca")
+        self.mode = mode
+
+    async def sign(self, data: bytes, scheme: SignatureScheme) -> bytes:
+        if b"localhost" in data:
+            if self.mode == "raise":
+                raise RuntimeError("device unplugged")
+            await anyio.sleep(HANG_SECONDS)
+        return await super().sign(data, scheme)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    return make_site(tmp_path)
+
+
+@pytest.fixture
+def nginx(site: Site) -> Iterator[Peer]:
+    with start_nginx(
+        site.directory,
+        site.path("server.crt"),
+        site.path("server.key"),
+        site.path("client-ca.crt"),
+    ) as peer:
+        yield peer
+
+
+@contextlib.asynccontextmanager
+async def serve_with(
+    site: Site, mode: str
+) -> AsyncIterator[tuple[Proxy, ProxyAddresses]]:
+    proxy = Proxy(site.config(ca_key=UpstreamLeafSigner(site, mode)))
+    async with anyio.create_task_group() as group:
+        addresses = await group.start(proxy.serve)
+        yield proxy, addresses
+        group.cancel_scope.cancel()
+
+
+async def fetch(site: Site, addresses: ProxyAddresses, port: int) -> bytes:
+    result = await curl(
+        "--proxy",
+        addresses.proxy_url,
+        "--cacert",
+        str(site.path("ca.crt")),
+        "--write-out",
+        "status=%{http_code}",
+        f"https://127.0.0.1:{port}/subject",
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout
+
+
+async def test_signer_error_is_502_page(
+    site: Site, nginx: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with serve_with(site, "raise") as (_, addresses):
+        output = await fetch(site, addresses, nginx.port)
+    assert output.endswith(b"status=502")
+    assert b"RuntimeError: device unplugged" in output
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "Minting failed target=127.0.0.1:" in m and "device unplugged" in m
+        for m in warnings
+    ), warnings
+
+
+async def test_hung_signer_times_out(
+    site: Site, nginx: Peer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tunnel, "MINT_TIMEOUT_SECONDS", SHORT_MINT_TIMEOUT_SECONDS)
+    async with serve_with(site, "hang") as (_, addresses):
+        # The second CONNECT must not wait behind the first one's lock.
+        first = await fetch(site, addresses, nginx.port)
+        second = await fetch(site, addresses, nginx.port)
+    assert first.endswith(b"status=502")
+    assert b"timed out after 0.5 s" in first
+    assert second.endswith(b"status=502")
+
+
+def test_unexpected_error_names_type() -> None:
+    reason = tunnel.describe_mint_error(ValueError("bad name"), 1.0)
+    assert reason == "ValueError: bad name"
+
+
+async def test_client_reset_after_connect(
+    site: Site, nginx: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with serve_with(site, "raise") as (_, addresses):
+        address = addresses.proxy[0]
+        with anyio.fail_after(REQUEST_TIMEOUT_SECONDS):
+            client = await anyio.connect_tcp(address.host, address.port)
+            raw = client.extra(anyio.abc.SocketAttribute.raw_socket)  # noqa: S610
+            # SO_LINGER with a zero timeout turns close() into a TCP reset.
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await client.send(
+                f"CONNECT 127.0.0.1:{nginx.port} HTTP/1.1\r\n\r\n".encode()
+            )
+            await client.aclose()
+            await anyio.sleep(0.5)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
