@@ -4,15 +4,18 @@ scheme rules for the server's CertificateVerify."""
 from __future__ import annotations
 
 import datetime
+import logging
 import ssl
 import subprocess
+import warnings
 from pathlib import Path
 
 import anyio
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
 from peers import LOOPBACK, start_openssl_server
 from pki import issue, make_ca
@@ -90,6 +93,55 @@ def test_load_system_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(ssl, "get_default_verify_paths", lambda: paths)
     store = TrustStore.load()
     assert store.certificates == [CA.cert, OTHER_CA.cert]
+
+
+def negative_serial_certificate() -> bytes:
+    """Return a PEM certificate with a negative serial number, which
+    cryptography 50 loads with a CryptographyDeprecationWarning (Debian's
+    bundle has a CA with such a serial).
+
+    A builder rejects such serials, so the first serial byte is changed
+    after signing. The length stays the same and the signature is never
+    checked here.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "negative serial CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    positive = bytes.fromhex("7e7e7e7e7e")
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(int.from_bytes(positive, "big"))
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    der = cert.public_bytes(serialization.Encoding.DER)
+    negative = bytes.fromhex("fe7e7e7e7e")
+    assert der.count(b"\x02\x05" + positive) == 1
+    der = der.replace(b"\x02\x05" + positive, b"\x02\x05" + negative)
+    with pytest.warns(CryptographyDeprecationWarning):
+        x509.load_der_x509_certificate(der)
+    return ssl.DER_cert_to_PEM_cert(der).encode()
+
+
+def test_load_system_skips_warned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cafile = tmp_path / "cafile.pem"
+    cafile.write_bytes(negative_serial_certificate() + CA.chain_pem())
+    paths = ssl.DefaultVerifyPaths(str(cafile), "", "", "", "", "")
+    monkeypatch.setattr(ssl, "get_default_verify_paths", lambda: paths)
+    caplog.set_level(logging.DEBUG, logger="kmsproxy.tls.verify")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = TrustStore.load()
+        store.verify_server([SERVER.cert], "server.test")
+    assert store.certificates == [CA.cert]
+    assert [str(w.message) for w in caught] == []
+    assert "Skipped system CA certificate" in caplog.text
 
 
 def test_verify_dns_name() -> None:

@@ -93,10 +93,13 @@ def _load_system_file(path: Path) -> list[x509.Certificate]:
     certificates = []
     for block in _PEM_CERTIFICATE_BLOCK.findall(path.read_bytes()):
         try:
+            # As an error, the warning skips the certificate before it is
+            # stored, so later uses (the verifier reads the serial) cannot
+            # print it to the user either.
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+                warnings.simplefilter("error", CryptographyDeprecationWarning)
                 certificates.append(x509.load_pem_x509_certificate(block))
-        except ValueError as error:
+        except (ValueError, CryptographyDeprecationWarning) as error:
             logger.debug("Skipped system CA certificate path=%s error=%s", path, error)
     return certificates
 
