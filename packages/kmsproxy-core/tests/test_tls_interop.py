@@ -171,6 +171,28 @@ async def test_s_server_client_key(
     assert f"Subject: CN=client {client_key}\n".encode() in response
 
 
+async def test_s_server_skips_expired_identity(pki: Files) -> None:
+    cert, key = pki.server()
+    now = datetime.datetime.now(datetime.UTC)
+    expired = issue(
+        pki.ca,
+        "client expired",
+        client=True,
+        not_before=now - datetime.timedelta(days=30),
+        not_after=now - datetime.timedelta(days=1),
+    )
+    expired_identity = ClientIdentity(
+        tuple(expired.chain), SoftwareSigner(expired.key, "file:expired.key")
+    )
+    valid_identity = pki.client()
+    # The expired identity comes first, as after a failed renewal.
+    settings = config(pki, [expired_identity, valid_identity])
+    with start_openssl_server(pki.directory, cert, key, pki.ca_path) as peer:
+        stream, response = await s_server_get(peer, settings)
+    assert stream.client_identity == valid_identity
+    assert b"Subject: CN=client p256\n" in response
+
+
 async def test_s_server_hello_retry_request(pki: Files) -> None:
     cert, key = pki.server()
     with start_openssl_server(

@@ -3,6 +3,7 @@ section 4.3.2), and the content the client signs (section 4.4.3)."""
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Collection, Sequence
 
 from ..signer import SignatureScheme
@@ -36,6 +37,11 @@ def _issued_by_listed_ca(
     return False
 
 
+def _valid_now(identity: ClientIdentity, now: datetime.datetime) -> bool:
+    leaf = identity.chain[0]
+    return leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc
+
+
 def select_identity(
     identities: Sequence[ClientIdentity],
     server_schemes: Collection[int],
@@ -43,17 +49,25 @@ def select_identity(
 ) -> tuple[ClientIdentity, SignatureScheme] | None:
     """Pick the identity and scheme for a CertificateRequest.
 
-    Step 1: the first identity issued under a listed CA whose signer has a
-    scheme the server accepts. Step 2: otherwise the first identity with such
-    a scheme. The scheme is the signer's most preferred one the server lists.
-    Return None when no identity can sign, so the caller sends an empty
-    Certificate and lets the server decide.
+    Only identities whose signer has a scheme the server accepts are
+    candidates, and those whose leaf is valid now come before the others
+    (expired or not yet valid), keeping the configured order within each
+    group. Step 1: the first candidate issued under a listed CA. Step 2:
+    otherwise the first candidate. So an expired identity is chosen only
+    when no candidate is valid. The scheme is the signer's most preferred
+    one the server lists. Return None when no identity can sign, so the
+    caller sends an empty Certificate and lets the server decide.
     """
+    now = datetime.datetime.now(datetime.UTC)
     candidates = [
         (identity, schemes)
         for identity in identities
         if (schemes := _usable_schemes(identity, server_schemes)) and identity.chain
     ]
+    # sorted() is stable, so the configured order holds within each group.
+    candidates = sorted(
+        candidates, key=lambda candidate: not _valid_now(candidate[0], now)
+    )
     for identity, schemes in candidates:
         if authorities and _issued_by_listed_ca(identity, authorities):
             return identity, schemes[0]
