@@ -144,6 +144,45 @@ def test_bad_host_is_400(target: str) -> None:
     assert caught.value.status_code == 400
 
 
+@pytest.mark.parametrize(
+    "target",
+    ["[::1%x\n2026-01-01\tforged]:1", "[fe80::1%eth0]:443", "[fe80::1%25eth0]:443"],
+)
+def test_ipv6_zone_id_is_400(target: str) -> None:
+    with pytest.raises(RequestError, match="zone IDs are not supported") as caught:
+        parse_authority(target)
+    assert caught.value.status_code == 400
+
+
+def test_rejection_escapes_control_bytes() -> None:
+    error = rejection(b"CONNECT [::1%x\n\x00\x85\xff]:1 HTTP/1.1\r\n\r\n")
+    body = error_response(error).partition(b"\r\n\r\n")[2]
+    assert body.isascii()
+    assert all(byte >= 0x20 for byte in body[:-1])
+    assert str(error).isprintable()
+
+
+@pytest.mark.parametrize(
+    "host", ["0", "127.1", "2130706433", "0x7f.1", "0x7f000001", "a.0x10", "1.2.3.4.5"]
+)
+def test_ipv4_shorthand_is_400(host: str) -> None:
+    with pytest.raises(RequestError, match="use a dotted-quad") as caught:
+        parse_authority(f"{host}:443")
+    assert caught.value.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("target", "host"),
+    [
+        ("127.0.0.1.:443", "127.0.0.1"),
+        ("a1.test:443", "a1.test"),
+        ("0x.test:1", "0x.test"),
+    ],
+)
+def test_numeric_looking_names_kept(target: str, host: str) -> None:
+    assert parse_authority(target)[0] == host
+
+
 def test_unbracketed_ipv6_names_fix() -> None:
     with pytest.raises(RequestError, match=r"\[::1\]:port"):
         parse_authority("::1:443")

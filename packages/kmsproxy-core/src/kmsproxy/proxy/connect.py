@@ -35,6 +35,9 @@ _FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 # zones use. IDNs arrive as A-labels ("xn--..."), so ASCII is enough.
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 _MAX_DNS_NAME = 253
+# A label that the WHATWG URL standard's IPv4 parser reads as a number:
+# decimal, or hex with a 0x prefix.
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]*")
 _REASONS = {
     200: "Connection established",
     400: "Bad Request",
@@ -227,22 +230,37 @@ def parse_authority(target: str) -> tuple[str, int]:
     if target.startswith("["):
         bracket_end = target.find("]")
         if bracket_end < 0 or target[bracket_end + 1 : bracket_end + 2] != ":":
-            raise RequestError(400, f"malformed target {target!r} (expected [v6]:port)")
+            raise RequestError(
+                400, f"malformed target {_quote(target)} (expected [v6]:port)"
+            )
         host = target[1:bracket_end]
         port_text = target[bracket_end + 2 :]
+        if "%" in host:
+            # ipaddress accepts any text after "%" as a zone ID, control
+            # bytes included, and a zone only names an interface of the
+            # client's host, so it is rejected rather than passed on.
+            raise RequestError(
+                400,
+                f"IPv6 zone IDs are not supported in target {_quote(target)} "
+                "(use a global or loopback IPv6 address)",
+            )
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise RequestError(
-                400, f"invalid IPv6 address {host!r} in target {target!r}"
+                400, f"invalid IPv6 address {_quote(host)} in target {_quote(target)}"
             ) from None
     else:
         host, colon, port_text = target.rpartition(":")
         if not colon or not host:
-            raise RequestError(400, f"target {target!r} has no port (use host:port)")
+            raise RequestError(
+                400, f"target {_quote(target)} has no port (use host:port)"
+            )
         if ":" in host:
             raise RequestError(
-                400, f"IPv6 address in {target!r} must be in brackets: [{host}]:port"
+                400,
+                f"IPv6 address in {_quote(target)} must be in brackets: "
+                f"[{ascii(host)[1:-1]}]:port",
             )
         host = _validate_host(host, target)
     return host, _parse_port(port_text, target)
@@ -251,9 +269,24 @@ def parse_authority(target: str) -> tuple[str, int]:
 def _validate_host(host: str, target: str) -> str:
     if is_ip_literal(host):
         return host
+    name = host[:-1] if host.endswith(".") else host
+    if _NUMERIC_LABEL.fullmatch(name.rpartition(".")[2]):
+        # WHATWG URL rules read a name whose last label is a number as IPv4,
+        # and getaddrinfo() accepts "127.1", "2130706433" and "0x7f.1" as
+        # 127.0.0.1. Only the canonical dotted quad is accepted, so the host
+        # a client names is the address it reaches.
+        if is_ip_literal(name) and "." in name:
+            return name
+        raise RequestError(
+            400,
+            f"invalid IPv4 address {_quote(host)} in target {_quote(target)} "
+            "(use a dotted-quad IPv4 address such as 127.0.0.1)",
+        )
     name = normalize_host_name(host)
     if name is None:
-        raise RequestError(400, f"invalid host name {host!r} in target {target!r}")
+        raise RequestError(
+            400, f"invalid host name {_quote(host)} in target {_quote(target)}"
+        )
     return name
 
 
@@ -268,11 +301,25 @@ def normalize_host_name(host: str) -> str | None:
 
 def _parse_port(text: str, target: str) -> int:
     if not text.isascii() or not text.isdigit() or len(text) > 5:
-        raise RequestError(400, f"invalid port {text!r} in target {target!r}")
+        raise RequestError(
+            400, f"invalid port {_quote(text)} in target {_quote(target)}"
+        )
     port = int(text)
     if not 1 <= port <= 65535:
-        raise RequestError(400, f"port {port} in target {target!r} is out of range")
+        raise RequestError(
+            400, f"port {port} in target {_quote(target)} is out of range"
+        )
     return port
+
+
+def _quote(text: str, limit: int = 80) -> str:
+    """Quote client text for a message or log line: escaped and shortened.
+
+    Every character that is not printable ASCII is escaped, so control
+    bytes never reach a log line or a response body.
+    """
+    quoted = ascii(text[:limit])
+    return quoted + ("..." if len(text) > limit else "")
 
 
 def _head_too_large(limit: int) -> RequestError:
