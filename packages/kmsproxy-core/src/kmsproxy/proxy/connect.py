@@ -269,14 +269,14 @@ def parse_authority(target: str) -> tuple[str, int]:
 def _validate_host(host: str, target: str) -> str:
     if is_ip_literal(host):
         return host
-    name = host[:-1] if host.endswith(".") else host
-    if _NUMERIC_LABEL.fullmatch(name.rpartition(".")[2]):
+    undotted = host.removesuffix(".")
+    if _NUMERIC_LABEL.fullmatch(undotted.rpartition(".")[2]):
         # WHATWG URL rules read a name whose last label is a number as IPv4,
         # and getaddrinfo() accepts "127.1", "2130706433" and "0x7f.1" as
         # 127.0.0.1. Only the canonical dotted quad is accepted, so the host
         # a client names is the address it reaches.
-        if is_ip_literal(name) and "." in name:
-            return name
+        if is_ip_literal(undotted) and "." in undotted:
+            return undotted
         raise RequestError(
             400,
             f"invalid IPv4 address {_quote(host)} in target {_quote(target)} "
