@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 from peers import LOOPBACK, start_openssl_server
 from pki import issue, make_ca
@@ -20,6 +21,7 @@ from kmsproxy.signer import SignatureScheme, SoftwareSigner
 from kmsproxy.tls import (
     SIGNATURE_TIMEOUT_SECONDS,
     AlertDescription,
+    AlertReceived,
     ClientIdentity,
     SignatureFailed,
     TLSClientConfig,
@@ -41,6 +43,9 @@ DUPLEX_TIMEOUT_SECONDS = 120.0
 
 # Bytes per send() in the full-duplex test.
 CHUNK_BYTES = 64 * 1024
+
+# Bound on waiting for a local peer's reply, which takes milliseconds.
+PEER_REPLY_TIMEOUT_SECONDS = 10.0
 
 # Time the echo thread gets to finish after the client closes.
 ECHO_JOIN_TIMEOUT_SECONDS = 10.0
@@ -105,6 +110,36 @@ async def test_full_duplex_32_mib(tmp_path: Path) -> None:
                     tasks.start_soon(send_all)
                     tasks.start_soon(receive_all)
     assert received == DUPLEX_BYTES
+
+
+async def test_protocol_version_alert_hint(tmp_path: Path) -> None:
+    # A TLS 1.2-only server answers a TLS 1.3-only ClientHello with a fatal
+    # protocol_version alert (RFC 5246 section 7.2.2), as these bytes do.
+    alert_record = bytes([21, 3, 3, 0, 2, 2, 70])
+
+    async def reject(client: anyio.abc.SocketStream) -> None:
+        async with client:
+            await client.receive()
+            await client.send(alert_record)
+
+    listener = await anyio.create_tcp_listener(local_host=LOOPBACK, local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)  # noqa: S610
+    settings = TLSClientConfig(SERVER_NAME, (), TrustStore([make_ca().cert]))
+    async with listener, anyio.create_task_group() as tasks:
+        tasks.start_soon(listener.serve, reject)
+        transport = await anyio.connect_tcp(LOOPBACK, port)
+        async with transport:
+            with (
+                anyio.fail_after(PEER_REPLY_TIMEOUT_SECONDS),
+                pytest.raises(AlertReceived) as caught,
+            ):
+                await connect_tls(transport, settings)
+        tasks.cancel_scope.cancel()
+    assert caught.value.description == AlertDescription.protocol_version
+    assert str(caught.value) == (
+        "server sent alert protocol_version (70); the server may not support "
+        "TLS 1.3, the version this client offered"
+    )
 
 
 class UnpluggedSigner(SoftwareSigner):

@@ -152,7 +152,12 @@ class AlertReceived(TLSError):
     """The server sent a fatal alert (or one TLS 1.3 treats as fatal)."""
 
     def __init__(self, description: int, level: int = AlertLevel.fatal) -> None:
-        super().__init__(f"server sent alert {describe_alert(description)}")
+        message = f"server sent alert {describe_alert(description)}"
+        if description == AlertDescription.protocol_version:
+            message += (
+                "; the server may not support TLS 1.3, the version this client offered"
+            )
+        super().__init__(message)
         self.description = description
         self.level = level
 
