@@ -47,6 +47,7 @@ _REASONS = {
     431: "Request Header Fields Too Large",
     502: "Bad Gateway",
     505: "HTTP Version Not Supported",
+    508: "Loop Detected",
 }
 
 

@@ -147,6 +147,19 @@ async def read_head(
     return head
 
 
+async def receive_first(client: anyio.abc.ByteStream) -> bytes | None:
+    """Receive the first bytes of a connection; None if the client closed."""
+    try:
+        return await client.receive(_HEAD_READ_BYTES)
+    except anyio.EndOfStream:
+        return None
+
+
+def starts_tls_handshake(first: bytes) -> bool:
+    """Tell whether a connection's first bytes start a TLS handshake record."""
+    return first[0] == TLS_HANDSHAKE_CONTENT_TYPE
+
+
 ContextFactory = Callable[[], Awaitable[ssl.SSLContext]]
 
 
@@ -158,11 +171,10 @@ async def sniff(
     Return the stream to speak HTTP on and the bytes already read from it,
     or None when the client closed without sending anything.
     """
-    try:
-        first = await client.receive(_HEAD_READ_BYTES)
-    except anyio.EndOfStream:
+    first = await receive_first(client)
+    if first is None:
         return None
-    if first[0] != TLS_HANDSHAKE_CONTENT_TYPE:
+    if not starts_tls_handshake(first):
         return client, first
     context = await tls_context()
     stream = await ServerTLSStream.wrap(client, context, initial_data=first)

@@ -45,10 +45,13 @@ from kmsproxy.proxy.listener import (
     bound_addresses,
     parse_listen_address,
     read_head,
+    receive_first,
     sniff,
+    starts_tls_handshake,
 )
 from kmsproxy.proxy.pac import pac_response
 from kmsproxy.proxy.prometheus import ProxyCounts, is_metrics_request, metrics_response
+from kmsproxy.proxy.tls_stream import ServerTLSStream
 from kmsproxy.proxy.tunnel import TunnelSettings, run_tunnel, send_final_and_linger
 from kmsproxy.signer import Signer
 
@@ -143,6 +146,9 @@ class Proxy:
             # descriptors.
             limiter = anyio.CapacityLimiter(connection_limit(config.max_connections))
             _log_start(ca, addresses, int(limiter.total_tokens))
+            self._settings.own_addresses = frozenset(
+                (a.host, a.port) for a in (*addresses.proxy, *addresses.pac)
+            )
 
             # Step 3: serve until cancelled.
             try:
@@ -216,12 +222,20 @@ class Proxy:
         assert self.identity_store is not None
         assert self._settings is not None
         stream: anyio.abc.ByteStream = client
+        in_tls_handshake = False
         try:
             with anyio.fail_after(HEAD_TIMEOUT_SECONDS):
-                sniffed = await sniff(client, lambda: self._listener_context(host))
-                if sniffed is None:
+                initial_data = await receive_first(client)
+                if initial_data is None:
                     return
-                stream, initial_data = sniffed
+                if starts_tls_handshake(initial_data):
+                    in_tls_handshake = True
+                    context = await self._listener_context(host)
+                    stream = await ServerTLSStream.wrap(
+                        client, context, initial_data=initial_data
+                    )
+                    in_tls_handshake = False
+                    initial_data = b""
                 head = await read_head(stream, initial_data)
             if head is None:
                 return
@@ -233,11 +247,24 @@ class Proxy:
             await send_final_and_linger(stream, error_response(error))
             return
         except TimeoutError:
+            if in_tls_handshake:
+                # A plaintext 408 inside a TLS handshake would be noise to the
+                # client, so the connection is closed without a response.
+                logger.info("Client TLS handshake with the proxy timed out")
+                return
             logger.info("Request head timed out seconds=%g", HEAD_TIMEOUT_SECONDS)
             message = f"no complete request head within {HEAD_TIMEOUT_SECONDS:g} s"
             await send_final_and_linger(stream, text_response(408, message))
             return
         except _CONNECTION_ERRORS as error:
+            if in_tls_handshake and isinstance(error, ssl.SSLError):
+                logger.info(
+                    "Client TLS handshake with the proxy failed error=%s "
+                    "(does the client trust the kmsproxy CA for https:// "
+                    "proxy URLs?)",
+                    error,
+                )
+                return
             logger.debug("Client connection failed error=%r", error)
             return
         logger.debug("CONNECT target=%s", request.authority)
@@ -318,3 +345,16 @@ def _log_start(ca: LocalCA, addresses: ProxyAddresses, max_connections: int) -> 
         logger.info(
             "PAC listening addresses=%s", ",".join(str(a) for a in addresses.pac)
         )
+    warn_if_exposed(addresses)
+
+
+def warn_if_exposed(addresses: ProxyAddresses) -> None:
+    """Log a WARNING for each proxy address that is not a loopback address."""
+    for address in addresses.proxy:
+        if not _is_loopback(address.host):
+            logger.warning(
+                "Proxy listens on a non-loopback address address=%s: anyone who "
+                "can reach it can use the client certificate (listen on "
+                "localhost unless every host that can reach it is trusted)",
+                address,
+            )

@@ -18,6 +18,7 @@ When step 3 fails, the client gets the reason in the protocol it can read
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 
 import anyio
 import anyio.abc
+from anyio.abc import SocketAttribute
 from cryptography.hazmat.primitives import hashes
 
 from kmsproxy import tls
@@ -142,6 +144,9 @@ class TunnelSettings:
     error_minter: ErrorLeafMinter | None = None
     session_cache: tls.SessionCache | None = None
     counters: TunnelCounters = field(default_factory=TunnelCounters)
+    # The proxy's own listening (IP address, port) pairs, set once bound. A
+    # CONNECT that reaches one of them is rejected as a loop.
+    own_addresses: frozenset[tuple[str, int]] = frozenset()
 
 
 async def run_tunnel(
@@ -183,6 +188,15 @@ async def _run_tunnel(
     connect_seconds = anyio.current_time() - started
 
     async with transport:
+        if is_own_address(transport, settings.own_addresses):
+            logger.warning("Loop rejected target=%s", target)
+            message = (
+                f"{target} is this proxy's own listening address, and a tunnel "
+                "to it would loop back into the proxy"
+            )
+            await send_final_and_linger(client, text_response(508, message))
+            return False
+
         # Step 2: 200, then the client's ClientHello, kept for the handshake.
         try:
             await client.send(established_response())
@@ -317,6 +331,28 @@ async def _wait_for_rejection(stream: tls.TLSClientStream, wait: float) -> bytes
             f"server closed the connection after the handshake ({error or 'EOF'})"
         ) from None
     return b""
+
+
+def is_own_address(
+    transport: anyio.abc.SocketStream, own_addresses: frozenset[tuple[str, int]]
+) -> bool:
+    """Tell whether `transport` is connected to one of `own_addresses`.
+
+    A listener on 0.0.0.0 or :: also matches any connection whose remote
+    address equals its local address, which is a connection to this host.
+    """
+    remote = transport.extra(SocketAttribute.remote_address)  # noqa: S610
+    local = transport.extra(SocketAttribute.local_address)  # noqa: S610
+    if not isinstance(remote, tuple) or not isinstance(local, tuple):
+        return False
+    remote_host, remote_port = str(remote[0]), int(remote[1])
+    if (remote_host, remote_port) in own_addresses:
+        return True
+    to_this_host = remote_host == str(local[0])
+    return to_this_host and any(
+        port == remote_port and ipaddress.ip_address(host).is_unspecified
+        for host, port in own_addresses
+    )
 
 
 def describe_connect_error(error: OSError) -> str:
