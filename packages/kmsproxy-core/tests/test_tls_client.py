@@ -35,6 +35,12 @@ from kmsproxy.tls.key_schedule import (
     finished_verify_data,
     next_traffic_secret,
 )
+from kmsproxy.tls.limits import (
+    EMPTY_RECORD_CREDIT_BYTES,
+    KEY_UPDATE_CREDIT_BYTES,
+    MAX_EMPTY_RECORDS,
+    MAX_KEY_UPDATES,
+)
 from kmsproxy.tls.records import ContentType, RecordCipher
 from kmsproxy.tls.verify import CLIENT_CONTEXT, TrustStore, signed_content
 
@@ -723,6 +729,102 @@ def test_key_update_invalid_request() -> None:
         alerts.IllegalParameter,
         server,
     )
+
+
+# Floods of records that carry no application data
+
+
+class KeyUpdatingServer:
+    """Sends KeyUpdates through a ScriptedServer and follows its own key."""
+
+    def __init__(self, server: ScriptedServer) -> None:
+        self.server = server
+        self.secret = server.application_secrets[1]
+
+    def key_update(self) -> bytes:
+        update = m.KeyUpdate(m.KeyUpdateRequest.update_not_requested)
+        record = self.server.protect(ContentType.handshake, m.push_key_update(update))
+        self.secret = next_traffic_secret(self.server.suite, self.secret)
+        self.server.server_cipher = RecordCipher(self.server.suite, self.secret)
+        return record
+
+
+def connected_pair() -> tuple[ClientConnection, ScriptedServer]:
+    client = new_client()
+    server = ScriptedServer(SERVER)
+    complete_handshake(client, server)
+    events(client)
+    return client, server
+
+
+def test_key_update_flood() -> None:
+    client, server = connected_pair()
+    updater = KeyUpdatingServer(server)
+    for _ in range(MAX_KEY_UPDATES):
+        client.receive_data(updater.key_update())
+    error = expect_alert(client, updater.key_update(), alerts.UnexpectedMessage, server)
+    assert f"more than {MAX_KEY_UPDATES} KeyUpdates" in str(error)
+
+
+def test_key_update_flood_interleaved() -> None:
+    # One data byte between bursts must not reset the count.
+    client, server = connected_pair()
+    updater = KeyUpdatingServer(server)
+    for _ in range(MAX_KEY_UPDATES):
+        client.receive_data(updater.key_update())
+    client.receive_data(server.protect(ContentType.application_data, b"x"))
+    expect_alert(client, updater.key_update(), alerts.UnexpectedMessage, server)
+
+
+def test_key_updates_paid_by_data() -> None:
+    client, server = connected_pair()
+    updater = KeyUpdatingServer(server)
+    data = b"d" * KEY_UPDATE_CREDIT_BYTES
+    for _ in range(3):
+        for _ in range(MAX_KEY_UPDATES):
+            client.receive_data(updater.key_update())
+        for _ in range(MAX_KEY_UPDATES):
+            client.receive_data(server.protect(ContentType.application_data, data))
+    assert client.key_updates_received == 3 * MAX_KEY_UPDATES
+    assert client.state == State.CONNECTED
+
+
+def test_empty_record_flood() -> None:
+    client, server = connected_pair()
+    for _ in range(MAX_EMPTY_RECORDS):
+        client.receive_data(server.protect(ContentType.application_data, b""))
+    empty = server.protect(ContentType.application_data, b"")
+    error = expect_alert(client, empty, alerts.UnexpectedMessage, server)
+    assert f"more than {MAX_EMPTY_RECORDS} empty records" in str(error)
+
+
+def test_empty_record_flood_interleaved() -> None:
+    # The attack pattern: 60 empty records, then one 1-byte record, again.
+    client, server = connected_pair()
+    burst = [server.protect(ContentType.application_data, b"") for _ in range(60)]
+    client.receive_data(b"".join(burst))
+    client.receive_data(server.protect(ContentType.application_data, b"x"))
+    burst = [server.protect(ContentType.application_data, b"") for _ in range(60)]
+    expect_alert(client, b"".join(burst), alerts.UnexpectedMessage, server)
+
+
+def test_empty_records_paid_by_data() -> None:
+    client, server = connected_pair()
+    # 64 * 256 bytes is one full 16 KiB record, which pays for 64 empty ones.
+    data = b"d" * (MAX_EMPTY_RECORDS * EMPTY_RECORD_CREDIT_BYTES)
+    for _ in range(5):
+        for _ in range(MAX_EMPTY_RECORDS):
+            client.receive_data(server.protect(ContentType.application_data, b""))
+        client.receive_data(server.protect(ContentType.application_data, data))
+    assert client.state == State.CONNECTED
+
+
+def test_user_canceled_flood() -> None:
+    client, server = connected_pair()
+    for _ in range(MAX_EMPTY_RECORDS):
+        client.receive_data(server.protect(ContentType.alert, b"\x01\x5a"))
+    canceled = server.protect(ContentType.alert, b"\x01\x5a")
+    expect_alert(client, canceled, alerts.UnexpectedMessage, server)
 
 
 def test_new_session_ticket_dropped() -> None:

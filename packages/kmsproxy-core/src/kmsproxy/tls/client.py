@@ -76,6 +76,13 @@ from .key_schedule import (
     finished_verify_data,
     next_traffic_secret,
 )
+from .limits import (
+    EMPTY_RECORD_CREDIT_BYTES,
+    KEY_UPDATE_CREDIT_BYTES,
+    MAX_EMPTY_RECORDS,
+    MAX_KEY_UPDATES,
+    FloodBudget,
+)
 from .records import ContentType, RecordCipher, RecordLayer
 from .resumption import (
     check_selected_identity,
@@ -102,11 +109,6 @@ MAX_HANDSHAKE_MESSAGE_LENGTH = 100 * 1024
 # spare for a server that sends another after a HelloRetryRequest; more
 # than that is a flood.
 MAX_CHANGE_CIPHER_SPEC_RECORDS = 2
-
-# Consecutive records that carry no data (empty application_data, or
-# padding only) we accept before treating the stream as a flood. RFC 8446
-# allows them for traffic-analysis resistance but sets no bound; 64 is ours.
-MAX_CONSECUTIVE_EMPTY_RECORDS = 64
 
 # Records we send under one key before we update it ourselves. RFC 8446
 # section 5.5 limits AES-GCM to 2^24.5 full-size records per key.
@@ -192,7 +194,12 @@ class ClientConnection:
         self._pending_signature: SignatureRequested | None = None
         self._sent_change_cipher_spec = False
         self._change_cipher_spec_count = 0
-        self._empty_record_count = 0
+        self._empty_records = FloodBudget(
+            "empty records", MAX_EMPTY_RECORDS, EMPTY_RECORD_CREDIT_BYTES
+        )
+        self._key_updates = FloodBudget(
+            "KeyUpdates", MAX_KEY_UPDATES, KEY_UPDATE_CREDIT_BYTES
+        )
         self.peer_chain: list[x509.Certificate] = []
         self.client_identity: ClientIdentity | None = None
         self.alpn_protocol: str | None = None
@@ -340,17 +347,13 @@ class ClientConnection:
             elif self.state != State.CONNECTED:
                 raise UnexpectedMessage("application data before the handshake ended")
             elif content:
+                self._empty_records.earn(len(content))
+                self._key_updates.earn(len(content))
                 self._events.append(ApplicationData(content))
 
     def _count_empty(self, content: bytes) -> None:
-        if content:
-            self._empty_record_count = 0
-            return
-        self._empty_record_count += 1
-        if self._empty_record_count > MAX_CONSECUTIVE_EMPTY_RECORDS:
-            raise UnexpectedMessage(
-                f"more than {MAX_CONSECUTIVE_EMPTY_RECORDS} empty records in a row"
-            )
+        if not content:
+            self._empty_records.spend()
 
     def _receive_change_cipher_spec(self, content: bytes) -> None:
         # RFC 8446 section 5: drop a single 0x01 byte received before the
@@ -381,6 +384,8 @@ class ClientConnection:
             self._events.append(CloseNotifyReceived())
             return
         if description == AlertDescription.user_canceled:
+            # Ignored like an empty record, so it counts as one.
+            self._empty_records.spend()
             return
         raise AlertReceived(description, level)
 
@@ -789,6 +794,7 @@ class ClientConnection:
         suite = self._suite
         assert suite is not None
         self._require_no_buffered_handshake("KeyUpdate")
+        self._key_updates.spend()
         self.key_updates_received += 1
         self._server_secret = next_traffic_secret(suite, self._server_secret)
         self._records.read_cipher = RecordCipher(suite, self._server_secret)
