@@ -1,9 +1,10 @@
 """The TLS 1.2 ClientHello we build and the checks a TLS 1.2 ServerHello
 must pass (RFC 5246 section 7.4.1, with RFC 5746, RFC 7627 and RFC 5077).
 
-`build_client_hello12` is for a connection that offers only TLS 1.2 and
-for renegotiation; a ClientHello that also offers TLS 1.3 is built by
-`hello.py` and checked here the same way once the server picks 1.2.
+`build_client_hello12` builds the ClientHello of a connection that offers
+only TLS 1.2, and of every renegotiation. A ClientHello that also offers
+TLS 1.3 comes from `hello.py` plus `offer.py`, and its TLS 1.2 ServerHello
+is checked here the same way.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ SIGNATURE_ALGORITHMS12 = (
     SignatureScheme.rsa_pkcs1_sha512,
 )
 
-# Extensions a TLS 1.2 ServerHello may answer. Anything else we offered
+# Extensions a TLS 1.2 ServerHello may contain. Anything else we offered
 # (key_share, supported_versions, ...) belongs to TLS 1.3 or to the client
 # alone, so it is illegal_parameter here.
 SERVER_HELLO12_EXTENSIONS = frozenset(
@@ -81,7 +82,7 @@ def build_client_hello12(
 
     `renegotiated_connection` is our previous Finished.verify_data on a
     renegotiation, else empty (RFC 5746 section 3.4). `ticket` is a stored
-    RFC 5077 ticket to offer; b"" asks for a new one, None for none.
+    RFC 5077 ticket to offer; b"" requests a new one, None offers none.
     """
     extensions: list[m.Extension] = []
     if not is_ip_literal(config.server_name):
@@ -117,7 +118,7 @@ def build_client_hello12(
 
 @dataclass(frozen=True)
 class Negotiated12:
-    """What a checked TLS 1.2 ServerHello selected."""
+    """The choices of a checked TLS 1.2 ServerHello."""
 
     suite: Suite12
     alpn_protocol: str | None
@@ -152,7 +153,7 @@ def check_server_hello12(
             "supports TLS 1.2 and 1.3 only"
         )
     if offered_tls13 and hello.random[-8:] == m.DOWNGRADE_SENTINELS[0]:
-        # RFC 8446 section 4.1.3: a TLS 1.3 server answering 1.2 to a client
+        # RFC 8446 section 4.1.3: a TLS 1.3 server selecting 1.2 for a client
         # that offered 1.3 means someone removed 1.3 from our offer.
         raise IllegalParameter(
             "ServerHello.random carries the TLS 1.2 downgrade sentinel"
@@ -196,7 +197,7 @@ def check_server_hello12(
     if data is not None and pull_renegotiation_info(data) != renegotiation_info:
         raise HandshakeFailure("ServerHello renegotiation_info does not match")
 
-    # Step 5: the other answers.
+    # Step 5: the other extensions.
     points = m.find_extension(extensions, E12.ec_point_formats)
     if points is not None:
         pull_ec_point_formats(points)

@@ -52,7 +52,7 @@ CHACHA20_IV_LENGTH = 12
 
 @dataclass(frozen=True)
 class Suite12:
-    """What a TLS 1.2 suite fixes: PRF hash, AEAD, key and IV sizes."""
+    """The PRF hash, AEAD, key and IV sizes a TLS 1.2 suite fixes."""
 
     code: CipherSuite12
     authentication: Authentication

@@ -2,7 +2,7 @@
 RFC 8422, RFC 5077, RFC 5746, RFC 7627).
 
 ClientHello, ServerHello and CertificateVerify keep the form `messages.py`
-decodes; this module holds what differs in 1.2. Each message has a `pull_*`
+decodes; this module contains what differs in 1.2. Each message has a `pull_*`
 decoder beside its `push_*` encoder, every vector bound is the one the RFC
 declares, and decoders raise only `Alert` subclasses.
 """

@@ -1,9 +1,9 @@
 """The TLS 1.2 record layer with AEAD protection (RFC 5246 section 6.2).
 
 This module owns framing, the size limits, per-direction sequence numbers
-and the two nonce constructions: AES-GCM's implicit salt plus an 8-byte
-explicit nonce carried in each record (RFC 5288 section 3), and
-ChaCha20-Poly1305's IV XOR the sequence number (RFC 7905 section 2). Unlike
+and the two nonce constructions. AES-GCM uses an implicit salt plus an
+8-byte explicit nonce carried in each record (RFC 5288 section 3), and
+ChaCha20-Poly1305 uses its IV XOR the sequence number (RFC 7905 section 2). Unlike
 TLS 1.3, every record type is protected once a key is set, including
 change_cipher_spec during a renegotiation. `client12.py` decides which
 record types a state allows and when keys change.
