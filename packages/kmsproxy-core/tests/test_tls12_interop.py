@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import peers
 import pytest
-from peers import LOOPBACK, Peer, start_nginx
+from peers import LOOPBACK, Peer, start_apache, start_nginx
 from pki import Issued, KeyType, issue, make_ca
 
 from kmsproxy.signer import SignatureScheme, SoftwareSigner
@@ -377,6 +377,56 @@ async def test_s_server_without_tickets(files: Files) -> None:
     assert not second.resumed
     assert len(signer.signed) == 2
     assert b"New, TLSv1.2" in response
+
+
+# Apache httpd asking for a certificate in one <Location> only
+
+
+async def read_until(stream: TLSClientStream, marker: bytes) -> bytes:
+    data = b""
+    for _ in range(MAX_READS):
+        data += await stream.receive()
+        if data.endswith(marker):
+            return data
+    raise AssertionError(f"no {marker!r} after {MAX_READS} reads: {data!r}")
+
+
+async def test_apache_location_renegotiation(
+    files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With TLS 1.2, mod_ssl enforces `SSLVerifyClient require` inside a
+    <Location> by renegotiating; the open path needs no certificate."""
+    template = peers._APACHE_CONFIG
+    assert "SSLProtocol -all +TLSv1.3" in template
+    monkeypatch.setattr(
+        peers,
+        "_APACHE_CONFIG",
+        template.replace("SSLProtocol -all +TLSv1.3", "SSLProtocol -all +TLSv1.2"),
+    )
+    identity, signer = files.client("p256")
+    cert, key = files.server("p256")
+    with start_apache(files.directory, cert, key, files.ca_path) as peer:
+        stream = await open_tls12(peer.port, files.config([identity]))
+        async with stream:
+            await stream.send(b"GET /open HTTP/1.1\r\nHost: server.test\r\n\r\n")
+            with anyio.fail_after(PEER_REPLY_TIMEOUT_SECONDS):
+                open_response = await read_until(stream, b"open\n")
+            signed_before = list(signer.signed)
+            await stream.send(
+                b"GET /protected/page HTTP/1.1\r\nHost: server.test\r\n"
+                b"Connection: close\r\n\r\n"
+            )
+            with anyio.fail_after(PEER_REPLY_TIMEOUT_SECONDS):
+                protected_response = await read_to_end(stream)
+        subjects = peer.client_subjects()
+    assert open_response.startswith(b"HTTP/1.1 200 OK")
+    assert signed_before == []
+    assert protected_response.startswith(b"HTTP/1.1 200 OK")
+    assert protected_response.endswith(b"protected\n")
+    assert signer.signed == [SignatureScheme.ecdsa_secp256r1_sha256]
+    assert stream.version == "TLSv1.2"
+    # mod_ssl logs "-" for a request without a client certificate.
+    assert subjects == ["-", "CN=client p256"]
 
 
 # nginx with ssl_protocols TLSv1.2
