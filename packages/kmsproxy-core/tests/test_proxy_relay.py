@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator
 
 import anyio
@@ -85,8 +87,10 @@ async def test_relay_returns_byte_counts() -> None:
 async def test_idle_tunnel_closes() -> None:
     client, proxy_client_side = await tcp_pair()
     proxy_upstream_side, server = await tcp_pair()
+    started = anyio.current_time()
     with anyio.fail_after(STEP_TIMEOUT_SECONDS):
         await relay(proxy_client_side, proxy_upstream_side, 0.2)
+    assert anyio.current_time() - started >= 0.2
     for stream in (client, server, proxy_client_side, proxy_upstream_side):
         await stream.aclose()
 
@@ -94,10 +98,60 @@ async def test_idle_tunnel_closes() -> None:
 async def test_reset_ends_both_directions() -> None:
     client, proxy_client_side = await tcp_pair()
     proxy_upstream_side, server = await tcp_pair()
-    async with anyio.create_task_group() as group:
-        group.start_soon(relay, proxy_client_side, proxy_upstream_side, 60.0)
-        await proxy_upstream_side.aclose()
+    with anyio.fail_after(STEP_TIMEOUT_SECONDS):
+        async with anyio.create_task_group() as group:
+            group.start_soon(relay, proxy_client_side, proxy_upstream_side, 60.0)
+            raw = server.extra(anyio.abc.SocketAttribute.raw_socket)  # noqa: S610
+            # SO_LINGER with a zero timeout turns close() into a TCP reset.
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await server.aclose()
+        # The relay ended, so the proxy closes its client side.
+        await proxy_client_side.aclose()
+        with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+            await client.receive()
     await client.aclose()
+    await proxy_upstream_side.aclose()
+
+
+class SlowSendStream(anyio.abc.ByteStream):
+    """A stream whose sends take `delay` seconds, like a slow reader's."""
+
+    def __init__(self, inner: anyio.abc.ByteStream, delay: float) -> None:
+        self.inner = inner
+        self.delay = delay
+
+    async def send(self, item: bytes) -> None:
+        await anyio.sleep(self.delay)
+        await self.inner.send(item)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self.inner.receive(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_slow_send_is_activity() -> None:
+    # Idle timeout 0.5 s. The send to the client ends at 0.45 s, and the
+    # client speaks at 0.7 s: idle for 0.25 s only, so the tunnel is open.
+    client, proxy_client_side = await tcp_pair()
+    proxy_upstream_side, server = await tcp_pair()
+    slow_client_side = SlowSendStream(proxy_client_side, 0.45)
+    with anyio.fail_after(STEP_TIMEOUT_SECONDS):
+        async with anyio.create_task_group() as group:
+            group.start_soon(relay, slow_client_side, proxy_upstream_side, 0.5)
+            await server.send(b"slow response")
+            assert await client.receive() == b"slow response"
+            await anyio.sleep(0.25)
+            await client.send(b"next request")
+            assert await server.receive() == b"next request"
+            await client.send_eof()
+            await server.send_eof()
+    for stream in (client, server, proxy_client_side, proxy_upstream_side):
+        await stream.aclose()
     await server.aclose()
 
 
@@ -158,3 +212,51 @@ async def test_tls_version_is_13(
 ) -> None:
     _, server = tls_pair
     assert server.version == "TLSv1.3"
+
+
+class GatedTransport(anyio.abc.ByteStream):
+    """A transport whose sends wait for `gate` and fail if they overlap."""
+
+    def __init__(self, inner: anyio.abc.ByteStream) -> None:
+        self.inner = inner
+        self.gate = anyio.Event()
+        self.sending = False
+        self.sent: list[bytes] = []
+
+    async def send(self, item: bytes) -> None:
+        assert not self.sending, "two writes to the transport at once"
+        self.sending = True
+        try:
+            await self.gate.wait()
+            self.sent.append(item)
+            await self.inner.send(item)
+        finally:
+            self.sending = False
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self.inner.receive(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_tls_flush_waits_for_sender(
+    tls_pair: tuple[anyio.abc.ByteStream, ServerTLSStream],
+) -> None:
+    _, server = tls_pair
+    transport = GatedTransport(server.transport)
+    server.transport = transport
+    with anyio.fail_after(STEP_TIMEOUT_SECONDS):
+        async with anyio.create_task_group() as group:
+            group.start_soon(server.send, b"from send")
+            await anyio.wait_all_tasks_blocked()
+            # Output that OpenSSL queues while reading (an alert or a
+            # KeyUpdate response) is flushed from receive's task.
+            server._outgoing.write(b"queued by receive")
+            await server._flush(wait=False)
+            assert transport.sent == []
+            transport.gate.set()
+        assert transport.sent[-1].endswith(b"queued by receive")

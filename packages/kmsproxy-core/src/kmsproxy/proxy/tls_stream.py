@@ -45,6 +45,9 @@ class ServerTLSStream(anyio.abc.ByteStream):
         self._incoming = incoming
         self._outgoing = outgoing
         self._eof_sent = False
+        # Orders writes to the transport: `receive` and `send` both flush
+        # the outgoing BIO, and the relay calls them from two tasks at once.
+        self._send_lock = anyio.Lock()
 
     @classmethod
     async def wrap(
@@ -76,18 +79,29 @@ class ServerTLSStream(anyio.abc.ByteStream):
     def alpn_protocol(self) -> str | None:
         return self.ssl_object.selected_alpn_protocol()
 
-    async def _flush(self) -> None:
-        data = self._outgoing.read()
-        if data:
-            await self.transport.send(data)
+    async def _flush(self, *, wait: bool = True) -> None:
+        """Send everything in the outgoing BIO to the transport.
 
-    async def _run(self, operation: Callable[[], _T]) -> _T:
-        """Call an SSLObject method, moving bytes until it stops waiting."""
+        With `wait` false and another task sending, return at once: that
+        task drains the BIO before it releases the lock. `receive` flushes
+        this way, so it keeps reading while `send` waits for a slow peer.
+        """
+        if not wait and self._send_lock.locked():
+            return
+        async with self._send_lock:
+            while data := self._outgoing.read():
+                await self.transport.send(data)
+
+    async def _run(self, operation: Callable[[], _T], *, wait: bool = True) -> _T:
+        """Call an SSLObject method, moving bytes until it stops waiting.
+
+        `wait` is passed on to `_flush`.
+        """
         while True:
             try:
                 result = operation()
             except ssl.SSLWantReadError:
-                await self._flush()
+                await self._flush(wait=wait)
                 try:
                     data = await self.transport.receive(_TRANSPORT_READ_BYTES)
                 except anyio.EndOfStream:
@@ -95,12 +109,14 @@ class ServerTLSStream(anyio.abc.ByteStream):
                 else:
                     self._incoming.write(data)
                 continue
-            await self._flush()
+            await self._flush(wait=wait)
             return result
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         try:
-            data = await self._run(functools.partial(self.ssl_object.read, max_bytes))
+            data = await self._run(
+                functools.partial(self.ssl_object.read, max_bytes), wait=False
+            )
         except ssl.SSLZeroReturnError:
             raise anyio.EndOfStream from None
         except ssl.SSLEOFError:

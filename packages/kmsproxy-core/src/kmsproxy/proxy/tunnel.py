@@ -530,7 +530,8 @@ async def relay(
 
     End of stream on one side becomes `send_eof` on the other, so a
     half-closed tunnel keeps flowing the other way. Any error, or
-    `idle_timeout` seconds without a byte either way, ends both directions.
+    `idle_timeout` seconds without a completed receive or send in either
+    direction, ends both directions.
     Each send is awaited before the next receive, so a slow reader slows
     the writer instead of filling memory.
     """
@@ -554,6 +555,9 @@ async def relay(
                 last_activity = anyio.current_time()
                 counts[index] += len(data)
                 await sink.send(data)
+                # A send that a slow reader held up is activity too, as in
+                # nginx's proxy_timeout (between two reads or writes).
+                last_activity = anyio.current_time()
             await sink.send_eof()
         except Exception as error:
             # Any failure (reset, TLS alert, closed stream) ends the tunnel.
