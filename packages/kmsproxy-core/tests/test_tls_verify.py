@@ -15,6 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
 from peers import LOOPBACK, start_openssl_server
@@ -29,8 +30,13 @@ from kmsproxy.tls import (
     TrustStore,
     connect_tls,
 )
-from kmsproxy.tls.alerts import DecryptError, IllegalParameter
-from kmsproxy.tls.verify import SERVER_CONTEXT, signed_content, verify_server_signature
+from kmsproxy.tls.alerts import BadCertificate, DecryptError, IllegalParameter
+from kmsproxy.tls.verify import (
+    SERVER_CONTEXT,
+    parse_certificate_chain,
+    signed_content,
+    verify_server_signature,
+)
 
 CA = make_ca()
 OTHER_CA = make_ca("other CA")
@@ -142,6 +148,16 @@ def test_load_system_skips_warned(
     assert store.certificates == [CA.cert]
     assert [str(w.message) for w in caught] == []
     assert "Skipped system CA certificate" in caplog.text
+
+
+def test_parse_negative_serial() -> None:
+    der = ssl.PEM_cert_to_DER_cert(negative_serial_certificate().decode())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(BadCertificate, match="serial number") as error:
+            parse_certificate_chain([SERVER.cert.public_bytes(Encoding.DER), der])
+    assert str(error.value).startswith("certificate 1 in the chain is invalid")
+    assert [str(w.message) for w in caught] == []
 
 
 def test_verify_dns_name() -> None:

@@ -342,11 +342,23 @@ def _clean_detail(message: str) -> str:
 
 
 def parse_certificate_chain(cert_data: Sequence[bytes]) -> list[x509.Certificate]:
-    """Parse DER certificates; raise `BadCertificate` for malformed DER."""
+    """Parse DER certificates; raise `BadCertificate` for malformed DER.
+
+    A certificate that cryptography 50 parses only with a deprecation
+    warning (a serial number that is not positive, which RFC 5280 forbids)
+    is rejected too. Later releases reject it anyway, and the warning would
+    otherwise be printed to the user.
+    """
     chain = []
     for index, der in enumerate(cert_data):
         try:
-            chain.append(x509.load_der_x509_certificate(der))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", CryptographyDeprecationWarning)
+                chain.append(x509.load_der_x509_certificate(der))
+        except CryptographyDeprecationWarning as warning:
+            raise BadCertificate(
+                f"certificate {index} in the chain is invalid: {warning}"
+            ) from None
         except ValueError as error:
             raise BadCertificate(
                 f"certificate {index} in the chain is not valid DER: {error}"
