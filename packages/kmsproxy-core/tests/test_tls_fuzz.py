@@ -14,9 +14,10 @@ from pki import issue, make_ca
 from scripted_server import ScriptedServer
 
 from kmsproxy.tls import messages as m
-from kmsproxy.tls.alerts import TLSError
+from kmsproxy.tls.alerts import Alert, BadRecordMac, TLSError
 from kmsproxy.tls.client import ClientConnection
 from kmsproxy.tls.config import TLSClientConfig
+from kmsproxy.tls.records import MAX_PLAINTEXT_LENGTH, ContentType
 
 # Each property runs 200 examples: enough to reach every length branch of
 # these small codecs, and the whole file stays under a few seconds.
@@ -171,3 +172,122 @@ def test_mutated_flight_raises_tls_errors_only(data: st.DataObject) -> None:
     cut = len(wire) - data.draw(st.integers(0, 2**16)) % (len(wire) + 1)
     with contextlib.suppress(TLSError):
         client.receive_data(bytes(wire[:cut]))
+
+
+# The encrypted flight, mutated before it is sealed, so that each example
+# decrypts and reaches the handlers for EncryptedExtensions, Certificate,
+# CertificateVerify and Finished.
+
+
+def plaintext_flight(server: ScriptedServer) -> list[bytes]:
+    """Build the server's encrypted handshake messages, valid and in order,
+    adding each to the server's transcript as it would be sent."""
+    builders: list[Callable[[], bytes]] = [
+        lambda: m.push_encrypted_extensions(m.EncryptedExtensions([])),
+        server.certificate_message,
+        server.certificate_verify_message,
+        server.finished_message,
+    ]
+    messages = []
+    for build in builders:
+        message = build()
+        server.transcript.add(message)
+        messages.append(message)
+    return messages
+
+
+def seal_handshake(server: ScriptedServer, plaintext: bytes, fragment: int) -> bytes:
+    """Seal `plaintext` as handshake records of `fragment` bytes each."""
+    records = b""
+    for start in range(0, max(len(plaintext), 1), fragment):
+        chunk = plaintext[start : start + fragment]
+        records += server.protect(ContentType.handshake, chunk)
+    return records
+
+
+def feed_and_check_alert(
+    client: ClientConnection, server: ScriptedServer, wire: bytes
+) -> TLSError | None:
+    """Feed `wire`; when the client raises an Alert, check it queued that
+    alert for the server. Return the error, or None if none was raised."""
+    error: TLSError | None = None
+    try:
+        client.receive_data(wire)
+    except TLSError as raised:
+        error = raised
+    if isinstance(error, Alert):
+        assert server.client_alert(client.data_to_send()) == error.description
+    return error
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(st.data())
+def test_mutated_plaintext_flight(data: st.DataObject) -> None:
+    client, server = started_client()
+    client.receive_data(server.server_hello())
+    plaintext = bytearray(b"".join(plaintext_flight(server)))
+    for _ in range(data.draw(st.integers(1, 4))):
+        index = data.draw(st.integers(0, 2**16)) % len(plaintext)
+        plaintext[index] = data.draw(st.integers(0, 255))
+    cut = len(plaintext) - data.draw(st.integers(0, 64))
+    fragment = data.draw(st.integers(1, MAX_PLAINTEXT_LENGTH))
+    wire = seal_handshake(server, bytes(plaintext[: max(cut, 1)]), fragment)
+    error = feed_and_check_alert(client, server, wire)
+    assert not isinstance(error, BadRecordMac)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([2, 4, 5, 8, 11, 13, 15, 20, 24, 254]),
+            st.binary(max_size=200),
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_random_encrypted_messages(messages: list[tuple[int, bytes]]) -> None:
+    client, server = started_client()
+    client.receive_data(server.server_hello())
+    plaintext = b"".join(
+        bytes([message_type]) + len(body).to_bytes(3, "big") + body
+        for message_type, body in messages
+    )
+    wire = seal_handshake(server, plaintext, MAX_PLAINTEXT_LENGTH)
+    error = feed_and_check_alert(client, server, wire)
+    assert not isinstance(error, BadRecordMac)
+
+
+@pytest.mark.parametrize(
+    ("position", "expected"),
+    [
+        (0, "DecodeError"),
+        (1, "BadCertificate"),
+        (2, "DecryptError"),
+        (3, "DecryptError"),
+    ],
+)
+def test_mutation_reaches_handler(position: int, expected: str) -> None:
+    # Flipping the last byte of one message must fail in that message's
+    # handler, which shows the mutated examples above get past decryption.
+    client, server = started_client()
+    client.receive_data(server.server_hello())
+    messages = plaintext_flight(server)
+    target = bytearray(messages[position])
+    if position == 0:
+        target[3] += 1  # EncryptedExtensions longer than its content
+    elif position == 1:
+        # The leaf's DER starts after the 4-byte header, the empty context
+        # (1 byte), the list length and the entry length (3 bytes each).
+        target[11] = 0x31  # SET instead of the Certificate's SEQUENCE
+    else:
+        target[-1] ^= 0x01  # a signature or verify_data byte
+    messages[position] = bytes(target)
+    wire = seal_handshake(server, b"".join(messages), MAX_PLAINTEXT_LENGTH)
+    error = feed_and_check_alert(client, server, wire)
+    assert type(error).__name__ == expected
