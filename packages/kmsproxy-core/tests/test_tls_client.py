@@ -518,6 +518,13 @@ def test_second_server_hello() -> None:
     expect_alert(client, wire, alerts.UnexpectedMessage, server)
 
 
+def test_unsolicited_record_size_limit() -> None:
+    client, server = started()
+    limit = (E.record_size_limit, (2**14).to_bytes(2, "big"))
+    wire = server.server_hello() + server.encrypted_extensions([limit])
+    expect_alert(client, wire, alerts.UnsupportedExtension, server)
+
+
 def test_unsolicited_early_data() -> None:
     client, server = started()
     wire = server.server_hello() + server.encrypted_extensions([(E.early_data, b"")])

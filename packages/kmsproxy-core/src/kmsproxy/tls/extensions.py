@@ -112,6 +112,10 @@ def check_encrypted_extensions(
     alpn_offered: Sequence[bytes],
 ) -> str | None:
     """Check EncryptedExtensions; return the ALPN protocol the server chose."""
+    # NOTE: we never offer record_size_limit (RFC 8449), so the check below
+    # rejects it with unsupported_extension and records we send are always
+    # up to 2^14 bytes. Offering it would require applying the server's
+    # limit in `send_application_data`.
     check_response_extensions(
         extensions, ENCRYPTED_EXTENSIONS, offered, "EncryptedExtensions"
     )
@@ -122,10 +126,6 @@ def check_encrypted_extensions(
             raise DecodeError("server_name in EncryptedExtensions is not empty")
         if extension_type == E.supported_groups:
             m.pull_uint16_list_extension(data, "supported_groups", 2)
-        if extension_type == E.record_size_limit:
-            # NOTE: only a replayed ClientHello offers record_size_limit; the
-            # server's limit is read but not applied to what we send.
-            m.pull_uint16_extension(data, "record_size_limit")
         if extension_type == E.application_layer_protocol_negotiation:
             names = m.pull_alpn(data)
             # RFC 7301 section 3.1: exactly one protocol, one we offered.
