@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 from pki import Issued, issue, make_ca
@@ -256,6 +258,48 @@ def test_hello_retry_request_to_p384() -> None:
     assert second.cipher_suites == first.cipher_suites
     client.receive_data(server.server_hello() + server.flight())
     assert client.handshake_complete
+
+
+def handshake_messages(wire: bytes) -> list[bytes]:
+    """Split plaintext records into handshake messages, skipping CCS; each
+    message here fits in one record."""
+    messages = []
+    while wire:
+        length = int.from_bytes(wire[3:5], "big")
+        if wire[0] == ContentType.handshake:
+            messages.append(wire[5 : 5 + length])
+        wire = wire[5 + length :]
+    return messages
+
+
+def test_hello_retry_transcript_by_hand() -> None:
+    # RFC 8446 section 4.4.1: after a HelloRetryRequest the transcript
+    # starts with message_hash (type 254, a 3-byte length, then
+    # Hash(ClientHello1)), followed by the HelloRetryRequest, ClientHello2
+    # and ServerHello. Computed with hashlib, independently of Transcript.
+    client = new_client()
+    server = ScriptedServer(SERVER)
+    client.start()
+    first_wire = client.data_to_send()
+    server.read_client_hello(first_wire)
+    retry_wire = server.hello_retry_request(m.NamedGroup.secp384r1)
+    client.receive_data(retry_wire)
+    second_wire = client.data_to_send()
+    server.read_second_client_hello(second_wire)
+    hello_wire = server.server_hello()
+    client.receive_data(hello_wire)
+
+    [client_hello1] = handshake_messages(first_wire)
+    [retry] = handshake_messages(retry_wire)
+    [client_hello2] = handshake_messages(second_wire)
+    [server_hello] = handshake_messages(hello_wire)
+    digest = hashlib.sha256(client_hello1).digest()
+    message_hash = bytes([254, 0, 0, len(digest)]) + digest
+    expected = hashlib.sha256(
+        message_hash + retry + client_hello2 + server_hello
+    ).digest()
+    assert client.cipher_suite == "TLS_AES_128_GCM_SHA256"
+    assert client._transcript.digest() == expected
 
 
 def test_second_hello_retry_request() -> None:
