@@ -1,45 +1,123 @@
-"""The PAC listener's responses, without I/O."""
+"""The PAC listener's responses, and which files it serves."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import anyio
+import pytest
+
+from kmsproxy.errors import UserError
 from kmsproxy.proxy.connect import RequestHead
-from kmsproxy.proxy.pac import PAC_MEDIA_TYPE, pac_response
+from kmsproxy.proxy.pac import (
+    MAX_PAC_BYTES,
+    PAC_MEDIA_TYPE,
+    check_pac_file,
+    pac_response,
+)
+
+pytestmark = pytest.mark.anyio
+
+# Upper bound for one response; a FIFO that blocked would exceed it.
+STEP_TIMEOUT_SECONDS = 10.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
 
 
 def head(method: str, target: str = "/proxy.pac") -> RequestHead:
     return RequestHead(method, target, "HTTP/1.1")
 
 
-def test_get_serves_file(tmp_path: Path) -> None:
+async def test_get_serves_file(tmp_path: Path) -> None:
     pac = tmp_path / "proxy.pac"
     pac.write_text("function FindProxyForURL(u, h) { return 'DIRECT'; }")
-    response = pac_response(head("GET", "/anything"), pac)
+    response = await pac_response(head("GET", "/anything"), pac)
     assert response.startswith(b"HTTP/1.1 200 OK\r\n")
     assert f"Content-Type: {PAC_MEDIA_TYPE}\r\n".encode() in response
     assert response.endswith(b"return 'DIRECT'; }")
 
 
-def test_head_has_no_body(tmp_path: Path) -> None:
+async def test_head_has_no_body(tmp_path: Path) -> None:
     pac = tmp_path / "proxy.pac"
     pac.write_text("x")
-    response = pac_response(head("HEAD"), pac)
+    response = await pac_response(head("HEAD"), pac)
     assert b"Content-Length: 1\r\n" in response
     assert response.endswith(b"\r\n\r\n")
 
 
-def test_no_file_is_404() -> None:
-    assert pac_response(head("GET"), None).startswith(b"HTTP/1.1 404 ")
-
-
-def test_unreadable_file_is_404(tmp_path: Path) -> None:
-    response = pac_response(head("GET"), tmp_path / "missing.pac")
+async def test_no_file_is_404() -> None:
+    response = await pac_response(head("GET"), None)
     assert response.startswith(b"HTTP/1.1 404 ")
-    assert b"missing.pac" in response
 
 
-def test_post_is_405() -> None:
-    response = pac_response(head("POST"), None)
+async def test_missing_file_is_500(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    response = await pac_response(head("GET"), tmp_path / "missing.pac")
+    assert response.startswith(b"HTTP/1.1 500 ")
+    assert b"not found" in response
+    # The path goes to the log only, not to any client.
+    assert b"missing.pac" not in response
+    assert "missing.pac" in caplog.text
+
+
+async def test_fifo_is_500_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "proxy.pac"
+    os.mkfifo(fifo)
+    with anyio.fail_after(STEP_TIMEOUT_SECONDS):
+        response = await pac_response(head("GET"), fifo)
+    assert response.startswith(b"HTTP/1.1 500 ")
+    assert b"not a regular file" in response
+
+
+async def test_symlink_to_device_is_500(tmp_path: Path) -> None:
+    link = tmp_path / "proxy.pac"
+    link.symlink_to("/dev/zero")
+    with anyio.fail_after(STEP_TIMEOUT_SECONDS):
+        response = await pac_response(head("GET"), link)
+    assert response.startswith(b"HTTP/1.1 500 ")
+    assert b"not a regular file" in response
+
+
+async def test_symlink_to_file_served(tmp_path: Path) -> None:
+    target = tmp_path / "real.pac"
+    target.write_text("linked")
+    link = tmp_path / "proxy.pac"
+    link.symlink_to(target)
+    response = await pac_response(head("GET"), link)
+    assert response.endswith(b"\r\n\r\nlinked")
+
+
+async def test_oversized_file_is_500(tmp_path: Path) -> None:
+    pac = tmp_path / "proxy.pac"
+    pac.write_bytes(b"x" * (MAX_PAC_BYTES + 1))
+    response = await pac_response(head("GET"), pac)
+    assert response.startswith(b"HTTP/1.1 500 ")
+    assert b"larger than" in response
+
+
+async def test_file_at_limit_served(tmp_path: Path) -> None:
+    pac = tmp_path / "proxy.pac"
+    pac.write_bytes(b"x" * MAX_PAC_BYTES)
+    response = await pac_response(head("GET"), pac)
+    assert response.startswith(b"HTTP/1.1 200 ")
+
+
+def test_missing_file_fails_start(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="PAC file was not found"):
+        check_pac_file(tmp_path / "nope.js")
+
+
+def test_directory_fails_start(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not a regular file"):
+        check_pac_file(tmp_path)
+
+
+async def test_post_is_405() -> None:
+    response = await pac_response(head("POST"), None)
     assert response.startswith(b"HTTP/1.1 405 ")
     assert b"Allow: GET, HEAD\r\n" in response

@@ -49,7 +49,7 @@ from kmsproxy.proxy.listener import (
     sniff,
     starts_tls_handshake,
 )
-from kmsproxy.proxy.pac import pac_response
+from kmsproxy.proxy.pac import PAC_SEND_TIMEOUT_SECONDS, check_pac_file, pac_response
 from kmsproxy.proxy.prometheus import ProxyCounts, is_metrics_request, metrics_response
 from kmsproxy.proxy.tls_stream import ServerTLSStream
 from kmsproxy.proxy.tunnel import TunnelSettings, run_tunnel, send_final_and_linger
@@ -107,6 +107,9 @@ class Proxy:
         """
         config = self.config
         # Step 1: everything that can fail on user input, before binding.
+        # The PAC file is checked first because that check opens no key.
+        if config.pac_file is not None:
+            check_pac_file(config.pac_file)
         registry = self.registry or Registry.load(config.plugins)
         ca = await _open_ca(registry, config)
         self.minter = minter = LeafMinter(ca)
@@ -284,7 +287,7 @@ class Proxy:
                     head = await read_head(stream, initial_data)
                 if head is None:
                     return
-                response = self._pac_listener_response(client, head)
+                response = await self._pac_listener_response(client, head)
             except RequestError as error:
                 response = error_response(error)
             except (TimeoutError, *_CONNECTION_ERRORS) as error:
@@ -293,13 +296,14 @@ class Proxy:
             except Exception:
                 logger.exception("PAC connection failed unexpectedly")
                 return
-            await send_final_and_linger(stream, response)
+            with anyio.move_on_after(PAC_SEND_TIMEOUT_SECONDS):
+                await send_final_and_linger(stream, response)
 
-    def _pac_listener_response(
+    async def _pac_listener_response(
         self, client: anyio.abc.SocketStream, head: RequestHead
     ) -> bytes:
         if head.method not in ("GET", "HEAD") or not is_metrics_request(head):
-            return pac_response(head, self.config.pac_file)
+            return await pac_response(head, self.config.pac_file)
         # The counts are for local monitoring, even if the PAC port is
         # reachable from other hosts.
         remote = client.extra(SocketAttribute.remote_address)  # noqa: S610
