@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 import pytest
-from peers import LOOPBACK, start_openssl_server
+from peers import LOOPBACK, serve_python_tls, start_openssl_server
 from pki import issue, make_ca
 
 from kmsproxy.signer import SignatureScheme, SoftwareSigner
@@ -140,6 +140,47 @@ async def test_protocol_version_alert_hint(tmp_path: Path) -> None:
         "server sent alert protocol_version (70); the server may not support "
         "TLS 1.3, the version this client offered"
     )
+
+
+class SlowTransport(anyio.abc.ByteStream):
+    """A transport whose sends wait `delay` seconds before they start, so a
+    caller's timeout can cancel a write midway."""
+
+    def __init__(self, inner: anyio.abc.ByteStream) -> None:
+        self.inner = inner
+        self.delay = 0.0
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self.inner.receive(max_bytes)
+
+    async def send(self, item: bytes) -> None:
+        await anyio.sleep(self.delay)
+        await self.inner.send(item)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_cancelled_send_breaks_stream(tmp_path: Path) -> None:
+    # A write cut short may have sent part of a record, so later writes
+    # must fail instead of sending records the server cannot decrypt.
+    ca = make_ca()
+    key, cert = issue(ca, "server", dns_names=(SERVER_NAME,)).write(tmp_path, "s")
+    settings = TLSClientConfig(SERVER_NAME, (), TrustStore([ca.cert]))
+    async with serve_python_tls(cert, key, None) as peer:
+        transport = SlowTransport(await anyio.connect_tcp(LOOPBACK, peer.port))
+        stream = await connect_tls(transport, settings)
+        async with stream:
+            transport.delay = PEER_REPLY_TIMEOUT_SECONDS
+            with anyio.move_on_after(0.1) as scope:
+                await stream.send(b"cut short")
+            transport.delay = 0.0
+            assert scope.cancelled_caught
+            with pytest.raises(anyio.BrokenResourceError, match="interrupted"):
+                await stream.send(b"after")
 
 
 class UnpluggedSigner(SoftwareSigner):
