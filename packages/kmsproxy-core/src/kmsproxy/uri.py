@@ -19,6 +19,23 @@ SECRET_ATTRIBUTES = frozenset(
     {"pin-value", "pin", "password", "secret", "auth", "token-value"}
 )
 
+# A name that contains one of these is treated as a secret too, so a
+# backend's own spelling (`session-token`, `secret-access-key`) is redacted
+# without being listed above.
+SECRET_NAME_PARTS = (
+    "pin",
+    "pass",
+    "secret",
+    "token",
+    "key-value",
+    "credential",
+)
+
+# Suffixes of attributes that name where a secret is kept (a file path or a
+# source such as `pin-source=/run/pin`), not the secret itself. They stay
+# readable so that an error can name the file to fix.
+SECRET_LOCATION_SUFFIXES = ("-file", "-source")
+
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*):")
 # A Windows drive letter ("C:\\keys\\a.pem") is a path, not a URI scheme.
 _DRIVE = re.compile(r"^[a-zA-Z]:[\\/]")
@@ -64,7 +81,7 @@ class KeyURI:
     def redacted(self) -> str:
         """The URI with every secret attribute's value replaced by `***`."""
         parts = [
-            f"{name}=***" if name in SECRET_ATTRIBUTES else f"{name}={value}"
+            f"{name}=***" if is_secret_attribute(name) else f"{name}={value}"
             for name, value in self.attributes.items()
         ]
         return f"{self.scheme}:" + ";".join(parts)
@@ -76,10 +93,35 @@ class KeyURI:
         return f"KeyURI({self.redacted()!r})"
 
 
+def is_secret_attribute(name: str) -> bool:
+    """Tell whether attribute `name` (percent-decoded) may hold a secret."""
+    name = name.strip().lower()
+    if name in SECRET_ATTRIBUTES:
+        return True
+    if name.endswith(SECRET_LOCATION_SUFFIXES):
+        return False
+    return any(part in name for part in SECRET_NAME_PARTS)
+
+
+# One `name=value` attribute of a URI that may not parse: the name runs to
+# `=` and the value to the next separator.
+_ATTRIBUTE_TEXT = re.compile(r"([^;&?:=]+)=([^;&?]*)")
+
+
 def _redact_text(scheme: str, text: str) -> str:
-    """Redact secrets from a URI that failed to parse, by pattern."""
-    pattern = "|".join(re.escape(name) for name in sorted(SECRET_ATTRIBUTES))
-    return re.sub(rf"(?i)\b({pattern})=[^;&?]*", r"\1=***", text)
+    """Redact secrets from a URI that failed to parse.
+
+    Names are percent-decoded before the check, so `pin%2Dvalue=1234` is
+    redacted like `pin-value=1234`.
+    """
+
+    def redact(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if is_secret_attribute(unquote(name)):
+            return f"{name}=***"
+        return match.group(0)
+
+    return _ATTRIBUTE_TEXT.sub(redact, text)
 
 
 def looks_like_uri(text: str) -> bool:

@@ -1,0 +1,79 @@
+"""Key URIs: parsing, and redaction of secret attributes in every message."""
+
+from __future__ import annotations
+
+import pytest
+
+from kmsproxy.uri import KeyURI, URIError
+
+SECRET = "1234"
+
+
+def parse_error(text: str) -> str:
+    with pytest.raises(URIError) as raised:
+        KeyURI.parse(text)
+    return str(raised.value)
+
+
+def test_parses_path_and_query() -> None:
+    uri = KeyURI.parse("pkcs11:token=dev;id=%01?pin-source=/run/pin")
+    assert uri.scheme == "pkcs11"
+    assert uri.get("id") == "\x01"
+    assert uri.get("pin-source") == "/run/pin"
+
+
+def test_duplicate_name_rejected() -> None:
+    message = parse_error("yubikey:slot-id=9a;slot-id=9c")
+    assert "given twice" in message
+
+
+def test_percent_encoded_name_redacted() -> None:
+    message = parse_error(f"yubikey:slot-id=9a;pin%2Dvalue={SECRET};pin%2Dvalue=1")
+    assert SECRET not in message
+    assert "given twice" in message
+
+
+def test_percent_encoded_name_redacted_when_parsed() -> None:
+    uri = KeyURI.parse(f"yubikey:slot-id=9a;pin%2Dvalue={SECRET}")
+    assert SECRET not in str(uri)
+    assert "pin-value=***" in str(uri)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "pin-value",
+        "PIN",
+        "password",
+        "passphrase",
+        "secret-access-key",
+        "session-token",
+        "key-value",
+        "credential",
+        "client-credentials",
+        "auth",
+    ],
+)
+def test_secret_names_redacted(name: str) -> None:
+    uri = KeyURI.parse(f"awskms:key-id=abc;{name}={SECRET}")
+    assert SECRET not in uri.redacted()
+    assert SECRET not in repr(uri)
+    assert "key-id=abc" in uri.redacted()
+
+
+@pytest.mark.parametrize("name", ["session-token", "secret-access-key"])
+def test_secret_names_redacted_in_errors(name: str) -> None:
+    message = parse_error(f"awskms:{name}={SECRET};{name}={SECRET}")
+    assert SECRET not in message
+
+
+def test_secret_locations_kept() -> None:
+    uri = KeyURI.parse("file:path=a.key;password-file=pw.txt?pin-source=/run/pin")
+    assert "password-file=pw.txt" in uri.redacted()
+    assert "pin-source=/run/pin" in uri.redacted()
+
+
+def test_missing_value_names_attribute() -> None:
+    message = parse_error(f"yubikey:pin-value={SECRET};slot-id")
+    assert "'slot-id' has no value" in message
+    assert SECRET not in message
