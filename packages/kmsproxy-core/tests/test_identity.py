@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 from pathlib import Path
 
@@ -91,3 +92,33 @@ def test_failed_reload_keeps_identities(tmp_path: Path) -> None:
 def test_no_key_is_user_error() -> None:
     with pytest.raises(UserError, match="--clientkey"):
         IdentityStore([], [])
+
+
+def test_valid_identity_first(tmp_path: Path) -> None:
+    ca = make_ca()
+    now = datetime.datetime.now(datetime.UTC)
+    expired = issue(
+        ca,
+        "expired",
+        client=True,
+        not_before=now - datetime.timedelta(days=2),
+        not_after=now - datetime.timedelta(days=1),
+    )
+    expired.write(tmp_path, "expired")
+    issue(ca, "valid", client=True).write(tmp_path, "valid")
+    store = IdentityStore.open(
+        Registry.load(),
+        [tmp_path / "expired.key", tmp_path / "valid.key"],
+        [tmp_path / "expired.crt", tmp_path / "valid.crt"],
+    )
+    anyio.run(store.load)
+    assert [i.subject for i in store.identities] == ["CN=valid", "CN=expired"]
+
+
+def test_unsupported_leaf_key_unmatched() -> None:
+    ca = make_ca()
+    alice = issue(ca, "alice", client=True)
+    signers = [SoftwareSigner(alice.key, "a.key")]
+    pairing = pair_identities(signers, [("empty.crt", []), ("a.crt", alice.chain)])
+    assert [i.subject for i in pairing.identities] == ["CN=alice"]
+    assert pairing.unmatched_certificates == ("empty.crt",)

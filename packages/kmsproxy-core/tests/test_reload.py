@@ -26,6 +26,10 @@ pytestmark = pytest.mark.anyio
 # only matters on a badly overloaded machine.
 RELOAD_WAIT_SECONDS = 10.0
 
+# Seconds to let an event in a watched directory be handled alone: twice
+# the 0.3 s watch debounce.
+UNRELATED_EVENT_WAIT_SECONDS = 0.6
+
 NOW = datetime.datetime.now(datetime.UTC)
 
 
@@ -167,3 +171,199 @@ async def test_rotated_key_and_certificate(tmp_path: Path) -> None:
         await wait_for_subject(store, "CN=rotated")
         group.cancel_scope.cancel()
     assert store.identities[0].signer.public_key() == rotated.key.public_key()
+
+
+def pem(certificate: x509.Certificate) -> bytes:
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+async def test_kubernetes_symlink_swap(tmp_path: Path) -> None:
+    # The layout of a Kubernetes Secret volume: each file is a symlink into
+    # `..data`, itself a symlink to a versioned directory that is swapped.
+    ca = make_ca()
+    first = issue(ca, "first", client=True)
+    (tmp_path / "..v1").mkdir()
+    first.write(tmp_path / "..v1", "client")
+    (tmp_path / "..data").symlink_to("..v1")
+    for name in ("client.crt", "client.key"):
+        (tmp_path / name).symlink_to(f"..data/{name}")
+    store = IdentityStore.open(
+        Registry.load(), [tmp_path / "client.key"], [tmp_path / "client.crt"]
+    )
+    await store.load()
+    async with anyio.create_task_group() as group:
+        await group.start(store.watch)
+        (tmp_path / "..v2").mkdir()
+        (tmp_path / "..v2" / "client.key").write_bytes(first.key_pem())
+        (tmp_path / "..v2" / "client.crt").write_bytes(
+            pem(reissue(ca, first, "second"))
+        )
+        (tmp_path / "..data_tmp").symlink_to("..v2")
+        os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+        await wait_for_subject(store, "CN=second")
+        group.cancel_scope.cancel()
+
+
+async def test_parent_directory_replaced(tmp_path: Path) -> None:
+    ca = make_ca()
+    first = issue(ca, "first", client=True)
+    directory = tmp_path / "certs"
+    directory.mkdir()
+    key_path, cert_path = first.write(directory, "client")
+    store = IdentityStore.open(Registry.load(), [key_path], [cert_path])
+    await store.load()
+    async with anyio.create_task_group() as group:
+        await group.start(store.watch)
+        directory.rename(tmp_path / "certs.old")
+        directory.mkdir()
+        key_path.write_bytes(first.key_pem())
+        cert_path.write_bytes(pem(reissue(ca, first, "second")))
+        await wait_for_subject(store, "CN=second")
+        # The new directory is watched too.
+        rename_replace(cert_path, reissue(ca, first, "third"))
+        await wait_for_subject(store, "CN=third")
+        group.cancel_scope.cancel()
+
+
+async def test_unrelated_file_skips_reload(tmp_path: Path) -> None:
+    ca = make_ca()
+    first = issue(ca, "first", client=True)
+    key_path, cert_path = first.write(tmp_path, "client")
+    store = IdentityStore.open(Registry.load(), [key_path], [cert_path])
+    await store.load()
+    async with anyio.create_task_group() as group:
+        await group.start(store.watch)
+        (tmp_path / "notes.txt").write_text("not a certificate")
+        # Wait past the debounce, so the unrelated event is handled alone.
+        await anyio.sleep(UNRELATED_EVENT_WAIT_SECONDS)
+        rename_replace(cert_path, reissue(ca, first, "second"))
+        await wait_for_subject(store, "CN=second")
+        group.cancel_scope.cancel()
+    assert store.reload_count == 1
+
+
+class Gated(CertificateSource):
+    """A source whose first load waits for `release`, as slow hardware may."""
+
+    uri = "gated"
+
+    def __init__(self, first: x509.Certificate, later: x509.Certificate) -> None:
+        self.first = first
+        self.later = later
+        self.loads = 0
+        self.entered = anyio.Event()
+        self.release = anyio.Event()
+        self.gate_next = False
+
+    async def load(self) -> list[x509.Certificate]:
+        self.loads += 1
+        if self.gate_next:
+            self.gate_next = False
+            self.entered.set()
+            await self.release.wait()
+            return [self.first]
+        return [self.later]
+
+
+async def test_reloads_run_one_at_a_time() -> None:
+    ca = make_ca()
+    first = issue(ca, "first", client=True)
+    older, newer = reissue(ca, first, "older"), reissue(ca, first, "newer")
+    source = Gated(older, newer)
+    store = IdentityStore([KeySlot(SoftwareSigner(first.key, "k"))], [source])
+    await store.load()
+    source.gate_next = True
+    with anyio.fail_after(RELOAD_WAIT_SECONDS):
+        async with anyio.create_task_group() as group:
+            group.start_soon(store.reload, "slow")
+            await source.entered.wait()
+            group.start_soon(store.reload, "fast")
+            # Let the second reload run as far as it can before the first ends.
+            for _ in range(10):
+                await anyio.sleep(0)
+            source.release.set()
+    assert [i.subject for i in store.identities] == ["CN=newer"]
+    assert store.reload_count == 2
+
+
+class Failing(CertificateSource):
+    """A source that loads once, then raises what a faulty plugin might."""
+
+    uri = "failing"
+
+    def __init__(self, chain: list[x509.Certificate]) -> None:
+        self.chain = chain
+        self.loads = 0
+
+    async def load(self) -> list[x509.Certificate]:
+        self.loads += 1
+        if self.loads > 1:
+            raise RuntimeError("device unplugged")
+        return self.chain
+
+
+async def test_backend_exception_keeps_identity(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first = issue(make_ca(), "first", client=True)
+    store = IdentityStore(
+        [KeySlot(SoftwareSigner(first.key, "k"))], [Failing([first.cert])]
+    )
+    await store.load()
+    assert await store.reload("test") is False
+    assert [i.subject for i in store.identities] == ["CN=first"]
+    assert store.failed_reload_count == 1
+    assert "error_type=RuntimeError" in caplog.text
+
+
+class Closing(SoftwareSigner):
+    """A signer that records `aclose`."""
+
+    closed = 0
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
+async def test_replaced_signer_closed() -> None:
+    first = issue(make_ca(), "first", client=True)
+    opened: list[Closing] = []
+
+    def reopen() -> Closing:
+        opened.append(Closing(first.key, f"k{len(opened)}"))
+        return opened[-1]
+
+    initial = Closing(first.key, "initial")
+    slot = KeySlot(initial, Path("k"), reopen)
+    store = IdentityStore([slot], [Sequenced([[first.cert]])])
+    await store.load()
+    assert initial.closed == 1
+    assert await store.reload("test")
+    assert [s.closed for s in opened] == [1, 0]
+    await store.aclose()
+    assert [s.closed for s in opened] == [1, 1]
+
+
+async def test_failed_reload_closes_new_signer() -> None:
+    first = issue(make_ca(), "first", client=True)
+    opened: list[Closing] = []
+
+    def reopen() -> Closing:
+        opened.append(Closing(first.key, f"k{len(opened)}"))
+        return opened[-1]
+
+    slot = KeySlot(Closing(first.key, "initial"), Path("k"), reopen)
+    store = IdentityStore([slot], [Failing([first.cert])])
+    await store.load()
+    assert await store.reload("test") is False
+    assert [s.closed for s in opened] == [0, 1]
+    assert slot.signer is opened[0]
+
+
+async def test_ready_signer_not_closed() -> None:
+    first = issue(make_ca(), "first", client=True)
+    ready = Closing(first.key, "ready")
+    store = IdentityStore([KeySlot(ready, owned=False)], [Sequenced([[first.cert]])])
+    await store.load()
+    await store.aclose()
+    assert ready.closed == 0

@@ -4,13 +4,15 @@ An identity is a leaf certificate's chain plus the `Signer` whose public key
 matches the leaf. `IdentityStore` owns the current set and replaces it as a
 whole, so a tunnel that took a snapshot keeps using it while the store
 reloads. Reloads happen when a watched file changes, on SIGHUP, and when the
-earliest certificate expires. A failed reload keeps the last good set.
+earliest certificate expires. They run one at a time, and a failed reload
+keeps the last good set.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import logging
 import os
 import signal
@@ -21,6 +23,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from kmsproxy.certificates import CertificateError, CertificateSource
@@ -40,6 +43,27 @@ EXPIRED_RETRY_SECONDS = 60.0
 # An editor or `step ca renew` writes a file in a few steps; 300 ms groups
 # them into one reload.
 WATCH_DEBOUNCE_MILLISECONDS = 300
+
+# Milliseconds between checks of the stop event while watching, which bounds
+# how long cancelling the watcher waits for its thread.
+WATCH_STEP_MILLISECONDS = 50
+
+# Milliseconds a watch waits with no event before the watcher re-resolves
+# the watched paths, in case a directory was replaced without an event in a
+# watched directory.
+WATCH_TIMEOUT_MILLISECONDS = 5_000
+
+# Seconds before watching again after a watched directory vanished while
+# the watches were being set up.
+WATCH_RETRY_SECONDS = 1.0
+
+# Seconds allowed for closing one replaced `Signer`; a hung device must not
+# stall the reload that replaced it.
+SIGNER_CLOSE_TIMEOUT_SECONDS = 5.0
+
+# Fingerprint of one watched file: its resolved path, and the SHA-256 of its
+# content or the error that prevented reading it.
+FileFingerprint = tuple[str, str, str]
 
 
 @dataclass(frozen=True)
@@ -62,18 +86,25 @@ class Identity:
     def not_after(self) -> datetime.datetime:
         return self.leaf.not_valid_after_utc
 
+    def is_valid_at(self, when: datetime.datetime) -> bool:
+        """Tell whether the leaf's validity period contains `when`."""
+        return self.leaf.not_valid_before_utc <= when < self.not_after
+
 
 @dataclass
 class KeySlot:
     """One `--clientkey` argument: its signer and how to reopen it.
 
     `reopen` is set for keys in files, which are re-read on every reload so
-    a rotated key file is picked up; hardware keys stay open.
+    a rotated key file is picked up; hardware keys stay open. `owned` is
+    False for a `Signer` that the caller passed in ready, which the store
+    then never closes.
     """
 
     signer: Signer
     path: Path | None = None
     reopen: Callable[[], Signer] | None = None
+    owned: bool = True
 
 
 @dataclass(frozen=True)
@@ -105,7 +136,16 @@ def pair_identities(
     identities: list[Identity] = []
     unmatched_certificates: list[str] = []
     for uri, chain in chains:
-        leaf_key = _public_key_bytes(chain[0].public_key())  # type: ignore[arg-type]
+        try:
+            leaf_key = _public_key_bytes(chain[0].public_key())  # type: ignore[arg-type]
+        except (IndexError, ValueError, UnsupportedAlgorithm) as error:
+            logger.warning(
+                "Client certificate has no usable public key certificate=%s error=%s",
+                uri,
+                error or "empty chain",
+            )
+            unmatched_certificates.append(uri)
+            continue
         signer = by_key.get(leaf_key)
         if signer is None:
             unmatched_certificates.append(uri)
@@ -119,7 +159,7 @@ def pair_identities(
 def open_key_slot(registry: Registry, key: KeySpec) -> KeySlot:
     """Open a `--clientkey` argument (path, URI or ready `Signer`)."""
     if isinstance(key, Signer):
-        return KeySlot(key)
+        return KeySlot(key, owned=False)
     argument = os.fspath(key)
     uri = registry.resolve(argument)
     signer = registry.open_signer(argument)
@@ -154,6 +194,11 @@ class IdentityStore:
         self._identities: tuple[Identity, ...] = ()
         self._changed = anyio.Event()
         self._reload_callbacks: list[Callable[[], None]] = []
+        # Held across reading, pairing and installing, so reloads run one at
+        # a time and an older result is never installed over a newer one.
+        self._reload_lock = anyio.Lock()
+        # The watched files as the last load or reload read them.
+        self._fingerprints: tuple[FileFingerprint, ...] = ()
         self.reload_count = 0
         self.failed_reload_count = 0
 
@@ -171,8 +216,17 @@ class IdentityStore:
 
     @property
     def identities(self) -> tuple[Identity, ...]:
-        """The current identities; callers keep this tuple as their snapshot."""
-        return self._identities
+        """The current identities, those valid now first.
+
+        Callers keep this tuple as their snapshot. The TLS client presents
+        the first identity that the server accepts, so an expired
+        certificate (say, after a failed renewal) is used only when no
+        valid one is available. The order is otherwise the configured one.
+        """
+        now = datetime.datetime.now(datetime.UTC)
+        return tuple(
+            sorted(self._identities, key=lambda identity: not identity.is_valid_at(now))
+        )
 
     def add_reload_callback(self, callback: Callable[[], None]) -> None:
         """Call `callback` after each successful reload, such as to drop
@@ -186,23 +240,58 @@ class IdentityStore:
 
     async def load(self) -> tuple[Identity, ...]:
         """Load and pair everything; raise `UserError` when nothing pairs."""
-        pairing = await self._pair()
-        self._install(pairing)
-        return self._identities
+        async with self._reload_lock:
+            self._fingerprints = await self._fingerprint_files()
+            pairing, signers = await self._pair()
+            await self._install(pairing, signers)
+        return self.identities
 
     async def reload(self, reason: str) -> bool:
-        """Reload keys and chains; on failure keep the current set and log why."""
+        """Reload keys and chains; on failure keep the current set and log why.
+
+        Any exception from a backend counts as a failure, so a faulty
+        plugin cannot stop the proxy. Cancellation still propagates.
+        """
+        async with self._reload_lock:
+            self._fingerprints = await self._fingerprint_files()
+            return await self._reload_locked(reason)
+
+    async def reload_if_changed(self, reason: str) -> bool:
+        """Reload when a watched file's resolved path or content changed.
+
+        A watched directory also reports changes to unrelated files, and
+        a Kubernetes volume reports only its `..data` symlink, so the
+        content decides. Return whether a reload ran and succeeded.
+        """
+        async with self._reload_lock:
+            fingerprints = await self._fingerprint_files()
+            if fingerprints == self._fingerprints:
+                return False
+            self._fingerprints = fingerprints
+            return await self._reload_locked(reason)
+
+    async def aclose(self) -> None:
+        """Close the signers that this store opened, for shutdown."""
+        async with self._reload_lock:
+            await _close_signers([slot.signer for slot in self.keys if slot.owned])
+
+    async def _reload_locked(self, reason: str) -> bool:
         try:
-            pairing = await self._pair()
-        except (UserError, CertificateError, SignerError, ValueError) as error:
+            pairing, signers = await self._pair()
+        except Exception as error:
             self.failed_reload_count += 1
+            expected = (UserError, CertificateError, SignerError, ValueError, OSError)
             logger.warning(
-                "Reload failed, keeping the previous identities reason=%s error=%s",
+                "Reload failed, keeping the previous identities reason=%s "
+                "error_type=%s error=%s",
                 reason,
+                type(error).__name__,
                 error,
+                # A traceback helps only for errors that no backend should raise.
+                exc_info=not isinstance(error, expected),
             )
             return False
-        self._install(pairing)
+        await self._install(pairing, signers)
         self.reload_count += 1
         for callback in self._reload_callbacks:
             callback()
@@ -211,25 +300,56 @@ class IdentityStore:
         )
         return True
 
-    async def _pair(self) -> Pairing:
-        signers = []
-        for slot in self.keys:
-            if slot.reopen is not None:
-                slot.signer = slot.reopen()
-            signers.append(slot.signer)
-        chains = [(source.uri, await source.load()) for source in self.sources]
-        pairing = pair_identities(signers, chains)
-        if not pairing.identities:
-            keys = ", ".join(s.uri for s in signers)
-            certificates = ", ".join(source.uri for source in self.sources)
-            raise UserError(
-                f"no client certificate matches a client key: certificates "
-                f"{certificates} do not belong to keys {keys}; pass the key "
-                "that each certificate was issued for"
-            )
-        return pairing
+    async def _fingerprint_files(self) -> tuple[FileFingerprint, ...]:
+        paths = self.watch_paths()
+        return await anyio.to_thread.run_sync(_fingerprint_files, paths)
 
-    def _install(self, pairing: Pairing) -> None:
+    async def _pair(self) -> tuple[Pairing, list[Signer]]:
+        """Open the keys and chains and pair them; install nothing.
+
+        Return the pairing and the signer for each slot. Keys reopened for
+        this attempt are closed again when it fails.
+        """
+        signers: list[Signer] = []
+        try:
+            for slot in self.keys:
+                signers.append(
+                    slot.reopen() if slot.reopen is not None else slot.signer
+                )
+            chains = [(source.uri, await source.load()) for source in self.sources]
+            pairing = pair_identities(signers, chains)
+            if not pairing.identities:
+                keys = ", ".join(s.uri for s in signers)
+                certificates = ", ".join(source.uri for source in self.sources)
+                raise UserError(
+                    f"no client certificate matches a client key: certificates "
+                    f"{certificates} do not belong to keys {keys}; pass the key "
+                    "that each certificate was issued for"
+                )
+        except BaseException:
+            current = {id(slot.signer) for slot in self.keys}
+            await _close_signers([s for s in signers if id(s) not in current])
+            raise
+        return pairing, signers
+
+    async def _install(self, pairing: Pairing, signers: Sequence[Signer]) -> None:
+        replaced = [
+            slot.signer
+            for slot, signer in zip(self.keys, signers, strict=True)
+            if signer is not slot.signer and slot.owned
+        ]
+        for slot, signer in zip(self.keys, signers, strict=True):
+            slot.signer = signer
+        self._log_pairing(pairing)
+        self._identities = pairing.identities
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+        # NOTE: a tunnel that took its snapshot before this reload may still
+        # sign with a replaced signer. Only file keys are replaced, and the
+        # file backend's aclose does nothing, so that is safe today.
+        await _close_signers(replaced)
+
+    def _log_pairing(self, pairing: Pairing) -> None:
         for signer in pairing.unmatched_keys:
             logger.warning("No certificate matches client key key=%s", signer.uri)
         for uri in pairing.unmatched_certificates:
@@ -246,9 +366,6 @@ class IdentityStore:
                 identity.certificate_uri,
                 " expired=yes" if identity.not_after <= now else "",
             )
-        self._identities = pairing.identities
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
 
     async def watch(
         self,
@@ -265,38 +382,81 @@ class IdentityStore:
             group.start_soon(self._watch_expiry)
             task_status.started()
 
+    def watch_directories(self) -> list[str]:
+        """Return the directories to watch for the current watched paths.
+
+        For each file, three directories: its own, whose events report a
+        rename-replace (a new inode, which a watch on the old one would
+        miss) and a Kubernetes `..data` symlink swap; the one that contains
+        its resolved target, for edits behind a symlink; and the parent of
+        its own, whose events report that directory being replaced.
+        Only directories that exist are listed.
+        """
+        directories: set[str] = set()
+        for path in self.watch_paths():
+            own = os.path.dirname(path)
+            target = os.path.dirname(os.path.realpath(path))
+            directories.update((own, target, os.path.dirname(own)))
+        return sorted(d for d in directories if os.path.isdir(d))
+
     async def _watch_files(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         # watchfiles is imported here so that `import kmsproxy` stays cheap.
-        from watchfiles import awatch
-
-        # Watch the parent directories, because an atomic rename-replace
-        # creates a new inode, and a watch on the old inode reports nothing.
-        watched = {str(p) for p in self.watch_paths()}
-        directories = sorted({os.path.dirname(p) for p in watched})
-
-        def is_watched(_change: object, path: str) -> bool:
-            return os.path.abspath(path) in watched
+        # RustNotify is its documented low-level interface. It is used here
+        # rather than `awatch` because its constructor returns only once the
+        # watches exist, so `started` is reported after that.
+        from watchfiles._rust_notify import RustNotify
 
         stop = anyio.Event()
+        started = False
         async with anyio.create_task_group() as group:
-            # awatch's worker thread returns only when `stop` is set, so set
-            # it as soon as this task is cancelled.
+            # The watch thread returns only when `stop` is set, so set it as
+            # soon as this task is cancelled.
             group.start_soon(_set_when_cancelled, stop)
-            changes_iterator = awatch(
-                *directories,
-                watch_filter=is_watched,
-                debounce=WATCH_DEBOUNCE_MILLISECONDS,
-                stop_event=stop,
-                recursive=False,
-            )
-            logger.debug("Watching files paths=%s", ",".join(sorted(watched)))
-            task_status.started()
-            async for changes in changes_iterator:
-                names = ",".join(sorted({path for _, path in changes}))
-                await self.reload(f"file changed ({names})")
-            group.cancel_scope.cancel()
+            while True:
+                directories = _directory_identities(self.watch_directories())
+                paths = [path for path, _ in directories]
+                try:
+                    # Arguments: paths, debug, force_polling, poll_delay_ms,
+                    # recursive, ignore_permission_denied.
+                    notify = RustNotify(paths, False, False, 0, False, True)
+                except (OSError, RuntimeError) as error:
+                    if not started:
+                        raise
+                    # A directory vanished between listing and watching.
+                    logger.warning(
+                        "Watching files failed, retrying error=%s retry_seconds=%s",
+                        error,
+                        WATCH_RETRY_SECONDS,
+                    )
+                    await anyio.sleep(WATCH_RETRY_SECONDS)
+                    continue
+                with notify:
+                    logger.debug("Watching directories paths=%s", ",".join(paths))
+                    if not started:
+                        task_status.started()
+                        started = True
+                    while directories == _directory_identities(
+                        self.watch_directories()
+                    ):
+                        changes = await anyio.to_thread.run_sync(
+                            notify.watch,
+                            WATCH_DEBOUNCE_MILLISECONDS,
+                            WATCH_STEP_MILLISECONDS,
+                            WATCH_TIMEOUT_MILLISECONDS,
+                            stop,
+                        )
+                        if changes == "stop" or changes == "signal":
+                            group.cancel_scope.cancel()
+                            return
+                        if changes == "timeout":
+                            continue
+                        names = ",".join(sorted({path for _, path in changes}))
+                        await self.reload_if_changed(f"file changed ({names})")
+                # A watched directory was replaced or a symlink now points
+                # elsewhere: check the files now, then watch the new set.
+                await self.reload_if_changed("watched directories changed")
 
     async def _watch_sighup(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -339,6 +499,50 @@ class IdentityStore:
                     EXPIRED_RETRY_SECONDS,
                 )
                 await anyio.sleep(EXPIRED_RETRY_SECONDS)
+
+
+def _directory_identities(directories: Sequence[str]) -> list[tuple[str, int]]:
+    """Pair each directory with its inode, so a replaced directory differs."""
+    identities: list[tuple[str, int]] = []
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            identities.append((directory, os.stat(directory).st_ino))
+    return identities
+
+
+def _fingerprint_files(paths: Sequence[Path]) -> tuple[FileFingerprint, ...]:
+    """Fingerprint each file by resolved path and content (runs in a thread)."""
+    fingerprints: list[FileFingerprint] = []
+    for path in paths:
+        resolved = os.path.realpath(path)
+        try:
+            with open(resolved, "rb") as file:
+                digest = hashlib.file_digest(file, "sha256").hexdigest()
+        except OSError as error:
+            digest = f"unreadable: {error.strerror}"
+        fingerprints.append((str(path), resolved, digest))
+    return tuple(fingerprints)
+
+
+async def _close_signers(signers: Sequence[Signer]) -> None:
+    """Close each signer, logging a failure instead of raising it."""
+    for signer in signers:
+        with anyio.move_on_after(SIGNER_CLOSE_TIMEOUT_SECONDS, shield=True) as scope:
+            try:
+                await signer.aclose()
+            except Exception as error:
+                logger.warning(
+                    "Closing a key failed key=%s error_type=%s error=%s",
+                    signer.uri,
+                    type(error).__name__,
+                    error,
+                )
+        if scope.cancelled_caught:
+            logger.warning(
+                "Closing a key timed out key=%s timeout_seconds=%s",
+                signer.uri,
+                SIGNER_CLOSE_TIMEOUT_SECONDS,
+            )
 
 
 async def _set_when_cancelled(event: anyio.Event) -> None:
