@@ -107,9 +107,15 @@ class Proxy:
         """
         config = self.config
         # Step 1: everything that can fail on user input, before binding.
-        # The PAC file is checked first because that check opens no key.
+        # The checks that open no key come first, so a typo is reported
+        # before a hardware key asks for a PIN or a touch.
         if config.pac_file is not None:
             check_pac_file(config.pac_file)
+        proxy_address = parse_listen_address(config.listen)
+        pac_address = (
+            parse_listen_address(config.pac_listen) if config.pac_listen else None
+        )
+        trust = self._load_trust()
         registry = self.registry or Registry.load(config.plugins)
         ca = await _open_ca(registry, config)
         self.minter = minter = LeafMinter(ca)
@@ -117,7 +123,6 @@ class Proxy:
             registry, config.client_keys, config.client_certificates
         )
         await store.load()
-        trust = self._load_trust()
         self.session_cache = tls.SessionCache()
         self._settings = TunnelSettings(
             minter,
@@ -128,10 +133,6 @@ class Proxy:
             session_cache=self.session_cache,
         )
         store.add_reload_callback(self._clear_sessions)
-        proxy_address = parse_listen_address(config.listen)
-        pac_address = (
-            parse_listen_address(config.pac_listen) if config.pac_listen else None
-        )
 
         # Step 2: bind.
         async with contextlib.AsyncExitStack() as stack:
