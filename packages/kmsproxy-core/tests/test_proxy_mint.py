@@ -146,3 +146,26 @@ async def test_client_reset_after_connect(
             await anyio.sleep(0.5)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
+
+
+class BrokenClientSigner(SoftwareSigner):
+    """A client key whose device fails on every signature."""
+
+    async def sign(self, data: bytes, scheme: SignatureScheme) -> bytes:
+        raise RuntimeError("client key unplugged")
+
+
+async def test_client_signer_error_is_502(
+    site: Site, nginx: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    signer = BrokenClientSigner(site.client.key, "broken-client")
+    proxy = Proxy(site.config(client_keys=[signer]))
+    async with anyio.create_task_group() as group:
+        addresses = await group.start(proxy.serve)
+        output = await fetch(site, addresses, nginx.port)
+        group.cancel_scope.cancel()
+    assert output.endswith(b"status=502")
+    assert b"client key unplugged" in output
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []

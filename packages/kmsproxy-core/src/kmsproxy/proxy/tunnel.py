@@ -297,6 +297,16 @@ async def open_upstream(
         ) from None
     except tls.TLSError as error:
         raise UpstreamError(f"TLS handshake failed: {error}") from None
+    except (OSError, anyio.BrokenResourceError, anyio.EndOfStream) as error:
+        raise UpstreamError(
+            f"connection lost during the TLS handshake: {error!r}"
+        ) from None
+    except Exception as error:
+        # A client key's Signer comes from a plugin and may raise anything.
+        # The client still gets a 502 naming the error instead of nothing.
+        raise UpstreamError(
+            f"TLS handshake failed: {type(error).__name__}: {error}"
+        ) from error
     wait = min(
         max(2 * connect_seconds, REJECTION_WAIT_MIN_SECONDS),
         REJECTION_WAIT_MAX_SECONDS,
