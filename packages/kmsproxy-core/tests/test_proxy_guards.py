@@ -101,3 +101,21 @@ async def test_loopback_listen_is_quiet(
     running: ProxyAddresses, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert "non-loopback" not in caplog.text
+
+
+@pytest.mark.anyio
+async def test_pac_file_and_requests_logged(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    pac = site.path("proxy.pac")
+    pac.write_text("function FindProxyForURL(u, h) { return 'DIRECT'; }\n")
+    proxy = Proxy(site.config(pac_listen="127.0.0.1:0", pac_file=pac))
+    async with anyio.create_task_group() as group:
+        addresses = await group.start(proxy.serve)
+        pac_address = (addresses.pac[0].host, addresses.pac[0].port)
+        response = await exchange(pac_address, b"GET /proxy.pac HTTP/1.1\r\n\r\n")
+        group.cancel_scope.cancel()
+    assert status_of(response) == 200
+    assert f"file={pac}" in caplog.text
+    assert "PAC request method=GET target='/proxy.pac' status=200" in caplog.text

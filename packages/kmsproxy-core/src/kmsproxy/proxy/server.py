@@ -149,7 +149,7 @@ class Proxy:
             # One limit for both listeners, because they share the process's
             # descriptors.
             limiter = anyio.CapacityLimiter(connection_limit(config.max_connections))
-            _log_start(ca, addresses, int(limiter.total_tokens))
+            _log_start(ca, addresses, int(limiter.total_tokens), config.pac_file)
             self._settings.own_addresses = frozenset(
                 (a.host, a.port) for a in (*addresses.proxy, *addresses.pac)
             )
@@ -289,6 +289,12 @@ class Proxy:
                 if head is None:
                     return
                 response = await self._pac_listener_response(client, head)
+                logger.debug(
+                    "PAC request method=%s target=%s status=%s",
+                    head.method,
+                    ascii(head.target),
+                    response.split(b" ", 2)[1].decode("ascii"),
+                )
             except RequestError as error:
                 response = error_response(error)
             except (TimeoutError, *_CONNECTION_ERRORS) as error:
@@ -338,7 +344,12 @@ async def _open_ca(registry: Registry, config: ProxyConfig) -> LocalCA:
         raise UserError(f"{source.uri}: unusable CA certificate: {error}") from None
 
 
-def _log_start(ca: LocalCA, addresses: ProxyAddresses, max_connections: int) -> None:
+def _log_start(
+    ca: LocalCA,
+    addresses: ProxyAddresses,
+    max_connections: int,
+    pac_file: os.PathLike[str] | None,
+) -> None:
     logger.info(
         "Proxy listening addresses=%s ca=%s ca_not_after=%s max_connections=%d",
         ",".join(str(a) for a in addresses.proxy),
@@ -348,7 +359,9 @@ def _log_start(ca: LocalCA, addresses: ProxyAddresses, max_connections: int) -> 
     )
     if addresses.pac:
         logger.info(
-            "PAC listening addresses=%s", ",".join(str(a) for a in addresses.pac)
+            "PAC listening addresses=%s file=%s",
+            ",".join(str(a) for a in addresses.pac),
+            pac_file or "-",
         )
     warn_if_exposed(addresses)
 
