@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 PAC_MEDIA_TYPE = "application/x-ns-proxy-autoconfig"
 
 # Maximum size of a PAC file in bytes. Hand-written PAC files are a few KiB,
-# and large corporate ones with host lists stay well under 1 MiB. The whole
+# so 1 MiB is an estimate that leaves room for long host lists. The whole
 # file is held in memory for each request, so the limit bounds that memory.
 MAX_PAC_BYTES = 1024 * 1024
 
