@@ -571,7 +571,9 @@ async def relay(
             await sink.send_eof()
         except Exception as error:
             # Any failure (reset, TLS alert, closed stream) ends the tunnel.
-            logger.debug("Relay stopped target=%s error=%r", target, error)
+            # Most are a normal teardown: a server that closes without
+            # close_notify after the client left, for one.
+            logger.debug("Relay stopped target=%s cause=%r", target, error)
             group.cancel_scope.cancel()
             return
         finished += 1
