@@ -173,8 +173,10 @@ async def test_excess_connection_closed(tmp_path: Path) -> None:
 
 def test_limit_follows_rlimit() -> None:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    expected = min(
-        MAX_CONNECTIONS, (soft - RESERVED_DESCRIPTORS) // DESCRIPTORS_PER_CONNECTION
-    )
-    assert connection_limit() == max(1, expected)
+    reserved = min(RESERVED_DESCRIPTORS, soft // 4)
+    fitting = (soft - reserved) // DESCRIPTORS_PER_CONNECTION
+    assert connection_limit() == max(1, min(MAX_CONNECTIONS, fitting))
+
+
+def test_explicit_limit_wins() -> None:
     assert connection_limit(5) == 5

@@ -58,15 +58,18 @@ def connection_limit(maximum: int | None = None) -> int:
 
     With no `maximum`, the limit is `MAX_CONNECTIONS`, lowered so that
     `DESCRIPTORS_PER_CONNECTION` for each connection plus
-    `RESERVED_DESCRIPTORS` fit in the soft RLIMIT_NOFILE. The result is
-    always at least 1.
+    `RESERVED_DESCRIPTORS` (a quarter of a smaller limit) fit in the soft
+    RLIMIT_NOFILE. The result is always at least 1.
     """
     if maximum is not None:
         return max(1, maximum)
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return MAX_CONNECTIONS
-    fitting = (soft - RESERVED_DESCRIPTORS) // DESCRIPTORS_PER_CONNECTION
+    # A small limit (a test, a tight container) keeps a quarter in reserve,
+    # so the proxy still serves a few connections.
+    reserved = min(RESERVED_DESCRIPTORS, soft // 4)
+    fitting = (soft - reserved) // DESCRIPTORS_PER_CONNECTION
     return max(1, min(MAX_CONNECTIONS, fitting))
 
 
