@@ -30,7 +30,13 @@ from kmsproxy.tls.events import (
 from kmsproxy.tls.records import ContentType
 from kmsproxy.tls.session_cache import SessionCache
 from kmsproxy.tls.tls12 import messages12 as m12
-from kmsproxy.tls.tls12.client12 import ClientConnection12, State12
+from kmsproxy.tls.tls12.client12 import (
+    MAX_CONSECUTIVE_EMPTY_RECORDS,
+    MAX_DEFERRED_APPLICATION_DATA,
+    MAX_RENEGOTIATIONS,
+    ClientConnection12,
+    State12,
+)
 from kmsproxy.tls.tls12.key_schedule12 import CIPHER_SUITES12, CipherSuite12
 from kmsproxy.tls.tls12.offer import add_tls12_offer, offers_tls12_only
 from kmsproxy.tls.tls12.session12 import (
@@ -775,6 +781,42 @@ def test_insecure_server_gets_no_renegotiation() -> None:
     assert content_type == ContentType.alert
     assert content == bytes([1, AlertDescription.no_renegotiation])
     assert client.state == State12.CONNECTED
+
+
+def renegotiate(client: ClientConnection12, server: ScriptedServer12) -> None:
+    client.receive_data(server.hello_request())
+    server.read_client_hello(client.data_to_send())
+    client.receive_data(server.first_flight())
+    server.read_client_flight(client.data_to_send())
+    client.receive_data(server.finished())
+
+
+def test_renegotiation_limit() -> None:
+    client, server = started()
+    handshake(client, server)
+    for _ in range(MAX_RENEGOTIATIONS):
+        renegotiate(client, server)
+    assert client.renegotiations == MAX_RENEGOTIATIONS
+    client.receive_data(server.hello_request())
+    [(content_type, content)] = server.records(client.data_to_send())
+    assert content_type == ContentType.alert
+    assert content == bytes([1, AlertDescription.no_renegotiation])
+    assert client.state == State12.CONNECTED
+
+
+def test_deferred_data_bounded() -> None:
+    client, server = started()
+    handshake(client, server)
+    client.receive_data(server.hello_request())
+    client.send_application_data(bytes(MAX_DEFERRED_APPLICATION_DATA))
+    with pytest.raises(alerts.TLSError, match="renegotiates"):
+        client.send_application_data(b"x")
+
+
+def test_hello_request_flood() -> None:
+    client, server = started()
+    flood = server.hello_request() * (MAX_CONSECUTIVE_EMPTY_RECORDS + 1)
+    expect_alert(client, flood, alerts.UnexpectedMessage)
 
 
 # Handover from a ClientHello that offered TLS 1.3 too
