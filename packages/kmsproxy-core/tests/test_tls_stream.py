@@ -113,7 +113,7 @@ async def test_full_duplex_32_mib(tmp_path: Path) -> None:
 
 
 async def test_protocol_version_alert_hint(tmp_path: Path) -> None:
-    # A TLS 1.2-only server answers a TLS 1.3-only ClientHello with a fatal
+    # A TLS 1.2-only server replies to a TLS 1.3-only ClientHello with a fatal
     # protocol_version alert (RFC 5246 section 7.2.2), as these bytes do.
     alert_record = bytes([21, 3, 3, 0, 2, 2, 70])
 
