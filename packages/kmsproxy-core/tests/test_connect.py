@@ -16,6 +16,7 @@ from kmsproxy.proxy.connect import (
     established_response,
     parse_authority,
     parse_connect,
+    printable,
     text_response,
 )
 
@@ -181,6 +182,16 @@ def test_ipv4_shorthand_is_400(host: str) -> None:
 )
 def test_numeric_looking_names_kept(target: str, host: str) -> None:
     assert parse_authority(target)[0] == host
+
+
+def test_response_body_escapes_controls() -> None:
+    response = text_response(502, "certificate 'CN=a\nINFO forged\x00' rejected")
+    body = response.partition(b"\r\n\r\n")[2]
+    assert body == b"certificate 'CN=a\\nINFO forged\\x00' rejected\n"
+
+
+def test_printable_keeps_unicode_letters() -> None:
+    assert printable("café\u2028x") == "café\\u2028x"
 
 
 def test_unbracketed_ipv6_names_fix() -> None:

@@ -313,6 +313,18 @@ def _parse_port(text: str, target: str) -> int:
     return port
 
 
+def printable(text: object) -> str:
+    """Escape the non-printable characters of `str(text)` as in a repr.
+
+    Upstream certificates and client input reach messages and log lines,
+    so a control byte in them must never start a new line there.
+    """
+    value = str(text)
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in value)
+
+
 def _quote(text: str, limit: int = 80) -> str:
     """Quote client text for a message or log line: escaped and shortened.
 
@@ -344,7 +356,7 @@ def text_response(
     headers: tuple[tuple[str, str], ...] = (),
 ) -> bytes:
     """Build a complete response with a one-line text body and `Connection: close`."""
-    body = (message + "\n").encode("utf-8")
+    body = (printable(message) + "\n").encode("utf-8")
     fields = [
         ("Content-Type", "text/plain; charset=utf-8"),
         ("Content-Length", str(len(body))),

@@ -39,7 +39,12 @@ from kmsproxy.proxy.client_hello import (
     ClientHelloError,
     read_client_hello,
 )
-from kmsproxy.proxy.connect import ConnectRequest, established_response, text_response
+from kmsproxy.proxy.connect import (
+    ConnectRequest,
+    established_response,
+    printable,
+    text_response,
+)
 from kmsproxy.proxy.error_leaf import ErrorLeafMinter
 from kmsproxy.proxy.tls_stream import ServerTLSStream
 from kmsproxy.signer import SignerError
@@ -182,7 +187,7 @@ async def _run_tunnel(
     try:
         transport = await connect_upstream(request, settings.connect_timeout)
     except UpstreamError as error:
-        logger.warning("Upstream failed target=%s reason=%s", target, error)
+        logger.warning("Upstream failed target=%s reason=%s", target, printable(error))
         await send_final_and_linger(client, text_response(502, f"{target}: {error}"))
         return False
     connect_seconds = anyio.current_time() - started
@@ -233,7 +238,9 @@ async def _run_tunnel(
                 connect_seconds,
             )
         except UpstreamError as error:
-            logger.warning("Upstream failed target=%s reason=%s", target, error)
+            logger.warning(
+                "Upstream failed target=%s reason=%s", target, printable(error)
+            )
             await serve_upstream_failure(client, request, hello, error, settings)
             return False
         async with upstream.stream:
@@ -410,7 +417,7 @@ async def _serve_client(
         # or a bug. Neither may escape as a traceback that leaves the client
         # without an answer.
         reason = describe_mint_error(error, MINT_TIMEOUT_SECONDS)
-        logger.warning("Minting failed target=%s reason=%s", target, reason)
+        logger.warning("Minting failed target=%s reason=%s", target, printable(reason))
         failure = UpstreamError(
             f"minting a certificate for {server_name!r} failed: {reason}",
             tls.AlertDescription.internal_error,
@@ -497,7 +504,7 @@ async def serve_upstream_failure(
         logger.warning(
             "Minting the error-page certificate failed target=%s reason=%s",
             request.authority,
-            describe_mint_error(error_page_error, MINT_TIMEOUT_SECONDS),
+            printable(describe_mint_error(error_page_error, MINT_TIMEOUT_SECONDS)),
         )
         await send_final(client, alert_record(error.alert))
         return
