@@ -204,3 +204,17 @@ def test_bad_certificate_names_file(tmp_path: Path) -> None:
     path.write_bytes(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
     with pytest.raises(CertificateError, match=r"bad\.crt"):
         load_chain(FileCertificateSource(path))
+
+
+def test_encrypted_key_uri_quoted(tmp_path: Path) -> None:
+    path, _ = encrypted_key(tmp_path)
+    with pytest.raises(SignerError) as caught:
+        Registry.load().open_signer(str(path))
+    assert f"'file:path={path};password-file=FILE'" in str(caught.value)
+
+
+def test_certificate_as_key_explained(tmp_path: Path) -> None:
+    ca = make_ca()
+    _, cert_path = ca.write(tmp_path, "ca")
+    with pytest.raises(SignerError, match="contains a certificate where a private"):
+        Registry.load().open_signer(str(cert_path))

@@ -11,6 +11,7 @@ This module is also the shortest complete example of a backend.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -81,10 +82,12 @@ def load_private_key(path: Path, password: bytes | None = None) -> PrivateKey:
             key = serialization.load_der_private_key(data, password)
     except TypeError:
         if password is None:
+            # Quoted for a shell, because the `;` would end the command.
+            uri = shlex.quote(f"file:path={path};password-file=FILE")
             raise SignerError(
                 f"{path}: the key is encrypted; give its password with "
-                f"file:path={path};password-file=FILE, or decrypt it with "
-                f"`openssl pkey -in {path} -out DECRYPTED.key`"
+                f"{uri}, or decrypt it with "
+                f"`openssl pkey -in {shlex.quote(str(path))} -out DECRYPTED.key`"
             ) from None
         raise SignerError(
             f"{path}: the key is not encrypted; drop password-file"
@@ -92,6 +95,11 @@ def load_private_key(path: Path, password: bytes | None = None) -> PrivateKey:
     except ValueError as error:
         if password is not None and "password" in str(error).lower():
             raise SignerError(f"{path}: wrong password for the key") from None
+        if b"-----BEGIN CERTIFICATE-----" in data:
+            raise SignerError(
+                f"{path}: contains a certificate where a private key is "
+                "expected; check the order of the key and certificate arguments"
+            ) from None
         raise SignerError(
             f"{path}: not a PEM or DER private key (PKCS#8, RSA or EC): {error}"
         ) from None

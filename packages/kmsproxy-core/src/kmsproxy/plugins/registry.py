@@ -32,6 +32,22 @@ KNOWN_DISTRIBUTIONS = {
     "awskms": "kmsproxy-awskms",
 }
 
+# Distributions above that are planned but not on any package index yet.
+# Printing only `pip install NAME` for them would invite users to install
+# whatever someone else uploads under that name.
+UNRELEASED_DISTRIBUTIONS = frozenset(KNOWN_DISTRIBUTIONS.values())
+
+
+def install_hint(scheme: str) -> str | None:
+    """Return how to install the backend for `scheme`, or None if unknown."""
+    distribution = KNOWN_DISTRIBUTIONS.get(scheme)
+    if distribution is None:
+        return None
+    hint = f"pip install {distribution}"
+    if distribution in UNRELEASED_DISTRIBUTIONS:
+        hint += " (not yet released; see docs/backends)"
+    return hint
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -96,9 +112,9 @@ class Registry:
             f"{uri.redacted()}: no installed backend handles the scheme "
             f"{uri.scheme!r} (installed: {installed})"
         )
-        distribution = KNOWN_DISTRIBUTIONS.get(uri.scheme)
-        if distribution is not None:
-            message += f"; install it with: pip install {distribution}"
+        hint = install_hint(uri.scheme)
+        if hint is not None:
+            message += f"; install it with: {hint}"
         raise UserError(message)
 
     def open_signer(self, argument: str) -> Signer:
