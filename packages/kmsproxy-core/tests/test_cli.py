@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import pytest
 from pki import issue, make_ca
 
 from kmsproxy.cli import build_parser, main
-from kmsproxy.cli.serve import config_from_args
+from kmsproxy.cli.serve import config_from_args, read_positional_form, warn_about_setup
 from kmsproxy.plugins.hookspecs import hookimpl
 from kmsproxy.plugins.registry import Registry
 
@@ -109,8 +110,12 @@ def test_serve_without_ca_suggests_init(tmp_path: Path) -> None:
 def test_backends_lists_file() -> None:
     result = run_cli("backends")
     assert result.returncode == 0
-    assert re.search(r"^file\tfile:\t\(kmsproxy-core\)$", result.stdout, re.M)
-    assert "pip install kmsproxy-tpm" in result.stdout
+    assert re.search(r"^file:\tinstalled\tkmsproxy-core$", result.stdout, re.M)
+    assert re.search(
+        r"^tpmkms:\tnot installed\tpip install kmsproxy-tpm \(not yet released",
+        result.stdout,
+        re.M,
+    )
 
 
 def test_go_flag_spellings() -> None:
@@ -208,3 +213,121 @@ def test_serve_stops_on_signal(tmp_path: Path, signal_number: int) -> None:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=PROCESS_TIMEOUT_SECONDS)
+
+
+def write_site(directory: Path) -> list[str]:
+    """Write a CA and a client identity; return serve's arguments for them."""
+    ca = make_ca()
+    ca.write(directory, "ca")
+    issue(ca, "client", client=True).write(directory, "client")
+    return [
+        "serve", str(directory / "ca.key"), str(directory / "ca.crt"),
+        "--clientkey", str(directory / "client.key"),
+        "--clientcert", str(directory / "client.crt"),
+        "--listen", "127.0.0.1:0", "--pac-listen", "127.0.0.1:0",
+    ]  # fmt: skip
+
+
+def test_init_file_system_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a regular file")
+    result = run_cli("init", "--dir", str(blocker / "sub"))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "cannot write the CA" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_init_leaves_no_temporary_files(tmp_path: Path) -> None:
+    result = run_cli("init", "--dir", str(tmp_path))
+    assert result.returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ca.crt", "ca.key"]
+    assert (tmp_path / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "ca.crt").stat().st_mode & 0o777 == 0o644
+
+
+def test_startup_error_is_one_line(tmp_path: Path) -> None:
+    # The identities load, logging at INFO, before binding the port fails.
+    arguments = write_site(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(*arguments, "--listen", f"127.0.0.1:{port}")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("kmsproxy: error: ")
+    assert f"127.0.0.1:{port}" in result.stderr
+
+
+def test_world_readable_key_warns(tmp_path: Path) -> None:
+    arguments = write_site(tmp_path)
+    (tmp_path / "client.key").chmod(0o644)
+    result = run_cli(*arguments, "--trust", str(tmp_path / "missing.pem"))
+    assert result.returncode == 2
+    assert f"chmod 600 {tmp_path / 'client.key'}" in result.stderr
+    assert "role=client key" in result.stderr
+    assert "ca.key" not in result.stderr.split("kmsproxy: error:")[0]
+
+
+def test_swapped_ca_arguments_hint(tmp_path: Path) -> None:
+    arguments = write_site(tmp_path)
+    arguments[1], arguments[2] = arguments[2], arguments[1]
+    result = run_cli(*arguments)
+    assert result.returncode == 2
+    assert "contains a certificate" in result.stderr
+    assert "the order is CAKEY CACERT" in result.stderr
+
+
+def test_swapped_go_form_hint(tmp_path: Path) -> None:
+    write_site(tmp_path)
+    result = run_cli(
+        "serve", str(tmp_path / "client.key"), str(tmp_path / "ca.key"),
+        str(tmp_path / "ca.crt"), "--clientcert", str(tmp_path / "client.crt"),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "the order is KMSURI CERT KEY" in result.stderr
+
+
+def test_planned_backend_not_released(tmp_path: Path) -> None:
+    key, cert = make_ca().write(tmp_path, "ca")
+    result = run_cli(
+        "serve", str(key), str(cert), "--clientkey", "yubikey:slot-id=9a",
+        "--clientcert", str(cert),
+    )  # fmt: skip
+    assert "pip install kmsproxy-yubikey" in result.stderr
+    assert "(not yet released; see docs/backends)" in result.stderr
+
+
+def test_non_loopback_listen_warns(caplog: pytest.LogCaptureFixture) -> None:
+    args = parse_serve("a", "b", "--clientkey", "k", "--clientcert", "c")
+    form = read_positional_form(args)
+    args.listen = "0.0.0.0:8090"
+    warn_about_setup(args, form)
+    assert "anyone who can reach the port" in caplog.text
+
+
+def test_loopback_listen_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    for listen in ("localhost:8090", "127.0.0.1:8090", "[::1]:8090", ":8090"):
+        args = parse_serve(
+            "a", "b", "--clientkey", "k", "--clientcert", "c", "--listen", listen
+        )
+        warn_about_setup(args, read_positional_form(args))
+    assert "anyone who can reach" not in caplog.text
+
+
+def test_missing_pac_file_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    args = parse_serve(
+        "a",
+        "b",
+        "--clientkey",
+        "k",
+        "--clientcert",
+        "c",
+        "--pac",
+        str(tmp_path / "nope.js"),
+    )
+    warn_about_setup(args, read_positional_form(args))
+    assert f"pac={tmp_path / 'nope.js'}" in caplog.text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kmsproxy.plugins.registry import KNOWN_DISTRIBUTIONS, Registry
+from kmsproxy.plugins.registry import KNOWN_DISTRIBUTIONS, Registry, install_hint
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -16,12 +16,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
 
 def run(args: argparse.Namespace) -> int:
     registry = Registry.load()
+    # Columns: URI schemes, status, and the distribution or how to get it.
     for backend in registry.backends:
         schemes = ", ".join(f"{s}:" for s in backend.schemes)
         distribution = backend.distribution or "registered at run time"
-        print(f"{backend.name}\t{schemes}\t({distribution})")
+        print(f"{schemes}\tinstalled\t{distribution}")
     missing = sorted(set(KNOWN_DISTRIBUTIONS) - set(registry.schemes))
     for scheme in missing:
-        install = f"pip install {KNOWN_DISTRIBUTIONS[scheme]}"
-        print(f"{scheme}:\tnot installed\t({install})")
+        print(f"{scheme}:\tnot installed\t{install_hint(scheme)}")
     return 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -37,29 +39,64 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
 
 
 def create_ca(directory: Path, name: str, *, force: bool = False) -> tuple[Path, Path]:
-    """Write a new CA key and certificate into `directory`; return both paths."""
+    """Write a new CA key and certificate into `directory`; return both paths.
+
+    Both files are written under temporary names and then renamed, so a
+    failure while writing leaves the previous CA as it was. Raise
+    `UserError` for an existing CA without `force`, and for any file system
+    error.
+    """
     key_path = directory / CA_KEY_NAME
     certificate_path = directory / CA_CERTIFICATE_NAME
-    existing = [p for p in (key_path, certificate_path) if p.exists()]
-    if existing and not force:
-        raise UserError(
-            f"{existing[0]} already exists; pass --force to replace the CA "
-            "(clients that trust the old CA must then trust the new one)"
+    try:
+        existing = [p for p in (key_path, certificate_path) if p.exists()]
+        if existing and not force:
+            raise UserError(
+                f"{existing[0]} already exists; pass --force to replace the CA "
+                "(clients that trust the old CA must then trust the new one)"
+            )
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        certificate = create_ca_certificate(key, name)
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    certificate = create_ca_certificate(key, name)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    key_path.unlink(missing_ok=True)
-    descriptor = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(key_pem)
-    certificate_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        certificate_pem = certificate.public_bytes(serialization.Encoding.PEM)
+        new_key = _write_temporary(directory, key_pem, 0o600)
+        try:
+            new_certificate = _write_temporary(directory, certificate_pem, 0o644)
+        except BaseException:
+            new_key.unlink(missing_ok=True)
+            raise
+        # The key goes first: a crash between the renames leaves the old
+        # certificate beside a new key, which `serve` rejects as mismatched.
+        os.replace(new_key, key_path)
+        os.replace(new_certificate, certificate_path)
+    except OSError as error:
+        failed = error.filename or directory
+        raise UserError(
+            f"{failed}: cannot write the CA: {error.strerror or error}; choose "
+            "another directory with --dir"
+        ) from None
     return key_path, certificate_path
+
+
+def _write_temporary(directory: Path, data: bytes, mode: int) -> Path:
+    """Write `data` to a new file in `directory` with `mode`; return its path."""
+    # mkstemp creates the file with mode 0600, before any data is written.
+    descriptor, name = tempfile.mkstemp(prefix=".kmsproxy-init-", dir=directory)
+    path = Path(name)
+    try:
+        os.fchmod(descriptor, mode)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+    return path
 
 
 def trust_instructions(certificate_path: Path) -> str:

@@ -10,10 +10,12 @@ and key. The count of positional arguments selects the form.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
-from collections.abc import Sequence
+import stat
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +25,15 @@ from kmsproxy.certificates import CertificateError
 from kmsproxy.config import DEFAULT_LISTEN, DEFAULT_PAC_LISTEN, ProxyConfig
 from kmsproxy.errors import UserError
 from kmsproxy.proxy import Proxy, ProxyAddresses
+from kmsproxy.uri import KeyURI, URIError, looks_like_uri
 
 logger = logging.getLogger(__name__)
 
 CA_KEY_NAME = "ca.key"
+
+# Bytes read from the start of a CA key file to tell a certificate from a
+# key; PEM headers sit at the start, and a key is a few KiB at most.
+MAX_KEY_SNIFF_BYTES = 64 * 1024
 CA_CERTIFICATE_NAME = "ca.crt"
 
 # Names of the two positional forms, as logged and shown in errors.
@@ -84,7 +91,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="*",
         metavar="ARG",
         help=(
-            "CAKEY CACERT: the local CA's key (path or URI) and certificate; "
+            "CAKEY CACERT: the local CA's key and certificate (each a path or "
+            "URI); "
             "or KMSURI CERT KEY: the client key URI, then the local CA's "
             "certificate and key"
         ),
@@ -273,15 +281,172 @@ def config_from_form(args: argparse.Namespace, form: PositionalForm) -> ProxyCon
 
 
 def run(args: argparse.Namespace) -> int:
-    form = read_positional_form(args)
-    config = config_from_form(args, form)
+    # Log lines from startup wait until the proxy listens, so that a startup
+    # error prints as the one line after `kmsproxy: error:`.
+    buffer = StartupLogBuffer.install()
     try:
-        anyio.run(serve_until_signal, config)
+        _run(args, buffer)
+    except BaseException:
+        # Keep warnings, which may explain the error. --verbose keeps all.
+        buffer.emit_held(logging.DEBUG if args.verbose else logging.WARNING)
+        raise
+    return 0
+
+
+def _run(args: argparse.Namespace, buffer: StartupLogBuffer) -> None:
+    form = read_positional_form(args)
+    check_ca_order(form)
+    config = config_from_form(args, form)
+    warn_about_setup(args, form)
+    try:
+        anyio.run(serve_until_signal, config, buffer.emit_held)
     except Exception as error:
         if form.chain_from_key_uri is not None:
             _explain_missing_chain(error, form.chain_from_key_uri)
         raise
-    return 0
+
+
+class StartupLogBuffer(logging.Handler):
+    """Hold the root logger's records until startup succeeds or fails."""
+
+    def __init__(self, handlers: Sequence[logging.Handler]) -> None:
+        super().__init__(logging.NOTSET)
+        self.handlers = list(handlers)
+        self.records: list[logging.LogRecord] | None = []
+
+    @classmethod
+    def install(cls) -> StartupLogBuffer:
+        """Put a buffer in place of the root logger's handlers."""
+        root = logging.getLogger()
+        buffer = cls(root.handlers)
+        for handler in buffer.handlers:
+            root.removeHandler(handler)
+        root.addHandler(buffer)
+        return buffer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.records is None:
+            self._forward(record)
+        else:
+            self.records.append(record)
+
+    def emit_held(self, level: int = logging.NOTSET) -> None:
+        """Emit the held records at `level` or above, then stop holding."""
+        if self.records is None:
+            return
+        records, self.records = self.records, None
+        root = logging.getLogger()
+        root.removeHandler(self)
+        for handler in self.handlers:
+            root.addHandler(handler)
+        for record in records:
+            if record.levelno >= level:
+                self._forward(record)
+
+    def _forward(self, record: logging.LogRecord) -> None:
+        for handler in self.handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+
+
+def key_file_path(argument: str | Path) -> Path | None:
+    """Return the file behind a key argument (path or `file:` URI), if any."""
+    text = os.fspath(argument)
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    if not looks_like_uri(text):
+        return None
+    try:
+        uri = KeyURI.parse(text)
+    except URIError:
+        return None
+    value = uri.get("path")
+    if uri.scheme != "file" or not value:
+        return None
+    return Path(value).expanduser()
+
+
+def check_ca_order(form: PositionalForm) -> None:
+    """Raise `UserError` when the CA key argument contains a certificate.
+
+    step-kmsproxy-plugin's form puts the CA certificate before the CA key,
+    and ours the key first, so swapping them is an easy mistake.
+    """
+    path = key_file_path(form.ca_key)
+    if path is None or not path.is_file():
+        return
+    try:
+        with path.open("rb") as file:
+            head = file.read(MAX_KEY_SNIFF_BYTES)
+    except OSError:
+        return
+    if b"-----BEGIN CERTIFICATE-----" not in head or b"PRIVATE KEY" in head:
+        return
+    if form.name == FORM_GO_TOOL:
+        order = "KMSURI CERT KEY: the CA certificate comes before the CA key"
+    else:
+        order = (
+            "CAKEY CACERT: the CA key comes first (step-kmsproxy-plugin's "
+            "KMSURI CERT KEY form takes the certificate first)"
+        )
+    raise UserError(
+        f"{path} is given as the CA key but contains a certificate; the order "
+        f"is {order}"
+    )
+
+
+def warn_about_setup(args: argparse.Namespace, form: PositionalForm) -> None:
+    """Log a WARNING for a setup that works but is probably a mistake."""
+    keys = [("CA key", form.ca_key)] + [("client key", k) for k in form.client_keys]
+    for role, argument in keys:
+        path = key_file_path(argument)
+        if path is None:
+            continue
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue
+        if mode & stat.S_IROTH:
+            logger.warning(
+                "Key file is readable by every user on this machine; restrict "
+                "it with `chmod 600 %s` role=%s path=%s",
+                path,
+                role,
+                path,
+            )
+    host = _listen_host(args.listen)
+    if host is not None and not _is_loopback(host):
+        logger.warning(
+            "Proxy listens beyond this machine: anyone who can reach the port "
+            "can use your client certificate; listen on localhost unless that "
+            "is intended listen=%s",
+            args.listen,
+        )
+    if args.pac is not None and not args.pac.is_file():
+        logger.warning(
+            "PAC file is missing or not a regular file; browsers will get 404 "
+            "and connect directly pac=%s",
+            args.pac,
+        )
+
+
+def _listen_host(address: str) -> str | None:
+    """Return the host part of a `--listen` value, or None if it has none."""
+    text = address.removeprefix("tcp:")
+    host, colon, _ = text.rpartition(":")
+    if not colon:
+        return None
+    return host.strip("[]")
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("", "localhost") or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _explain_missing_chain(error: BaseException, key_uri: str) -> None:
@@ -302,12 +467,19 @@ def _explain_missing_chain(error: BaseException, key_uri: str) -> None:
     ) from error
 
 
-async def serve_until_signal(config: ProxyConfig) -> ProxyAddresses | None:
-    """Run `Proxy(config)` until SIGINT or SIGTERM; return its addresses."""
+async def serve_until_signal(
+    config: ProxyConfig, on_started: Callable[[], None] | None = None
+) -> ProxyAddresses | None:
+    """Run `Proxy(config)` until SIGINT or SIGTERM; return its addresses.
+
+    `on_started` is called once the proxy listens.
+    """
     proxy = Proxy(config)
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with anyio.create_task_group() as group:
             await group.start(proxy.serve)
+            if on_started is not None:
+                on_started()
             async for received in signals:
                 logger.info("Stopping signal=%s", signal.Signals(received).name)
                 group.cancel_scope.cancel()
