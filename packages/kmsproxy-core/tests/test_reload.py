@@ -30,6 +30,9 @@ RELOAD_WAIT_SECONDS = 10.0
 # the 0.3 s watch debounce.
 UNRELATED_EVENT_WAIT_SECONDS = 0.6
 
+# Seconds to let the expiry task run once; far below EXPIRED_RETRY_SECONDS.
+EXPIRY_CHECK_WAIT_SECONDS = 0.5
+
 NOW = datetime.datetime.now(datetime.UTC)
 
 
@@ -367,3 +370,25 @@ async def test_ready_signer_not_closed() -> None:
     await store.load()
     await store.aclose()
     assert ready.closed == 0
+
+
+async def test_expired_at_start_not_reloaded() -> None:
+    ca = make_ca()
+    now = datetime.datetime.now(datetime.UTC)
+    expired = issue(
+        ca,
+        "expired",
+        client=True,
+        not_before=now - datetime.timedelta(days=2),
+        not_after=now - datetime.timedelta(days=1),
+    )
+    source = Sequenced([[expired.cert]])
+    store = IdentityStore([KeySlot(SoftwareSigner(expired.key, "k"))], [source])
+    await store.load()
+    async with anyio.create_task_group() as group:
+        await group.start(store.watch)
+        # Long enough for the expiry task to run; short of the retry delay.
+        await anyio.sleep(EXPIRY_CHECK_WAIT_SECONDS)
+        group.cancel_scope.cancel()
+    assert source.loads == 1
+    assert store.reload_count == 0

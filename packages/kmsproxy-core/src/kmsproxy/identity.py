@@ -192,6 +192,7 @@ class IdentityStore:
         self.keys = list(keys)
         self.sources = list(sources)
         self._identities: tuple[Identity, ...] = ()
+        self._installed_at = datetime.datetime.min.replace(tzinfo=datetime.UTC)
         self._changed = anyio.Event()
         self._reload_callbacks: list[Callable[[], None]] = []
         # Held across reading, pairing and installing, so reloads run one at
@@ -342,6 +343,7 @@ class IdentityStore:
             slot.signer = signer
         self._log_pairing(pairing)
         self._identities = pairing.identities
+        self._installed_at = datetime.datetime.now(datetime.UTC)
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
         # NOTE: a tunnel that took its snapshot before this reload may still
@@ -485,6 +487,13 @@ class IdentityStore:
             delay = (earliest - now).total_seconds()
             if delay > 0:
                 with anyio.move_on_after(delay):
+                    await changed.wait()
+                continue
+            # A set installed after the expiry (at startup, say) already
+            # contains the newest files, so reloading at once only repeats it.
+            since_install = (now - self._installed_at).total_seconds()
+            if self._installed_at >= earliest and since_install < EXPIRED_RETRY_SECONDS:
+                with anyio.move_on_after(EXPIRED_RETRY_SECONDS - since_install):
                     await changed.wait()
                 continue
             reloaded = await self.reload("certificate expired")
