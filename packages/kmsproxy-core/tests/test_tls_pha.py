@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
-from peers import start_apache, start_openssl_server
+from peers import Peer, start_apache, start_openssl_server
 from pki import issue, make_ca
 from scripted_server import ScriptedServer, complete_handshake
 from test_tls_client import events, expect_alert, identity
@@ -43,6 +43,9 @@ STDIN_GAP_SECONDS = 0.3
 # Time to wait for s_server's reply after a request. A local s_server
 # replies within milliseconds, so 10 s only guards against a hang.
 PEER_REPLY_TIMEOUT_SECONDS = 10.0
+
+# Delay between reads of Apache's access log while waiting for a line.
+ACCESS_LOG_POLL_SECONDS = 0.02
 
 
 def connected(
@@ -297,6 +300,16 @@ def keep_alive_get(path: str) -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: {SERVER_NAME}\r\n\r\n".encode()
 
 
+def wait_for_access_lines(peer: Peer, count: int) -> list[str]:
+    """Return the access log once it has `count` lines, or as it is after
+    PEER_REPLY_TIMEOUT_SECONDS. Apache writes a line after it sends the
+    response, so the client can read the response before the line exists."""
+    deadline = time.monotonic() + PEER_REPLY_TIMEOUT_SECONDS
+    while len(peer.access_log()) < count and time.monotonic() < deadline:
+        time.sleep(ACCESS_LOG_POLL_SECONDS)
+    return peer.access_log()
+
+
 @pytest.mark.interop
 @pytest.mark.anyio
 async def test_apache_open_then_protected(pki: Files) -> None:
@@ -312,7 +325,7 @@ async def test_apache_open_then_protected(pki: Files) -> None:
                 identity_after_open = stream.client_identity
                 await stream.send(keep_alive_get("/protected/page"))
                 protected_head, protected_body = await read_response(stream)
-        access = peer.access_log()
+        access = wait_for_access_lines(peer, 2)
     after = metrics.snapshot()
     assert open_head.startswith(b"HTTP/1.1 200")
     assert open_body == b"open\n"
