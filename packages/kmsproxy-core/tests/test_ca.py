@@ -431,3 +431,10 @@ def test_expired_ca_rejected() -> None:
 async def test_listener_skips_unspecified_address() -> None:
     request = leaf_request_for_listener("0.0.0.0")  # noqa: S104
     assert "0.0.0.0" not in request.ip_addresses  # noqa: S104
+
+
+async def test_mint_after_ca_expiry_raises() -> None:
+    ca = local_ca()
+    later = ca.certificate.not_valid_after_utc + datetime.timedelta(seconds=1)
+    with pytest.raises(MintError, match="CA certificate expired"):
+        await ca.mint_leaf(LeafRequest("a.test"), leaf_key(), now=later)

@@ -224,11 +224,19 @@ class LocalCA:
         Validity starts `CLOCK_SKEW_ALLOWANCE` back and ends at the earliest
         of `request.not_after`, `MINTED_MAX_LIFETIME` from now and the CA's
         own expiry. Names that X.509 cannot encode are dropped. Raise
-        `MintError` when no SAN remains, and `SignerError` when the CA key
-        fails or takes longer than `CA_SIGN_TIMEOUT_SECONDS`.
+        `MintError` when no SAN remains or the CA has expired, and
+        `SignerError` when the CA key fails or takes longer than
+        `CA_SIGN_TIMEOUT_SECONDS`.
         """
         now = now or datetime.datetime.now(datetime.UTC)
-        not_after = min(now + MINTED_MAX_LIFETIME, self.certificate.not_valid_after_utc)
+        ca_not_after = self.certificate.not_valid_after_utc
+        if ca_not_after <= now:
+            raise MintError(
+                request.common_name,
+                f"the CA certificate expired at {ca_not_after.isoformat()}; "
+                "renew it, or create a new CA with `kmsproxy init --force`",
+            )
+        not_after = min(now + MINTED_MAX_LIFETIME, ca_not_after)
         if request.not_after is not None:
             not_after = min(not_after, request.not_after)
         not_before = min(now - CLOCK_SKEW_ALLOWANCE, not_after)
