@@ -160,6 +160,17 @@ def test_parse_negative_serial() -> None:
     assert [str(w.message) for w in caught] == []
 
 
+def test_parse_invalid_version() -> None:
+    # The version field is [0] EXPLICIT INTEGER at the start of
+    # TBSCertificate; 1 (X.509 v2) is not one cryptography accepts.
+    der = SERVER.cert.public_bytes(Encoding.DER)
+    version_v3 = bytes.fromhex("a003020102")
+    assert der.count(version_v3) == 1
+    der = der.replace(version_v3, bytes.fromhex("a003020101"))
+    with pytest.raises(BadCertificate, match="not a valid X509 version"):
+        parse_certificate_chain([der])
+
+
 def test_verify_dns_name() -> None:
     chain = TrustStore([CA.cert]).verify_server([SERVER.cert], "server.test")
     assert chain == [SERVER.cert, CA.cert]

@@ -359,7 +359,9 @@ def parse_certificate_chain(cert_data: Sequence[bytes]) -> list[x509.Certificate
             raise BadCertificate(
                 f"certificate {index} in the chain is invalid: {warning}"
             ) from None
-        except ValueError as error:
+        except (ValueError, x509.InvalidVersion) as error:
+            # InvalidVersion, for a version field other than v1 or v3, is not
+            # a ValueError in cryptography 50.
             raise BadCertificate(
                 f"certificate {index} in the chain is not valid DER: {error}"
             ) from None
