@@ -269,7 +269,8 @@ async def run_demo(directory: Path, out: TextIO, host: str = "127.0.0.1") -> str
     """Run the demo in `directory`; print each step and return the body."""
     files = create_demo_files(directory, host)
     print(
-        f"Created a throwaway CA and client identity in {directory}",
+        f"Created a throwaway CA and client identity in {directory}\n"
+        "  The demo deletes this directory when it ends.",
         file=out,
         flush=True,
     )
@@ -284,13 +285,12 @@ async def run_demo(directory: Path, out: TextIO, host: str = "127.0.0.1") -> str
         str(files.upstream_ca),
         "--listen",
         f"{host}:0" if ":" not in host else f"[{host}]:0",
-        "--pac-listen",
-        f"{host}:0" if ":" not in host else f"[{host}]:0",
     ]
     parser = argparse.ArgumentParser(prog="kmsproxy serve")
     add_serve_arguments(parser)
     config = config_from_args(parser.parse_args(arguments))
-    config = dataclasses.replace(config, handle_signals=False)
+    # The demo fetches through the proxy port only, so no PAC listener.
+    config = dataclasses.replace(config, handle_signals=False, pac_listen=None)
 
     with anyio.fail_after(DEMO_TIMEOUT_SECONDS):
         async with anyio.create_task_group() as group:
