@@ -27,6 +27,7 @@ from kmsproxy.certificates import CertificateSource
 from kmsproxy.config import ProxyConfig
 from kmsproxy.errors import UserError
 from kmsproxy.identity import IdentityStore
+from kmsproxy.identity import _close_signers as close_signers
 from kmsproxy.metrics import metrics
 from kmsproxy.plugins.registry import Registry
 from kmsproxy.proxy.accept import connection_limit, serve_listener
@@ -117,24 +118,43 @@ class Proxy:
         )
         trust = self._load_trust()
         registry = self.registry or Registry.load(config.plugins)
-        ca = await _open_ca(registry, config)
-        self.minter = minter = LeafMinter(ca)
-        store = self.identity_store = IdentityStore.open(
-            registry, config.client_keys, config.client_certificates
-        )
-        await store.load()
-        self.session_cache = tls.SessionCache()
-        self._settings = TunnelSettings(
-            minter,
-            trust,
-            config.connect_timeout,
-            config.idle_timeout,
-            error_minter=ErrorLeafMinter(ca),
-            session_cache=self.session_cache,
-        )
-        store.add_reload_callback(self._clear_sessions)
 
-        # Step 2: bind.
+        # Step 2: open the keys. Every exit from here on, a startup failure
+        # included, closes the keys that the proxy opened itself. A `Signer`
+        # that the embedding program passed in ready-made stays open.
+        async with contextlib.AsyncExitStack() as keys:
+            ca = await _open_ca(registry, config, keys)
+            self.minter = minter = LeafMinter(ca)
+            store = self.identity_store = IdentityStore.open(
+                registry, config.client_keys, config.client_certificates
+            )
+            keys.push_async_callback(_close_store, store)
+            await store.load()
+            self.session_cache = tls.SessionCache()
+            self._settings = TunnelSettings(
+                minter,
+                trust,
+                config.connect_timeout,
+                config.idle_timeout,
+                error_minter=ErrorLeafMinter(ca),
+                session_cache=self.session_cache,
+            )
+            store.add_reload_callback(self._clear_sessions)
+            await self._bind_and_serve(
+                ca, store, proxy_address, pac_address, task_status
+            )
+
+    async def _bind_and_serve(
+        self,
+        ca: LocalCA,
+        store: IdentityStore,
+        proxy_address: ListenAddress,
+        pac_address: ListenAddress | None,
+        task_status: anyio.abc.TaskStatus[ProxyAddresses],
+    ) -> None:
+        """Bind the listeners and serve connections until cancelled."""
+        assert self._settings is not None
+        config = self.config
         async with contextlib.AsyncExitStack() as stack:
             proxy_listener = await bind(proxy_address)
             stack.push_async_callback(proxy_listener.aclose)
@@ -154,7 +174,6 @@ class Proxy:
                 (a.host, a.port) for a in (*addresses.proxy, *addresses.pac)
             )
 
-            # Step 3: serve until cancelled.
             try:
                 async with anyio.create_task_group() as group:
                     watch = functools.partial(
@@ -328,11 +347,20 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-async def _open_ca(registry: Registry, config: ProxyConfig) -> LocalCA:
+async def _open_ca(
+    registry: Registry, config: ProxyConfig, keys: contextlib.AsyncExitStack
+) -> LocalCA:
+    """Open the CA key and certificate; push the key's close onto `keys`.
+
+    A ready-made `Signer` in `config.ca_key` belongs to the caller, so only
+    a key that the registry opened is closed.
+    """
     if isinstance(config.ca_key, Signer):
         signer = config.ca_key
     else:
         signer = registry.open_signer(os.fspath(config.ca_key))
+        # Bounded in time and shielded from cancellation, like the store's.
+        keys.push_async_callback(close_signers, [signer])
     if isinstance(config.ca_certificate, CertificateSource):
         source = config.ca_certificate
     else:
@@ -342,6 +370,16 @@ async def _open_ca(registry: Registry, config: ProxyConfig) -> LocalCA:
         return LocalCA(chain[0], signer)
     except ValueError as error:
         raise UserError(f"{source.uri}: unusable CA certificate: {error}") from None
+
+
+async def _close_store(store: IdentityStore) -> None:
+    """Close the store's keys even while the proxy is being cancelled.
+
+    `IdentityStore.aclose` bounds each key's close in time. The shield lets
+    it take the reload lock, which no reload holds once the watch task ends.
+    """
+    with anyio.CancelScope(shield=True):
+        await store.aclose()
 
 
 def _log_start(
