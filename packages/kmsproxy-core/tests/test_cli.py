@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 from pki import issue, make_ca
 
 from kmsproxy.cli import build_parser, main
-from kmsproxy.cli.serve import config_from_args, read_positional_form, warn_about_setup
+from kmsproxy.cli.serve import config_from_args
 from kmsproxy.plugins.hookspecs import hookimpl
 from kmsproxy.plugins.registry import Registry
 
@@ -299,35 +300,69 @@ def test_planned_backend_not_released(tmp_path: Path) -> None:
     assert "(not yet released; see docs/backends)" in result.stderr
 
 
-def test_non_loopback_listen_warns(caplog: pytest.LogCaptureFixture) -> None:
-    args = parse_serve("a", "b", "--clientkey", "k", "--clientcert", "c")
-    form = read_positional_form(args)
-    args.listen = "0.0.0.0:8090"
-    warn_about_setup(args, form)
-    assert "anyone who can reach the port" in caplog.text
+def test_missing_pac_fails_once(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pac"
+    result = run_cli(*write_site(tmp_path), "--pac", str(missing))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.count("the PAC file was not found") == 1
+    assert f"--pac {missing}" in result.stderr
+    assert "browsers will get 404" not in result.stderr
 
 
-def test_loopback_listen_quiet(caplog: pytest.LogCaptureFixture) -> None:
-    for listen in ("localhost:8090", "127.0.0.1:8090", "[::1]:8090", ":8090"):
-        args = parse_serve(
-            "a", "b", "--clientkey", "k", "--clientcert", "c", "--listen", listen
-        )
-        warn_about_setup(args, read_positional_form(args))
-    assert "anyone who can reach" not in caplog.text
+# `unshare -rn` runs the CLI in a new network namespace that has only its own
+# loopback interface, so a socket bound to 0.0.0.0 there is not reachable
+# from anywhere else.
+UNSHARE = shutil.which("unshare")
 
 
-def test_missing_pac_file_warns(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    args = parse_serve(
-        "a",
-        "b",
-        "--clientkey",
-        "k",
-        "--clientcert",
-        "c",
-        "--pac",
-        str(tmp_path / "nope.js"),
+def can_unshare_network() -> bool:
+    if UNSHARE is None:
+        return False
+    result = subprocess.run(
+        [UNSHARE, "-rn", "true"],
+        capture_output=True,
+        timeout=PROCESS_TIMEOUT_SECONDS,
+        check=False,
     )
-    warn_about_setup(args, read_positional_form(args))
-    assert f"pac={tmp_path / 'nope.js'}" in caplog.text
+    return result.returncode == 0
+
+
+@pytest.mark.skipif(
+    not can_unshare_network(), reason="needs `unshare -rn` (a network namespace)"
+)
+def test_exposed_listen_warns_once(tmp_path: Path) -> None:
+    assert UNSHARE is not None
+    arguments = write_site(tmp_path)
+    process = subprocess.Popen(
+        [
+            UNSHARE, "-rn", sys.executable, "-m", "kmsproxy", *arguments,
+            "--listen", "0.0.0.0:0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert process.stderr is not None
+    lines: list[str] = []
+    try:
+        # Every line up to the start, then the rest once stopped: a warning
+        # that the CLI logs itself comes before the proxy's start line.
+        deadline = time.monotonic() + PROCESS_TIMEOUT_SECONDS
+        while time.monotonic() < deadline and (line := process.stderr.readline()):
+            lines.append(line)
+            if "Proxy listening" in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=PROCESS_TIMEOUT_SECONDS)
+        # Not `communicate`, which reads the pipe past the text buffer that
+        # `readline` filled, and so would lose lines already buffered there.
+        rest = process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=PROCESS_TIMEOUT_SECONDS)
+    output = "".join(lines) + rest
+    assert process.returncode == 0, output
+    assert re.search(r"Proxy listening addresses=0\.0\.0\.0:\d+", output)
+    assert output.count("non-loopback address address=0.0.0.0:") == 1
+    assert "beyond this machine" not in output

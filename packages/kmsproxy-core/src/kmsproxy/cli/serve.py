@@ -10,7 +10,6 @@ and key. The count of positional arguments selects the form.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import signal
@@ -397,7 +396,11 @@ def check_ca_order(form: PositionalForm) -> None:
 
 
 def warn_about_setup(args: argparse.Namespace, form: PositionalForm) -> None:
-    """Log a WARNING for a setup that works but is probably a mistake."""
+    """Log a WARNING for a setup that works but is probably a mistake.
+
+    `Proxy.serve` checks the rest: it warns about a non-loopback listen
+    address and fails at startup for a missing `--pac` file.
+    """
     keys = [("CA key", form.ca_key)] + [("client key", k) for k in form.client_keys]
     for role, argument in keys:
         path = key_file_path(argument)
@@ -415,38 +418,6 @@ def warn_about_setup(args: argparse.Namespace, form: PositionalForm) -> None:
                 role,
                 path,
             )
-    host = _listen_host(args.listen)
-    if host is not None and not _is_loopback(host):
-        logger.warning(
-            "Proxy listens beyond this machine: anyone who can reach the port "
-            "can use your client certificate; listen on localhost unless that "
-            "is intended listen=%s",
-            args.listen,
-        )
-    if args.pac is not None and not args.pac.is_file():
-        logger.warning(
-            "PAC file is missing or not a regular file; browsers will get 404 "
-            "and connect directly pac=%s",
-            args.pac,
-        )
-
-
-def _listen_host(address: str) -> str | None:
-    """Return the host part of a `--listen` value, or None if it has none."""
-    text = address.removeprefix("tcp:")
-    host, colon, _ = text.rpartition(":")
-    if not colon:
-        return None
-    return host.strip("[]")
-
-
-def _is_loopback(host: str) -> bool:
-    if host in ("", "localhost") or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _explain_missing_chain(error: BaseException, key_uri: str) -> None:
