@@ -58,6 +58,13 @@ def parse_listen_address(text: str) -> ListenAddress:
     reaches the port can use the client certificate.
     """
     value = text.removeprefix("tcp:") if text.startswith("tcp:") else text
+    if value.isdigit():
+        # A bare port. The host is required so that listening beyond this
+        # machine is always written out.
+        raise UserError(
+            f"listen address {text!r}: missing host; use localhost:{value} "
+            f"to listen on this machine only"
+        )
     if value.startswith("["):
         host, bracket, rest = value[1:].partition("]")
         if not bracket or not rest.startswith(":"):
@@ -83,10 +90,13 @@ def parse_listen_address(text: str) -> ListenAddress:
     return ListenAddress(host or "localhost", int(port_text))
 
 
-async def bind(address: ListenAddress) -> anyio.abc.Listener[anyio.abc.SocketStream]:
+async def bind(
+    address: ListenAddress, option: str = "--listen"
+) -> anyio.abc.Listener[anyio.abc.SocketStream]:
     """Bind `address`; `localhost` binds 127.0.0.1 and ::1 on one port.
 
-    Port 0 picks a free port, shared by both loopback addresses.
+    Port 0 picks a free port, shared by both loopback addresses. A failure
+    raises `UserError` naming `option`, the setting the address came from.
     """
     if address.host.lower() != "localhost":
         try:
@@ -94,7 +104,7 @@ async def bind(address: ListenAddress) -> anyio.abc.Listener[anyio.abc.SocketStr
                 local_host=address.host, local_port=address.port
             )
         except OSError as error:
-            raise UserError(f"cannot listen on {address}: {error.strerror}") from None
+            raise UserError(_bind_failure(address, error, option)) from None
     listeners: list[anyio.abc.Listener[anyio.abc.SocketStream]] = []
     port = address.port
     for host in _LOCALHOST_ADDRESSES:
@@ -106,12 +116,32 @@ async def bind(address: ListenAddress) -> anyio.abc.Listener[anyio.abc.SocketStr
                 continue
             for bound in listeners:
                 await bound.aclose()
-            raise UserError(
-                f"cannot listen on {host} port {port}: {error.strerror}"
-            ) from None
+            failed = ListenAddress(host, port)
+            raise UserError(_bind_failure(failed, error, option)) from None
         listeners.extend(listener.listeners)
         port = bound_addresses(listener)[0].port
     return MultiListener(listeners)
+
+
+def _bind_failure(address: ListenAddress, error: OSError, option: str) -> str:
+    """Return the one-line message for a failed bind, with what to do."""
+    if error.errno == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {address}: the port is already in use, perhaps "
+            f"by another kmsproxy; stop that program or choose another port "
+            f"with {option}"
+        )
+    if error.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"cannot listen on {address}: no network interface of this machine "
+            f"has that address; use one of its addresses or localhost in {option}"
+        )
+    if error.errno == errno.EACCES:
+        return (
+            f"cannot listen on {address}: permission denied (ports below 1024 "
+            f"need privileges on most systems); choose a higher port with {option}"
+        )
+    return f"cannot listen on {address}: {error.strerror}; check {option}"
 
 
 def bound_addresses(

@@ -160,7 +160,7 @@ class Proxy:
             stack.push_async_callback(proxy_listener.aclose)
             pac_listener = None
             if pac_address is not None:
-                pac_listener = await bind(pac_address)
+                pac_listener = await bind(pac_address, option="--pac-listen")
                 stack.push_async_callback(pac_listener.aclose)
             addresses = self.addresses = ProxyAddresses(
                 tuple(bound_addresses(proxy_listener)),
