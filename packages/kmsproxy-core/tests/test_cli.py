@@ -366,3 +366,8 @@ def test_exposed_listen_warns_once(tmp_path: Path) -> None:
     assert re.search(r"Proxy listening addresses=0\.0\.0\.0:\d+", output)
     assert output.count("non-loopback address address=0.0.0.0:") == 1
     assert "beyond this machine" not in output
+
+
+def test_serve_handles_sighup() -> None:
+    args = parse_serve("a", "b", "--clientkey", "k", "--clientcert", "c")
+    assert config_from_args(args).handle_signals is True

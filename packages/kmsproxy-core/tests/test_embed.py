@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import types
 from pathlib import Path
 
@@ -187,3 +188,29 @@ async def test_bind_failure_closes_opened_keys(tmp_path: Path) -> None:
                 with pytest.raises(UserError, match="already in use"):
                     await group.start(Proxy(config).serve)
     assert [signer.close_count for signer in opened] == [1, 1]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on Windows")
+@pytest.mark.parametrize("handle_signals", [False, True])
+async def test_sighup_handler_only_on_request(
+    tmp_path: Path, handle_signals: bool
+) -> None:
+    files = create_demo_files(tmp_path)
+    config = ProxyConfig(
+        ca_key=files.ca_key,
+        ca_certificate=files.ca_certificate,
+        client_keys=[files.client_key],
+        client_certificates=[files.client_certificate],
+        listen="127.0.0.1:0",
+        pac_listen=None,
+    )
+    # The False case leaves the field unset, so it checks the default.
+    if handle_signals:
+        config.handle_signals = True
+    before = signal.getsignal(signal.SIGHUP)
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as group:
+            await group.start(Proxy(config).serve)
+            during = signal.getsignal(signal.SIGHUP)
+            group.cancel_scope.cancel()
+    assert (during is not before) == handle_signals

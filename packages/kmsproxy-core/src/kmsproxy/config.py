@@ -42,6 +42,9 @@ class ProxyConfig:
     upstream certificate and is logged as a warning at start.
     `max_connections` caps the connections served at once; None derives the
     cap from RLIMIT_NOFILE (see `kmsproxy.proxy.accept.connection_limit`).
+    `handle_signals` makes the proxy install a SIGHUP handler that reloads
+    the identities. It is off by default so that an embedding program keeps
+    its own handlers. `kmsproxy serve` turns it on.
     """
 
     ca_key: KeySpec
@@ -54,7 +57,7 @@ class ProxyConfig:
     pac_listen: str | None = DEFAULT_PAC_LISTEN
     pac_file: Path | None = None
     insecure_skip_verify: bool = False
-    handle_signals: bool = True
+    handle_signals: bool = False
     connect_timeout: float = CONNECT_TIMEOUT_SECONDS
     idle_timeout: float = IDLE_TIMEOUT_SECONDS
     max_connections: int | None = None

@@ -276,6 +276,8 @@ def config_from_form(args: argparse.Namespace, form: PositionalForm) -> ProxyCon
         pac_listen=pac_listen,
         pac_file=args.pac,
         insecure_skip_verify=args.insecure_skip_verify,
+        # The CLI owns the process, so SIGHUP reloads the identities.
+        handle_signals=True,
     )
 
 
