@@ -140,6 +140,8 @@ class Proxy:
                 session_cache=self.session_cache,
             )
             store.add_reload_callback(self._clear_sessions)
+
+            # Step 3: bind, then serve until cancelled.
             await self._bind_and_serve(
                 ca, store, proxy_address, pac_address, task_status
             )
