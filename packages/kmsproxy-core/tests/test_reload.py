@@ -72,7 +72,7 @@ async def test_rename_replace_twice(tmp_path: Path) -> None:
     ca = make_ca()
     first = issue(ca, "first", client=True)
     key_path, cert_path = first.write(tmp_path, "client")
-    store = IdentityStore.open(Registry.load(), [key_path], [cert_path])
+    store = await IdentityStore.open(Registry.load(), [key_path], [cert_path])
     await store.load()
     async with anyio.create_task_group() as group:
         await group.start(store.watch)
@@ -88,7 +88,7 @@ async def test_bad_replace_keeps_identity(tmp_path: Path) -> None:
     ca = make_ca()
     first = issue(ca, "first", client=True)
     key_path, cert_path = first.write(tmp_path, "client")
-    store = IdentityStore.open(Registry.load(), [key_path], [cert_path])
+    store = await IdentityStore.open(Registry.load(), [key_path], [cert_path])
     await store.load()
     async with anyio.create_task_group() as group:
         await group.start(store.watch)
@@ -160,7 +160,7 @@ async def test_rotated_key_and_certificate(tmp_path: Path) -> None:
     ca = make_ca()
     first = issue(ca, "first", client=True)
     key_path, cert_path = first.write(tmp_path, "client")
-    store = IdentityStore.open(Registry.load(), [key_path], [cert_path])
+    store = await IdentityStore.open(Registry.load(), [key_path], [cert_path])
     await store.load()
     rotated = issue(ca, "rotated", client=True)
     async with anyio.create_task_group() as group:
@@ -190,7 +190,7 @@ async def test_kubernetes_symlink_swap(tmp_path: Path) -> None:
     (tmp_path / "..data").symlink_to("..v1")
     for name in ("client.crt", "client.key"):
         (tmp_path / name).symlink_to(f"..data/{name}")
-    store = IdentityStore.open(
+    store = await IdentityStore.open(
         Registry.load(), [tmp_path / "client.key"], [tmp_path / "client.crt"]
     )
     await store.load()
@@ -213,7 +213,7 @@ async def test_parent_directory_replaced(tmp_path: Path) -> None:
     directory = tmp_path / "certs"
     directory.mkdir()
     key_path, cert_path = first.write(directory, "client")
-    store = IdentityStore.open(Registry.load(), [key_path], [cert_path])
+    store = await IdentityStore.open(Registry.load(), [key_path], [cert_path])
     await store.load()
     async with anyio.create_task_group() as group:
         await group.start(store.watch)
@@ -232,7 +232,7 @@ async def test_unrelated_file_skips_reload(tmp_path: Path) -> None:
     ca = make_ca()
     first = issue(ca, "first", client=True)
     key_path, cert_path = first.write(tmp_path, "client")
-    store = IdentityStore.open(Registry.load(), [key_path], [cert_path])
+    store = await IdentityStore.open(Registry.load(), [key_path], [cert_path])
     await store.load()
     async with anyio.create_task_group() as group:
         await group.start(store.watch)

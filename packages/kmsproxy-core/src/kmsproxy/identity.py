@@ -204,16 +204,26 @@ class IdentityStore:
         self.failed_reload_count = 0
 
     @classmethod
-    def open(
+    async def open(
         cls,
         registry: Registry,
         keys: Sequence[KeySpec],
         certificates: Sequence[CertificateSpec],
     ) -> IdentityStore:
-        """Open every key and certificate argument through `registry`."""
-        slots = [open_key_slot(registry, key) for key in keys]
-        sources = [open_certificate_source(registry, c) for c in certificates]
-        return cls(slots, sources)
+        """Open every key and certificate argument through `registry`.
+
+        When one argument fails, the keys already opened are closed before
+        the error propagates, so a device session is not left open.
+        """
+        slots: list[KeySlot] = []
+        try:
+            for key in keys:
+                slots.append(open_key_slot(registry, key))
+            sources = [open_certificate_source(registry, c) for c in certificates]
+            return cls(slots, sources)
+        except BaseException:
+            await _close_signers([slot.signer for slot in slots if slot.owned])
+            raise
 
     @property
     def identities(self) -> tuple[Identity, ...]:

@@ -125,7 +125,7 @@ class Proxy:
         async with contextlib.AsyncExitStack() as keys:
             ca = await _open_ca(registry, config, keys)
             self.minter = minter = LeafMinter(ca)
-            store = self.identity_store = IdentityStore.open(
+            store = self.identity_store = await IdentityStore.open(
                 registry, config.client_keys, config.client_certificates
             )
             keys.push_async_callback(_close_store, store)
