@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import resource
+import errno
+import os
 import select
 import socket
 import subprocess
@@ -12,15 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 from pki import issue, make_ca
 
 from kmsproxy import Proxy, ProxyConfig
 from kmsproxy.proxy.accept import (
-    DESCRIPTORS_PER_CONNECTION,
-    MAX_CONNECTIONS,
-    RESERVED_DESCRIPTORS,
     connection_limit,
+    serve_listener,
 )
 
 # Soft RLIMIT_NOFILE of the child proxy: enough to start (about 20
@@ -33,6 +33,9 @@ IDLE_CONNECTIONS = 80
 # Upper bound for the child to start and print its port, and for one probe.
 CHILD_START_SECONDS = 20.0
 PROBE_SECONDS = 10.0
+
+# Pause between two probes that wait for a freed connection slot.
+RETRY_SECONDS = 0.02
 
 # Runs a Proxy in a child process: argv is the directory with the files and
 # the max_connections value ("none" for the default). It prints the port.
@@ -163,20 +166,123 @@ async def test_excess_connection_closed(tmp_path: Path) -> None:
             await first.aclose()
             await second.aclose()
             await third.aclose()
-            # Both tokens are free again once the handlers see EOF.
-            await anyio.sleep(0.2)
-            async with await anyio.connect_tcp(*address) as fourth:
-                await fourth.send(b"GET / HTTP/1.1\r\n\r\n")
-                assert (await fourth.receive()).startswith(b"HTTP/1.1 405 ")
+            # Both tokens are free again once the handlers see EOF; until
+            # then a new connection is closed unanswered, so retry.
+            reply = b""
+            for _ in range(int(PROBE_SECONDS / RETRY_SECONDS)):
+                async with await anyio.connect_tcp(*address) as fourth:
+                    await fourth.send(b"GET / HTTP/1.1\r\n\r\n")
+                    try:
+                        reply = await fourth.receive()
+                    except (anyio.EndOfStream, anyio.BrokenResourceError):
+                        await anyio.sleep(RETRY_SECONDS)
+                        continue
+                break
+            assert reply.startswith(b"HTTP/1.1 405 ")
         group.cancel_scope.cancel()
 
 
+# Runs `connection_limit()` with a soft RLIMIT_NOFILE of 100 and prints it.
+RLIMIT_SCRIPT = """
+import resource
+from kmsproxy.proxy.accept import connection_limit
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (100, hard))
+print(connection_limit())
+"""
+
+# Hides `resource` as on Windows, where it does not exist, then runs the CLI.
+NO_RESOURCE_SCRIPT = """
+import runpy, sys
+sys.modules["resource"] = None
+sys.argv = ["kmsproxy", "--version"]
+runpy.run_module("kmsproxy", run_name="__main__")
+"""
+
+
 def test_limit_follows_rlimit() -> None:
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    reserved = min(RESERVED_DESCRIPTORS, soft // 4)
-    fitting = (soft - reserved) // DESCRIPTORS_PER_CONNECTION
-    assert connection_limit() == max(1, min(MAX_CONNECTIONS, fitting))
+    # 100 descriptors: 25 reserved, (100 - 25) // 2 = 37 connections.
+    result = subprocess.run(
+        [sys.executable, "-c", RLIMIT_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=CHILD_START_SECONDS,
+        check=True,
+    )
+    assert result.stdout.strip() == "37"
+
+
+def test_runs_without_resource_module() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", NO_RESOURCE_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=CHILD_START_SECONDS,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("kmsproxy ")
 
 
 def test_explicit_limit_wins() -> None:
     assert connection_limit(5) == 5
+
+
+async def loopback_listener() -> anyio.abc.SocketListener:
+    multi = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    (inner,) = multi.listeners
+    assert isinstance(inner, anyio.abc.SocketListener)
+    return inner
+
+
+class FailingListener(anyio.abc.SocketListener):
+    """A real loopback listener whose first accept() raises `errno_value`."""
+
+    def __init__(self, inner: anyio.abc.SocketListener, errno_value: int) -> None:
+        self._inner = inner
+        self._errno = errno_value
+        self.failures = 0
+
+    async def accept(self) -> anyio.abc.SocketStream:
+        if self.failures == 0:
+            self.failures += 1
+            raise OSError(self._errno, os.strerror(self._errno))
+        return await self._inner.accept()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    @property
+    def _raw_socket(self) -> socket.socket:
+        return self._inner.extra(anyio.abc.SocketAttribute.raw_socket)  # noqa: S610
+
+
+async def answer(stream: anyio.abc.SocketStream) -> None:
+    async with stream:
+        await stream.send(b"served")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("code", [errno.EPROTO, errno.EPERM, errno.ENETDOWN])
+async def test_connection_error_keeps_accepting(
+    code: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    inner = await loopback_listener()
+    listener = FailingListener(inner, code)
+    port = inner.extra(anyio.abc.SocketAttribute.local_port)  # noqa: S610
+    async with anyio.create_task_group() as group:
+        group.start_soon(serve_listener, listener, answer, anyio.CapacityLimiter(4))
+        with anyio.fail_after(PROBE_SECONDS):
+            async with await anyio.connect_tcp("127.0.0.1", port) as client:
+                assert await client.receive() == b"served"
+        group.cancel_scope.cancel()
+    assert f"Accept failed, continuing error={errno.errorcode[code]}" in caplog.text
+
+
+@pytest.mark.anyio
+async def test_listener_error_ends_loop() -> None:
+    inner = await loopback_listener()
+    listener = FailingListener(inner, errno.EBADF)
+    with anyio.fail_after(PROBE_SECONDS), pytest.raises(ExceptionGroup) as caught:
+        await serve_listener(listener, answer, anyio.CapacityLimiter(4))
+    await inner.aclose()
+    assert caught.group_contains(OSError, match="Bad file descriptor")

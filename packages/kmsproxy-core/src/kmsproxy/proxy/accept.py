@@ -13,11 +13,17 @@ from __future__ import annotations
 
 import errno
 import logging
-import resource
 from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.abc
+
+# Windows has no `resource` module and no RLIMIT_NOFILE; there the default
+# limit is `MAX_CONNECTIONS` as it stands.
+try:
+    import resource
+except ImportError:
+    resource = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +52,15 @@ ACCEPT_RETRY_SECONDS = 0.1
 ACCEPT_WARNING_INTERVAL_SECONDS = 10.0
 
 # accept() errors that mean "out of descriptors or memory for now"
-# (accept(2) on Linux). ECONNABORTED means the client reset the connection
-# while it was still in the backlog.
+# (accept(2) on Linux). The loop sleeps before it retries these.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+# accept() errors that mean the listening socket itself is gone or unusable;
+# only these end the loop. accept(2) on Linux says that every other error
+# (ECONNABORTED, a pending network error such as ENETDOWN or EPROTO, EPERM
+# from a firewall rule) concerns one connection and must be treated like
+# EAGAIN, so the loop logs it and accepts again.
+LISTENER_ERRNOS = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK})
 
 Handler = Callable[[anyio.abc.SocketStream], Awaitable[None]]
 
@@ -59,10 +71,13 @@ def connection_limit(maximum: int | None = None) -> int:
     With no `maximum`, the limit is `MAX_CONNECTIONS`, lowered so that
     `DESCRIPTORS_PER_CONNECTION` for each connection plus
     `RESERVED_DESCRIPTORS` (a quarter of a smaller limit) fit in the soft
-    RLIMIT_NOFILE. The result is always at least 1.
+    RLIMIT_NOFILE. Without the `resource` module (Windows) it is
+    `MAX_CONNECTIONS`. The result is always at least 1.
     """
     if maximum is not None:
         return max(1, maximum)
+    if resource is None:
+        return MAX_CONNECTIONS
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return MAX_CONNECTIONS
@@ -124,6 +139,7 @@ async def _accept_loop(
     out_of_resources = _RateLimitedWarning(
         "Accept failed, retrying error=%s retry_seconds=%g"
     )
+    connection_failed = _RateLimitedWarning("Accept failed, continuing error=%s")
     over_limit = _RateLimitedWarning(
         "Too many connections, closing new ones max_connections=%d"
     )
@@ -131,14 +147,16 @@ async def _accept_loop(
         try:
             client = await listener.accept()
         except OSError as error:
+            if error.errno in LISTENER_ERRNOS:
+                raise
             if error.errno == errno.ECONNABORTED:
                 continue
-            if error.errno not in RESOURCE_ERRNOS:
-                raise
-            out_of_resources.log(
-                errno.errorcode.get(error.errno or 0, error), ACCEPT_RETRY_SECONDS
-            )
-            await anyio.sleep(ACCEPT_RETRY_SECONDS)
+            name = errno.errorcode.get(error.errno or 0, str(error))
+            if error.errno in RESOURCE_ERRNOS:
+                out_of_resources.log(name, ACCEPT_RETRY_SECONDS)
+                await anyio.sleep(ACCEPT_RETRY_SECONDS)
+            else:
+                connection_failed.log(name)
             continue
         try:
             limiter.acquire_on_behalf_of_nowait(client)

@@ -76,8 +76,10 @@ def read_pac_file(path: Path) -> bytes:
     _stat_regular_file(path)
     # O_NONBLOCK keeps open() from waiting for a writer if the path was
     # replaced by a FIFO after the stat. fstat then checks what was opened.
+    # Windows has neither flag (nor FIFOs at a file path), so there they are 0.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        descriptor = os.open(path, flags)
     except OSError as error:
         raise PacFileError(f"cannot read the PAC file: {error.strerror}") from None
     with os.fdopen(descriptor, "rb") as file:
