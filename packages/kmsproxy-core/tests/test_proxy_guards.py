@@ -51,6 +51,17 @@ async def test_connect_to_self_is_508(running: ProxyAddresses) -> None:
 
 
 @pytest.mark.anyio
+async def test_connect_to_mapped_self_is_508(running: ProxyAddresses) -> None:
+    # The IPv6 socket reaches the IPv4 listener through the mapped address.
+    port = running.proxy[0].port
+    response = await exchange(
+        address_of(running),
+        f"CONNECT [::ffff:127.0.0.1]:{port} HTTP/1.1\r\n\r\n".encode(),
+    )
+    assert status_of(response) == 508
+
+
+@pytest.mark.anyio
 async def test_connect_to_pac_port_is_508(running: ProxyAddresses) -> None:
     port = running.pac[0].port
     response = await exchange(

@@ -94,7 +94,8 @@ REJECTION_WAIT_MAX_SECONDS = 0.5
 # Maximum seconds for minting one leaf, including the wait for another
 # tunnel minting for the same upstream. It is a little longer than
 # ca.CA_SIGN_TIMEOUT_SECONDS, so the CA's own message about a slow device
-# comes first. A hung CA Signer thus costs each CONNECT at most this long.
+# comes first. A hung CA Signer thus costs each CONNECT at most this long:
+# after such a failure no error-page leaf is minted with the same key.
 # NOTE: a Signer that blocks the event loop (no await) cannot be bounded.
 MINT_TIMEOUT_SECONDS = CA_SIGN_TIMEOUT_SECONDS + 5.0
 
@@ -350,26 +351,53 @@ async def _wait_for_rejection(stream: tls.TLSClientStream, wait: float) -> bytes
     return b""
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _unmapped_address(host: str) -> IPAddress | None:
+    """Parse `host`, turning an IPv4-mapped IPv6 address into its IPv4 address.
+
+    A dual-stack IPv6 socket reaches an IPv4 listener through
+    `::ffff:a.b.c.d`, so the two forms name the same socket. Return None for
+    text that is not an IP address.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
 def is_own_address(
     transport: anyio.abc.SocketStream, own_addresses: frozenset[tuple[str, int]]
 ) -> bool:
     """Tell whether `transport` is connected to one of `own_addresses`.
 
-    A listener on 0.0.0.0 or :: also matches any connection whose remote
-    address equals its local address, which is a connection to this host.
+    Addresses are compared as IP addresses, with IPv4-mapped IPv6 addresses
+    taken as their IPv4 address on both sides. A listener on 0.0.0.0 or ::
+    also matches any connection whose remote address equals its local
+    address, which is a connection to this host.
     """
     remote = transport.extra(SocketAttribute.remote_address)  # noqa: S610
     local = transport.extra(SocketAttribute.local_address)  # noqa: S610
     if not isinstance(remote, tuple) or not isinstance(local, tuple):
         return False
-    remote_host, remote_port = str(remote[0]), int(remote[1])
-    if (remote_host, remote_port) in own_addresses:
-        return True
-    to_this_host = remote_host == str(local[0])
-    return to_this_host and any(
-        port == remote_port and ipaddress.ip_address(host).is_unspecified
-        for host, port in own_addresses
-    )
+    remote_address = _unmapped_address(str(remote[0]))
+    remote_port = int(remote[1])
+    if remote_address is None:
+        return False
+    to_this_host = remote_address == _unmapped_address(str(local[0]))
+    for host, port in own_addresses:
+        own_address = _unmapped_address(host)
+        if port != remote_port or own_address is None:
+            continue
+        if own_address == remote_address:
+            return True
+        if to_this_host and own_address.is_unspecified:
+            return True
+    return False
 
 
 def describe_connect_error(error: OSError) -> str:
@@ -422,7 +450,12 @@ async def _serve_client(
             f"minting a certificate for {server_name!r} failed: {reason}",
             tls.AlertDescription.internal_error,
         )
-        await serve_upstream_failure(client, request, hello, failure, settings)
+        if ca_key_failed(error):
+            # The error-page leaf needs the same CA key, which would fail or
+            # hang again and double the wait, so send the alert at once.
+            await send_final(client, alert_record(failure.alert))
+        else:
+            await serve_upstream_failure(client, request, hello, failure, settings)
         return False
     downstream = await _accept_client_tls(client, context, hello, target)
     if downstream is None:
@@ -517,6 +550,19 @@ async def serve_upstream_failure(
     finally:
         with contextlib.suppress(*_CLIENT_ERRORS):
             await downstream.aclose()
+
+
+def ca_key_failed(error: Exception) -> bool:
+    """Tell whether a mint failed in the CA key rather than in the request.
+
+    Only a `MintError` about the leaf itself (a name it cannot encode, or a
+    name cryptography rejected) leaves the CA key usable. A timeout, a
+    `SignerError`, a `MintError` caused by either, and any other exception
+    from a plugin's Signer count as a failed CA key.
+    """
+    if not isinstance(error, MintError):
+        return True
+    return isinstance(error.__cause__, SignerError | TimeoutError)
 
 
 def describe_mint_error(error: Exception, timeout: float) -> str:
