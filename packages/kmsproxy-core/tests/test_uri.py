@@ -48,6 +48,8 @@ def test_percent_encoded_name_redacted_when_parsed() -> None:
         "passphrase",
         "secret-access-key",
         "session-token",
+        "auth-token",
+        "token-value",
         "key-value",
         "credential",
         "client-credentials",
@@ -65,6 +67,13 @@ def test_secret_names_redacted(name: str) -> None:
 def test_secret_names_redacted_in_errors(name: str) -> None:
     message = parse_error(f"awskms:{name}={SECRET};{name}={SECRET}")
     assert SECRET not in message
+
+
+def test_pkcs11_token_label_kept() -> None:
+    # RFC 7512: `token` is the token's label, not a secret.
+    uri = KeyURI.parse("pkcs11:token=YubiKey;pin-value=1234")
+    assert "token=YubiKey" in uri.redacted()
+    assert "1234" not in uri.redacted()
 
 
 def test_secret_locations_kept() -> None:

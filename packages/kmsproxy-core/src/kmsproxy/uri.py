@@ -21,12 +21,17 @@ SECRET_ATTRIBUTES = frozenset(
 
 # A name that contains one of these is treated as a secret too, so a
 # backend's own spelling (`session-token`, `secret-access-key`) is redacted
-# without being listed above.
+# without being listed above. A bare `token` is not a secret: in RFC 7512
+# (`pkcs11:`) it is the token label, which an error must be able to name.
+# Only a name that joins "token" to another word is caught.
 SECRET_NAME_PARTS = (
     "pin",
     "pass",
     "secret",
-    "token",
+    "-token",
+    "token-",
+    "_token",
+    "token_",
     "key-value",
     "credential",
 )
