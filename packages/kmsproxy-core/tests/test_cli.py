@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import shutil
@@ -12,13 +13,14 @@ import subprocess
 import sys
 import time
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pki import issue, make_ca
 
 from kmsproxy.cli import build_parser, main
-from kmsproxy.cli.serve import config_from_args
+from kmsproxy.cli.serve import MAX_HELD_RECORDS, StartupLogBuffer, config_from_args
 from kmsproxy.plugins.hookspecs import hookimpl
 from kmsproxy.plugins.registry import Registry
 
@@ -58,7 +60,7 @@ def test_unknown_scheme_is_one_line(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
-    assert "pip install kmsproxy-tpm" in result.stderr
+    assert "kmsproxy-tpm will provide it" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -113,7 +115,8 @@ def test_backends_lists_file() -> None:
     assert result.returncode == 0
     assert re.search(r"^file:\tinstalled\tkmsproxy-core$", result.stdout, re.M)
     assert re.search(
-        r"^tpmkms:\tnot installed\tpip install kmsproxy-tpm \(not yet released",
+        r"^tpmkms:\tnot installed\tkmsproxy-tpm will provide it, but is not "
+        r"released yet",
         result.stdout,
         re.M,
     )
@@ -266,7 +269,7 @@ def test_world_readable_key_warns(tmp_path: Path) -> None:
     (tmp_path / "client.key").chmod(0o644)
     result = run_cli(*arguments, "--trust", str(tmp_path / "missing.pem"))
     assert result.returncode == 2
-    assert f"chmod 600 {tmp_path / 'client.key'}" in result.stderr
+    assert f"path={tmp_path / 'client.key'}" in result.stderr
     assert "role=client key" in result.stderr
     assert "ca.key" not in result.stderr.split("kmsproxy: error:")[0]
 
@@ -296,8 +299,9 @@ def test_planned_backend_not_released(tmp_path: Path) -> None:
         "serve", str(key), str(cert), "--clientkey", "yubikey:slot-id=9a",
         "--clientcert", str(cert),
     )  # fmt: skip
-    assert "pip install kmsproxy-yubikey" in result.stderr
-    assert "(not yet released; see docs/backends)" in result.stderr
+    assert "kmsproxy-yubikey will provide it" in result.stderr
+    assert "not released yet (see docs/backends/README.md)" in result.stderr
+    assert "pip install" not in result.stderr
 
 
 def test_missing_pac_fails_once(tmp_path: Path) -> None:
@@ -371,3 +375,61 @@ def test_exposed_listen_warns_once(tmp_path: Path) -> None:
 def test_serve_handles_sighup() -> None:
     args = parse_serve("a", "b", "--clientkey", "k", "--clientcert", "c")
     assert config_from_args(args).handle_signals is True
+
+
+class ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def startup_buffer() -> Iterator[tuple[StartupLogBuffer, ListHandler]]:
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    for handler in saved_handlers:
+        root.removeHandler(handler)
+    sink = ListHandler()
+    root.addHandler(sink)
+    root.setLevel(logging.DEBUG)
+    buffer = StartupLogBuffer.install()
+    try:
+        yield buffer, sink
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved_handlers:
+            root.addHandler(handler)
+        root.setLevel(saved_level)
+
+
+def test_startup_warning_shown_at_once(
+    startup_buffer: tuple[StartupLogBuffer, ListHandler],
+) -> None:
+    _, sink = startup_buffer
+    logging.getLogger("kmsproxy.test").warning("touch the key")
+    assert sink.messages == ["touch the key"]
+
+
+def test_startup_info_held_until_listening(
+    startup_buffer: tuple[StartupLogBuffer, ListHandler],
+) -> None:
+    buffer, sink = startup_buffer
+    logging.getLogger("kmsproxy.test").info("opened key")
+    assert sink.messages == []
+    buffer.emit_held()
+    assert sink.messages == ["opened key"]
+
+
+def test_startup_held_records_capped(
+    startup_buffer: tuple[StartupLogBuffer, ListHandler],
+) -> None:
+    buffer, sink = startup_buffer
+    for number in range(MAX_HELD_RECORDS + 5):
+        logging.getLogger("kmsproxy.test").info("line %d", number)
+    buffer.emit_held()
+    assert len(sink.messages) == MAX_HELD_RECORDS
+    assert sink.messages[-1] == f"line {MAX_HELD_RECORDS + 4}"

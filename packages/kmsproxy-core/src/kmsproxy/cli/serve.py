@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import stat
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,11 @@ from kmsproxy.proxy import Proxy, ProxyAddresses
 from kmsproxy.uri import KeyURI, URIError, looks_like_uri
 
 logger = logging.getLogger(__name__)
+
+# INFO and DEBUG records held during startup, newest kept. Startup logs a
+# few dozen lines even with --verbose; the cap only bounds a backend that
+# logs in a loop while it waits for a device.
+MAX_HELD_RECORDS = 1000
 
 CA_KEY_NAME = "ca.key"
 
@@ -308,12 +314,18 @@ def _run(args: argparse.Namespace, buffer: StartupLogBuffer) -> None:
 
 
 class StartupLogBuffer(logging.Handler):
-    """Hold the root logger's records until startup succeeds or fails."""
+    """Hold the root logger's INFO and DEBUG records until startup ends.
+
+    WARNING and above pass through at once: a backend may log "touch the
+    key" while it opens a key, and the user must see that while it waits.
+    The lower records are held so that a startup error prints as the one
+    line after `kmsproxy: error:`; at most `MAX_HELD_RECORDS` are kept.
+    """
 
     def __init__(self, handlers: Sequence[logging.Handler]) -> None:
         super().__init__(logging.NOTSET)
         self.handlers = list(handlers)
-        self.records: list[logging.LogRecord] | None = []
+        self.records: deque[logging.LogRecord] | None = deque(maxlen=MAX_HELD_RECORDS)
 
     @classmethod
     def install(cls) -> StartupLogBuffer:
@@ -326,7 +338,7 @@ class StartupLogBuffer(logging.Handler):
         return buffer
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.records is None:
+        if self.records is None or record.levelno >= logging.WARNING:
             self._forward(record)
         else:
             self.records.append(record)
@@ -415,8 +427,7 @@ def warn_about_setup(args: argparse.Namespace, form: PositionalForm) -> None:
         if mode & stat.S_IROTH:
             logger.warning(
                 "Key file is readable by every user on this machine; restrict "
-                "it with `chmod 600 %s` role=%s path=%s",
-                path,
+                "it with chmod 600 role=%s path=%s",
                 role,
                 path,
             )

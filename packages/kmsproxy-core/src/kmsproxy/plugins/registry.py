@@ -33,20 +33,29 @@ KNOWN_DISTRIBUTIONS = {
 }
 
 # Distributions above that are planned but not on any package index yet.
-# Printing only `pip install NAME` for them would invite users to install
-# whatever someone else uploads under that name.
+# For them no `pip install NAME` is printed: it would install whatever
+# someone else uploads under that name.
 UNRELEASED_DISTRIBUTIONS = frozenset(KNOWN_DISTRIBUTIONS.values())
+
+# Where the status of each planned backend is documented.
+BACKENDS_DOCUMENT = "docs/backends/README.md"
 
 
 def install_hint(scheme: str) -> str | None:
-    """Return how to install the backend for `scheme`, or None if unknown."""
+    """Return how to get the backend for `scheme`, or None if unknown.
+
+    For a released distribution this is the `pip install` command; for an
+    unreleased one it names the distribution and says it is not released.
+    """
     distribution = KNOWN_DISTRIBUTIONS.get(scheme)
     if distribution is None:
         return None
-    hint = f"pip install {distribution}"
     if distribution in UNRELEASED_DISTRIBUTIONS:
-        hint += " (not yet released; see docs/backends)"
-    return hint
+        return (
+            f"{distribution} will provide it, but is not released yet "
+            f"(see {BACKENDS_DOCUMENT})"
+        )
+    return f"install it with: pip install {distribution}"
 
 
 @dataclass(frozen=True)
@@ -114,7 +123,7 @@ class Registry:
         )
         hint = install_hint(uri.scheme)
         if hint is not None:
-            message += f"; install it with: {hint}"
+            message += f"; {hint}"
         raise UserError(message)
 
     def open_signer(self, argument: str) -> Signer:
