@@ -11,7 +11,7 @@ import pytest
 from pki import issue, make_ca
 
 from kmsproxy.errors import UserError
-from kmsproxy.identity import IdentityStore, pair_identities
+from kmsproxy.identity import Identity, IdentityStore, pair_identities
 from kmsproxy.plugins.file import load_private_key
 from kmsproxy.plugins.hookspecs import hookimpl
 from kmsproxy.plugins.registry import Registry
@@ -187,3 +187,14 @@ async def test_failed_open_leaves_given_signer(tmp_path: Path) -> None:
         )
     # A ready-made Signer belongs to the embedding program, so it stays open.
     assert given.closed is False
+
+
+def test_valid_through_not_after() -> None:
+    # RFC 5280: the validity period includes notAfter itself.
+    not_after = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
+    issued = issue(make_ca(), "client", client=True, not_after=not_after)
+    identity = Identity(
+        tuple(issued.chain), SoftwareSigner(issued.key, "file:test"), "client.crt"
+    )
+    assert identity.is_valid_at(not_after)
+    assert not identity.is_valid_at(not_after + datetime.timedelta(seconds=1))

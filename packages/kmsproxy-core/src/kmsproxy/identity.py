@@ -87,8 +87,12 @@ class Identity:
         return self.leaf.not_valid_after_utc
 
     def is_valid_at(self, when: datetime.datetime) -> bool:
-        """Tell whether the leaf's validity period contains `when`."""
-        return self.leaf.not_valid_before_utc <= when < self.not_after
+        """Tell whether the leaf's validity period contains `when`.
+
+        RFC 5280 section 4.1.2.5: the period runs from notBefore through
+        notAfter, both inclusive, as in the TLS client's own check.
+        """
+        return self.leaf.not_valid_before_utc <= when <= self.not_after
 
 
 @dataclass
@@ -222,7 +226,7 @@ class IdentityStore:
             sources = [open_certificate_source(registry, c) for c in certificates]
             return cls(slots, sources)
         except BaseException:
-            await _close_signers([slot.signer for slot in slots if slot.owned])
+            await close_signers([slot.signer for slot in slots if slot.owned])
             raise
 
     @property
@@ -284,7 +288,7 @@ class IdentityStore:
     async def aclose(self) -> None:
         """Close the signers that this store opened, for shutdown."""
         async with self._reload_lock:
-            await _close_signers([slot.signer for slot in self.keys if slot.owned])
+            await close_signers([slot.signer for slot in self.keys if slot.owned])
 
     async def _reload_locked(self, reason: str) -> bool:
         try:
@@ -339,7 +343,7 @@ class IdentityStore:
                 )
         except BaseException:
             current = {id(slot.signer) for slot in self.keys}
-            await _close_signers([s for s in signers if id(s) not in current])
+            await close_signers([s for s in signers if id(s) not in current])
             raise
         return pairing, signers
 
@@ -359,7 +363,7 @@ class IdentityStore:
         # NOTE: a tunnel that took its snapshot before this reload may still
         # sign with a replaced signer. Only file keys are replaced, and the
         # file backend's aclose does nothing, so that is safe today.
-        await _close_signers(replaced)
+        await close_signers(replaced)
 
     def _log_pairing(self, pairing: Pairing) -> None:
         for signer in pairing.unmatched_keys:
@@ -368,7 +372,7 @@ class IdentityStore:
             logger.warning("No client key matches certificate certificate=%s", uri)
         now = datetime.datetime.now(datetime.UTC)
         for identity in pairing.identities:
-            level = logging.WARNING if identity.not_after <= now else logging.INFO
+            level = logging.WARNING if identity.not_after < now else logging.INFO
             logger.log(
                 level,
                 "Client identity subject=%s not_after=%s key=%s certificate=%s%s",
@@ -376,7 +380,7 @@ class IdentityStore:
                 identity.not_after.isoformat(),
                 identity.signer.uri,
                 identity.certificate_uri,
-                " expired=yes" if identity.not_after <= now else "",
+                " expired=yes" if identity.not_after < now else "",
             )
 
     async def watch(
@@ -446,7 +450,13 @@ class IdentityStore:
                     continue
                 with notify:
                     logger.debug("Watching directories paths=%s", ",".join(paths))
-                    if not started:
+                    if started:
+                        # A watched directory was replaced or a symlink now
+                        # points elsewhere. The new watches exist now, so a
+                        # change made from here on raises an event, and this
+                        # check catches any change made before.
+                        await self.reload_if_changed("watched directories changed")
+                    else:
                         task_status.started()
                         started = True
                     while directories == _directory_identities(
@@ -463,12 +473,13 @@ class IdentityStore:
                             group.cancel_scope.cancel()
                             return
                         if changes == "timeout":
+                            # An event can be lost (a watch added just after
+                            # a write, an overflowed queue), so compare the
+                            # files' fingerprints on every timeout as well.
+                            await self.reload_if_changed("periodic check")
                             continue
                         names = ",".join(sorted({path for _, path in changes}))
                         await self.reload_if_changed(f"file changed ({names})")
-                # A watched directory was replaced or a symlink now points
-                # elsewhere: check the files now, then watch the new set.
-                await self.reload_if_changed("watched directories changed")
 
     async def _watch_sighup(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -509,7 +520,7 @@ class IdentityStore:
             reloaded = await self.reload("certificate expired")
             still_expired = reloaded and min(
                 i.not_after for i in self._identities
-            ) <= datetime.datetime.now(datetime.UTC)
+            ) < datetime.datetime.now(datetime.UTC)
             if not reloaded or still_expired:
                 logger.warning(
                     "Client certificate expired, retrying reload not_after=%s "
@@ -543,7 +554,7 @@ def _fingerprint_files(paths: Sequence[Path]) -> tuple[FileFingerprint, ...]:
     return tuple(fingerprints)
 
 
-async def _close_signers(signers: Sequence[Signer]) -> None:
+async def close_signers(signers: Sequence[Signer]) -> None:
     """Close each signer, logging a failure instead of raising it."""
     for signer in signers:
         with anyio.move_on_after(SIGNER_CLOSE_TIMEOUT_SECONDS, shield=True) as scope:

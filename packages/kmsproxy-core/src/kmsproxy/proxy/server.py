@@ -26,8 +26,7 @@ from kmsproxy.ca import LeafMinter, LocalCA
 from kmsproxy.certificates import CertificateSource
 from kmsproxy.config import ProxyConfig
 from kmsproxy.errors import UserError
-from kmsproxy.identity import IdentityStore
-from kmsproxy.identity import _close_signers as close_signers
+from kmsproxy.identity import IdentityStore, close_signers
 from kmsproxy.metrics import metrics
 from kmsproxy.plugins.registry import Registry
 from kmsproxy.proxy.accept import connection_limit, serve_listener
