@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from pki import PrivateKey
 from test_proxy import Site, exchange, make_site, status_of
 
 from kmsproxy import Proxy, ProxyAddresses
@@ -16,6 +21,12 @@ from kmsproxy.proxy.server import warn_if_exposed
 
 # A head timeout short enough for a test, far above a loopback round trip.
 SHORT_HEAD_TIMEOUT_SECONDS = 0.5
+
+# TLS connections tried against a listener whose certificate cannot be minted.
+TLS_ATTEMPTS = 3
+
+# Upper bound for one connection attempt in a test.
+STEP_TIMEOUT_SECONDS = 10.0
 
 
 @pytest.fixture
@@ -130,3 +141,61 @@ async def test_pac_file_and_requests_logged(
     assert status_of(response) == 200
     assert f"file={pac}" in caplog.text
     assert "PAC request method=GET target='/proxy.pac' status=200" in caplog.text
+
+
+def expired_copy(certificate: x509.Certificate, key: PrivateKey) -> x509.Certificate:
+    """Re-sign `certificate` with the same names and key, expired an hour ago."""
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(certificate.subject)
+        .issuer_name(certificate.issuer)
+        .public_key(certificate.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=2))
+        .not_valid_after(now - datetime.timedelta(hours=1))
+    )
+    for extension in certificate.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    return builder.sign(key, hashes.SHA256())
+
+
+@pytest.mark.anyio
+async def test_ca_expired_at_runtime_warns_once(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = Proxy(site.config())
+    async with anyio.create_task_group() as group:
+        running = await group.start(proxy.serve)
+        assert proxy.minter is not None
+        # As if the CA certificate had expired while the proxy runs.
+        proxy.minter.ca.certificate = expired_copy(
+            site.local_ca.cert, site.local_ca.key
+        )
+        client_context = ssl.create_default_context(cafile=site.path("ca.crt"))
+        for _ in range(TLS_ATTEMPTS):
+            with (
+                anyio.fail_after(STEP_TIMEOUT_SECONDS),
+                pytest.raises(
+                    (
+                        ssl.SSLError,
+                        anyio.EndOfStream,
+                        anyio.BrokenResourceError,
+                        OSError,
+                    )
+                ),
+            ):
+                await anyio.connect_tcp(
+                    *address_of(running),
+                    ssl_context=client_context,
+                    tls_standard_compatible=False,
+                )
+        group.cancel_scope.cancel()
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith("Listener certificate not minted")
+    ]
+    assert len(warnings) == 1
+    assert "expired" in warnings[0]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import anyio
 import pytest
 
 from kmsproxy.errors import UserError
+from kmsproxy.proxy import pac as pac_module
 from kmsproxy.proxy.connect import RequestHead
 from kmsproxy.proxy.pac import (
     MAX_PAC_BYTES,
@@ -21,6 +23,9 @@ pytestmark = pytest.mark.anyio
 
 # Upper bound for one response; a FIFO that blocked would exceed it.
 STEP_TIMEOUT_SECONDS = 10.0
+
+# Read timeout in the hung-read test, and its polling step.
+SHORT_READ_SECONDS = 0.05
 
 
 @pytest.fixture
@@ -121,3 +126,33 @@ async def test_post_is_405() -> None:
     response = await pac_response(head("POST"), None)
     assert response.startswith(b"HTTP/1.1 405 ")
     assert b"Allow: GET, HEAD\r\n" in response
+
+
+async def test_hung_reads_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A read blocked like one on a hung network file system.
+    pac = tmp_path / "proxy.pac"
+    pac.write_text("function FindProxyForURL(url, host) { return 'DIRECT'; }")
+    release = threading.Event()
+    real_read = pac_module.read_pac_file
+
+    def hung_read(path: Path) -> bytes:
+        release.wait(STEP_TIMEOUT_SECONDS)
+        return real_read(path)
+
+    monkeypatch.setattr(pac_module, "read_pac_file", hung_read)
+    monkeypatch.setattr(pac_module, "PAC_READ_TIMEOUT_SECONDS", SHORT_READ_SECONDS)
+    readers = anyio.CapacityLimiter(1)
+    with anyio.fail_after(STEP_TIMEOUT_SECONDS):
+        timed_out = await pac_response(head("GET"), pac, readers)
+        busy = await pac_response(head("GET"), pac, readers)
+        release.set()
+        while readers.borrowed_tokens:
+            await anyio.sleep(SHORT_READ_SECONDS)
+        served = await pac_response(head("GET"), pac, readers)
+    assert timed_out.startswith(b"HTTP/1.1 500 ")
+    assert b"timed out" in timed_out
+    assert busy.startswith(b"HTTP/1.1 500 ")
+    assert b"have not returned yet" in busy
+    assert served.startswith(b"HTTP/1.1 200 ")

@@ -10,12 +10,14 @@ so a FIFO, a device or a huge file cannot stall or bloat the proxy.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
 from pathlib import Path
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 
 from kmsproxy.errors import UserError
@@ -34,6 +36,13 @@ MAX_PAC_BYTES = 1024 * 1024
 # Seconds allowed for reading the PAC file: a local file takes
 # milliseconds, and a hung network file system must not hold requests.
 PAC_READ_TIMEOUT_SECONDS = 5.0
+
+# PAC file reads that may run at once. A read that times out leaves its
+# worker thread blocked (a thread cannot be cancelled), and it keeps its
+# token until it returns, so a hung file system costs at most this many
+# threads. Browsers fetch the file once per network change, so 4 leaves
+# room for a few clients at the same moment.
+MAX_CONCURRENT_PAC_READS = 4
 
 # Seconds allowed for sending one PAC response, so a client that never
 # reads cannot hold the connection and the file's bytes.
@@ -91,8 +100,44 @@ def read_pac_file(path: Path) -> bytes:
     return body
 
 
-async def pac_response(head: RequestHead, pac_file: Path | None) -> bytes:
-    """Build the response to one request on the PAC listener."""
+class PacReadersBusy(Exception):
+    """Every PAC read token is held by a read that has not returned."""
+
+
+async def _read_in_thread(path: Path, readers: anyio.CapacityLimiter) -> bytes:
+    """Run `read_pac_file` in a worker thread that holds a token of `readers`.
+
+    The thread itself returns the token when the read ends, even after this
+    coroutine was cancelled, so a hung read keeps its token. Raise
+    `PacReadersBusy` at once when no token is free.
+    """
+    borrower = object()
+    try:
+        readers.acquire_on_behalf_of_nowait(borrower)
+    except anyio.WouldBlock:
+        raise PacReadersBusy from None
+
+    def read_then_release() -> bytes:
+        try:
+            return read_pac_file(path)
+        finally:
+            # RuntimeError: the event loop has already stopped.
+            with contextlib.suppress(RuntimeError):
+                anyio.from_thread.run_sync(readers.release_on_behalf_of, borrower)
+
+    return await anyio.to_thread.run_sync(read_then_release, abandon_on_cancel=True)
+
+
+async def pac_response(
+    head: RequestHead,
+    pac_file: Path | None,
+    readers: anyio.CapacityLimiter | None = None,
+) -> bytes:
+    """Build the response to one request on the PAC listener.
+
+    `readers` bounds the reads running at once; the PAC listener shares one
+    among its requests. Without it, the read gets a limiter of its own.
+    """
     if head.method not in ("GET", "HEAD"):
         return text_response(
             405,
@@ -102,11 +147,18 @@ async def pac_response(head: RequestHead, pac_file: Path | None) -> bytes:
         )
     if pac_file is None:
         return text_response(404, "no PAC file configured (start with --pac FILE)")
+    if readers is None:
+        readers = anyio.CapacityLimiter(MAX_CONCURRENT_PAC_READS)
     try:
         with anyio.fail_after(PAC_READ_TIMEOUT_SECONDS):
-            body = await anyio.to_thread.run_sync(
-                read_pac_file, pac_file, abandon_on_cancel=True
-            )
+            body = await _read_in_thread(pac_file, readers)
+    except PacReadersBusy:
+        reason = (
+            f"{MAX_CONCURRENT_PAC_READS} earlier reads of the PAC file have not "
+            "returned yet"
+        )
+        logger.warning("PAC file not served path=%s reason=%s", pac_file, reason)
+        return text_response(500, reason)
     except TimeoutError:
         reason = f"reading the PAC file timed out after {PAC_READ_TIMEOUT_SECONDS:g} s"
         logger.warning("PAC file not served path=%s reason=%s", pac_file, reason)

@@ -22,7 +22,7 @@ import anyio.abc
 from anyio.abc import SocketAttribute
 
 from kmsproxy import tls
-from kmsproxy.ca import LeafMinter, LocalCA
+from kmsproxy.ca import LeafMinter, LocalCA, MintError
 from kmsproxy.certificates import CertificateSource
 from kmsproxy.config import ProxyConfig
 from kmsproxy.errors import UserError
@@ -49,13 +49,28 @@ from kmsproxy.proxy.listener import (
     sniff,
     starts_tls_handshake,
 )
-from kmsproxy.proxy.pac import PAC_SEND_TIMEOUT_SECONDS, check_pac_file, pac_response
+from kmsproxy.proxy.pac import (
+    MAX_CONCURRENT_PAC_READS,
+    PAC_SEND_TIMEOUT_SECONDS,
+    check_pac_file,
+    pac_response,
+)
 from kmsproxy.proxy.prometheus import ProxyCounts, is_metrics_request, metrics_response
 from kmsproxy.proxy.tls_stream import ServerTLSStream
 from kmsproxy.proxy.tunnel import TunnelSettings, run_tunnel, send_final_and_linger
 from kmsproxy.signer import Signer
 
 logger = logging.getLogger(__name__)
+
+# Minimum seconds between two WARNING lines about the listener's own
+# certificate failing to mint (the CA expired while the proxy runs). A
+# client that retries would otherwise log one line per connection.
+LISTENER_WARNING_INTERVAL_SECONDS = 60.0
+
+
+class ListenerCertificateError(Exception):
+    """The certificate for the proxy's own TLS port could not be minted."""
+
 
 _CONNECTION_ERRORS = (
     ssl.SSLError,
@@ -94,6 +109,8 @@ class Proxy:
         self.session_cache: tls.SessionCache | None = None
         self.addresses: ProxyAddresses | None = None
         self._settings: TunnelSettings | None = None
+        self._pac_readers: anyio.CapacityLimiter | None = None
+        self._listener_warned_at = -LISTENER_WARNING_INTERVAL_SECONDS
 
     async def serve(
         self,
@@ -170,6 +187,7 @@ class Proxy:
             # One limit for both listeners, because they share the process's
             # descriptors.
             limiter = anyio.CapacityLimiter(connection_limit(config.max_connections))
+            self._pac_readers = anyio.CapacityLimiter(MAX_CONCURRENT_PAC_READS)
             _log_start(ca, addresses, int(limiter.total_tokens), config.pac_file)
             self._settings.own_addresses = frozenset(
                 (a.host, a.port) for a in (*addresses.proxy, *addresses.pac)
@@ -230,12 +248,29 @@ class Proxy:
 
     async def _listener_context(self, host: str) -> ssl.SSLContext:
         assert self.minter is not None
-        return await self.minter.context_for_listener(host)
+        try:
+            return await self.minter.context_for_listener(host)
+        except MintError as error:
+            # The CA certificate expired while the proxy runs: every TLS
+            # connection to the listener fails the same way, so say it once
+            # per interval, without a traceback.
+            now = anyio.current_time()
+            if now - self._listener_warned_at >= LISTENER_WARNING_INTERVAL_SECONDS:
+                self._listener_warned_at = now
+                logger.warning(
+                    "Listener certificate not minted, closing TLS connections "
+                    "host=%s error=%s",
+                    host,
+                    error,
+                )
+            raise ListenerCertificateError(str(error)) from None
 
     async def _handle_proxy(self, client: anyio.abc.SocketStream, host: str) -> None:
         async with client:
             try:
                 await self._serve_proxy_connection(client, host)
+            except ListenerCertificateError:
+                pass  # Logged, rate-limited, by _listener_context.
             except Exception:
                 # A bug in one tunnel must not stop the server.
                 logger.exception("Connection failed unexpectedly")
@@ -320,6 +355,8 @@ class Proxy:
             except (TimeoutError, *_CONNECTION_ERRORS) as error:
                 logger.debug("PAC connection failed error=%r", error)
                 return
+            except ListenerCertificateError:
+                return  # Logged, rate-limited, by _listener_context.
             except Exception:
                 logger.exception("PAC connection failed unexpectedly")
                 return
@@ -330,7 +367,7 @@ class Proxy:
         self, client: anyio.abc.SocketStream, head: RequestHead
     ) -> bytes:
         if head.method not in ("GET", "HEAD") or not is_metrics_request(head):
-            return await pac_response(head, self.config.pac_file)
+            return await pac_response(head, self.config.pac_file, self._pac_readers)
         # The counts are for local monitoring, even if the PAC port is
         # reachable from other hosts.
         remote = client.extra(SocketAttribute.remote_address)  # noqa: S610
