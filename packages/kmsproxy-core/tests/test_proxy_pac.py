@@ -156,3 +156,14 @@ async def test_hung_reads_bounded(
     assert busy.startswith(b"HTTP/1.1 500 ")
     assert b"have not returned yet" in busy
     assert served.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_served_without_nonblock_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Windows has no os.O_NONBLOCK.
+    monkeypatch.delattr(os, "O_NONBLOCK")
+    pac = tmp_path / "proxy.pac"
+    pac.write_text("function FindProxyForURL(url, host) { return 'DIRECT'; }")
+    response = await pac_response(head("GET"), pac)
+    assert response.startswith(b"HTTP/1.1 200 ")
