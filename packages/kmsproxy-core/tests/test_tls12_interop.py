@@ -1,9 +1,10 @@
-"""The TLS 1.2 client against real servers: `openssl s_server -tls1_2` and
-nginx with `ssl_protocols TLSv1.2`.
+"""The TLS 1.2 client against real servers: `openssl s_server -tls1_2`,
+Apache httpd and nginx configured for TLS 1.2 only.
 
-A small test-only driver runs `ClientConnection12` inside the production
-`TLSClientStream`, so each test covers the stream's signing, reading and
-closing as well as the state machine.
+Most tests connect through `connect_tls`, whose ClientHello offers TLS 1.3
+and 1.2, so they cover the hand-over to the TLS 1.2 machine. A small
+test-only driver runs `ClientConnection12` from its own TLS 1.2 only
+ClientHello inside the production `TLSClientStream`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from kmsproxy.tls import (
     TLSClientConfig,
     TLSClientStream,
     TrustStore,
+    connect_tls,
 )
 from kmsproxy.tls.tls12.client12 import ClientConnection12
 
@@ -128,12 +130,15 @@ def files(tmp_path: Path) -> Files:
     return Files(tmp_path)
 
 
-async def open_tls12(port: int, config: TLSClientConfig) -> TLSClientStream:
-    """Connect and run a TLS 1.2 handshake through `TLSClientStream`."""
+async def open_tls12(
+    port: int, config: TLSClientConfig, *, tls12_only: bool = False
+) -> TLSClientStream:
+    """Connect with `connect_tls`, or with a TLS 1.2 only ClientHello."""
     transport = await anyio.connect_tcp(LOOPBACK, port)
-    connection = ClientConnection12(config)
-    stream = TLSClientStream(transport, connection)  # type: ignore[arg-type]
     try:
+        if not tls12_only:
+            return await connect_tls(transport, config)
+        stream = TLSClientStream(transport, ClientConnection12(config))
         with anyio.fail_after(config.handshake_timeout):
             await stream._run_handshake()
     except BaseException:
@@ -165,8 +170,10 @@ async def read_into(stream: TLSClientStream, lines: list[bytes]) -> None:
     lines.append(await read_line(stream))
 
 
-async def www_get(peer: Peer, config: TLSClientConfig) -> tuple[TLSClientStream, bytes]:
-    stream = await open_tls12(peer.port, config)
+async def www_get(
+    peer: Peer, config: TLSClientConfig, *, tls12_only: bool = False
+) -> tuple[TLSClientStream, bytes]:
+    stream = await open_tls12(peer.port, config, tls12_only=tls12_only)
     async with stream:
         await stream.send(b"GET / HTTP/1.0\r\n\r\n")
         return stream, await read_to_end(stream)
@@ -178,6 +185,7 @@ def start_s_server12(
     *options: str,
     verify: str = "-Verify",
     interactive: bool = False,
+    protocol: str = "-tls1_2",
 ) -> Peer:
     """Start `openssl s_server -tls1_2` on a free loopback port.
 
@@ -185,14 +193,16 @@ def start_s_server12(
     a later protocol flag override, so this builds its own command line.
     `verify` is "-Verify" (require a client certificate), "-verify"
     (request one) or "" (no CertificateRequest). Without `interactive`
-    the server runs with -www.
+    the server runs with -www. `protocol` "" lets it offer TLS 1.3 too.
     """
     cert, key = files.server(server_key)
     port = peers.free_port()
     directory = files.directory / f"s_server-{port}"
     directory.mkdir()
     log_path = directory / "output.log"
-    args = ["openssl", "s_server", "-tls1_2", "-accept", f"{LOOPBACK}:{port}"]
+    args = ["openssl", "s_server", "-accept", f"{LOOPBACK}:{port}"]
+    if protocol:
+        args.append(protocol)
     args += ["-cert", str(cert), "-key", str(key), "-CAfile", str(files.ca_path)]
     if verify:
         args += [verify, "1"]
@@ -215,12 +225,15 @@ def start_s_server12(
 # openssl s_server -tls1_2 -Verify 1
 
 
+@pytest.mark.parametrize("tls12_only", [False, True], ids=["hand_over", "tls12_only"])
 @pytest.mark.parametrize("suite", sorted(OPENSSL_SUITES))
-async def test_s_server_suite(files: Files, suite: str) -> None:
+async def test_s_server_suite(files: Files, suite: str, tls12_only: bool) -> None:
     server_key: KeyType = "rsa2048" if "_RSA_" in suite else "p256"
     identity, signer = files.client("p256")
     with start_s_server12(files, server_key, "-cipher", OPENSSL_SUITES[suite]) as peer:
-        stream, response = await www_get(peer, files.config([identity]))
+        stream, response = await www_get(
+            peer, files.config([identity]), tls12_only=tls12_only
+        )
     assert stream.version == "TLSv1.2"
     assert stream.cipher_suite == suite
     assert response.startswith(b"HTTP/1.0 200 ok")
@@ -303,7 +316,8 @@ async def test_s_server_renegotiation_certificate(files: Files) -> None:
     assert lines == [b"bye\n"]
     # s_server's verify callback prints each certificate it checked.
     assert "depth=0 CN = client rsa2048\n" in log
-    assert stream.connection.renegotiations == 1  # type: ignore[attr-defined]
+    assert isinstance(stream.connection, ClientConnection12)
+    assert stream.connection.renegotiations == 1
     assert stream.client_identity == identity
     assert signer.signed == [SignatureScheme.rsa_pkcs1_sha256]
 
@@ -329,9 +343,29 @@ async def test_s_server_renegotiation_plain(files: Files) -> None:
                     peer.write_stdin(b"bye\n")
     assert lines == [b"after\n", b"bye\n"]
     assert sent
-    assert stream.connection.renegotiations == 1  # type: ignore[attr-defined]
+    assert isinstance(stream.connection, ClientConnection12)
+    assert stream.connection.renegotiations == 1
     assert stream.client_identity == identity
     assert signer.signed == [SignatureScheme.ecdsa_secp384r1_sha384]
+
+
+async def test_pkcs1_key_offers_tls12_only(files: Files) -> None:
+    """A key without a TLS 1.3 scheme makes connect_tls offer TLS 1.2
+    alone, even to a server that speaks TLS 1.3."""
+    identity, signer = files.client("rsa2048", PKCS1_SCHEMES)
+    with start_s_server12(files, "p256", protocol="") as peer:
+        stream, response = await www_get(peer, files.config([identity]))
+    assert stream.version == "TLSv1.2"
+    assert signer.signed == [SignatureScheme.rsa_pkcs1_sha256]
+    assert b"Subject: CN=client rsa2048\n" in response
+
+
+async def test_tls13_server_keeps_tls13(files: Files) -> None:
+    identity, signer = files.client("p256")
+    with start_s_server12(files, "p256", protocol="") as peer:
+        stream, _ = await www_get(peer, files.config([identity]))
+    assert stream.version == "TLSv1.3"
+    assert signer.signed == [SignatureScheme.ecdsa_secp256r1_sha256]
 
 
 # Resumption with RFC 5077 tickets

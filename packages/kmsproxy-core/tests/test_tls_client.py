@@ -44,6 +44,9 @@ from kmsproxy.tls.limits import (
     MAX_KEY_UPDATES,
 )
 from kmsproxy.tls.records import ContentType, RecordCipher
+from kmsproxy.tls.tls12.client12 import State12
+from kmsproxy.tls.tls12.key_schedule12 import CIPHER_SUITES12, CipherSuite12
+from kmsproxy.tls.tls12.messages12 import ExtensionType12
 from kmsproxy.tls.verify import CLIENT_CONTEXT, TrustStore, signed_content
 
 CA = make_ca()
@@ -114,12 +117,14 @@ def test_client_hello_shape() -> None:
         server.client_extension(E.application_layer_protocol_negotiation) or b""
     )
     assert len(hello.legacy_session_id) == 32
-    assert hello.cipher_suites == [0x1301, 0x1302, 0x1303]
+    assert hello.cipher_suites == [0x1301, 0x1302, 0x1303, *CIPHER_SUITES12]
     assert [share.group for share in shares] == [
         m.NamedGroup.X25519MLKEM768,
         m.NamedGroup.x25519,
     ]
-    assert server.client_extension(E.supported_versions) == b"\x02\x03\x04"
+    assert server.client_extension(E.supported_versions) == b"\x04\x03\x04\x03\x03"
+    assert server.client_extension(ExtensionType12.extended_master_secret) == b""
+    assert server.client_extension(ExtensionType12.renegotiation_info) == b"\x00"
     assert server.client_extension(E.server_name) == m.push_server_name("server.test")
     assert alpn == [b"h2", b"http/1.1"]
     assert server.client_extension(E.post_handshake_auth) is None
@@ -355,11 +360,47 @@ def test_session_id_echo_mismatch() -> None:
     expect_alert(client, wire, alerts.IllegalParameter)
 
 
-def test_tls12_server_hello() -> None:
+def test_tls12_server_hello_hands_over() -> None:
     client, server = started()
-    wire = server_hello_with(server, extensions=None)
-    error = expect_alert(client, wire, alerts.ProtocolVersion)
-    assert "TLS 1.3 only" in str(error)
+    extensions = [
+        (ExtensionType12.renegotiation_info, b"\x00"),
+        (ExtensionType12.extended_master_secret, b""),
+    ]
+    wire = server_hello_with(
+        server,
+        extensions=extensions,
+        cipher_suite=CipherSuite12.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        legacy_session_id_echo=b"",
+    )
+    client.receive_data(wire)
+    assert client.state == State.HANDED_OVER
+    assert client.tls12 is not None
+    assert client.tls12.version == "TLSv1.2"
+    assert client.tls12.state == State12.WAIT_CERTIFICATE
+
+
+def test_tls12_server_hello_without_ems() -> None:
+    client, server = started()
+    wire = server_hello_with(
+        server,
+        extensions=None,
+        cipher_suite=CipherSuite12.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        legacy_session_id_echo=b"",
+    )
+    error = expect_alert(client, wire, alerts.HandshakeFailure)
+    assert "extended master secret" in str(error)
+
+
+def test_tls12_after_hello_retry_request() -> None:
+    client, server = started()
+    client.receive_data(server.hello_retry_request(m.NamedGroup.secp256r1))
+    server.read_second_client_hello(client.data_to_send())
+    wire = server_hello_with(
+        server,
+        extensions=None,
+        cipher_suite=CipherSuite12.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    )
+    expect_alert(client, wire, alerts.IllegalParameter)
 
 
 def test_tls12_downgrade_sentinel() -> None:

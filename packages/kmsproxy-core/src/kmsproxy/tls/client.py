@@ -92,6 +92,9 @@ from .resumption import (
     without_ticket,
 )
 from .session_cache import SessionTicket
+from .tls12.client12 import ClientConnection12
+from .tls12.offer import add_tls12_offer
+from .tls12.session12 import Session12
 from .verify import (
     leaf_public_key,
     parse_certificate_chain,
@@ -126,6 +129,8 @@ class State(enum.Enum):
     WAIT_SIGNATURE = enum.auto()
     CONNECTED = enum.auto()
     CLOSED = enum.auto()
+    # The server selected TLS 1.2 and `tls12` runs the connection from here.
+    HANDED_OVER = enum.auto()
 
 
 H = m.HandshakeType
@@ -177,6 +182,8 @@ class ClientConnection:
         self._random_bytes = random_bytes
         self._generate_key_share = generate_key_share
         self._records = RecordLayer()
+        self._tls12: ClientConnection12 | None = None
+        self._session12: Session12 | None = None
         self._handshake_buffer = bytearray()
         self._output = bytearray()
         self._events: deque[Event] = deque()
@@ -232,6 +239,12 @@ class ClientConnection:
     @property
     def handshake_complete(self) -> bool:
         return self.state == State.CONNECTED
+
+    @property
+    def tls12(self) -> ClientConnection12 | None:
+        """The TLS 1.2 machine that took over when the server selected TLS
+        1.2, else None. The caller continues with it."""
+        return self._tls12
 
     def start(self) -> None:
         """Queue the ClientHello."""
@@ -323,7 +336,11 @@ class ClientConnection:
     # Record processing
 
     def _process_records(self) -> None:
-        while self.state not in (State.WAIT_SIGNATURE, State.CLOSED):
+        while self.state not in (
+            State.WAIT_SIGNATURE,
+            State.CLOSED,
+            State.HANDED_OVER,
+        ):
             if self.receive_closed:
                 return
             if self._process_one_handshake_message():
@@ -450,6 +467,13 @@ class ClientConnection:
             self._key_shares[group] = self._generate_key_share(group)
         hello = build_client_hello(self.config, self._key_shares, self._random_bytes)
         cache, key = self.config.session_cache, self.config.session_key
+        if cache is not None and key is not None:
+            self._session12 = cache.take_tls12(key)
+        hello = add_tls12_offer(
+            hello,
+            self._session12,
+            request_ticket=cache is not None and key is not None,
+        )
         if cache is None or key is None:
             return hello
         self._ticket = cache.take(key)
@@ -463,6 +487,18 @@ class ClientConnection:
 
     def _receive_server_hello(self, hello: m.ServerHello, message: bytes) -> None:
         assert self._client_hello is not None
+        extensions = hello.extensions or []
+        selects_tls12 = (
+            m.find_extension(extensions, m.ExtensionType.supported_versions) is None
+            and not hello.is_hello_retry_request
+        )
+        if selects_tls12:
+            if self._hello_retry_request is not None:
+                raise IllegalParameter(
+                    "server selected TLS 1.2 after a TLS 1.3 HelloRetryRequest"
+                )
+            self._hand_over_to_tls12(message)
+            return
         check_hello(hello, self._client_hello)
         if hello.is_hello_retry_request:
             self._receive_hello_retry_request(hello, message)
@@ -523,6 +559,36 @@ class ClientConnection:
         self._records.read_cipher = RecordCipher(suite, server_secret)
         self._records.write_cipher = RecordCipher(suite, client_secret)
         self.state = State.WAIT_ENCRYPTED_EXTENSIONS
+
+    def _hand_over_to_tls12(self, message: bytes) -> None:
+        """Give the connection to the TLS 1.2 machine: the ClientHello, this
+        ServerHello and every byte received after it."""
+        assert self._client_hello is not None
+        tls12 = ClientConnection12(
+            self.config,
+            random_bytes=self._random_bytes,
+            generate_key_share=self._generate_key_share,
+        )
+        self._tls12 = tls12
+        self.state = State.HANDED_OVER
+        handshake_data = bytes(self._handshake_buffer)
+        self._handshake_buffer.clear()
+        pending_output = self.data_to_send()
+        try:
+            tls12.hand_over(
+                self._client_hello,
+                m.push_client_hello(self._client_hello),
+                message,
+                handshake_data,
+                self._records.take_buffered(),
+                session=self._session12,
+                pending_output=pending_output,
+            )
+        except Alert:
+            # The TLS 1.2 machine queued its alert; send that one alone.
+            self._output += tls12.data_to_send()
+            self.send_closed = True
+            raise
 
     def _receive_hello_retry_request(
         self, hello: m.ServerHello, message: bytes

@@ -136,6 +136,10 @@ def check_hello(hello: m.ServerHello, client_hello: m.ClientHello) -> int:
             "this client supports TLS 1.3 only"
         )
     version = m.pull_uint16_extension(version_data, "supported_versions")
+    if version == m.TLS_1_2:
+        # RFC 8446 section 4.2.1: a server selecting TLS 1.2 does not send
+        # supported_versions, so this ServerHello is malformed.
+        raise IllegalParameter("TLS 1.2 ServerHello contains supported_versions")
     if version != m.TLS_1_3:
         raise IllegalParameter(f"server selected version 0x{version:04x}, not offered")
     if hello.legacy_version != m.TLS_1_2:

@@ -115,6 +115,13 @@ class RecordLayer:
     def feed(self, data: bytes) -> None:
         self._buffer += data
 
+    def take_buffered(self) -> bytes:
+        """Remove and return the bytes not yet framed as records, for the
+        TLS 1.2 machine that takes over the connection."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
     @property
     def buffered(self) -> int:
         return len(self._buffer)

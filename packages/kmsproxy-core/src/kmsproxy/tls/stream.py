@@ -32,8 +32,14 @@ from .events import (
     SignatureRequested,
 )
 from .records import MAX_PLAINTEXT_LENGTH
+from .tls12.client12 import ClientConnection12
+from .tls12.offer import offers_tls12_only
 
 logger = logging.getLogger(__name__)
+
+# The sans-IO machine under a stream: TLS 1.3, which hands over to TLS 1.2
+# when the server selects it, or TLS 1.2 alone for keys TLS 1.3 cannot use.
+Connection = ClientConnection | ClientConnection12
 
 # Time aclose() waits to send close_notify before closing the transport
 # anyway, so a peer that stopped reading cannot hold the close for long.
@@ -59,7 +65,12 @@ async def connect_tls(
     handshake that outlasts `config.handshake_timeout` raises
     `HandshakeTimeout`.
     """
-    stream = TLSClientStream(transport, ClientConnection(config))
+    connection: Connection
+    if offers_tls12_only(config):
+        connection = ClientConnection12(config)
+    else:
+        connection = ClientConnection(config)
+    stream = TLSClientStream(transport, connection)
     try:
         with anyio.fail_after(config.handshake_timeout):
             await stream._run_handshake()
@@ -77,11 +88,9 @@ async def connect_tls(
 
 
 class TLSClientStream(anyio.abc.ByteStream):
-    """Application data over TLS 1.3 on top of `transport`."""
+    """Application data over TLS 1.3 or TLS 1.2 on top of `transport`."""
 
-    def __init__(
-        self, transport: anyio.abc.ByteStream, connection: ClientConnection
-    ) -> None:
+    def __init__(self, transport: anyio.abc.ByteStream, connection: Connection) -> None:
         self.transport = transport
         self._connection = connection
         self._send_lock = anyio.Lock()
@@ -97,7 +106,7 @@ class TLSClientStream(anyio.abc.ByteStream):
         return self.transport.extra_attributes
 
     @property
-    def connection(self) -> ClientConnection:
+    def connection(self) -> Connection:
         """The sans-IO state machine, for diagnostics; do not feed it."""
         return self._connection
 
@@ -193,7 +202,14 @@ class TLSClientStream(anyio.abc.ByteStream):
         except Alert:
             await self._flush_alert()
             raise
+        self._follow_hand_over()
         await self._flush()
+
+    def _follow_hand_over(self) -> None:
+        """Continue with the TLS 1.2 machine once the server selected 1.2."""
+        connection = self._connection
+        if isinstance(connection, ClientConnection) and connection.tls12 is not None:
+            self._connection = connection.tls12
 
     async def _read_transport(self, during: str) -> bytes:
         try:
@@ -206,10 +222,10 @@ class TLSClientStream(anyio.abc.ByteStream):
             raise ConnectionLost(f"connection failed {during}: {error}") from error
 
     async def _run_handshake(self) -> None:
-        connection = self._connection
-        connection.start()
+        self._connection.start()
         await self._flush()
         while True:
+            connection = self._connection
             event = connection.next_event()
             if event is None:
                 await self._feed(await self._read_transport("during the handshake"))
