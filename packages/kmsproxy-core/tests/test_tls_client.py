@@ -391,6 +391,12 @@ def test_tls12_server_hello_without_ems() -> None:
     assert "extended master secret" in str(error)
 
 
+def test_hello_retry_request_without_supported_versions() -> None:
+    client, server = started()
+    wire = server_hello_with(server, extensions=[], random=m.HELLO_RETRY_REQUEST_RANDOM)
+    expect_alert(client, wire, alerts.MissingExtension)
+
+
 def test_tls12_after_hello_retry_request() -> None:
     client, server = started()
     client.receive_data(server.hello_retry_request(m.NamedGroup.secp256r1))

@@ -113,7 +113,7 @@ async def test_full_duplex_32_mib(tmp_path: Path) -> None:
 
 
 async def test_protocol_version_alert_hint(tmp_path: Path) -> None:
-    # A TLS 1.2-only server replies to a TLS 1.3-only ClientHello with a fatal
+    # A server without TLS 1.3 and 1.2 replies to our ClientHello with a fatal
     # protocol_version alert (RFC 5246 section 7.2.2), as these bytes do.
     alert_record = bytes([21, 3, 3, 0, 2, 2, 70])
 
@@ -137,8 +137,9 @@ async def test_protocol_version_alert_hint(tmp_path: Path) -> None:
         tasks.cancel_scope.cancel()
     assert caught.value.description == AlertDescription.protocol_version
     assert str(caught.value) == (
-        "server sent alert protocol_version (70); the server may not support "
-        "TLS 1.3, the version this client offered"
+        "server sent alert protocol_version (70); the server supports none of "
+        "the TLS versions this client offered (1.3 and 1.2, or 1.2 alone for a "
+        "key without a TLS 1.3 scheme)"
     )
 
 

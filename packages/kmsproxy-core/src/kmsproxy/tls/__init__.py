@@ -1,4 +1,5 @@
-"""A TLS 1.3 client whose private key is used only through a `Signer`.
+"""A TLS 1.3 and TLS 1.2 client whose private key is used only through a
+`Signer`.
 
 `connect_tls` runs the handshake over an anyio byte stream and returns a
 `TLSClientStream`. The protocol itself lives in the sans-IO `client` module;

@@ -155,7 +155,9 @@ class AlertReceived(TLSError):
         message = f"server sent alert {describe_alert(description)}"
         if description == AlertDescription.protocol_version:
             message += (
-                "; the server may not support TLS 1.3, the version this client offered"
+                "; the server supports none of the TLS versions this client "
+                "offered (1.3 and 1.2, or 1.2 alone for a key without a TLS 1.3 "
+                "scheme)"
             )
         super().__init__(message)
         self.description = description

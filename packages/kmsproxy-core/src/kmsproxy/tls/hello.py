@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 
 from ..signer import SignatureScheme
 from . import messages as m
-from .alerts import IllegalParameter, ProtocolVersion
+from .alerts import IllegalParameter, MissingExtension
 from .config import TLSClientConfig, is_ip_literal
 from .key_exchange import KeySharePrivateKey, public_key_bytes
 from .key_schedule import SUITES, CipherSuite
@@ -127,14 +127,10 @@ def check_hello(hello: m.ServerHello, client_hello: m.ClientHello) -> int:
     extensions = hello.extensions or []
     version_data = m.find_extension(extensions, m.ExtensionType.supported_versions)
     if version_data is None:
-        # A TLS 1.2 (or older) ServerHello. A TLS 1.3 server that
-        # negotiates lower marks its random; that means a downgrade attack.
-        if hello.random[-8:] in m.DOWNGRADE_SENTINELS:
-            raise IllegalParameter("ServerHello.random carries a downgrade sentinel")
-        raise ProtocolVersion(
-            f"server selected version 0x{hello.legacy_version:04x}; "
-            "this client supports TLS 1.3 only"
-        )
+        # The client hands a ServerHello without supported_versions to the
+        # TLS 1.2 machine before this check, so only a HelloRetryRequest,
+        # which must select TLS 1.3 (RFC 8446 section 4.1.4), gets here.
+        raise MissingExtension("HelloRetryRequest has no supported_versions")
     version = m.pull_uint16_extension(version_data, "supported_versions")
     if version == m.TLS_1_2:
         # RFC 8446 section 4.2.1: a server selecting TLS 1.2 does not send
