@@ -12,12 +12,12 @@ import anyio
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from pki import PrivateKey
 from test_proxy import Site, exchange, make_site, status_of
 
 from kmsproxy import Proxy, ProxyAddresses
 from kmsproxy.proxy.listener import ListenAddress
 from kmsproxy.proxy.server import warn_if_exposed
+from kmsproxy.signer import PrivateKey
 
 # A head timeout short enough for a test, far above a loopback round trip.
 SHORT_HEAD_TIMEOUT_SECONDS = 0.5
