@@ -549,13 +549,15 @@ def start_go_server(
     client_ca: Path,
     *,
     tickets: bool = True,
+    max_version: str = "1.3",
     name: str = "go",
 ) -> Peer:
     """Start the Go `crypto/tls` peer (built by `build_go_server`).
 
     It requires a client certificate (`RequireAndVerifyClientCert`), writes
     one line `subject=... group=... resumed=... version=... suite=...` after
-    each handshake, then echoes until close_notify.
+    each handshake, then echoes until close_notify. It accepts TLS 1.3 only,
+    or TLS 1.2 only with `max_version="1.2"`.
     """
     port = free_port()
     directory = tmp_path / f"{name}-{port}"
@@ -570,6 +572,7 @@ def start_go_server(
     ]
     if not tickets:
         args.append("-no-tickets")
+    args.append(f"-max-version={max_version}")
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             args,
@@ -599,13 +602,20 @@ def node_executable() -> Path:
 
 
 def start_node_server(
-    tmp_path: Path, cert: Path, key: Path, client_ca: Path, *, name: str = "node"
+    tmp_path: Path,
+    cert: Path,
+    key: Path,
+    client_ca: Path,
+    *,
+    version: str = "TLSv1.3",
+    name: str = "node",
 ) -> Peer:
     """Start the Node.js `tls` peer (`interop/node/server.js`).
 
     It requires a client certificate (requestCert, rejectUnauthorized),
     writes one line `subject=... group=... version=... suite=...` after each
-    handshake, then echoes until close_notify.
+    handshake, then echoes until close_notify. `version` (`TLSv1.3` or
+    `TLSv1.2`) is the only protocol version it accepts.
     """
     node = node_executable()
     port = free_port()
@@ -615,7 +625,15 @@ def start_node_server(
     script = INTEROP_DIRECTORY / "node" / "server.js"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [str(node), str(script), str(port), str(cert), str(key), str(client_ca)],
+            [
+                str(node),
+                str(script),
+                str(port),
+                str(cert),
+                str(key),
+                str(client_ca),
+                version,
+            ],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,

@@ -1,6 +1,7 @@
 // Command tlspeer is a TLS 1.3 server on Go's crypto/tls for the kmsproxy
-// interop tests. It requires and verifies a client certificate, issues
-// session tickets unless -no-tickets is given, and for each connection:
+// interop tests, or a TLS 1.2 only server with -max-version=1.2. It requires
+// and verifies a client certificate, issues session tickets unless
+// -no-tickets is given, and for each connection:
 //
 //  1. completes the handshake;
 //  2. writes one line describing it:
@@ -33,11 +34,20 @@ func main() {
 	keyFile := flag.String("key", "", "PEM server private key")
 	caFile := flag.String("client-ca", "", "PEM CA bundle that client certificates must chain to")
 	noTickets := flag.Bool("no-tickets", false, "send no NewSessionTicket")
+	maxVersion := flag.String("max-version", "1.3", "highest TLS version to accept: 1.3 (TLS 1.3 only) or 1.2 (TLS 1.2 only)")
 	flag.Parse()
 
 	config, err := serverConfig(*certFile, *keyFile, *caFile, *noTickets)
 	if err != nil {
 		log.Fatal(err)
+	}
+	switch *maxVersion {
+	case "1.3":
+	case "1.2":
+		config.MinVersion = tls.VersionTLS12
+		config.MaxVersion = tls.VersionTLS12
+	default:
+		log.Fatalf("invalid -max-version %q: use 1.3 or 1.2", *maxVersion)
 	}
 	listener, err := tls.Listen("tcp", *addr, config)
 	if err != nil {

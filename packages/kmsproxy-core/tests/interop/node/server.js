@@ -1,7 +1,9 @@
-// A TLS 1.3 server on Node.js's tls module for the kmsproxy interop tests.
+// A TLS 1.3 (or TLS 1.2) server on Node.js's tls module for the kmsproxy interop tests.
 //
-// Usage: node server.js PORT CERT KEY CLIENT_CA
+// Usage: node server.js PORT CERT KEY CLIENT_CA [VERSION]
 //
+// VERSION is the only protocol version the server accepts, "TLSv1.3" (the
+// default) or "TLSv1.2".
 // It listens on 127.0.0.1:PORT, requires a client certificate issued by
 // CLIENT_CA (requestCert with rejectUnauthorized), and for each connection:
 //   1. writes one line describing the handshake:
@@ -16,9 +18,16 @@ const tls = require("node:tls");
 
 const HOST = "127.0.0.1";
 
-const [port, certFile, keyFile, caFile] = process.argv.slice(2);
+const VERSIONS = ["TLSv1.3", "TLSv1.2"];
+
+const [port, certFile, keyFile, caFile, version = "TLSv1.3"] =
+  process.argv.slice(2);
 if (caFile === undefined) {
-  console.error("usage: node server.js PORT CERT KEY CLIENT_CA");
+  console.error("usage: node server.js PORT CERT KEY CLIENT_CA [VERSION]");
+  process.exit(2);
+}
+if (!VERSIONS.includes(version)) {
+  console.error(`invalid VERSION ${version}: use TLSv1.3 or TLSv1.2`);
   process.exit(2);
 }
 
@@ -29,7 +38,8 @@ const server = tls.createServer(
     ca: fs.readFileSync(caFile),
     requestCert: true,
     rejectUnauthorized: true,
-    minVersion: "TLSv1.3",
+    minVersion: version,
+    maxVersion: version,
   },
   (socket) => {
     const subject = socket.getPeerCertificate().subject || {};
