@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
 import pytest
-from peers import Peer, free_port, start_nginx
+from anyio.streams.tls import TLSStream
+from peers import (
+    Peer,
+    build_go_server,
+    free_port,
+    start_go_server,
+    start_nginx,
+    start_openssl_server,
+)
 from test_proxy import (
     REQUEST_TIMEOUT_SECONDS,
     Site,
@@ -27,6 +36,10 @@ pytestmark = [pytest.mark.anyio, pytest.mark.interop]
 
 # Sequential tunnels to one upstream in the resumption test.
 TUNNEL_COUNT = 50
+
+# Bound on receive() calls while reading the CONNECT response or the Go
+# peer's reply. Each is under 1 KiB, so 100 reads is far more than needed.
+MAX_READS = 100
 
 
 @pytest.fixture
@@ -51,6 +64,33 @@ def nginx(site: Site) -> Iterator[Peer]:
 
 
 @pytest.fixture
+def s_server(site: Site) -> Iterator[Peer]:
+    """`openssl s_server -www` (TLS 1.3, tickets on, client cert required)."""
+    with start_openssl_server(
+        site.directory,
+        site.path("server.crt"),
+        site.path("server.key"),
+        site.path("client-ca.crt"),
+    ) as peer:
+        yield peer
+
+
+@pytest.fixture
+def go_server(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
+    """The Go `crypto/tls` echo peer (TLS 1.3, tickets on, client cert
+    required)."""
+    binary = build_go_server(tmp_path_factory.mktemp("go-build"))
+    with start_go_server(
+        site.directory,
+        binary,
+        site.path("server.crt"),
+        site.path("server.key"),
+        site.path("client-ca.crt"),
+    ) as peer:
+        yield peer
+
+
+@pytest.fixture
 async def running(site: Site) -> AsyncIterator[tuple[Proxy, ProxyAddresses]]:
     proxy = Proxy(site.config(pac_listen="127.0.0.1:0"))
     async with anyio.create_task_group() as group:
@@ -64,6 +104,36 @@ async def fetch(addresses: ProxyAddresses, site: Site, port: int) -> bytes:
         return await fetch_through_proxy(
             proxy_address(addresses), "localhost", port, site.path("ca.crt")
         )
+
+
+async def echo_line(addresses: ProxyAddresses, site: Site, port: int) -> bytes:
+    """CONNECT through the proxy to the Go peer, send one line, and return
+    the peer's handshake line with the echoed line after it."""
+    context = ssl.create_default_context(cafile=str(site.path("ca.crt")))
+    with anyio.fail_after(REQUEST_TIMEOUT_SECONDS):
+        async with await anyio.connect_tcp(*proxy_address(addresses)) as stream:
+            request = f"CONNECT localhost:{port} HTTP/1.1\r\n"
+            request += f"Host: localhost:{port}\r\n\r\n"
+            await stream.send(request.encode())
+            head = b""
+            for _ in range(MAX_READS):
+                if b"\r\n\r\n" in head:
+                    break
+                head += await stream.receive()
+            assert head.startswith(b"HTTP/1.1 200"), head
+            tls = await TLSStream.wrap(
+                stream,
+                hostname="localhost",
+                ssl_context=context,
+                standard_compatible=False,
+            )
+            await tls.send(b"ping\n")
+            reply = b""
+            for _ in range(MAX_READS):
+                if reply.count(b"\n") >= 2:
+                    break
+                reply += await tls.receive()
+            return reply
 
 
 async def wait_for_tunnels_closed(proxy: Proxy) -> None:
@@ -85,6 +155,46 @@ async def test_fifty_tunnels_sign_once(
     assert after.full_handshakes - before.full_handshakes == 1
     assert after.resumed_handshakes - before.resumed_handshakes == TUNNEL_COUNT - 1
     assert nginx.client_subjects() == ["CN=proxy client"] * TUNNEL_COUNT
+
+
+async def test_fifty_tunnels_sign_once_s_server(
+    site: Site, s_server: Peer, running: tuple[Proxy, ProxyAddresses]
+) -> None:
+    _, addresses = running
+    before = metrics.snapshot()
+    bodies = [await fetch(addresses, site, s_server.port) for _ in range(TUNNEL_COUNT)]
+    after = metrics.snapshot()
+    # s_server -www reports each connection as "New, TLSv1.3, ..." or
+    # "Reused, TLSv1.3, ..." in its status page.
+    new = [body for body in bodies if b"New, TLSv1.3" in body]
+    reused = [body for body in bodies if b"Reused, TLSv1.3" in body]
+    assert len(new) == 1
+    assert len(reused) == TUNNEL_COUNT - 1
+    assert after.signer_calls - before.signer_calls == 1
+    assert after.full_handshakes - before.full_handshakes == 1
+    assert after.resumed_handshakes - before.resumed_handshakes == TUNNEL_COUNT - 1
+
+
+async def test_fifty_tunnels_sign_once_go(
+    site: Site, go_server: Peer, running: tuple[Proxy, ProxyAddresses]
+) -> None:
+    _, addresses = running
+    before = metrics.snapshot()
+    replies = [
+        await echo_line(addresses, site, go_server.port) for _ in range(TUNNEL_COUNT)
+    ]
+    after = metrics.snapshot()
+    first_lines = [reply.split(b"\n", 1)[0] for reply in replies]
+    echoed = [reply.split(b"\n", 1)[1] for reply in replies]
+    assert echoed == [b"ping\n"] * TUNNEL_COUNT
+    assert [b"resumed=false" in line for line in first_lines].count(True) == 1
+    assert [b"resumed=true" in line for line in first_lines].count(True) == (
+        TUNNEL_COUNT - 1
+    )
+    assert all(b"subject=CN=proxy client" in line for line in first_lines)
+    assert after.signer_calls - before.signer_calls == 1
+    assert after.full_handshakes - before.full_handshakes == 1
+    assert after.resumed_handshakes - before.resumed_handshakes == TUNNEL_COUNT - 1
 
 
 async def test_reload_forgets_sessions(
