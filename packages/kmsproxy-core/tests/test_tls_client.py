@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
+import anyio
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
+from peers import start_openssl_server
 from pki import Issued, issue, make_ca
 from scripted_server import ScriptedServer, complete_handshake, plaintext_record
+from test_interop_peers import make_files, open_tls
 
 from kmsproxy.signer import (
     SignatureScheme,
@@ -56,6 +60,15 @@ OTHER_CA = make_ca("other CA")
 OTHER_CLIENT = issue(OTHER_CA, "other client", client=True)
 
 E = m.ExtensionType
+
+# Time s_server gets to send its alert after our Finished. A local s_server
+# replies within milliseconds, so 10 s only guards against a hang.
+PEER_REPLY_TIMEOUT_SECONDS = 10.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
 
 
 def identity(issued: Issued) -> ClientIdentity:
@@ -1033,6 +1046,48 @@ def test_no_usable_identity_sends_empty_certificate() -> None:
     assert records[1][1][0] == m.HandshakeType.finished
     assert [type(e) for e in found] == [HandshakeComplete]
     assert client.client_identity is None
+
+
+def test_certificate_required_names_schemes() -> None:
+    client, server, _ = authenticate(
+        [identity(CLIENT)], schemes=[SignatureScheme.ed25519]
+    )
+    records = server.read_client_finished(client.data_to_send())
+    certificate = m.pull_certificate(records[0][1][4:])
+    assert certificate.certificate_list == []
+    alert = bytes([alerts.AlertLevel.fatal, AlertDescription.certificate_required])
+    with pytest.raises(alerts.AlertReceived) as caught:
+        client.receive_data(server.protect(ContentType.alert, alert))
+    message = str(caught.value)
+    assert caught.value.description == AlertDescription.certificate_required
+    assert message.startswith("server sent alert certificate_required")
+    assert "the server accepts ed25519;" in message
+    assert "our keys offer ecdsa_secp256r1_sha256" in message
+
+
+@pytest.mark.interop
+@pytest.mark.anyio
+async def test_certificate_required_from_s_server(tmp_path: Path) -> None:
+    files = make_files(tmp_path)
+    cert, key = files.server("p256")
+    # -client_sigalgs sets the CertificateRequest list only, so the server
+    # still signs with its P-256 key.
+    extra_args = ["-client_sigalgs", "ed25519"]
+    with start_openssl_server(
+        tmp_path, cert, key, files.ca_path, extra_args=extra_args
+    ) as peer:
+        stream = await open_tls(peer.port, files.config(files.client("p256")))
+        async with stream:
+            with (
+                anyio.fail_after(PEER_REPLY_TIMEOUT_SECONDS),
+                pytest.raises(alerts.AlertReceived) as caught,
+            ):
+                await stream.receive()
+    message = str(caught.value)
+    assert stream.client_identity is None
+    assert caught.value.description == AlertDescription.certificate_required
+    assert "the server accepts ed25519;" in message
+    assert "our keys offer ecdsa_secp256r1_sha256" in message
 
 
 def test_signature_before_request() -> None:

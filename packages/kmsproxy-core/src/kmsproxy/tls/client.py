@@ -38,7 +38,11 @@ from .alerts import (
     TLSError,
     UnexpectedMessage,
 )
-from .client_auth import client_certificate_verify_content, select_identity
+from .client_auth import (
+    client_certificate_verify_content,
+    describe_unmatched_request,
+    select_identity,
+)
 from .config import ClientIdentity, TLSClientConfig
 from .events import (
     ApplicationData,
@@ -199,6 +203,9 @@ class ClientConnection:
         self._application_client_secret = b""
         self._certificate_request: m.CertificateRequest | None = None
         self._pending_signature: SignatureRequested | None = None
+        # Why we sent an empty Certificate, appended to the message of a
+        # later alert. It stays None while every request found an identity.
+        self._unmatched_request: str | None = None
         self._sent_change_cipher_spec = False
         self._change_cipher_spec_count = 0
         self._empty_records = FloodBudget(
@@ -404,7 +411,12 @@ class ClientConnection:
             # Ignored like an empty record, so it counts as one.
             self._empty_records.spend()
             return
-        raise AlertReceived(description, level)
+        error = AlertReceived(description, level)
+        if self._unmatched_request:
+            # The alert most likely rejects our empty Certificate, so the
+            # message says why we sent one.
+            error.args = (f"{error}; {self._unmatched_request}",)
+        raise error
 
     def _process_one_handshake_message(self) -> bool:
         """Handle the next whole handshake message in the buffer, if any."""
@@ -725,6 +737,10 @@ class ClientConnection:
         selection = select_identity(
             self.config.identities, parsed.signature_algorithms, parsed.authorities
         )
+        if selection is None and self.config.identities:
+            self._unmatched_request = describe_unmatched_request(
+                self.config.identities, parsed.signature_algorithms
+            )
         entries = []
         if selection is not None:
             identity, _ = selection
@@ -807,6 +823,10 @@ class ClientConnection:
         selection = select_identity(
             self.config.identities, parsed.signature_algorithms, parsed.authorities
         )
+        if selection is None and self.config.identities:
+            self._unmatched_request = describe_unmatched_request(
+                self.config.identities, parsed.signature_algorithms
+            )
         entries = []
         if selection is not None:
             entries = [

@@ -77,5 +77,26 @@ def select_identity(
     return None
 
 
+def describe_unmatched_request(
+    identities: Sequence[ClientIdentity], server_schemes: Collection[int]
+) -> str:
+    """Name the schemes the server accepts and those our identities offer,
+    to explain an empty Certificate sent for a CertificateRequest."""
+    accepted = [_scheme_name(code) for code in server_schemes]
+    offered = sorted({s.name for i in identities for s in i.signer.schemes})
+    return (
+        "we sent no client certificate because no identity fits the server's "
+        f"CertificateRequest: the server accepts {', '.join(accepted)}; "
+        f"our keys offer {', '.join(offered)}"
+    )
+
+
+def _scheme_name(code: int) -> str:
+    try:
+        return SignatureScheme(code).name
+    except ValueError:
+        return f"0x{code:04x}"
+
+
 def client_certificate_verify_content(transcript_hash: bytes) -> bytes:
     return signed_content(CLIENT_CONTEXT, transcript_hash)
