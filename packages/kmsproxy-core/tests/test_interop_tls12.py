@@ -1,5 +1,6 @@
 """The TLS 1.2 interop matrix: GnuTLS, Go and Node.js servers that accept
-TLS 1.2 only, against P-256 and RSA-2048 client keys.
+TLS 1.2 only, against P-256, P-384, RSA-2048, RSA-3072 and Ed25519 client
+keys.
 
 The client offers TLS 1.3 and 1.2, so every case also covers the hand-over
 to the TLS 1.2 machine. Each case handshakes with client authentication,
@@ -35,7 +36,7 @@ __all__ = ["go_server_binary"]
 
 MIB = 1 << 20
 
-KEY_TYPES: list[KeyType] = ["p256", "rsa2048"]
+KEY_TYPES: list[KeyType] = ["p256", "p384", "rsa2048", "rsa3072", "ed25519"]
 
 # GnuTLS priority string that allows TLS 1.2 and nothing else.
 GNUTLS_TLS12_ONLY = "NORMAL:-VERS-ALL:+VERS-TLS1.2"
