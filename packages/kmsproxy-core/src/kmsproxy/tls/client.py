@@ -105,11 +105,6 @@ from .verify import (
     verify_server_signature,
 )
 
-# Largest handshake message we buffer: 100 KiB, the limit OpenSSL 3.0 puts
-# on a peer's certificate list by default (SSL_MAX_CERT_LIST_DEFAULT in
-# ssl.h). Certificate is normally the largest message a server sends.
-MAX_HANDSHAKE_MESSAGE_LENGTH = 100 * 1024
-
 # change_cipher_spec records we drop before the server's Finished. A server
 # in middlebox compatibility mode sends one, right after its first
 # ServerHello or HelloRetryRequest (RFC 8446 appendix D.4). We allow one
@@ -414,26 +409,15 @@ class ClientConnection:
         error = AlertReceived(description, level)
         if self._unmatched_request:
             # The alert most likely rejects our empty Certificate, so the
-            # message says why we sent one.
+            # message explains why we sent one.
             error.args = (f"{error}; {self._unmatched_request}",)
         raise error
 
     def _process_one_handshake_message(self) -> bool:
         """Handle the next whole handshake message in the buffer, if any."""
-        buffer = self._handshake_buffer
-        if len(buffer) < m.HANDSHAKE_HEADER_LENGTH:
+        message = m.pop_handshake_message(self._handshake_buffer)
+        if message is None:
             return False
-        length = int.from_bytes(buffer[1:4], "big")
-        if length > MAX_HANDSHAKE_MESSAGE_LENGTH:
-            raise DecodeError(
-                f"handshake message of {length} bytes exceeds the "
-                f"{MAX_HANDSHAKE_MESSAGE_LENGTH}-byte limit"
-            )
-        end = m.HANDSHAKE_HEADER_LENGTH + length
-        if len(buffer) < end:
-            return False
-        message = bytes(buffer[:end])
-        del buffer[:end]
         self._handle_handshake(message[0], message)
         return True
 

@@ -104,7 +104,35 @@ DOWNGRADE_SENTINELS = (
 HANDSHAKE_HEADER_LENGTH = 4
 RANDOM_LENGTH = 32
 
+# Largest handshake message we buffer: 100 KiB, the limit OpenSSL 3.0 puts
+# on a peer's certificate list by default (SSL_MAX_CERT_LIST_DEFAULT in
+# ssl.h). Certificate is normally the largest message a server sends.
+MAX_HANDSHAKE_MESSAGE_LENGTH = 100 * 1024
+
 Extension = tuple[int, bytes]
+
+
+def pop_handshake_message(buffer: bytearray) -> bytes | None:
+    """Remove and return the first whole handshake message in `buffer`.
+
+    Return None while the message is incomplete. Raise `DecodeError` when
+    its declared length exceeds `MAX_HANDSHAKE_MESSAGE_LENGTH`, before any
+    more of it is buffered.
+    """
+    if len(buffer) < HANDSHAKE_HEADER_LENGTH:
+        return None
+    length = int.from_bytes(buffer[1:4], "big")
+    if length > MAX_HANDSHAKE_MESSAGE_LENGTH:
+        raise DecodeError(
+            f"handshake message of {length} bytes exceeds the "
+            f"{MAX_HANDSHAKE_MESSAGE_LENGTH}-byte limit"
+        )
+    end = HANDSHAKE_HEADER_LENGTH + length
+    if len(buffer) < end:
+        return None
+    message = bytes(buffer[:end])
+    del buffer[:end]
+    return message
 
 
 # Extensions

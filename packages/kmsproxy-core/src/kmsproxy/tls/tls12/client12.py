@@ -103,11 +103,6 @@ from .messages12 import (
 from .records12 import RecordCipher12, RecordLayer12
 from .session12 import Session12, ticket_lifetime
 
-# Largest handshake message we buffer: 100 KiB, the limit OpenSSL 3.0 puts
-# on a peer's certificate list by default (SSL_MAX_CERT_LIST_DEFAULT), as
-# the TLS 1.3 client does.
-MAX_HANDSHAKE_MESSAGE_LENGTH = 100 * 1024
-
 # Consecutive records without data (empty application_data, warning alerts
 # we skip, ignored HelloRequests) accepted before we call it a flood. RFC
 # 5246 sets no bound; 64 matches the TLS 1.3 client's.
@@ -487,26 +482,16 @@ class ClientConnection12:
             return
         error = AlertReceived(description, level)
         if self._unmatched_request:
-            # The alert most likely rejects our empty Certificate; say why
-            # we sent one.
+            # The alert most likely rejects our empty Certificate, so the
+            # message explains why we sent one.
             error.args = (f"{error}; {self._unmatched_request}",)
         raise error
 
     def _process_one_handshake_message(self) -> bool:
-        buffer = self._handshake_buffer
-        if len(buffer) < m.HANDSHAKE_HEADER_LENGTH:
+        """Handle the next whole handshake message in the buffer, if any."""
+        message = m.pop_handshake_message(self._handshake_buffer)
+        if message is None:
             return False
-        length = int.from_bytes(buffer[1:4], "big")
-        if length > MAX_HANDSHAKE_MESSAGE_LENGTH:
-            raise DecodeError(
-                f"handshake message of {length} bytes exceeds the "
-                f"{MAX_HANDSHAKE_MESSAGE_LENGTH}-byte limit"
-            )
-        end = m.HANDSHAKE_HEADER_LENGTH + length
-        if len(buffer) < end:
-            return False
-        message = bytes(buffer[:end])
-        del buffer[:end]
         self._handle_handshake(message[0], message)
         return True
 
