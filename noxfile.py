@@ -61,16 +61,14 @@ def demo(session: nox.Session) -> None:
 def lock(session: nox.Session) -> None:
     """Regenerate requirements-dev.lock from requirements-dev.in with uv.
 
-    Every package's pyproject.toml is an input, so the lock covers each
-    package's runtime dependencies as well as the dev tools.
+    requirements-dev.in names every workspace package as an editable, so the
+    lock covers each package's runtime dependencies as well as the dev tools.
+    The workspace packages themselves stay out of the lock: pip refuses an
+    editable under --require-hashes, and .ci/run installs them editable.
     """
-    projects = sorted(
-        str(path.relative_to(ROOT)) for path in ROOT.glob("packages/*/pyproject.toml")
+    workspace = sorted(
+        path.parent.name for path in ROOT.glob("packages/*/pyproject.toml")
     )
-    # NOTE: a package that depends on another package of this repository
-    # (kmsproxy-tpm on kmsproxy-core) would make uv look that one up on the
-    # package index. When that happens, list the workspace packages as
-    # editables in requirements-dev.in and pass --no-emit-package for each.
     session.run(
         "uv",
         "pip",
@@ -79,7 +77,7 @@ def lock(session: nox.Session) -> None:
         "--python-version",
         "3.11",
         "--generate-hashes",
-        *projects,
+        *[f"--no-emit-package={name}" for name in workspace],
         "requirements-dev.in",
         "-o",
         "requirements-dev.lock",

@@ -1,0 +1,1 @@
+"""kmsproxy backend package (kmsproxy-pkcs11)."""

@@ -1,0 +1,1 @@
+"""Hooks of the kmsproxy-pkcs11 backend."""
