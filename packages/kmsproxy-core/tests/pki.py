@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kmsproxy.signer import PrivateKey
+from kmsproxy.signer import PrivateKey, PublicKey
 
 KeyType = Literal["p256", "p384", "rsa2048", "rsa3072", "ed25519"]
 
@@ -124,6 +124,34 @@ def issue(
 ) -> Issued:
     """Issue a server (default) or client leaf certificate from `ca`."""
     key = generate_key(key_type)
+    cert = certify(
+        ca,
+        common_name,
+        key.public_key(),
+        dns_names=dns_names,
+        ip_addresses=ip_addresses,
+        client=client,
+        not_before=not_before,
+        not_after=not_after,
+    )
+    return Issued(key=key, cert=cert, chain=[cert])
+
+
+def certify(
+    ca: Issued,
+    common_name: str,
+    public_key: PublicKey,
+    *,
+    dns_names: tuple[str, ...] = (),
+    ip_addresses: tuple[str, ...] = (),
+    client: bool = False,
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
+) -> x509.Certificate:
+    """Certify a public key whose private half lives elsewhere (a TPM, a token).
+
+    Backend tests create the key in the device, then give its public key here.
+    """
     now = _now()
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
     sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
@@ -134,7 +162,7 @@ def issue(
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before or now - datetime.timedelta(hours=1))
         .not_valid_after(not_after or now + datetime.timedelta(days=7))
@@ -149,5 +177,4 @@ def issue(
         builder = builder.add_extension(
             x509.SubjectAlternativeName(sans), critical=False
         )
-    cert = builder.sign(ca.key, _hash_for(ca.key))
-    return Issued(key=key, cert=cert, chain=[cert])
+    return builder.sign(ca.key, _hash_for(ca.key))
