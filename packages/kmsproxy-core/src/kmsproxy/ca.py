@@ -31,6 +31,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 import anyio
 from cryptography import x509
@@ -39,6 +40,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from kmsproxy import der
 from kmsproxy.errors import UserError
 from kmsproxy.signer import PrivateKey, SignatureScheme, Signer, SignerError
 
@@ -171,7 +173,7 @@ class LocalCA:
         builder = builder.issuer_name(self.certificate.subject)
         template = self._sign_with_template_key(builder)
         tbs = template.tbs_certificate_bytes
-        algorithm = _algorithm_identifier(template.public_bytes(_DER))
+        algorithm = der.signature_algorithm(template.public_bytes(_DER))
         # Step 2: the CA key signs the TBS. Step 3: assemble the Certificate.
         try:
             with anyio.fail_after(CA_SIGN_TIMEOUT_SECONDS):
@@ -182,8 +184,9 @@ class LocalCA:
                 f"{CA_SIGN_TIMEOUT_SECONDS:g} s; check that the device is "
                 "present and unlocked"
             ) from None
-        der = _der_sequence(tbs + algorithm + _der_bit_string(signature))
-        certificate = x509.load_der_x509_certificate(der)
+        certificate = x509.load_der_x509_certificate(
+            der.assemble_signed(tbs, algorithm, signature)
+        )
         try:
             certificate.verify_directly_issued_by(self.certificate)
         except (InvalidSignature, ValueError, TypeError) as error:
@@ -199,18 +202,8 @@ class LocalCA:
     ) -> x509.Certificate:
         key = self._template_key
         if key is None:
-            key = self._template_key = _template_key_for(self.scheme)
-        if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
-            return builder.sign(key, None)
-        digest = self.scheme.hash_algorithm
-        if not isinstance(digest, hashes.SHA256 | hashes.SHA384 | hashes.SHA512):
-            raise SignerError(f"no certificate signature algorithm for {self.scheme}")
-        if isinstance(key, rsa.RSAPrivateKey) and self.scheme.is_rsa_pss:
-            # TLS fixes the PSS salt length to the digest length, so the
-            # AlgorithmIdentifier must state the same salt length.
-            pss = padding.PSS(padding.MGF1(digest), padding.PSS.DIGEST_LENGTH)
-            return builder.sign(key, digest, rsa_padding=pss)
-        return builder.sign(key, digest)
+            key = self._template_key = template_key_for(self.scheme)
+        return sign_with_template_key(builder, key, self.scheme)
 
     async def mint_leaf(
         self,
@@ -328,7 +321,7 @@ def leaf_request_for_upstream(
         ip_addresses.append(str(ipaddress.ip_address(server_name)))
     except ValueError:
         dns_names.append(server_name)
-    a_labels = (_dns_name_for_san(name) for name in dns_names)
+    a_labels = (dns_name_for_san(name) for name in dns_names)
     valid_dns_names = tuple(dict.fromkeys(n for n in a_labels if n is not None))
     if not valid_dns_names and not ip_addresses:
         raise MintError(
@@ -620,7 +613,7 @@ def _encodable_common_name(name: str) -> str | None:
     return name
 
 
-def _dns_name_for_san(name: str) -> str | None:
+def dns_name_for_san(name: str) -> str | None:
     """Return `name` as an A-label dNSName for a SAN, or None if it has none.
 
     A Unicode name is converted with IDNA 2003 (the stdlib codec). A
@@ -661,7 +654,7 @@ def _subject_alternative_names(request: LeafRequest) -> list[x509.GeneralName]:
             dns_names = (request.common_name,)
     names: list[x509.GeneralName] = []
     for text in dns_names:
-        name = _dns_name_for_san(text)
+        name = dns_name_for_san(text)
         if name is not None:
             names.append(x509.DNSName(name))
     for text in ip_addresses:
@@ -672,7 +665,7 @@ def _subject_alternative_names(request: LeafRequest) -> list[x509.GeneralName]:
     return list(dict.fromkeys(names))
 
 
-def _template_key_for(scheme: SignatureScheme) -> PrivateKey:
+def template_key_for(scheme: SignatureScheme) -> PrivateKey:
     """Generate a throwaway key whose signatures carry `scheme`'s algorithm.
 
     For ECDSA the AlgorithmIdentifier names only the hash, so a P-256 key
@@ -689,60 +682,44 @@ def _template_key_for(scheme: SignatureScheme) -> PrivateKey:
     raise SignerError(f"no certificate signature algorithm for {scheme.name}")
 
 
-# A minimal DER reader and writer (X.690): just enough to take a
-# Certificate apart and put one together.
+@overload
+def sign_with_template_key(
+    builder: x509.CertificateBuilder, key: PrivateKey, scheme: SignatureScheme
+) -> x509.Certificate: ...
+
+
+@overload
+def sign_with_template_key(
+    builder: x509.CertificateSigningRequestBuilder,
+    key: PrivateKey,
+    scheme: SignatureScheme,
+) -> x509.CertificateSigningRequest: ...
+
+
+def sign_with_template_key(
+    builder: x509.CertificateBuilder | x509.CertificateSigningRequestBuilder,
+    key: PrivateKey,
+    scheme: SignatureScheme,
+) -> x509.Certificate | x509.CertificateSigningRequest:
+    """Sign `builder` with a throwaway `key` the way `scheme` would sign.
+
+    The result is thrown away too, except for its to-be-signed bytes and its
+    signatureAlgorithm, which then name `scheme`'s algorithm and parameters.
+    """
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+        return builder.sign(key, None)
+    digest = scheme.hash_algorithm
+    if not isinstance(digest, hashes.SHA256 | hashes.SHA384 | hashes.SHA512):
+        raise SignerError(f"no certificate signature algorithm for {scheme.name}")
+    if isinstance(key, rsa.RSAPrivateKey) and scheme.is_rsa_pss:
+        # TLS fixes the PSS salt length to the digest length, so the
+        # AlgorithmIdentifier must state the same salt length.
+        pss = padding.PSS(padding.MGF1(digest), padding.PSS.DIGEST_LENGTH)
+        return builder.sign(key, digest, rsa_padding=pss)
+    return builder.sign(key, digest)
+
 
 _DER = serialization.Encoding.DER
-_TAG_SEQUENCE = 0x30
-_TAG_BIT_STRING = 0x03
-
-
-def _der_length(length: int) -> bytes:
-    if length < 0x80:
-        return bytes([length])
-    encoded = length.to_bytes((length.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(encoded)]) + encoded
-
-
-def _der_sequence(content: bytes) -> bytes:
-    return bytes([_TAG_SEQUENCE]) + _der_length(len(content)) + content
-
-
-def _der_bit_string(data: bytes) -> bytes:
-    # The leading 0x00 is the count of unused bits in the last byte.
-    content = b"\x00" + data
-    return bytes([_TAG_BIT_STRING]) + _der_length(len(content)) + content
-
-
-def _der_read(data: bytes, offset: int) -> tuple[int, int, int]:
-    """Read one TLV header at `offset`; return (tag, content start, end)."""
-    if offset + 2 > len(data):
-        raise ValueError("truncated DER")
-    tag = data[offset]
-    first = data[offset + 1]
-    start = offset + 2
-    if first < 0x80:
-        length = first
-    else:
-        count = first & 0x7F
-        if count == 0 or count > 4 or start + count > len(data):
-            raise ValueError("unsupported DER length")
-        length = int.from_bytes(data[start : start + count], "big")
-        start += count
-    end = start + length
-    if end > len(data):
-        raise ValueError("truncated DER")
-    return tag, start, end
-
-
-def _algorithm_identifier(certificate_der: bytes) -> bytes:
-    """Extract signatureAlgorithm, the second element of a Certificate."""
-    tag, content_start, _ = _der_read(certificate_der, 0)
-    if tag != _TAG_SEQUENCE:
-        raise ValueError("not a DER Certificate")
-    _, _, tbs_end = _der_read(certificate_der, content_start)
-    _, _, algorithm_end = _der_read(certificate_der, tbs_end)
-    return certificate_der[tbs_end:algorithm_end]
 
 
 def fingerprint_hex(certificate: x509.Certificate) -> str:

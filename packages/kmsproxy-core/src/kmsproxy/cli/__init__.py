@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import kmsproxy
 from kmsproxy.certificates import CertificateError
-from kmsproxy.cli import backends, demo, init, serve
+from kmsproxy.cli import backends, csr, demo, init, serve
 from kmsproxy.errors import UserError
 from kmsproxy.plugins.registry import Registry
 from kmsproxy.signer import SignerError
@@ -46,6 +46,7 @@ def build_parser(registry: Registry | None) -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     serve.add_parser(subparsers)
     init.add_parser(subparsers)
+    csr.add_parser(subparsers)
     backends.add_parser(subparsers)
     demo.add_parser(subparsers)
     if registry is not None:

@@ -1,0 +1,313 @@
+"""`kmsproxy csr`: a PKCS#10 certificate request signed by any backend's key.
+
+The key never leaves its store, so `cryptography`'s CSR builder cannot sign
+with it. The request is built in three steps, as `LocalCA.sign` builds a
+certificate:
+
+1. A throwaway key of the same algorithm signs the request, so that
+   `cryptography` encodes the subject, the extensionRequest attribute and
+   the signatureAlgorithm (RFC 2986 section 4).
+2. The throwaway key's subjectPKInfo in the CertificationRequestInfo is
+   replaced with the `Signer`'s public key.
+3. The `Signer` signs that CertificationRequestInfo, and the
+   CertificationRequest is assembled around its signature (section 4.2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+import urllib.parse
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from kmsproxy import der
+from kmsproxy.ca import (
+    choose_ca_scheme,
+    dns_name_for_san,
+    sign_with_template_key,
+    template_key_for,
+)
+from kmsproxy.errors import UserError
+from kmsproxy.plugins.registry import Registry
+from kmsproxy.signer import Signer, SignerError
+
+# Maximum seconds the key may take to sign the request. A hardware key can
+# wait for a touch or a PIN, so this leaves a person time to act, and a hung
+# device still ends the command with an error.
+CSR_SIGN_TIMEOUT_SECONDS = 120.0
+
+# Prefixes of `--san` values that are not DNS names or IP addresses.
+SAN_PREFIX_DNS = "dns:"
+SAN_PREFIX_IP = "ip:"
+SAN_PREFIX_EMAIL = "email:"
+SAN_PREFIX_URI = "uri:"
+
+SAN_SYNTAX = "NAME, IP, dns:NAME, ip:IP, email:ADDRESS or uri:URI"
+
+_DER = serialization.Encoding.DER
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "csr",
+        help="write a certificate signing request (PKCS#10) for a key",
+        description=(
+            "Write a PEM certificate signing request for a client certificate "
+            "(clientAuth), signed by KEY, which may be a file or a key URI of "
+            "any installed backend."
+        ),
+    )
+    parser.add_argument("key", metavar="KEY", help="private key: a file or key URI")
+    parser.add_argument(
+        "--subject",
+        required=True,
+        metavar="DN",
+        help="subject name as an RFC 4514 string, e.g. 'CN=me,O=Example'",
+    )
+    parser.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=(
+            "subject alternative name, repeatable: a DNS name or IP address, "
+            "or one prefixed with dns:, ip:, email: or uri:"
+        ),
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write the PEM request to FILE instead of standard output",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="overwrite an existing --out file"
+    )
+    parser.set_defaults(handler=run)
+
+
+def parse_subject(text: str) -> x509.Name:
+    """Parse an RFC 4514 distinguished name; raise `UserError` if invalid."""
+    try:
+        name = x509.Name.from_rfc4514_string(text)
+        # Encoding catches values that parse but cannot be encoded, such as
+        # a country name longer than two letters.
+        name.public_bytes()
+    except ValueError as error:
+        raise UserError(
+            f"--subject {text!r}: invalid RFC 4514 name ({error}); write it "
+            "like 'CN=me,O=Example'"
+        ) from None
+    return name
+
+
+def parse_san(text: str) -> x509.GeneralName:
+    """Parse one `--san` value (see `SAN_SYNTAX`); raise `UserError` if invalid.
+
+    A value without a prefix is an IP address when it parses as one, and
+    otherwise a DNS name.
+    """
+    lowered = text.lower()
+    if lowered.startswith(SAN_PREFIX_EMAIL):
+        return _email_name(text, text[len(SAN_PREFIX_EMAIL) :])
+    if lowered.startswith(SAN_PREFIX_URI):
+        return _uri_name(text, text[len(SAN_PREFIX_URI) :])
+    if lowered.startswith(SAN_PREFIX_IP):
+        address = text[len(SAN_PREFIX_IP) :]
+        try:
+            return x509.IPAddress(ipaddress.ip_address(address))
+        except ValueError:
+            raise UserError(
+                f"--san {text!r}: {address!r} is not an IPv4 or IPv6 address"
+            ) from None
+    if lowered.startswith(SAN_PREFIX_DNS):
+        return _dns_name(text, text[len(SAN_PREFIX_DNS) :])
+    try:
+        return x509.IPAddress(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    if "@" in text:
+        raise UserError(
+            f"--san {text!r}: not a DNS name; write email:{text} for an e-mail address"
+        )
+    if "://" in text:
+        raise UserError(f"--san {text!r}: not a DNS name; write uri:{text} for a URI")
+    return _dns_name(text, text)
+
+
+def _dns_name(text: str, name: str) -> x509.DNSName:
+    encoded = dns_name_for_san(name)
+    if encoded is None:
+        raise UserError(
+            f"--san {text!r}: invalid DNS name; give letters, digits, '-' and "
+            f"'.' only, or one of {SAN_SYNTAX}"
+        )
+    return x509.DNSName(encoded)
+
+
+def _email_name(text: str, address: str) -> x509.RFC822Name:
+    local_part, at, domain = address.rpartition("@")
+    # RFC 5280 section 4.2.1.6: an rfc822Name is an IA5String Mailbox.
+    valid_local = bool(local_part) and local_part.isascii() and " " not in local_part
+    if not at or not valid_local or dns_name_for_san(domain) is None:
+        raise UserError(
+            f"--san {text!r}: invalid e-mail address; write it like "
+            "email:me@example.com"
+        )
+    return x509.RFC822Name(address)
+
+
+def _uri_name(text: str, uri: str) -> x509.UniformResourceIdentifier:
+    parsed = urllib.parse.urlsplit(uri)
+    # RFC 5280 section 4.2.1.6: a URI SAN is absolute, in an IA5String.
+    if not parsed.scheme or not uri.isascii() or any(c.isspace() for c in uri):
+        raise UserError(
+            f"--san {text!r}: invalid URI; write an absolute URI like "
+            "uri:spiffe://example.org/workload"
+        )
+    return x509.UniformResourceIdentifier(uri)
+
+
+def request_builder(
+    subject: x509.Name, names: Sequence[x509.GeneralName]
+) -> x509.CertificateSigningRequestBuilder:
+    """Build the request for a TLS client certificate with `names` as SANs.
+
+    Raise `UserError` when the request would have neither subject nor SAN.
+    """
+    if not subject and not names:
+        raise UserError(
+            "the request has no subject and no SAN: give a non-empty --subject "
+            "or a --san"
+        )
+    builder = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(subject)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+    )
+    if names:
+        # RFC 5280 section 4.2.1.6: with an empty subject, the SAN extension
+        # must be critical.
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(list(dict.fromkeys(names))),
+            critical=not subject,
+        )
+    return builder
+
+
+async def sign_request(
+    builder: x509.CertificateSigningRequestBuilder, signer: Signer
+) -> x509.CertificateSigningRequest:
+    """Sign `builder`'s request over `signer`'s public key, through `signer`.
+
+    Raise `SignerError` when the signer fails, times out, or returns a
+    signature that does not verify.
+    """
+    scheme = choose_ca_scheme(signer)
+
+    # Step 1: a throwaway key encodes the request and its signatureAlgorithm.
+    template = sign_with_template_key(builder, template_key_for(scheme), scheme)
+    algorithm = der.signature_algorithm(template.public_bytes(_DER))
+
+    # Step 2: CertificationRequestInfo is SEQUENCE { version, subject,
+    # subjectPKInfo, attributes }; put the signer's key in subjectPKInfo.
+    info = der.sequence_elements(template.tbs_certrequest_bytes)
+    info[2] = signer.public_key().public_bytes(
+        _DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    request_info = der.encode_sequence(b"".join(info))
+
+    # Step 3: the signer signs the CertificationRequestInfo.
+    try:
+        with anyio.fail_after(CSR_SIGN_TIMEOUT_SECONDS):
+            signature = await signer.sign(request_info, scheme)
+    except TimeoutError:
+        raise SignerError(
+            f"{signer.uri}: the key did not sign within "
+            f"{CSR_SIGN_TIMEOUT_SECONDS:g} s; check that the device is present "
+            "and unlocked"
+        ) from None
+    request = x509.load_der_x509_csr(
+        der.assemble_signed(request_info, algorithm, signature)
+    )
+    if not request.is_signature_valid:
+        raise SignerError(
+            f"{signer.uri}: the key produced a {scheme.name} signature that does "
+            "not verify against its own public key"
+        )
+    return request
+
+
+async def create_request(
+    registry: Registry,
+    key: str,
+    subject: x509.Name,
+    names: Sequence[x509.GeneralName],
+) -> x509.CertificateSigningRequest:
+    """Open `key` through `registry`, sign the request with it, close it."""
+    builder = request_builder(subject, names)
+    signer = registry.open_signer(key)
+    try:
+        return await sign_request(builder, signer)
+    finally:
+        await signer.aclose()
+
+
+def write_output(path: Path, data: bytes, *, force: bool) -> None:
+    """Write `data` to `path`; raise `UserError` if it exists and not `force`."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        # A request contains no secret, so it gets the usual 0644 mode.
+        descriptor = os.open(path, flags, 0o644)
+    except FileExistsError:
+        raise UserError(
+            f"{path} already exists; pass --force to overwrite it"
+        ) from None
+    except OSError as error:
+        raise UserError(
+            f"{path}: cannot write the request: {error.strerror or error}"
+        ) from None
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data)
+
+
+def run(args: argparse.Namespace) -> int:
+    subject = parse_subject(args.subject)
+    names = [parse_san(text) for text in args.san]
+    if args.out is not None and args.out.exists() and not args.force:
+        # Checked before the key signs, so no touch or PIN is wasted.
+        raise UserError(f"{args.out} already exists; pass --force to overwrite it")
+    registry = Registry.load()
+    request = anyio.run(create_request, registry, args.key, subject, names)
+    pem = request.public_bytes(serialization.Encoding.PEM)
+    if args.out is None:
+        sys.stdout.write(pem.decode("ascii"))
+    else:
+        write_output(args.out, pem, force=args.force)
+    return 0
