@@ -1,0 +1,133 @@
+"""botocore exceptions turned into one line that names the cause and the fix.
+
+`describe_error` is the only place that knows KMS error codes. It also
+decides which failures are transient (the service may come back by itself,
+so the caller records them in its backoff) and which need the user to act.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import botocore.exceptions
+
+# KMS error codes for a service that is overloaded or briefly failing
+# (KMS API reference, "Common Errors" and the Sign errors). botocore's
+# standard retry mode has already retried them when they reach this module.
+TRANSIENT_CODES = frozenset(
+    {
+        "ThrottlingException",
+        "KMSInternalException",
+        "DependencyTimeoutException",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+    }
+)
+
+# Codes for credentials that AWS rejected (wrong, expired or revoked).
+CREDENTIAL_CODES = frozenset(
+    {
+        "UnrecognizedClientException",
+        "InvalidClientTokenId",
+        "InvalidSignatureException",
+        "ExpiredTokenException",
+        "ExpiredToken",
+        "IncompleteSignature",
+    }
+)
+
+
+@dataclass(frozen=True)
+class FailureDescription:
+    """Why a KMS call failed, in words for the user, and whether to retry."""
+
+    reason: str
+    transient: bool
+
+
+def describe_error(error: Exception, key_id: str) -> FailureDescription:
+    """Describe a boto3/botocore exception from a call on `key_id`.
+
+    The text never contains credentials: botocore's messages name the
+    profile or file at most, and a KMS error message names the caller's ARN
+    and the key, not a secret.
+    """
+    if isinstance(error, botocore.exceptions.ClientError):
+        return _describe_client_error(error, key_id)
+    if isinstance(error, botocore.exceptions.NoCredentialsError):
+        return FailureDescription(
+            "no AWS credentials found (environment variables, shared "
+            "credentials and config files, and with no endpoint= also SSO, "
+            "roles and instance metadata); set AWS_PROFILE, add profile= or "
+            "credentials-file= to the URI, or run `aws configure`",
+            transient=False,
+        )
+    if isinstance(error, botocore.exceptions.PartialCredentialsError):
+        return FailureDescription(
+            f"incomplete AWS credentials: {error}; set both the access key id "
+            "and the secret access key",
+            transient=False,
+        )
+    if isinstance(error, botocore.exceptions.ProfileNotFound):
+        return FailureDescription(
+            f"{error}; check profile= and the AWS config files", transient=False
+        )
+    if isinstance(error, botocore.exceptions.NoRegionError):
+        return FailureDescription(
+            "no AWS region; add region= to the URI or set AWS_REGION",
+            transient=False,
+        )
+    if isinstance(
+        error,
+        botocore.exceptions.SSOError
+        | botocore.exceptions.TokenRetrievalError
+        | botocore.exceptions.CredentialRetrievalError,
+    ):
+        return FailureDescription(
+            f"cannot get AWS credentials: {error}; for SSO run `aws sso login`",
+            transient=False,
+        )
+    if isinstance(
+        error,
+        botocore.exceptions.ConnectionError | botocore.exceptions.HTTPClientError,
+    ):
+        return FailureDescription(f"KMS did not answer: {error}", transient=True)
+    return FailureDescription(f"{type(error).__name__}: {error}", transient=False)
+
+
+def _describe_client_error(
+    error: botocore.exceptions.ClientError, key_id: str
+) -> FailureDescription:
+    details = error.response.get("Error", {})
+    code = str(details.get("Code", "Unknown"))
+    message = str(details.get("Message", "")).rstrip(".")
+    said = f"{code}: {message}" if message else code
+    if code in TRANSIENT_CODES:
+        return FailureDescription(f"KMS failed the request ({said})", True)
+    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if isinstance(status, int) and status >= 500:
+        return FailureDescription(f"KMS failed the request ({said})", True)
+    if code == "AccessDeniedException":
+        fix = (
+            "allow kms:Sign, kms:GetPublicKey and kms:DescribeKey on this key "
+            "for the caller"
+        )
+    elif code == "DisabledException":
+        fix = f"enable it with `aws kms enable-key --key-id {key_id}`"
+    elif code == "KMSInvalidStateException":
+        fix = (
+            "if the key is pending deletion, cancel it with "
+            f"`aws kms cancel-key-deletion --key-id {key_id}` and enable it"
+        )
+    elif code == "NotFoundException":
+        fix = "check key-id= and region= (an alias exists in one region only)"
+    elif code == "InvalidKeyUsageException":
+        fix = "use a key created with --key-usage SIGN_VERIFY"
+    elif code in CREDENTIAL_CODES:
+        fix = "AWS rejected the credentials; renew them (`aws sso login` for SSO)"
+    else:
+        fix = "see the KMS API reference for this error code"
+    return FailureDescription(f"{said}; {fix}", transient=False)

@@ -1,0 +1,226 @@
+"""Where a key lives: the `awskms:` URI, the botocore client and its limits.
+
+This module owns everything that decides which host botocore talks to and
+how long it waits. A key URI names the key (`key-id=`) and how to reach it
+(`region=`, `profile=`, `credentials-file=`, `endpoint=`). Keys that share
+those four settings share one `KMSService`: one limiter on concurrent
+requests and one backoff, because they fail and recover together.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+import botocore.config
+import botocore.exceptions
+import botocore.session
+
+from kmsproxy.backoff import Backoff, BackoffPolicy
+from kmsproxy.uri import KeyURI
+
+logger = logging.getLogger(__name__)
+
+SCHEME = "awskms"
+
+# The attributes of step-kms-plugin's `awskms:` URI that this backend reads.
+KNOWN_ATTRIBUTES = ("key-id", "region", "profile", "credentials-file", "endpoint")
+
+# Seconds to open a TCP (and TLS) connection to KMS. A regional endpoint
+# answers in tens of milliseconds; botocore's default of 60 s would hold a
+# CONNECT that long before the client sees 502.
+CONNECT_TIMEOUT_SECONDS = 3.0
+
+# Seconds to wait for a KMS response once the request is sent. A Sign
+# usually returns within tens of milliseconds (an estimate, larger across
+# regions); 5 s leaves room for a slow one and still fails before a
+# browser or curl gives up on the CONNECT.
+READ_TIMEOUT_SECONDS = 5.0
+
+# Attempts per KMS call in botocore's "standard" retry mode, the first one
+# included. Standard mode retries throttling, 5xx answers and connection
+# errors with jittered exponential delays. Three attempts is botocore's own
+# default for that mode. With the timeouts above, a call can take at most
+# 3 * (3 + 5) s plus the retry delays.
+MAX_ATTEMPTS = 3
+
+# Requests one `KMSService` runs at once, which is also the size of
+# botocore's connection pool for it, so no request waits for a connection.
+# KMS signs in parallel, and 10 is botocore's default pool size. The request
+# quota for asymmetric Sign is account-wide, so a higher number would only
+# move the waiting to the throttling retries.
+MAX_CONCURRENT_REQUESTS = 10
+
+# While KMS is unreachable, the proxy answers 502 at once and tries again
+# after these delays (seconds): first 1 s, doubling up to 30 s.
+RECONNECT_POLICY = BackoffPolicy("awskms-reconnect", initial=1.0, maximum=30.0)
+
+# Credential providers that read only the environment, local files or a
+# user-configured `credential_process`. With `endpoint=` only these run, so
+# botocore contacts no host but that endpoint: no instance metadata service,
+# no container credentials endpoint, no STS for assumed roles, no SSO portal.
+LOCAL_CREDENTIAL_PROVIDERS = frozenset(
+    {"env", "custom-process", "shared-credentials-file", "config-file"}
+)
+
+
+@dataclass(frozen=True)
+class KMSLocation:
+    """How to reach KMS: the URI's settings other than the key id."""
+
+    region: str | None = None
+    profile: str | None = None
+    credentials_file: Path | None = None
+    endpoint: str | None = None
+
+    def describe(self) -> str:
+        """Name the service in logs and errors: region and endpoint, if set."""
+        region = self.region or "the default region"
+        if self.endpoint is None:
+            return f"AWS KMS in {region}"
+        return f"AWS KMS in {region} at {self.endpoint}"
+
+
+@dataclass(frozen=True)
+class KeyAddress:
+    """A parsed `awskms:` URI: the key id and where the key lives."""
+
+    key_id: str
+    location: KMSLocation
+    uri: str
+
+
+def parse_uri(uri: KeyURI) -> KeyAddress:
+    """Read an `awskms:` URI; raise `ValueError` naming a wrong attribute."""
+    redacted = uri.redacted()
+    unknown = sorted(set(uri.attributes) - set(KNOWN_ATTRIBUTES))
+    if unknown:
+        raise ValueError(
+            f"{redacted}: unknown attribute {', '.join(unknown)} "
+            f"(an awskms: URI takes {', '.join(KNOWN_ATTRIBUTES)})"
+        )
+    key_id = uri.get("key-id")
+    if not key_id:
+        raise ValueError(
+            f"{redacted}: missing key-id= (a key id, key ARN or alias, "
+            "for example awskms:key-id=alias/dev-mtls;region=eu-west-1)"
+        )
+    credentials_file = uri.get("credentials-file")
+    endpoint = uri.get("endpoint")
+    if endpoint is not None:
+        check_endpoint(endpoint, redacted)
+    location = KMSLocation(
+        region=uri.get("region") or None,
+        profile=uri.get("profile") or None,
+        credentials_file=Path(credentials_file).expanduser()
+        if credentials_file
+        else None,
+        endpoint=endpoint,
+    )
+    return KeyAddress(key_id=key_id, location=location, uri=redacted)
+
+
+def check_endpoint(endpoint: str, uri: str) -> None:
+    """Reject an endpoint that is not an http(s) URL with a host."""
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError(
+            f"{uri}: endpoint={endpoint} is not an http(s) URL with a host "
+            "(for example endpoint=https://vpce-0123.kms.eu-west-1.vpce.amazonaws.com)"
+        )
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        logger.warning(
+            "KMS endpoint without TLS: messages and signatures travel in clear "
+            "text uri=%s endpoint=%s",
+            uri,
+            endpoint,
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class KMSService:
+    """The limiter and backoff shared by every key at one `KMSLocation`."""
+
+    location: KMSLocation
+    limiter: anyio.CapacityLimiter = field(
+        default_factory=lambda: anyio.CapacityLimiter(MAX_CONCURRENT_REQUESTS)
+    )
+    backoff: Backoff = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.backoff = Backoff(RECONNECT_POLICY, self.location.describe())
+
+
+_SERVICES: dict[KMSLocation, KMSService] = {}
+
+
+def service_for(location: KMSLocation) -> KMSService:
+    """Return the one `KMSService` for `location`, creating it on first use.
+
+    Called from the event loop's thread only (the hooks run there).
+    """
+    service = _SERVICES.get(location)
+    if service is None:
+        service = _SERVICES[location] = KMSService(location)
+    return service
+
+
+def client_config() -> botocore.config.Config:
+    """The botocore settings every KMS client gets: timeouts and retries."""
+    return botocore.config.Config(
+        connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        read_timeout=READ_TIMEOUT_SECONDS,
+        retries={"mode": "standard", "total_max_attempts": MAX_ATTEMPTS},
+        max_pool_connections=MAX_CONCURRENT_REQUESTS,
+    )
+
+
+def create_session(location: KMSLocation) -> botocore.session.Session:
+    """Create a botocore session for `location`'s profile and files.
+
+    With an endpoint, only `LOCAL_CREDENTIAL_PROVIDERS` stay in the
+    credential chain. Raise `botocore.exceptions.BotoCoreError` for a
+    missing profile or an unreadable configuration.
+    """
+    session = botocore.session.Session(profile=location.profile)
+    if location.credentials_file is not None:
+        session.set_config_variable("credentials_file", str(location.credentials_file))
+    if location.endpoint is not None:
+        resolver = session.get_component("credential_provider")
+        for provider in list(resolver.providers):
+            if provider.METHOD not in LOCAL_CREDENTIAL_PROVIDERS:
+                resolver.remove(provider.METHOD)
+    return session
+
+
+def credential_provider_names(session: botocore.session.Session) -> list[str]:
+    """List the credential providers `session` tries, in order."""
+    resolver = session.get_component("credential_provider")
+    return [str(provider.METHOD) for provider in resolver.providers]
+
+
+def create_client(session: botocore.session.Session, location: KMSLocation) -> Any:
+    """Create the KMS client; blocking (it resolves credentials).
+
+    The result is botocore's generated client, which has no static type.
+    """
+    return session.create_client(
+        "kms",
+        region_name=location.region,
+        endpoint_url=location.endpoint,
+        config=client_config(),
+    )
