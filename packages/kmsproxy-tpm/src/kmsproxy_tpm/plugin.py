@@ -1,1 +1,42 @@
-"""Hooks of the kmsproxy-tpm backend."""
+"""Hooks of the kmsproxy-tpm backend: `tpmkms:` keys, chains and commands."""
+
+from __future__ import annotations
+
+import argparse
+
+from kmsproxy.certificates import CertificateSource
+from kmsproxy.plugins.hookspecs import hookimpl
+from kmsproxy.signer import Signer, SignerError
+from kmsproxy.uri import KeyURI
+from kmsproxy_tpm import commands
+from kmsproxy_tpm.certificates import TPMChainSource
+from kmsproxy_tpm.reference import SCHEME, parse_reference
+from kmsproxy_tpm.signer import TPMSigner
+
+
+@hookimpl
+def kmsproxy_schemes() -> list[str]:
+    return [SCHEME]
+
+
+@hookimpl
+def kmsproxy_open_signer(uri: KeyURI) -> Signer | None:
+    if uri.scheme != SCHEME:
+        return None
+    return TPMSigner.open(parse_reference(uri))
+
+
+@hookimpl
+def kmsproxy_open_certificates(uri: KeyURI) -> CertificateSource | None:
+    if uri.scheme != SCHEME:
+        return None
+    try:
+        reference = parse_reference(uri)
+    except SignerError as error:
+        raise ValueError(str(error)) from None
+    return TPMChainSource(reference)
+
+
+@hookimpl
+def kmsproxy_add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    commands.add_parser(subparsers)

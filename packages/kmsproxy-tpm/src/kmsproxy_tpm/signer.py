@@ -1,0 +1,229 @@
+"""`TPMSigner`: a TLS `Signer` over a key loaded in a TPM.
+
+Opening a key (at startup, in the event loop's thread) reads its TSS2 PEM,
+loads it under its parent, and signs a test digest with every scheme the
+template and the TPM allow. Only the schemes whose signature verifies
+against the public key are offered: this catches a wrong auth value before
+the first handshake, and an RSA-PSS salt length other than the digest
+length that TLS requires (RFC 8446 section 4.2.3). TPM 2.0 Part 1 lets a
+TPM use the largest salt outside FIPS mode; libtpms 0.9 uses the digest
+length.
+
+Each signature hashes the message in software and sends the digest to
+TPM2_Sign in a worker thread, one TPM call at a time per TPM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from tpm2_pytss import TSS2_Exception
+from tpm2_pytss.constants import TPM2_RH
+from tpm2_pytss.tsskey import TSSPrivKey
+
+from kmsproxy.signer import (
+    BlockingSigner,
+    PublicKey,
+    SignatureScheme,
+    SignerError,
+    verify_signature,
+)
+from kmsproxy_tpm import device as devices
+from kmsproxy_tpm.device import TPMDevice, TPMError, TPMUnavailable
+from kmsproxy_tpm.keyblob import (
+    KeyBlob,
+    KeyFileError,
+    candidate_schemes,
+    digest_for,
+    read_key_file,
+    sign_digest,
+    supported_algorithms,
+)
+from kmsproxy_tpm.reference import KeyReference
+
+logger = logging.getLogger(__name__)
+
+# Bytes signed by the self-check at open: random, so no two checks match.
+SELF_CHECK_BYTES = 32
+
+
+def load_blob(esapi: Any, blob: KeyBlob, auth: bytes | None, subject: str) -> Any:
+    """Load the key under its parent and set its auth value; return the handle."""
+    try:
+        return TSSPrivKey.load(blob.key, esapi, auth)
+    except TSS2_Exception as error:
+        parent = int(blob.key.parent)
+        if parent != int(TPM2_RH.OWNER):
+            raise TPMError(
+                f"cannot load the key under its parent 0x{parent:08x} ({error}): "
+                "check that this persistent key exists in this TPM "
+                "(`tpm2_getcap handles-persistent`)"
+            ) from None
+        raise
+
+
+def check_auth(reference: KeyReference, blob: KeyBlob) -> None:
+    """Raise `SignerError` when the URI's auth value does not fit the key."""
+    if blob.needs_auth and not reference.auth:
+        raise SignerError(
+            f"{reference.uri}: the key has an auth value; give it with "
+            "pin-source=FILE or pin-value="
+        )
+    if reference.auth and not blob.needs_auth:
+        raise SignerError(
+            f"{reference.uri}: the key has no auth value; drop pin-value= and "
+            "pin-source="
+        )
+
+
+class TPMSigner(BlockingSigner):
+    """A key in a TPM; signatures run behind the TPM's shared limiter."""
+
+    def __init__(
+        self, reference: KeyReference, blob: KeyBlob, device: TPMDevice
+    ) -> None:
+        super().__init__(device.limiter())
+        self._reference = reference
+        self._blob = blob
+        self._device = device
+        self._handle: Any = None
+        self._generation = -1
+        self._schemes: list[SignatureScheme] = []
+        self._closed = False
+
+    @classmethod
+    def open(cls, reference: KeyReference) -> TPMSigner:
+        """Read, load and self-check the key; raise `SignerError` naming the URI."""
+        try:
+            blob = read_key_file(reference.key_path)
+        except KeyFileError as error:
+            hint = ""
+            if reference.name is not None:
+                hint = (
+                    "; `kmsproxy tpm list` shows the keys, "
+                    "`kmsproxy tpm create` makes one"
+                )
+            raise SignerError(f"{reference.uri}: {error}{hint}") from None
+        check_auth(reference, blob)
+        device = devices.acquire_device(reference.tcti)
+        signer = cls(reference, blob, device)
+        try:
+            signer._schemes = device.call(signer._self_check)
+        except TPMError as error:
+            signer._release()
+            raise SignerError(f"{reference.uri}: {error}") from None
+        except BaseException:
+            signer._release()
+            raise
+        if not signer._schemes:
+            signer._release()
+            raise SignerError(
+                f"{reference.uri}: the TPM at {reference.tcti} produced no "
+                f"signature with this {blob.description} key that verifies "
+                "against its public key"
+            )
+        logger.info(
+            "Opened TPM key uri=%s type=%s schemes=%s",
+            reference.uri,
+            blob.description,
+            ",".join(s.name for s in signer._schemes),
+        )
+        return signer
+
+    @property
+    def uri(self) -> str:
+        return self._reference.uri
+
+    @property
+    def description(self) -> str:
+        """The key type, such as `EC P-256` or `RSA 2048`."""
+        return self._blob.description
+
+    def public_key(self) -> PublicKey:
+        return self._blob.public_key
+
+    @property
+    def schemes(self) -> Sequence[SignatureScheme]:
+        return self._schemes
+
+    def sign_blocking(self, data: bytes, scheme: SignatureScheme) -> bytes:
+        backoff = self._device.backoff
+        if not backoff.ready():
+            raise SignerError(
+                f"{self.uri}: {self._device.last_failure}; {backoff.waiting_message()}"
+            )
+        digest = digest_for(scheme, data)
+        try:
+            signature = self._device.call(
+                lambda esapi, generation: self._sign_loaded(
+                    esapi, generation, scheme, digest
+                )
+            )
+        except TPMUnavailable as error:
+            self._device.last_failure = str(error)
+            backoff.record_failure(str(error))
+            raise SignerError(
+                f"{self.uri}: {error}; {backoff.waiting_message()}"
+            ) from None
+        except TPMError as error:
+            raise SignerError(f"{self.uri}: {error}") from None
+        backoff.record_success()
+        return signature
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self.run_blocking(self._flush_and_release)
+
+    def _loaded(self, esapi: Any, generation: int) -> Any:
+        """Return the key's handle, loading the blob into a new context."""
+        if self._generation != generation or self._handle is None:
+            self._handle = load_blob(esapi, self._blob, self._reference.auth, self.uri)
+            self._generation = generation
+        return self._handle
+
+    def _sign_loaded(
+        self, esapi: Any, generation: int, scheme: SignatureScheme, digest: bytes
+    ) -> bytes:
+        return sign_digest(esapi, self._loaded(esapi, generation), scheme, digest)
+
+    def _self_check(self, esapi: Any, generation: int) -> list[SignatureScheme]:
+        """Sign a random message with each candidate scheme; keep what verifies."""
+        handle = self._loaded(esapi, generation)
+        algorithms = supported_algorithms(esapi)
+        message = os.urandom(SELF_CHECK_BYTES)
+        working: list[SignatureScheme] = []
+        for scheme in candidate_schemes(self._blob, algorithms):
+            signature = sign_digest(esapi, handle, scheme, digest_for(scheme, message))
+            try:
+                verify_signature(self._blob.public_key, signature, message, scheme)
+            except InvalidSignature:
+                logger.info(
+                    "TPM signature does not verify, scheme not offered uri=%s "
+                    "scheme=%s",
+                    self.uri,
+                    scheme.name,
+                )
+                continue
+            working.append(scheme)
+        return working
+
+    def _flush_and_release(self) -> None:
+        def flush(esapi: Any, generation: int) -> None:
+            if self._handle is not None and self._generation == generation:
+                esapi.flush_context(self._handle)
+            self._handle = None
+
+        try:
+            self._device.call_if_open(flush)
+        except TPMError as error:
+            logger.debug("Flushing the TPM key failed uri=%s: %s", self.uri, error)
+        self._release()
+
+    def _release(self) -> None:
+        devices.release_device(self._device)

@@ -1,0 +1,233 @@
+"""TPM keys in swtpm: creation, signatures, the key directory, and errors."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+from pki import certify, make_ca
+from swtpm_emulator import Swtpm, swtpm_module
+from tpm_testkeys import (
+    create_key,
+    key_directory,
+    key_uri,
+    open_signer,
+    write_chain,
+)
+
+from kmsproxy.cli import main
+from kmsproxy.plugins.registry import Registry
+from kmsproxy.signer import SignatureScheme, SignerError, verify_signature
+
+__all__ = ["key_directory", "swtpm_module"]
+
+pytestmark = pytest.mark.anyio
+
+MESSAGE = b"TLS 1.3, client CertificateVerify\x00" + bytes(range(64))
+
+ALL_RSA_SCHEMES = {
+    SignatureScheme.rsa_pss_rsae_sha256,
+    SignatureScheme.rsa_pss_rsae_sha384,
+    SignatureScheme.rsa_pss_rsae_sha512,
+    SignatureScheme.rsa_pkcs1_sha256,
+    SignatureScheme.rsa_pkcs1_sha384,
+    SignatureScheme.rsa_pkcs1_sha512,
+}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.parametrize(
+    ("options", "description", "schemes"),
+    [
+        ((), "EC P-256", {SignatureScheme.ecdsa_secp256r1_sha256}),
+        (("--curve", "P-384"), "EC P-384", {SignatureScheme.ecdsa_secp384r1_sha384}),
+        (("--kty", "RSA"), "RSA 2048", ALL_RSA_SCHEMES),
+        (("--kty", "RSA", "--size", "3072"), "RSA 3072", ALL_RSA_SCHEMES),
+    ],
+    ids=["p256", "p384", "rsa2048", "rsa3072"],
+)
+async def test_created_key_signs_each_scheme(
+    swtpm_module: Swtpm,
+    key_directory: Path,
+    options: tuple[str, ...],
+    description: str,
+    schemes: set[SignatureScheme],
+) -> None:
+    uri = create_key(swtpm_module, "client", *options)
+    async with open_signer(uri) as signer:
+        assert set(signer.schemes) == schemes
+        assert getattr(signer, "description", None) == description
+        for scheme in signer.schemes:
+            signature = await signer.sign(MESSAGE, scheme)
+            verify_signature(signer.public_key(), signature, MESSAGE, scheme)
+
+
+def test_key_file_is_private(swtpm_module: Swtpm, key_directory: Path) -> None:
+    create_key(swtpm_module, "client")
+    key_file = key_directory / "client.pem"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(key_directory.stat().st_mode) == 0o700
+    assert key_file.read_bytes().startswith(b"-----BEGIN TSS2 PRIVATE KEY-----")
+
+
+def test_create_refuses_existing_name(
+    swtpm_module: Swtpm, key_directory: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    create_key(swtpm_module, "client")
+    before = (key_directory / "client.pem").read_bytes()
+    status = main(["tpm", "create", "client", "--tcti", swtpm_module.tcti])
+    assert status == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (key_directory / "client.pem").read_bytes() == before
+
+
+def test_create_rejects_path_as_name(
+    key_directory: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(["tpm", "create", "../escape", "--tcti", "swtpm:port=1"])
+    assert status == 2
+    assert "invalid key name '../escape'" in capsys.readouterr().err
+
+
+async def test_list_shows_type_and_certificate(
+    swtpm_module: Swtpm, key_directory: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    create_key(swtpm_module, "alpha")
+    create_key(swtpm_module, "beta", "--curve", "P-384")
+    ca = make_ca("list CA")
+    async with open_signer(key_uri(swtpm_module, "alpha")) as signer:
+        leaf = certify(ca, "alpha client", signer.public_key(), client=True)
+    chain = write_chain(key_directory.parent / "alpha-chain.pem", [leaf, ca.cert])
+    capsys.readouterr()
+    assert main(["tpm", "import-cert", "alpha", str(chain)]) == 0
+    assert main(["tpm", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].startswith("alpha\tEC P-256\tCN=alpha client until ")
+    assert lines[-2].endswith("\ttpmkms:name=alpha")
+    assert lines[-1] == "beta\tEC P-384\tno certificate\ttpmkms:name=beta"
+
+
+async def test_import_cert_rejects_other_key(
+    swtpm_module: Swtpm, key_directory: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    create_key(swtpm_module, "client")
+    ca = make_ca("other CA")
+    chain = write_chain(key_directory.parent / "other.pem", [ca.cert])
+    assert main(["tpm", "import-cert", "client", str(chain)]) == 2
+    assert "is not for the key client" in capsys.readouterr().err
+    assert not (key_directory / "client.crt").exists()
+
+
+def test_delete_removes_key_and_chain(
+    swtpm_module: Swtpm, key_directory: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    create_key(swtpm_module, "client")
+    (key_directory / "client.crt").write_text("chain\n")
+    assert main(["tpm", "delete", "client"]) == 0
+    assert not (key_directory / "client.pem").exists()
+    assert not (key_directory / "client.crt").exists()
+    assert main(["tpm", "delete", "client"]) == 2
+    assert "no key named 'client'" in capsys.readouterr().err
+
+
+async def test_auth_value_from_pin_source(
+    swtpm_module: Swtpm, key_directory: Path, tmp_path: Path
+) -> None:
+    pin = tmp_path / "pin"
+    pin.write_text("correct horse\n")
+    create_key(swtpm_module, "client", "--pin-source", str(pin))
+    async with open_signer(
+        key_uri(swtpm_module, "client", f";pin-source={pin}")
+    ) as signer:
+        scheme = SignatureScheme.ecdsa_secp256r1_sha256
+        signature = await signer.sign(MESSAGE, scheme)
+        verify_signature(signer.public_key(), signature, MESSAGE, scheme)
+
+
+def test_wrong_auth_value_names_uri_not_secret(
+    swtpm_module: Swtpm, key_directory: Path, tmp_path: Path
+) -> None:
+    pin = tmp_path / "pin"
+    pin.write_text("correct horse\n")
+    create_key(swtpm_module, "client", "--pin-source", str(pin))
+    uri = key_uri(swtpm_module, "client", "?pin-value=battery-staple")
+    with pytest.raises(SignerError) as raised:
+        Registry.load().open_signer(uri)
+    message = str(raised.value)
+    assert message.startswith("tpmkms:name=client;tcti=")
+    assert "pin-value=***" in message
+    assert "rejected the key's auth value" in message
+    assert "battery-staple" not in message
+    assert "battery-staple" not in repr(raised.value)
+
+
+def test_missing_auth_value_is_named(
+    swtpm_module: Swtpm, key_directory: Path, tmp_path: Path
+) -> None:
+    pin = tmp_path / "pin"
+    pin.write_text("correct horse\n")
+    create_key(swtpm_module, "client", "--pin-source", str(pin))
+    with pytest.raises(SignerError, match="the key has an auth value"):
+        Registry.load().open_signer(key_uri(swtpm_module, "client"))
+
+
+def test_missing_key_names_uri_and_fix(
+    swtpm_module: Swtpm, key_directory: Path
+) -> None:
+    with pytest.raises(SignerError) as raised:
+        Registry.load().open_signer(key_uri(swtpm_module, "absent"))
+    message = str(raised.value)
+    assert message.startswith("tpmkms:name=absent;")
+    assert "absent.pem not found" in message
+    assert "`kmsproxy tpm list`" in message
+
+
+def test_missing_device_names_path(swtpm_module: Swtpm, key_directory: Path) -> None:
+    create_key(swtpm_module, "client")
+    uri = "tpmkms:name=client;device=/nonexistent/tpmrm0"
+    with pytest.raises(SignerError) as raised:
+        Registry.load().open_signer(uri)
+    message = str(raised.value)
+    assert message.startswith(uri + ": no TPM found at /nonexistent/tpmrm0")
+    assert "set tcti=" in message
+
+
+def test_unknown_tcti_is_named(swtpm_module: Swtpm, key_directory: Path) -> None:
+    create_key(swtpm_module, "client")
+    with pytest.raises(SignerError, match="cannot load the TCTI 'nosuchtcti'"):
+        Registry.load().open_signer("tpmkms:name=client;tcti=nosuchtcti")
+
+
+def test_stopped_emulator_is_named(swtpm_module: Swtpm, key_directory: Path) -> None:
+    create_key(swtpm_module, "client")
+    closed = "swtpm:host=127.0.0.1,port=1"
+    with pytest.raises(SignerError) as raised:
+        Registry.load().open_signer(f"tpmkms:name=client;tcti={closed}")
+    assert f"cannot talk to the TPM at {closed}" in str(raised.value)
+
+
+def test_unknown_attribute_is_named(key_directory: Path) -> None:
+    with pytest.raises(SignerError, match="unknown attribute slot-id"):
+        Registry.load().open_signer("tpmkms:name=client;slot-id=9a")
+
+
+def test_plain_pem_path_is_not_tss2(key_directory: Path, tmp_path: Path) -> None:
+    ca = make_ca("not a TPM key")
+    key_path, _ = ca.write(tmp_path, "software")
+    with pytest.raises(SignerError, match="is not a TSS2 PRIVATE KEY PEM file"):
+        Registry.load().open_signer(f"tpmkms:path={key_path}")
+
+
+def test_cli_error_has_no_traceback(
+    key_directory: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(["tpm", "create", "client", "--tcti", "nosuchtcti"])
+    error = capsys.readouterr().err
+    assert status == 2
+    assert error.startswith("kmsproxy: error: tpm create client: cannot load the TCTI")
+    assert "Traceback" not in error
