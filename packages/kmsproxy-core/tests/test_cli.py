@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,7 @@ from pki import issue, make_ca
 
 from kmsproxy.cli import build_parser, main
 from kmsproxy.cli.serve import MAX_HELD_RECORDS, StartupLogBuffer, config_from_args
+from kmsproxy.plugins import file as file_backend
 from kmsproxy.plugins.hookspecs import hookimpl
 from kmsproxy.plugins.registry import Registry
 
@@ -55,13 +56,30 @@ def test_version() -> None:
 def test_unknown_scheme_is_one_line(tmp_path: Path) -> None:
     key, cert = make_ca().write(tmp_path, "ca")
     result = run_cli(
-        "serve", str(key), str(cert), "--clientkey", "tpmkms:name=k",
+        "serve", str(key), str(cert), "--clientkey", "vault:name=k",
         "--clientcert", str(cert),
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
-    assert "kmsproxy-tpm will provide it" in result.stderr
+    assert "no installed backend handles the scheme 'vault'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def core_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every registry see only the file backend.
+
+    The dev environment installs this repository's four backends, so the
+    messages for a missing backend are tested with their entry points unseen.
+    """
+    load = Registry.load.__func__  # type: ignore[attr-defined]
+
+    def load_core_only(
+        cls: type[Registry], /, plugins: Iterable[object] = (), **_: object
+    ) -> Registry:
+        return load(cls, [file_backend, *plugins], entry_points=False)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(Registry, "load", classmethod(load_core_only))
 
 
 def test_init_creates_private_key(tmp_path: Path) -> None:
@@ -114,12 +132,20 @@ def test_backends_lists_file() -> None:
     result = run_cli("backends")
     assert result.returncode == 0
     assert re.search(r"^file:\tinstalled\tkmsproxy-core$", result.stdout, re.M)
-    assert re.search(
-        r"^tpmkms:\tnot installed\tkmsproxy-tpm will provide it, but is not "
-        r"released yet",
-        result.stdout,
-        re.M,
-    )
+
+
+def test_backends_missing_hint(
+    core_only: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["backends"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("file:\tinstalled\t")
+    tpm = [line for line in lines if line.startswith("tpmkms:")]
+    assert tpm == [
+        "tpmkms:\tnot installed\tkmsproxy-tpm provides it; it is on no package "
+        "index, so install it from a checkout of the kmsproxy repository with "
+        "`pip install ./packages/kmsproxy-tpm`"
+    ]
 
 
 def test_go_flag_spellings() -> None:
@@ -293,15 +319,24 @@ def test_swapped_go_form_hint(tmp_path: Path) -> None:
     assert "the order is KMSURI CERT KEY" in result.stderr
 
 
-def test_planned_backend_not_released(tmp_path: Path) -> None:
+def test_missing_backend_names_folder(
+    tmp_path: Path, core_only: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     key, cert = make_ca().write(tmp_path, "ca")
-    result = run_cli(
+    status = main([
         "serve", str(key), str(cert), "--clientkey", "yubikey:slot-id=9a",
         "--clientcert", str(cert),
-    )  # fmt: skip
-    assert "kmsproxy-yubikey will provide it" in result.stderr
-    assert "not released yet (see docs/backends/README.md)" in result.stderr
-    assert "pip install" not in result.stderr
+    ])  # fmt: skip
+    errors = [
+        line
+        for line in capsys.readouterr().err.splitlines()
+        if line.startswith("kmsproxy: error: ")
+    ]
+    assert status == 2
+    assert len(errors) == 1
+    assert "kmsproxy-yubikey provides it" in errors[0]
+    assert "`pip install ./packages/kmsproxy-yubikey`" in errors[0]
+    assert "pip install kmsproxy-yubikey" not in errors[0]
 
 
 def test_missing_pac_fails_once(tmp_path: Path) -> None:

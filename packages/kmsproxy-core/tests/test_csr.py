@@ -266,10 +266,10 @@ def test_csr_missing_key_one_line(tmp_path: Path) -> None:
 
 
 def test_csr_unknown_scheme_one_line() -> None:
-    result = run_cli("csr", "tpmkms:name=k", "--subject", "CN=me")
+    result = run_cli("csr", "vault:name=k", "--subject", "CN=me")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
-    assert "tpmkms:name=k: no installed backend" in result.stderr
+    assert "vault:name=k: no installed backend" in result.stderr
 
 
 def test_csr_certificate_pairs_in_proxy(tmp_path: Path) -> None:

@@ -12,9 +12,10 @@ from pki import generate_key, issue, make_ca
 
 from kmsproxy.certificates import CertificateError, CertificateSource
 from kmsproxy.errors import UserError
+from kmsproxy.plugins import file as file_backend
 from kmsproxy.plugins.file import FileCertificateSource
 from kmsproxy.plugins.hookspecs import hookimpl
-from kmsproxy.plugins.registry import Registry
+from kmsproxy.plugins.registry import KNOWN_DISTRIBUTIONS, Registry, install_hint
 from kmsproxy.signer import Signer, SignerError, SoftwareSigner
 from kmsproxy.uri import KeyURI
 
@@ -67,21 +68,46 @@ def test_file_uri_with_path(tmp_path: Path) -> None:
     assert signer.public_key() == issued.key.public_key()
 
 
-def test_unknown_scheme_names_distribution() -> None:
+def core_only_registry() -> Registry:
+    """Load a registry with only the file backend, whatever else is installed.
+
+    The dev environment installs the four backends of this repository, so a
+    test of the message for a missing one must not load entry points.
+    """
+    return Registry.load([file_backend], entry_points=False)
+
+
+def test_missing_backend_names_folder() -> None:
     with pytest.raises(UserError) as caught:
-        Registry.load().open_signer("tpmkms:name=mykey")
+        core_only_registry().open_signer("tpmkms:name=mykey")
     message = str(caught.value)
-    assert "kmsproxy-tpm will provide it, but is not released yet" in message
-    assert "pip install" not in message
-    assert "installed: file" in message
     assert message.startswith("tpmkms:name=mykey: ")
+    assert "installed: file" in message
+    assert "kmsproxy-tpm provides it" in message
+    assert "`pip install ./packages/kmsproxy-tpm`" in message
+
+
+@pytest.mark.parametrize("scheme", sorted(KNOWN_DISTRIBUTIONS))
+def test_install_hint_never_bare_name(scheme: str) -> None:
+    hint = install_hint(scheme)
+    distribution = KNOWN_DISTRIBUTIONS[scheme]
+    assert hint is not None
+    assert f"pip install ./packages/{distribution}" in hint
+    assert f"pip install {distribution}" not in hint
+
+
+def test_known_distributions_in_repository() -> None:
+    root = Path(__file__).resolve().parents[3]
+    for distribution in KNOWN_DISTRIBUTIONS.values():
+        pyproject = root / "packages" / distribution / "pyproject.toml"
+        assert f'name = "{distribution}"' in pyproject.read_text()
 
 
 def test_unknown_scheme_redacts_secret() -> None:
     with pytest.raises(UserError) as caught:
-        Registry.load().open_signer("yubikey:slot-id=9a?pin-value=123456")
+        core_only_registry().open_signer("yubikey:slot-id=9a?pin-value=123456")
     assert "123456" not in str(caught.value)
-    assert "kmsproxy-yubikey will provide it" in str(caught.value)
+    assert "kmsproxy-yubikey provides it" in str(caught.value)
 
 
 def test_unlisted_scheme_has_no_hint() -> None:

@@ -73,13 +73,19 @@ def configure_logging(verbose: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `kmsproxy` command and return its exit status."""
     try:
+        # Logging is configured before the registry loads, so a backend that
+        # fails to load is logged in the usual format. --verbose is known
+        # only after parsing. A program that configured logging keeps its own.
+        configured_here = not logging.getLogger().handlers
+        configure_logging(verbose=False)
         registry = Registry.load()
         parser = build_parser(registry)
         args = parser.parse_args(argv)
         if not hasattr(args, "handler"):
             parser.print_help(sys.stderr)
             return EXIT_USER_ERROR
-        configure_logging(getattr(args, "verbose", False))
+        if configured_here and getattr(args, "verbose", False):
+            logging.getLogger().setLevel(logging.DEBUG)
         status: int = args.handler(args)
         return status
     except KeyboardInterrupt:

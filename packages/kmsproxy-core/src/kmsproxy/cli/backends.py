@@ -21,7 +21,13 @@ def run(args: argparse.Namespace) -> int:
         schemes = ", ".join(f"{s}:" for s in backend.schemes)
         distribution = backend.distribution or "registered at run time"
         print(f"{schemes}\tinstalled\t{distribution}")
-    missing = sorted(set(KNOWN_DISTRIBUTIONS) - set(registry.schemes))
+    for broken in registry.broken:
+        print(f"{broken.name}:\tbroken\t{broken.describe()}")
+    missing = sorted(
+        scheme
+        for scheme in set(KNOWN_DISTRIBUTIONS) - set(registry.schemes)
+        if not any(broken.handles(scheme) for broken in registry.broken)
+    )
     for scheme in missing:
         print(f"{scheme}:\tnot installed\t{install_hint(scheme)}")
     return 0

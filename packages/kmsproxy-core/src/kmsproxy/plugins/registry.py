@@ -5,11 +5,18 @@ and collects each backend's URI schemes. An argument that is an existing
 path goes to the file backend. Anything else is parsed as a `KeyURI`, and
 its scheme selects the backend. It raises `UserError` for a scheme that no
 installed backend claims, and for two backends that claim one scheme.
+
+A backend that fails to load (its module or a C library it needs is
+missing, or its `kmsproxy_schemes` hook raises) is kept aside as a
+`BrokenBackend` with its error. The other backends keep working, and a URI
+whose scheme the broken backend would have handled fails with that error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import importlib.metadata
+import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +28,12 @@ from kmsproxy.plugins import hookspecs
 from kmsproxy.signer import Signer
 from kmsproxy.uri import KeyURI, looks_like_uri
 
+logger = logging.getLogger(__name__)
+
 FILE_SCHEME = "file"
 
-# Schemes of backends published separately, with the distribution to install
-# when a URI names one that is missing.
+# Schemes of the backends that live in this repository's packages/ folder,
+# with the distribution to install when a URI names one that is missing.
 KNOWN_DISTRIBUTIONS = {
     "tpmkms": "kmsproxy-tpm",
     "yubikey": "kmsproxy-yubikey",
@@ -32,30 +41,50 @@ KNOWN_DISTRIBUTIONS = {
     "awskms": "kmsproxy-awskms",
 }
 
-# Distributions above that are planned but not on any package index yet.
-# For them no `pip install NAME` is printed: it would install whatever
-# someone else uploads under that name.
-UNRELEASED_DISTRIBUTIONS = frozenset(KNOWN_DISTRIBUTIONS.values())
-
-# Where the status of each planned backend is documented.
-BACKENDS_DOCUMENT = "docs/backends/README.md"
+# Folder of a repository checkout that contains each distribution above.
+PACKAGES_FOLDER = "packages"
 
 
 def install_hint(scheme: str) -> str | None:
-    """Return how to get the backend for `scheme`, or None if unknown.
+    """Return how to install the backend for `scheme`, or None if unknown.
 
-    For a released distribution this is the `pip install` command; for an
-    unreleased one it names the distribution and says it is not released.
+    The distributions are not on any package index, so the hint installs
+    from the repository's packages/ folder. A bare `pip install NAME` would
+    install whatever someone else uploaded under that name.
     """
     distribution = KNOWN_DISTRIBUTIONS.get(scheme)
     if distribution is None:
         return None
-    if distribution in UNRELEASED_DISTRIBUTIONS:
-        return (
-            f"{distribution} will provide it, but is not released yet "
-            f"(see {BACKENDS_DOCUMENT})"
-        )
-    return f"install it with: pip install {distribution}"
+    return (
+        f"{distribution} provides it; it is on no package index, so install "
+        f"it from a checkout of the kmsproxy repository with "
+        f"`pip install ./{PACKAGES_FOLDER}/{distribution}`"
+    )
+
+
+@dataclass(frozen=True)
+class BrokenBackend:
+    """An installed backend that failed to load, and why.
+
+    `name` is the entry point's name, which is the URI scheme for the
+    backends in this repository.
+    """
+
+    name: str
+    distribution: str | None
+    error: str
+
+    def describe(self) -> str:
+        """Name the backend and its error in one line."""
+        source = f" ({self.distribution})" if self.distribution else ""
+        return f"backend {self.name!r}{source} failed to load: {self.error}"
+
+    def handles(self, scheme: str) -> bool:
+        """Return whether this backend would have handled `scheme`."""
+        if self.name.lower() == scheme:
+            return True
+        known = KNOWN_DISTRIBUTIONS.get(scheme)
+        return known is not None and known == self.distribution
 
 
 @dataclass(frozen=True)
@@ -71,9 +100,23 @@ class Backend:
 class Registry:
     """Installed backends, and the routing of arguments to them."""
 
-    def __init__(self, plugin_manager: pluggy.PluginManager) -> None:
+    def __init__(
+        self,
+        plugin_manager: pluggy.PluginManager,
+        *,
+        broken: Sequence[BrokenBackend] = (),
+        distributions: Mapping[str, str] | None = None,
+    ) -> None:
+        """Collect the schemes of every plugin registered in `plugin_manager`.
+
+        `distributions` maps plugin names to the distribution that provides
+        each; `broken` lists the backends that already failed to load.
+        """
         self.plugin_manager = plugin_manager
-        self.backends = _collect_backends(plugin_manager)
+        self.broken = list(broken)
+        self.backends = _collect_backends(
+            plugin_manager, distributions or {}, self.broken
+        )
         self._by_scheme: dict[str, Backend] = {}
         for backend in self.backends:
             for scheme in backend.schemes:
@@ -89,14 +132,19 @@ class Registry:
     def load(
         cls, plugins: Iterable[object] = (), *, entry_points: bool = True
     ) -> Registry:
-        """Load the `kmsproxy` entry points, plus `plugins` (for tests)."""
+        """Load the `kmsproxy` entry points, plus `plugins` (for tests).
+
+        An entry point that fails to load becomes a `BrokenBackend`.
+        """
         manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         manager.add_hookspecs(hookspecs)
+        broken: list[BrokenBackend] = []
+        distributions: dict[str, str] = {}
         if entry_points:
-            manager.load_setuptools_entrypoints(hookspecs.PROJECT_NAME)
+            broken, distributions = _load_entry_points(manager)
         for plugin in plugins:
             manager.register(plugin)
-        return cls(manager)
+        return cls(manager, broken=broken, distributions=distributions)
 
     @property
     def schemes(self) -> list[str]:
@@ -116,11 +164,20 @@ class Registry:
         backend = self._by_scheme.get(uri.scheme)
         if backend is not None:
             return backend
+        for broken in self.broken:
+            if broken.handles(uri.scheme):
+                raise UserError(
+                    f"{uri.redacted()}: {broken.describe()}; repair or reinstall "
+                    "it, then check with `kmsproxy backends`"
+                )
         installed = ", ".join(self.schemes) or "none"
         message = (
             f"{uri.redacted()}: no installed backend handles the scheme "
             f"{uri.scheme!r} (installed: {installed})"
         )
+        if self.broken:
+            names = ", ".join(repr(b.name) for b in self.broken)
+            message += f"; failed to load: {names}"
         hint = install_hint(uri.scheme)
         if hint is not None:
             message += f"; {hint}"
@@ -154,23 +211,82 @@ class Registry:
         return self.plugin_manager.subset_hook_caller(hook_name, others)
 
 
-def _collect_backends(manager: pluggy.PluginManager) -> list[Backend]:
-    distributions = {
-        id(plugin): dist.project_name for plugin, dist in manager.list_plugin_distinfo()
-    }
+def _load_entry_points(
+    manager: pluggy.PluginManager,
+) -> tuple[list[BrokenBackend], dict[str, str]]:
+    """Register every `kmsproxy` entry point that loads.
+
+    Return the backends that failed and the distribution of each plugin.
+    pluggy's own loader stops at the first entry point that raises, so one
+    backend missing a C library would take every backend down with it.
+    """
+    broken: list[BrokenBackend] = []
+    distributions: dict[str, str] = {}
+    for entry_point in importlib.metadata.entry_points(group=hookspecs.PROJECT_NAME):
+        name = entry_point.name
+        if manager.get_plugin(name) is not None or manager.is_blocked(name):
+            continue
+        distribution = entry_point.dist.name if entry_point.dist else None
+        try:
+            plugin = entry_point.load()
+            manager.register(plugin, name=name)
+        except Exception as error:
+            # Any exception: a missing module or C library raises ImportError
+            # or OSError, but a plugin's import may run arbitrary code.
+            broken.append(_broken(name, distribution, error))
+            continue
+        if distribution is not None:
+            distributions[name] = distribution
+    return broken, distributions
+
+
+# Broken backends already logged by this process. The CLI and the proxy
+# each load a registry, so without this every failure would be logged twice.
+_logged_broken: set[BrokenBackend] = set()
+
+
+def _broken(name: str, distribution: str | None, error: Exception) -> BrokenBackend:
+    """Record a backend that failed to load, and log it once per process."""
+    # A loader message may span lines, but the CLI prints errors as one line.
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    backend = BrokenBackend(name, distribution, text)
+    if backend not in _logged_broken:
+        _logged_broken.add(backend)
+        logger.warning(
+            "Backend failed to load backend=%s distribution=%s error=%s",
+            name,
+            distribution,
+            text,
+        )
+    return backend
+
+
+def _collect_backends(
+    manager: pluggy.PluginManager,
+    distributions: Mapping[str, str],
+    broken: list[BrokenBackend],
+) -> list[Backend]:
+    """Collect each plugin's schemes; move plugins that fail into `broken`."""
     backends: list[Backend] = []
     for implementation in manager.hook.kmsproxy_schemes.get_hookimpls():
-        schemes = implementation.function()
-        if not isinstance(schemes, list | tuple):
-            raise UserError(
-                f"backend {implementation.plugin_name!r}: kmsproxy_schemes "
-                f"returned {schemes!r}, expected a list of scheme names"
-            )
+        name = implementation.plugin_name
+        distribution = distributions.get(name)
+        try:
+            schemes = implementation.function()
+            if not isinstance(schemes, list | tuple):
+                raise TypeError(
+                    f"kmsproxy_schemes returned {schemes!r}, expected a list of "
+                    "scheme names"
+                )
+        except Exception as error:
+            broken.append(_broken(name, distribution, error))
+            manager.unregister(implementation.plugin)
+            continue
         backends.append(
             Backend(
-                name=implementation.plugin_name,
+                name=name,
                 schemes=tuple(str(s).lower() for s in schemes),
-                distribution=distributions.get(id(implementation.plugin)),
+                distribution=distribution,
                 plugin=implementation.plugin,
             )
         )
