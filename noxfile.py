@@ -119,6 +119,44 @@ def fuzz(session: nox.Session) -> None:
     )
 
 
+@nox.session(venv_backend="none", default=False)
+def bench(session: nox.Session) -> None:
+    """Benchmark kmsproxy against direct, mitmproxy and nginx on loopback.
+
+    Writes benchmarks/results.json, the results section of
+    docs/benchmarks.md and docs/benchmarks.png. mitmproxy's pins conflict
+    with requirements-dev.lock, so it runs from a virtualenv of its own in
+    .nox/bench-mitmproxy, built from the hashed benchmarks/mitmproxy.lock
+    and rebuilt when that file changes. Linux only (it reads /proc). Extra
+    arguments go to benchmarks/bench.py (`nox -s bench -- --quick`).
+    """
+    lock = ROOT / "benchmarks" / "mitmproxy.lock"
+    venv = ROOT / ".nox" / "bench-mitmproxy"
+    installed_lock = venv / "installed.lock"
+    if not installed_lock.exists() or installed_lock.read_bytes() != lock.read_bytes():
+        session.run(sys.executable, "-m", "venv", "--clear", str(venv), external=True)
+        session.run(
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--require-hashes",
+            "-r",
+            str(lock),
+            external=True,
+        )
+        installed_lock.write_bytes(lock.read_bytes())
+    session.run(
+        venv_tool(session, "python"),
+        str(ROOT / "benchmarks" / "bench.py"),
+        "--mitmdump",
+        str(venv / "bin" / "mitmdump"),
+        *session.posargs,
+        external=True,
+    )
+
+
 @nox.session(venv_backend="none")
 def docs(session: nox.Session) -> None:
     """Check that relative links resolve and that documented CLI flags exist."""

@@ -1,0 +1,200 @@
+"""Turn benchmarks/results.json into docs/benchmarks.md's results and chart.
+
+Only the text between the `<!-- results: start -->` and `<!-- results: end
+-->` marks of the page is replaced; the method and the optimisation log
+around it are written by hand. Run it alone to redraw from saved results:
+
+    python benchmarks/report.py benchmarks/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = ROOT / "docs" / "benchmarks.md"
+CHART = ROOT / "docs" / "benchmarks.png"
+START_MARK = "<!-- results: start -->"
+END_MARK = "<!-- results: end -->"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One column of results: its key in the JSON, heading and direction."""
+
+    key: str
+    heading: str
+    higher_is_better: bool
+    digits: int = 1
+
+
+METRICS = (
+    Metric("download_mbps", "download MB/s", True, 0),
+    Metric("upload_mbps", "upload MB/s", True, 0),
+    Metric("latency_p50_ms_resumed", "fresh p50 ms, resumed", False, 2),
+    Metric("latency_p99_ms_resumed", "fresh p99 ms, resumed", False, 2),
+    Metric("latency_p50_ms_full", "fresh p50 ms, full", False, 2),
+    Metric("latency_p99_ms_full", "fresh p99 ms, full", False, 2),
+    Metric("requests_per_second", "requests/s, 50 clients", True, 0),
+    Metric("signer_calls_per_1000", "signer calls per 1,000 connections", False, 0),
+    Metric("idle_rss_mib", "RSS MiB, idle tunnels", False, 1),
+    Metric("rss_per_tunnel_kib", "KiB per idle tunnel", False, 1),
+    Metric("startup_seconds", "start to first response, s", False, 2),
+)
+
+# The metrics the chart shows as ratios to the direct path.
+CHART_METRICS = (
+    "download_mbps",
+    "upload_mbps",
+    "requests_per_second",
+    "latency_p50_ms_resumed",
+    "latency_p50_ms_full",
+)
+
+
+def summary(values: list[float]) -> tuple[float, float, float]:
+    """Return (median, min, max)."""
+    return statistics.median(values), min(values), max(values)
+
+
+def format_cell(
+    values: list[float] | None, direct: list[float] | None, metric: Metric
+) -> str:
+    if not values:
+        return "–"
+    median, low, high = summary(values)
+    text = f"{median:,.{metric.digits}f}"
+    if len(values) > 1:
+        text += f" ({low:,.{metric.digits}f}–{high:,.{metric.digits}f})"
+    if direct and metric.key not in ("signer_calls_per_1000",):
+        direct_median = statistics.median(direct)
+        if direct_median:
+            text += f" ×{median / direct_median:.2f}"
+    return text
+
+
+def render(results: dict[str, Any]) -> str:
+    """Render the results section: sizes, machine, then one table per
+    group of metrics with a row per contender."""
+    rows: list[dict[str, Any]] = results["rows"]
+    direct = next((row for row in rows if row["name"] == "direct"), None)
+    direct_values: dict[str, list[float]] = direct["values"] if direct else {}
+    sizes = results["sizes"]
+    lines = []
+    if results.get("quick"):
+        lines += [
+            "**These figures come from a `--quick` trial run and are not "
+            "comparable with a full run.**",
+            "",
+        ]
+    machine = results["machine"]
+    lines += [
+        f"Measured {machine['date']} in {machine['duration']} on {machine['cores']} "
+        f"cores of an {machine['cpu']} (Linux {machine['kernel']}), Python "
+        f"{machine['python']}, kmsproxy at commit {machine['kmsproxy commit']}.",
+        "",
+        f"Sizes: {sizes['bulk_mib']} MiB per transfer, {sizes['fresh_requests']} "
+        f"fresh requests per round, {sizes['concurrent_clients']} clients for "
+        f"{sizes['concurrent_seconds']:g} s, {sizes['signer_connections']} "
+        f"connections for the signer count, {sizes['idle_tunnels']} idle tunnels; "
+        f"rounds of each timed measurement: {sizes['repeat']}.",
+        "",
+        "Each cell is the median, (min–max) over the rounds, and ×ratio to the "
+        "direct path's median in the same run.",
+        "",
+    ]
+    groups = (METRICS[:2], METRICS[2:6], METRICS[6:8], METRICS[8:])
+    for group in groups:
+        lines.append("| path | " + " | ".join(m.heading for m in group) + " |")
+        lines.append("| --- |" + " --- |" * len(group))
+        for row in rows:
+            if row["status"] != "measured":
+                continue
+            cells = [
+                format_cell(row["values"].get(m.key), direct_values.get(m.key), m)
+                for m in group
+            ]
+            lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    others = [row for row in rows if row["status"] != "measured"]
+    if others:
+        lines.append("Not measured in this run:")
+        lines.append("")
+        lines += [f"- {row['label']}: {row['status']}, {row['note']}" for row in others]
+        lines.append("")
+    versions = [
+        f"{name} {machine[name]}"
+        for name in ("nginx", "curl", "openssl", "mitmproxy")
+        if name in machine
+    ]
+    lines.append("Versions: " + "; ".join(versions) + ".")
+    return "\n".join(lines)
+
+
+def write_page(results: dict[str, Any], page: Path) -> None:
+    text = page.read_text(encoding="utf-8") if page.exists() else ""
+    body = render(results)
+    if START_MARK in text and END_MARK in text:
+        before, _, rest = text.partition(START_MARK)
+        _, _, after = rest.partition(END_MARK)
+        text = f"{before}{START_MARK}\n{body}\n{END_MARK}{after}"
+    else:
+        text = f"{text}\n{START_MARK}\n{body}\n{END_MARK}\n"
+    page.write_text(text, encoding="utf-8")
+
+
+def draw_chart(results: dict[str, Any], chart: Path) -> None:
+    """Draw the ratio of each contender to direct for CHART_METRICS."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in results["rows"] if row["status"] == "measured"]
+    direct = next(row for row in rows if row["name"] == "direct")
+    metrics = [m for m in METRICS if m.key in CHART_METRICS]
+    figure, axis = plt.subplots(figsize=(10, 4.5), dpi=100)
+    width = 0.8 / max(1, len(rows))
+    for index, row in enumerate(rows):
+        ratios = []
+        for metric in metrics:
+            values = row["values"].get(metric.key)
+            base = direct["values"].get(metric.key)
+            if not values or not base:
+                ratios.append(0.0)
+                continue
+            ratios.append(statistics.median(values) / statistics.median(base))
+        positions = [i + index * width for i in range(len(metrics))]
+        axis.bar(positions, ratios, width, label=row["label"])
+    axis.set_xticks([i + width * (len(rows) - 1) / 2 for i in range(len(metrics))])
+    axis.set_xticklabels([m.heading for m in metrics], fontsize=8)
+    axis.axhline(1.0, color="black", linewidth=0.6)
+    axis.set_ylabel("ratio to direct (median)")
+    axis.set_yscale("log")
+    axis.set_title("Throughput (higher is better) and latency (lower is better)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(chart)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--page", type=Path, default=PAGE)
+    parser.add_argument("--chart", type=Path, default=CHART)
+    args = parser.parse_args(argv)
+    results = json.loads(args.results.read_text())
+    write_page(results, args.page)
+    draw_chart(results, args.chart)
+    print(f"wrote {args.page} and {args.chart}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
