@@ -1,0 +1,267 @@
+"""Opening AWS KMS keys: what loads, and the one-line errors for what does not.
+
+Keys open through the registry and the package's entry point, against
+moto's KMS server on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import botocore.httpsession
+import pytest
+from awskms_moto import (
+    DUMMY_SECRET_ACCESS_KEY,
+    REGION,
+    MotoKMS,
+    SignCall,
+    aws_environment,
+    moto_kms,
+    sign_calls,
+)
+from pki import make_ca
+
+from kmsproxy import Registry, SignatureScheme, SignerError
+from kmsproxy.uri import KeyURI
+from kmsproxy_awskms import KMSSigner, service
+from kmsproxy_awskms.algorithms import MessageType
+
+__all__ = ["aws_environment", "moto_kms", "sign_calls"]
+
+# Upper bound for `kmsproxy serve` to fail at startup.
+PROCESS_TIMEOUT_SECONDS = 30.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def open_key(uri: str) -> KMSSigner:
+    signer = Registry.load().open_signer(uri)
+    assert isinstance(signer, KMSSigner)
+    return signer
+
+
+def open_error(uri: str) -> str:
+    with pytest.raises(SignerError) as raised:
+        Registry.load().open_signer(uri)
+    return str(raised.value)
+
+
+def test_p256_schemes(moto_kms: MotoKMS) -> None:
+    signer = open_key(moto_kms.uri(moto_kms.create_key("ECC_NIST_P256")))
+    assert signer.schemes == [SignatureScheme.ecdsa_secp256r1_sha256]
+    assert signer.public_key() == moto_kms.public_key(signer.address.key_id)
+
+
+def test_self_check_drops_pss(
+    moto_kms: MotoKMS, caplog: pytest.LogCaptureFixture
+) -> None:
+    """moto 5.2.5 signs RSASSA_PSS with the maximum salt length, which TLS
+    rejects; the self-check drops those schemes and names each one."""
+    with caplog.at_level(logging.WARNING, logger="kmsproxy_awskms"):
+        signer = open_key(moto_kms.uri(moto_kms.create_key("RSA_2048")))
+    assert signer.schemes == [
+        SignatureScheme.rsa_pkcs1_sha256,
+        SignatureScheme.rsa_pkcs1_sha384,
+        SignatureScheme.rsa_pkcs1_sha512,
+    ]
+    dropped = [r.getMessage() for r in caplog.records if "Dropping" in r.getMessage()]
+    assert len(dropped) == 3
+    assert "scheme=rsa_pss_rsae_sha256 algorithm=RSASSA_PSS_SHA_256" in dropped[0]
+
+
+def test_self_check_keeps_raw_only(moto_kms: MotoKMS) -> None:
+    """moto 5.2.5 hashes a DIGEST message again, so only RAW is kept."""
+    signer = open_key(moto_kms.uri(moto_kms.create_key("ECC_NIST_P384")))
+    assert signer.message_types == {
+        SignatureScheme.ecdsa_secp384r1_sha384: frozenset({MessageType.RAW}),
+    }
+
+
+def test_alias_opens(moto_kms: MotoKMS) -> None:
+    key_id = moto_kms.create_key("ECC_NIST_P256")
+    moto_kms.client().create_alias(AliasName="alias/dev-mtls", TargetKeyId=key_id)
+    signer = open_key(moto_kms.uri("alias/dev-mtls"))
+    assert signer.public_key() == moto_kms.public_key(key_id)
+
+
+@pytest.mark.anyio
+async def test_sign_verifies(moto_kms: MotoKMS, sign_calls: list[SignCall]) -> None:
+    signer = open_key(moto_kms.uri(moto_kms.create_key("ECC_NIST_P256")))
+    scheme = SignatureScheme.ecdsa_secp256r1_sha256
+    signature = await signer.sign(b"x" * 4096, scheme)
+    assert signature[0] == 0x30  # DER SEQUENCE, as KMS returns it
+    assert sign_calls[-1].message_type == "RAW"
+    assert sign_calls[-1].message == b"x" * 4096
+
+
+@pytest.mark.anyio
+async def test_sign_above_raw_limit_fails_clearly(
+    moto_kms: MotoKMS, sign_calls: list[SignCall]
+) -> None:
+    signer = open_key(moto_kms.uri(moto_kms.create_key("ECC_NIST_P256")))
+    calls_before = len(sign_calls)
+    with pytest.raises(SignerError) as raised:
+        await signer.sign(b"x" * 4097, SignatureScheme.ecdsa_secp256r1_sha256)
+    assert "a 4097-byte message needs MessageType DIGEST" in str(raised.value)
+    assert len(sign_calls) == calls_before
+
+
+def test_disabled_key(moto_kms: MotoKMS) -> None:
+    key_id = moto_kms.create_key("ECC_NIST_P256")
+    moto_kms.client().disable_key(KeyId=key_id)
+    message = open_error(moto_kms.uri(key_id))
+    assert message.startswith(f"awskms:key-id={key_id};region={REGION};")
+    assert (
+        f"the key is disabled; enable it with `aws kms enable-key --key-id {key_id}`"
+        in message
+    )
+
+
+def test_pending_deletion_key(moto_kms: MotoKMS) -> None:
+    key_id = moto_kms.create_key("ECC_NIST_P256")
+    moto_kms.client().schedule_key_deletion(KeyId=key_id, PendingWindowInDays=7)
+    message = open_error(moto_kms.uri(key_id))
+    assert "the key is pending deletion (scheduled for " in message
+    assert f"`aws kms cancel-key-deletion --key-id {key_id}`" in message
+
+
+def test_encryption_key(moto_kms: MotoKMS) -> None:
+    key_id = moto_kms.create_key("RSA_2048", key_usage="ENCRYPT_DECRYPT")
+    message = open_error(moto_kms.uri(key_id))
+    assert "the key's usage is ENCRYPT_DECRYPT, not SIGN_VERIFY" in message
+
+
+def test_key_spec_without_tls_scheme(moto_kms: MotoKMS) -> None:
+    message = open_error(moto_kms.uri(moto_kms.create_key("ECC_SECG_P256K1")))
+    assert "key spec ECC_SECG_P256K1 has no TLS signature scheme" in message
+
+
+def test_access_denied(moto_kms: MotoKMS) -> None:
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Deny", "Action": "kms:DescribeKey", "Resource": "*"}],
+    }
+    key_id = moto_kms.client().create_key(
+        KeyUsage="SIGN_VERIFY", KeySpec="ECC_NIST_P256", Policy=json.dumps(policy)
+    )["KeyMetadata"]["KeyId"]
+    message = open_error(moto_kms.uri(key_id))
+    assert "AccessDeniedException" in message
+    assert "allow kms:Sign, kms:GetPublicKey and kms:DescribeKey" in message
+
+
+def test_missing_alias(moto_kms: MotoKMS) -> None:
+    message = open_error(moto_kms.uri("alias/none-such"))
+    assert "NotFoundException" in message
+    assert "check key-id= and region=" in message
+
+
+def test_missing_key_id() -> None:
+    with pytest.raises(ValueError, match="missing key-id="):
+        Registry.load().open_signer("awskms:region=eu-west-1")
+
+
+def test_unknown_attribute_keeps_secret_out() -> None:
+    uri = "awskms:key-id=k;secret-access-key=hunter2"
+    with pytest.raises(ValueError, match="unknown attribute") as raised:
+        Registry.load().open_signer(uri)
+    assert "unknown attribute secret-access-key" in str(raised.value)
+    assert "hunter2" not in str(raised.value)
+
+
+def test_endpoint_must_be_url() -> None:
+    with pytest.raises(ValueError, match="is not an http"):
+        Registry.load().open_signer("awskms:key-id=k;endpoint=127.0.0.1:4566")
+
+
+def test_secret_not_logged(moto_kms: MotoKMS, caplog: pytest.LogCaptureFixture) -> None:
+    key_id = moto_kms.create_key("ECC_NIST_P256")
+    moto_kms.client().disable_key(KeyId=key_id)
+    with caplog.at_level(logging.DEBUG, logger="kmsproxy_awskms"):
+        open_key(moto_kms.uri(moto_kms.create_key("RSA_2048")))
+        message = open_error(moto_kms.uri(key_id))
+    assert caplog.records
+    assert DUMMY_SECRET_ACCESS_KEY not in caplog.text
+    assert DUMMY_SECRET_ACCESS_KEY not in message
+
+
+@pytest.fixture
+def no_credentials(aws_environment: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Remove the dummy credentials; yield the URL of every HTTP request
+    botocore sends. A request to any host but 127.0.0.1 fails the test
+    before it leaves the process."""
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    assert (aws_environment / "credentials").read_text() == ""
+    assert (aws_environment / "config").read_text() == ""
+    urls: list[str] = []
+    send = botocore.httpsession.URLLib3Session.send
+
+    def send_to_loopback_only(self: Any, request: Any) -> Any:
+        urls.append(request.url)
+        if not request.url.startswith("http://127.0.0.1:"):
+            raise AssertionError(f"botocore tried to reach {request.url}")
+        return send(self, request)
+
+    monkeypatch.setattr(
+        botocore.httpsession.URLLib3Session, "send", send_to_loopback_only
+    )
+    return urls
+
+
+def test_no_credentials(moto_kms: MotoKMS, no_credentials: list[str]) -> None:
+    uri = moto_kms.uri(moto_kms.create_key("ECC_NIST_P256"))
+    requests_before = len(no_credentials)
+    message = open_error(uri)
+    assert "no AWS credentials found" in message
+    # botocore finds no credentials before it signs the first request, so
+    # nothing at all is sent, to moto or to a metadata address.
+    assert no_credentials[requests_before:] == []
+
+
+def test_endpoint_drops_metadata_providers(moto_kms: MotoKMS) -> None:
+    """With endpoint=, the chain has no provider that could reach the
+    instance metadata service, a container endpoint, STS or SSO."""
+    uri = KeyURI.parse(moto_kms.uri("k"))
+    location = service.parse_uri(uri).location
+    names = service.credential_provider_names(service.create_session(location))
+    assert set(names) <= service.LOCAL_CREDENTIAL_PROVIDERS
+    assert "iam-role" not in names
+    assert "container-role" not in names
+
+
+def test_default_chain_without_endpoint() -> None:
+    """Without endpoint=, the standard chain stays whole (inspected only;
+    building the chain sends no request)."""
+    location = service.KMSLocation(region=REGION)
+    names = service.credential_provider_names(service.create_session(location))
+    assert "iam-role" in names
+    assert "sso" in names
+
+
+def test_cli_disabled_key_is_one_line(moto_kms: MotoKMS, tmp_path: Path) -> None:
+    key_id = moto_kms.create_key("ECC_NIST_P256")
+    moto_kms.client().disable_key(KeyId=key_id)
+    ca_key, ca_cert = make_ca().write(tmp_path, "ca")
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "kmsproxy", "serve", str(ca_key), str(ca_cert),
+            "--clientkey", moto_kms.uri(key_id), "--clientcert", str(ca_cert),
+            "--listen", "127.0.0.1:0", "--pac-listen", "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT_SECONDS,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "the key is disabled" in result.stderr
+    assert "Traceback" not in result.stderr
