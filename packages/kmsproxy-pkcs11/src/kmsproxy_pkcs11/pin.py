@@ -1,0 +1,65 @@
+"""The user PIN: where it is read from, and what the token says about it.
+
+The PIN is read from `pin-source` (a file, re-read at each login so a
+rotated PIN is picked up) or `pin-value`. It never appears in a log line or
+an exception message. A PIN that the token rejected is remembered by its
+SHA-256 only, so the same wrong PIN is never sent again (a YubiKey locks
+its PIN after 3 wrong tries); a changed PIN is tried once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from pkcs11 import TokenFlag
+
+from kmsproxy.signer import SignerError
+
+from .address import PinSource
+
+
+def read_pin(source: PinSource, uri: str) -> str | None:
+    """Return the PIN (the first line of a pin-source file), or None."""
+    if source.value is not None:
+        return source.value
+    if source.path is None:
+        return None
+    try:
+        lines = source.path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise SignerError(
+            f"{uri}: cannot read pin-source {source.path}: {error.strerror}"
+        ) from None
+    except UnicodeDecodeError:
+        raise SignerError(
+            f"{uri}: pin-source {source.path} is not UTF-8 text"
+        ) from None
+    if not lines or not lines[0]:
+        raise SignerError(
+            f"{uri}: pin-source {source.path} is empty; write the PIN on its first line"
+        )
+    return lines[0]
+
+
+def pin_fingerprint(pin: str) -> str:
+    """Return a SHA-256 of the PIN, to recognise a rejected PIN again."""
+    return hashlib.sha256(pin.encode("utf-8")).hexdigest()
+
+
+def describe_pin_state(flags: TokenFlag) -> str:
+    """Return what the token's flags say about the PIN's remaining tries.
+
+    PKCS#11 reports no count, only CKF_USER_PIN_COUNT_LOW (a wrong PIN was
+    entered since the last login), CKF_USER_PIN_FINAL_TRY and
+    CKF_USER_PIN_LOCKED. The result is empty when none is set.
+    """
+    if flags & TokenFlag.USER_PIN_LOCKED:
+        return (
+            "the PIN is locked; unblock it with the PUK or the security "
+            "officer PIN before trying again"
+        )
+    if flags & TokenFlag.USER_PIN_FINAL_TRY:
+        return "one try remains before the PIN locks"
+    if flags & TokenFlag.USER_PIN_COUNT_LOW:
+        return "a wrong PIN was entered since the last login, so fewer tries remain"
+    return ""

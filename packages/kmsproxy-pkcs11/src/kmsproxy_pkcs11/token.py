@@ -1,0 +1,434 @@
+"""One open token: its session, login state, limiter and reconnect backoff.
+
+Every key and certificate on one token shares one `TokenSession`, because
+python-pkcs11 sessions are not thread-safe and PKCS#11 keeps the login state
+per application, not per session. Calls reach the session only through
+`TokenSession.run`, under a lock, from the worker thread that the shared
+`limiter` admits, so the token does one operation at a time while tunnels
+that need no signature keep flowing.
+
+When the token goes away (CKR_DEVICE_REMOVED, CKR_SESSION_HANDLE_INVALID,
+CKR_NOT_PRESENT, or a key handle that became invalid), the session is
+dropped and the failure goes to the `pkcs11-reconnect` backoff: calls fail at
+once with "token not present" until the delay passes, then one call looks
+for the token again, opens a new session and logs in. `kmsproxy.backoff`
+logs the loss and the return once each.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import anyio
+import pkcs11
+from pkcs11 import Attribute, Mechanism, Token, TokenFlag
+from pkcs11 import exceptions as p11
+from pkcs11.attributes import AttributeMapper
+
+from kmsproxy.backoff import Backoff, BackoffPolicy
+from kmsproxy.signer import SignerError
+
+from .address import PinSource, TokenSelector
+from .modules import Module
+from .pin import describe_pin_state, pin_fingerprint, read_pin
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+# Reopening a token costs a slot scan and a login. A pulled YubiKey or a
+# restarted HSM client usually returns within seconds, so the first retry
+# comes after 0.5 s; 30 s caps the wait so a returned token is used soon.
+RECONNECT_POLICY = BackoffPolicy("pkcs11-reconnect", initial=0.5, maximum=30.0)
+
+# Return values meaning the token or its session is gone, not that the
+# request was wrong. SoftHSM2 answers CKR_OBJECT_HANDLE_INVALID and then
+# CKR_GENERAL_ERROR when its token directory disappears.
+TOKEN_GONE_ERRORS: tuple[type[p11.PKCS11Error], ...] = (
+    p11.DeviceRemoved,
+    p11.DeviceError,
+    p11.SessionHandleInvalid,
+    p11.SessionClosed,
+    p11.TokenNotPresent,
+    p11.TokenNotRecognised,
+    p11.ObjectHandleInvalid,
+    p11.KeyHandleInvalid,
+    p11.UserNotLoggedIn,
+    p11.GeneralError,
+)
+
+# The phrase that every "token is away" error contains, for users and tests.
+NOT_PRESENT = "token not present"
+
+# CK_ULONG, the C unsigned long that PKCS#11 arrays are made of.
+_ULONG = struct.Struct("L")
+
+
+def attribute_mapper() -> AttributeMapper:
+    """Return python-pkcs11's mapper, taught CKA_ALLOWED_MECHANISMS.
+
+    The attribute is an array of CK_MECHANISM_TYPE (the platform's unsigned
+    long), which python-pkcs11 0.10 does not decode itself.
+    """
+    mapper = AttributeMapper()
+
+    def pack(mechanisms: list[Mechanism]) -> bytes:
+        return b"".join(_ULONG.pack(int(m)) for m in mechanisms)
+
+    def unpack(data: bytes) -> list[Mechanism | int]:
+        end = len(data) - len(data) % _ULONG.size
+        return [
+            _as_mechanism(_ULONG.unpack_from(data, offset)[0])
+            for offset in range(0, end, _ULONG.size)
+        ]
+
+    mapper.register_handler(Attribute.ALLOWED_MECHANISMS, pack, unpack)
+    return mapper
+
+
+def _as_mechanism(value: int) -> Mechanism | int:
+    try:
+        return Mechanism(value)
+    except ValueError:
+        return value
+
+
+class TokenMissing(SignerError):
+    """No token matches the selector (removed, or never there)."""
+
+
+def _token_serial(token: Token) -> str:
+    return bytes(token.serial).decode("ascii", errors="replace").strip()
+
+
+def describe_token(token: Token) -> str:
+    """Return `token 'dev' (serial 1a2b...)` for messages."""
+    return f"token {token.label!r} (serial {_token_serial(token) or 'none'})"
+
+
+def find_token(module: Module, selector: TokenSelector) -> Token:
+    """Return the one token `selector` matches; raise `TokenMissing` otherwise.
+
+    Without label, serial or slot id, the module must hold exactly one
+    initialised token.
+    """
+    try:
+        slots = module.library.get_slots(token_present=True)
+    except TOKEN_GONE_ERRORS as error:
+        raise TokenMissing(
+            f"module {module.path} lists no slots ({_return_value(error)})"
+        ) from None
+    matches = []
+    for slot in slots:
+        if selector.slot_id is not None and slot.slot_id != selector.slot_id:
+            continue
+        try:
+            token = slot.get_token()
+        except TOKEN_GONE_ERRORS:
+            continue
+        if not token.flags & TokenFlag.TOKEN_INITIALIZED:
+            continue
+        if selector.label is not None and token.label != selector.label:
+            continue
+        if selector.label_prefix is not None and not token.label.startswith(
+            selector.label_prefix
+        ):
+            continue
+        if selector.serial is not None and _token_serial(token) != selector.serial:
+            continue
+        matches.append(token)
+    if not matches:
+        raise TokenMissing(
+            f"{NOT_PRESENT}: no token matches {selector.describe()} in "
+            f"module {module.path}"
+        )
+    if len(matches) > 1:
+        found = ", ".join(describe_token(t) for t in matches)
+        raise SignerError(
+            f"{len(matches)} tokens match {selector.describe()} in module "
+            f"{module.path}: {found}; add token= or serial= to pick one"
+        )
+    match: Token = matches[0]
+    return match
+
+
+_REOPEN_ERRORS: tuple[type[Exception], ...] = (TokenMissing, *TOKEN_GONE_ERRORS)
+
+
+def with_uri(uri: str, error: Exception) -> str:
+    """Return the error's message, starting with `uri` once."""
+    text = str(error)
+    return text if text.startswith(uri) else f"{uri}: {text}"
+
+
+def _return_value(error: p11.PKCS11Error) -> str:
+    """Name a python-pkcs11 error the way PKCS#11 does (CKR_DEVICE_REMOVED)."""
+    name = type(error).__name__
+    words = []
+    for index, char in enumerate(name):
+        if char.isupper() and index and not name[index - 1].isupper():
+            words.append("_")
+        words.append(char.upper())
+    text = "".join(words)
+    return f"CKR_{text}" + (f": {error}" if str(error) else "")
+
+
+@dataclass(frozen=True)
+class TokenKey:
+    """The identity of an opened token, for sharing one session per token."""
+
+    module_path: Path
+    label: str
+    serial: str
+
+
+class TokenSession:
+    """The session on one token, reopened after the token comes back."""
+
+    def __init__(
+        self,
+        module: Module,
+        selector: TokenSelector,
+        pin: PinSource,
+        uri: str,
+        *,
+        need_login: bool = True,
+    ) -> None:
+        self.module = module
+        self.need_login = need_login
+        self.selector = selector
+        self.pin = pin
+        self.uri = uri
+        self.limiter = anyio.CapacityLimiter(1)
+        self.backoff = Backoff(RECONNECT_POLICY, uri)
+        # Incremented at each new session, so holders of object handles
+        # know theirs are stale.
+        self.session_number = 0
+        self.users = 0
+        self.token: Token | None = None
+        self._session: pkcs11.Session | None = None
+        self._generation = -1
+        self._logged_in = False
+        self._rejected_pin: str | None = None
+        self._lock = threading.RLock()
+        self._mapper = attribute_mapper()
+
+    @property
+    def logged_in(self) -> bool:
+        return self._logged_in
+
+    def open(self) -> TokenKey:
+        """Find the token, open a session and log in (at startup).
+
+        Raise `SignerError` saying what to add or fix.
+        """
+        with self._lock:
+            self._open_session()
+            assert self.token is not None
+            return TokenKey(
+                self.module.path, self.token.label, _token_serial(self.token)
+            )
+
+    def require_login(self, pin: PinSource, need_login: bool) -> None:
+        """Log in with `pin` if no earlier user of this token did."""
+        with self._lock:
+            if self._logged_in or not (pin.given or need_login):
+                return
+            self.pin = pin
+            self.need_login = self.need_login or need_login
+            self._close_session()
+            self._open_session()
+
+    def run(self, operation: Callable[[pkcs11.Session], _T]) -> _T:
+        """Run `operation` on the session, reopening it when it is gone.
+
+        Call from one thread at a time per token (the limiter's worker, or
+        the event loop at startup). Raise `SignerError` with "token not
+        present" while the token is away.
+        """
+        with self._lock:
+            if self._session is not None and self._generation != self.module.generation:
+                # Another token's recovery re-initialised the module.
+                self._close_session()
+            if self._session is None:
+                self._reopen()
+            assert self._session is not None
+            try:
+                result = operation(self._session)
+            except TOKEN_GONE_ERRORS as error:
+                self._close_session()
+                reason = _return_value(error)
+                self.backoff.record_failure(reason)
+                raise SignerError(
+                    f"{self.uri}: {NOT_PRESENT} ({reason}); "
+                    f"{self.backoff.waiting_message()}"
+                ) from None
+            self.backoff.record_success()
+            return result
+
+    async def run_async(self, operation: Callable[[pkcs11.Session], _T]) -> _T:
+        """Run `operation` in a worker thread behind this token's limiter."""
+        return await anyio.to_thread.run_sync(self.run, operation, limiter=self.limiter)
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_session()
+
+    def _reopen(self) -> None:
+        """Open a new session after a loss, honouring the backoff."""
+        if not self.backoff.ready():
+            raise SignerError(
+                f"{self.uri}: {NOT_PRESENT}; {self.backoff.waiting_message()}"
+            )
+        try:
+            self._open_session()
+        except _REOPEN_ERRORS:
+            # Some modules (SoftHSM2) see a returned token only after
+            # C_Finalize and C_Initialize.
+            try:
+                self.module.reinitialize()
+                self._open_session()
+            except _REOPEN_ERRORS as error:
+                self.backoff.record_failure(str(error))
+                raise SignerError(
+                    f"{self.uri}: {NOT_PRESENT}; {self.backoff.waiting_message()}"
+                ) from None
+        except SignerError as error:
+            self.backoff.record_failure(str(error))
+            raise
+
+    def _open_session(self) -> None:
+        generation = self.module.generation
+        token = find_token(self.module, self.selector)
+        pin = read_pin(self.pin, self.uri)
+        login_required = bool(token.flags & TokenFlag.LOGIN_REQUIRED)
+        if pin is None and login_required and self.need_login:
+            if token.flags & TokenFlag.PROTECTED_AUTHENTICATION_PATH:
+                session = self._login(token, pkcs11.PROTECTED_AUTH)
+            else:
+                raise SignerError(
+                    f"{self.uri}: {describe_token(token)} requires a PIN; add "
+                    "?pin-source=/path/to/pin-file (first line is the PIN) or "
+                    "?pin-value=PIN to the URI"
+                )
+        elif pin is None:
+            session = token.open(attribute_mapper=self._mapper)
+        else:
+            session = self._login(token, pin)
+        self.token = token
+        self._session = session
+        self._generation = generation
+        self._logged_in = pin is not None
+        self.session_number += 1
+        logger.debug(
+            "PKCS#11 session opened token=%r module=%s logged_in=%s",
+            token.label,
+            self.module.path,
+            self._logged_in,
+        )
+
+    def _login(self, token: Token, pin: str | object) -> pkcs11.Session:
+        fingerprint = pin_fingerprint(pin) if isinstance(pin, str) else None
+        if fingerprint is not None and fingerprint == self._rejected_pin:
+            raise SignerError(
+                f"{self.uri}: the token rejected this PIN before, so kmsproxy "
+                "does not send it again; correct pin-source or pin-value"
+            )
+        try:
+            return token.open(user_pin=pin, attribute_mapper=self._mapper)
+        except p11.UserAlreadyLoggedIn:
+            # Login state belongs to the application: an earlier session of
+            # this process logged in, and a new session shares that state.
+            return token.open(attribute_mapper=self._mapper)
+        except p11.PinIncorrect:
+            self._rejected_pin = fingerprint
+            state = self._pin_state(token)
+            raise SignerError(
+                f"{self.uri}: wrong PIN for {describe_token(token)}"
+                + (f"; {state}" if state else "")
+                + "; correct pin-source or pin-value (kmsproxy never retries "
+                "a wrong PIN)"
+            ) from None
+        except p11.PinLocked:
+            raise SignerError(
+                f"{self.uri}: the PIN of {describe_token(token)} is locked; "
+                "unblock it with the PUK or the security officer PIN"
+            ) from None
+        except (p11.PinExpired, p11.PinInvalid, p11.PinLenRange) as error:
+            raise SignerError(
+                f"{self.uri}: {describe_token(token)} rejected the PIN "
+                f"({_return_value(error)}); set a valid PIN in pin-source or "
+                "pin-value"
+            ) from None
+
+    def _pin_state(self, token: Token) -> str:
+        """Re-read the token's flags after a failed login and describe them."""
+        try:
+            fresh = token.slot.get_token()
+        except p11.PKCS11Error:
+            return ""
+        return describe_pin_state(fresh.flags)
+
+    def _close_session(self) -> None:
+        session, self._session = self._session, None
+        self._logged_in = False
+        if session is None:
+            return
+        try:
+            session.close()
+        except p11.PKCS11Error as error:
+            # The session is often already gone with the token; nothing to do.
+            logger.debug(
+                "PKCS#11 session close failed token_uri=%s error=%s",
+                self.uri,
+                _return_value(error),
+            )
+
+
+_sessions: dict[TokenKey, TokenSession] = {}
+_sessions_lock = threading.Lock()
+
+
+def acquire_token(
+    module: Module,
+    selector: TokenSelector,
+    pin: PinSource,
+    uri: str,
+    *,
+    need_login: bool = True,
+) -> TokenSession:
+    """Open the token `selector` names, or share the session already open.
+
+    `need_login` is False for a user that reads only public objects
+    (certificates). Each call must be paired with `release_token`.
+    """
+    candidate = TokenSession(module, selector, pin, uri, need_login=need_login)
+    key = candidate.open()
+    with _sessions_lock:
+        existing = _sessions.get(key)
+        if existing is None:
+            _sessions[key] = candidate
+            candidate.users = 1
+            return candidate
+        existing.users += 1
+    candidate.close()
+    existing.require_login(pin, need_login)
+    return existing
+
+
+def release_token(session: TokenSession) -> None:
+    """Drop one user of `session`; close it when none is left."""
+    with _sessions_lock:
+        session.users -= 1
+        if session.users > 0:
+            return
+        for key, value in list(_sessions.items()):
+            if value is session:
+                del _sessions[key]
+    session.close()

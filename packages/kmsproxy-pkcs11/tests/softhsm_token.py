@@ -1,0 +1,220 @@
+"""SoftHSM2 tokens for tests: a token directory, tokens, keys, certificates.
+
+`SoftHSM` owns one SoftHSM2 configuration under a test directory. Point
+`SOFTHSM2_CONF` at it with `activate`, which also re-initialises the module
+in this process so it reads the new configuration. Keys are generated on
+the token (they never exist outside it); certificates are imported.
+
+A missing SoftHSM2 is a test failure naming the Debian package, not a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pkcs11
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from pkcs11 import Attribute, CertificateType, KeyType, Mechanism, ObjectClass
+from pkcs11 import exceptions as p11
+from pkcs11.util.ec import encode_named_curve_parameters
+
+from kmsproxy.signer import PublicKey
+from kmsproxy_pkcs11.modules import find_known_module, load_module
+from kmsproxy_pkcs11.objects import decode_public_key
+from kmsproxy_pkcs11.token import attribute_mapper
+
+TokenKeyType = Literal["p256", "p384", "rsa2048", "rsa3072"]
+
+USER_PIN = "123456"
+SO_PIN = "12345678"
+
+# softhsm2-util initialises a token in well under a second; the bound is for
+# a loaded CI runner.
+UTIL_TIMEOUT_SECONDS = 60.0
+
+_CURVES = {"p256": "secp256r1", "p384": "secp384r1"}
+_RSA_BITS = {"rsa2048": 2048, "rsa3072": 3072}
+
+
+def softhsm_module() -> Path:
+    """Return the SoftHSM2 module, or fail the test naming the package."""
+    path = find_known_module("softhsm2")
+    if path is None:
+        pytest.fail("SoftHSM2 module not found (install the Debian package softhsm2)")
+    return path
+
+
+@dataclass
+class SoftHSM:
+    """One SoftHSM2 configuration and its token directory."""
+
+    directory: Path
+
+    @property
+    def config(self) -> Path:
+        return self.directory / "softhsm2.conf"
+
+    @property
+    def tokens(self) -> Path:
+        return self.directory / "tokens"
+
+    @property
+    def module(self) -> Path:
+        return softhsm_module()
+
+    def environment(self) -> dict[str, str]:
+        """Return `os.environ` with SOFTHSM2_CONF pointing here."""
+        return {**os.environ, "SOFTHSM2_CONF": str(self.config)}
+
+    def init_token(self, label: str, pin: str = USER_PIN) -> None:
+        """Create a token with `softhsm2-util --init-token` and rescan."""
+        util = shutil.which("softhsm2-util")
+        if util is None:
+            pytest.fail("softhsm2-util not found (install the Debian package softhsm2)")
+        result = subprocess.run(
+            [
+                util, "--init-token", "--free", "--label", label,
+                "--pin", pin, "--so-pin", SO_PIN,
+            ],
+            env=self.environment(),
+            capture_output=True,
+            text=True,
+            timeout=UTIL_TIMEOUT_SECONDS,
+            check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        self.rescan()
+
+    def rescan(self) -> None:
+        """Re-initialise the module here so it sees tokens made elsewhere."""
+        load_module(self.module).reinitialize()
+
+    def session(self, label: str, pin: str = USER_PIN) -> pkcs11.Session:
+        """Open a read-write session on token `label`, logged in."""
+        library = load_module(self.module).library
+        token = library.get_token(token_label=label)
+        try:
+            return token.open(
+                rw=True, user_pin=pin, attribute_mapper=attribute_mapper()
+            )
+        except p11.UserAlreadyLoggedIn:
+            return token.open(rw=True, attribute_mapper=attribute_mapper())
+
+    def generate_key(
+        self,
+        label: str,
+        key_type: TokenKeyType,
+        object_id: bytes,
+        object_label: str,
+        *,
+        allowed: Sequence[Mechanism] = (),
+        pin: str = USER_PIN,
+    ) -> PublicKey:
+        """Generate a key pair on the token; return its public key."""
+        private: dict[Attribute, Any] = {
+            Attribute.SIGN: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+        }
+        if allowed:
+            private[Attribute.ALLOWED_MECHANISMS] = list(allowed)
+        with self.session(label, pin) as session:
+            if key_type in _CURVES:
+                parameters = encode_named_curve_parameters(_CURVES[key_type])
+                public, _ = session.generate_keypair(
+                    KeyType.EC,
+                    id=object_id,
+                    label=object_label,
+                    store=True,
+                    public_template={Attribute.EC_PARAMS: parameters},
+                    private_template=private,
+                )
+            else:
+                public, _ = session.generate_keypair(
+                    KeyType.RSA,
+                    _RSA_BITS[key_type],
+                    id=object_id,
+                    label=object_label,
+                    store=True,
+                    private_template=private,
+                )
+            return decode_public_key(public)
+
+    def import_certificate(
+        self,
+        label: str,
+        certificate: x509.Certificate,
+        object_id: bytes,
+        object_label: str,
+        pin: str = USER_PIN,
+    ) -> None:
+        """Store `certificate` on the token as a CKO_CERTIFICATE object."""
+        with self.session(label, pin) as session:
+            session.create_object(
+                {
+                    Attribute.CLASS: ObjectClass.CERTIFICATE,
+                    Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: False,
+                    Attribute.ID: object_id,
+                    Attribute.LABEL: object_label,
+                    Attribute.SUBJECT: certificate.subject.public_bytes(),
+                    Attribute.ISSUER: certificate.issuer.public_bytes(),
+                    Attribute.VALUE: certificate.public_bytes(
+                        serialization.Encoding.DER
+                    ),
+                }
+            )
+
+    def remove_tokens(self) -> Path:
+        """Move the token directory aside, as if every token were pulled."""
+        aside = self.directory / "tokens-removed"
+        self.tokens.rename(aside)
+        return aside
+
+    def reinsert_tokens(self, aside: Path) -> None:
+        """Put back a token directory that `remove_tokens` moved aside."""
+        aside.rename(self.tokens)
+
+
+def create_softhsm(directory: Path) -> SoftHSM:
+    """Write a SoftHSM2 configuration with an empty token directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    hsm = SoftHSM(directory)
+    hsm.tokens.mkdir()
+    hsm.config.write_text(
+        f"directories.tokendir = {hsm.tokens}\n"
+        "objectstore.backend = file\n"
+        "log.level = ERROR\n"
+        "slots.removable = true\n"
+    )
+    return hsm
+
+
+def activate(hsm: SoftHSM) -> Iterator[SoftHSM]:
+    """Point SOFTHSM2_CONF at `hsm` for a fixture's lifetime (a generator)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SOFTHSM2_CONF", str(hsm.config))
+        hsm.rescan()
+        yield hsm
+
+
+def key_uri(
+    hsm: SoftHSM, token: str, object_id: bytes, *, pin: bool = True, **extra: str
+) -> str:
+    """Return the pkcs11: URI of an object, with ?pin-value= by default."""
+    encoded = "".join(f"%{byte:02X}" for byte in object_id)
+    uri = f"pkcs11:module-path={hsm.module};token={token};id={encoded}"
+    for name, value in extra.items():
+        uri += f";{name.replace('_', '-')}={value}"
+    if pin:
+        uri += f"?pin-value={USER_PIN}"
+    return uri

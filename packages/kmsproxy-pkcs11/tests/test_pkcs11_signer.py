@@ -1,0 +1,419 @@
+"""The pkcs11: signer and certificate source against a real SoftHSM2 token."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from pkcs11 import Mechanism, TokenFlag
+from pki import Issued, certify, make_ca
+from softhsm_token import (
+    USER_PIN,
+    SoftHSM,
+    TokenKeyType,
+    activate,
+    create_softhsm,
+    key_uri,
+)
+
+from kmsproxy.certificates import CertificateError
+from kmsproxy.plugins.registry import Registry
+from kmsproxy.signer import (
+    PublicKey,
+    SignatureScheme,
+    Signer,
+    SignerError,
+    verify_signature,
+)
+from kmsproxy.uri import KeyURI
+from kmsproxy_pkcs11.address import parse_key_uri
+from kmsproxy_pkcs11.pin import describe_pin_state
+from kmsproxy_pkcs11.signer import Pkcs11Signer
+
+pytestmark = pytest.mark.anyio
+
+TOKEN = "dev"
+
+# Key ids on the token: one per key type, and one RSA key that allows only
+# CKM_RSA_PKCS.
+KEY_IDS: dict[TokenKeyType, bytes] = {
+    "p256": b"\x01",
+    "p384": b"\x02",
+    "rsa2048": b"\x03",
+    "rsa3072": b"\x04",
+}
+PKCS1_ONLY_ID = b"\x05"
+NO_CERTIFICATE_ID = b"\x06"
+
+# Bound for waiting until the reconnect backoff lets an attempt through.
+RECOVERY_TIMEOUT_SECONDS = 20.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@dataclass
+class Token:
+    """The module's SoftHSM2 token and what the tests put on it."""
+
+    hsm: SoftHSM
+    ca: Issued
+    intermediate: Issued
+    public_keys: dict[bytes, PublicKey]
+
+
+@pytest.fixture(scope="module")
+def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Token]:
+    hsm = create_softhsm(tmp_path_factory.mktemp("softhsm"))
+    for active in activate(hsm):
+        active.init_token(TOKEN)
+        ca = make_ca("token test root")
+        intermediate_key = make_ca("token test intermediate")
+        intermediate = Issued(
+            intermediate_key.key,
+            _intermediate(ca, intermediate_key),
+            [],
+        )
+        public_keys: dict[bytes, PublicKey] = {}
+        for key_type, object_id in KEY_IDS.items():
+            public_key = active.generate_key(TOKEN, key_type, object_id, key_type)
+            public_keys[object_id] = public_key
+            leaf = certify(intermediate, f"token {key_type}", public_key, client=True)
+            active.import_certificate(TOKEN, leaf, object_id, key_type)
+        public_keys[PKCS1_ONLY_ID] = active.generate_key(
+            TOKEN,
+            "rsa2048",
+            PKCS1_ONLY_ID,
+            "pkcs1-only",
+            allowed=[Mechanism.RSA_PKCS],
+        )
+        public_keys[NO_CERTIFICATE_ID] = active.generate_key(
+            TOKEN, "p256", NO_CERTIFICATE_ID, "bare"
+        )
+        active.import_certificate(TOKEN, intermediate.cert, b"\x10", "intermediate")
+        active.import_certificate(TOKEN, ca.cert, b"\x11", "root")
+        yield Token(active, ca, intermediate, public_keys)
+
+
+def _intermediate(root: Issued, intermediate: Issued) -> x509.Certificate:
+    """Re-issue `intermediate`'s self-signed CA certificate under `root`."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(intermediate.cert.subject)
+        .issuer_name(root.cert.subject)
+        .public_key(intermediate.key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(intermediate.cert.not_valid_before_utc)
+        .not_valid_after(intermediate.cert.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+    )
+    return builder.sign(root.key, hashes.SHA256())
+
+
+def open_signer(uri: str) -> Signer:
+    return Registry.load().open_signer(uri)
+
+
+@pytest.mark.parametrize("key_type", list(KEY_IDS))
+async def test_signer_signs_every_scheme(token: Token, key_type: TokenKeyType) -> None:
+    object_id = KEY_IDS[key_type]
+    signer = open_signer(key_uri(token.hsm, TOKEN, object_id))
+    try:
+        assert signer.public_key() == token.public_keys[object_id]
+        assert signer.schemes
+        for scheme in signer.schemes:
+            data = f"CertificateVerify content for {scheme.name}".encode()
+            signature = await signer.sign(data, scheme)
+            verify_signature(signer.public_key(), signature, data, scheme)
+    finally:
+        await signer.aclose()
+
+
+@pytest.mark.parametrize(
+    ("key_type", "expected"),
+    [
+        ("p256", [SignatureScheme.ecdsa_secp256r1_sha256]),
+        ("p384", [SignatureScheme.ecdsa_secp384r1_sha384]),
+    ],
+)
+async def test_ec_key_reports_its_curve_scheme(
+    token: Token, key_type: TokenKeyType, expected: list[SignatureScheme]
+) -> None:
+    signer = open_signer(key_uri(token.hsm, TOKEN, KEY_IDS[key_type]))
+    try:
+        assert list(signer.schemes) == expected
+    finally:
+        await signer.aclose()
+
+
+async def test_softhsm_ecdsa_hashes_in_software(token: Token) -> None:
+    # SoftHSM2 2.6 offers CKM_ECDSA but no CKM_ECDSA_SHA256.
+    signer = open_signer(key_uri(token.hsm, TOKEN, KEY_IDS["p256"]))
+    try:
+        assert isinstance(signer, Pkcs11Signer)
+        plan = signer.plan_for(SignatureScheme.ecdsa_secp256r1_sha256)
+        assert plan.mechanism == Mechanism.ECDSA
+        assert plan.prehash
+    finally:
+        await signer.aclose()
+
+
+async def test_rsa_key_reports_pss_first(token: Token) -> None:
+    signer = open_signer(key_uri(token.hsm, TOKEN, KEY_IDS["rsa2048"]))
+    try:
+        assert signer.schemes[0] == SignatureScheme.rsa_pss_rsae_sha256
+        assert SignatureScheme.rsa_pkcs1_sha256 in signer.schemes
+    finally:
+        await signer.aclose()
+
+
+async def test_allowed_mechanisms_limit_schemes(token: Token) -> None:
+    signer = open_signer(key_uri(token.hsm, TOKEN, PKCS1_ONLY_ID))
+    try:
+        assert not any(scheme.is_rsa_pss for scheme in signer.schemes)
+        assert signer.schemes == [
+            SignatureScheme.rsa_pkcs1_sha256,
+            SignatureScheme.rsa_pkcs1_sha384,
+            SignatureScheme.rsa_pkcs1_sha512,
+        ]
+        data = b"TLS 1.2 CertificateVerify"
+        signature = await signer.sign(data, SignatureScheme.rsa_pkcs1_sha384)
+        verify_signature(
+            signer.public_key(), signature, data, SignatureScheme.rsa_pkcs1_sha384
+        )
+    finally:
+        await signer.aclose()
+
+
+async def test_unreported_scheme_is_value_error(token: Token) -> None:
+    signer = open_signer(key_uri(token.hsm, TOKEN, PKCS1_ONLY_ID))
+    try:
+        with pytest.raises(ValueError, match="rsa_pss_rsae_sha256"):
+            await signer.sign(b"data", SignatureScheme.rsa_pss_rsae_sha256)
+    finally:
+        await signer.aclose()
+
+
+async def test_key_found_by_label(token: Token) -> None:
+    uri = (
+        f"pkcs11:module-path={token.hsm.module};token={TOKEN};object=p384"
+        f"?pin-value={USER_PIN}"
+    )
+    signer = open_signer(uri)
+    try:
+        assert signer.public_key() == token.public_keys[KEY_IDS["p384"]]
+    finally:
+        await signer.aclose()
+
+
+async def test_module_found_by_name(token: Token) -> None:
+    uri = f"pkcs11:module-path=softhsm2;token={TOKEN};id=%01?pin-value={USER_PIN}"
+    signer = open_signer(uri)
+    try:
+        assert signer.public_key() == token.public_keys[b"\x01"]
+    finally:
+        await signer.aclose()
+
+
+async def test_keys_on_one_token_share_a_session(token: Token) -> None:
+    first = open_signer(key_uri(token.hsm, TOKEN, KEY_IDS["p256"]))
+    second = open_signer(key_uri(token.hsm, TOKEN, KEY_IDS["rsa2048"]))
+    try:
+        assert isinstance(first, Pkcs11Signer)
+        assert isinstance(second, Pkcs11Signer)
+        assert first.limiter is second.limiter
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_certificate_chain_from_token(token: Token) -> None:
+    uri = key_uri(token.hsm, TOKEN, KEY_IDS["p256"], pin=False)
+    source = Registry.load().open_certificates(uri)
+    chain = await source.load()
+    assert [c.subject.rfc4514_string() for c in chain] == [
+        "CN=token p256",
+        "CN=token test intermediate",
+    ]
+    assert chain[0].public_key() == token.public_keys[KEY_IDS["p256"]]
+
+
+async def test_missing_certificate_names_fix(token: Token) -> None:
+    uri = key_uri(token.hsm, TOKEN, NO_CERTIFICATE_ID, pin=False)
+    source = Registry.load().open_certificates(uri)
+    with pytest.raises(CertificateError) as raised:
+        await source.load()
+    assert "no certificate id=%06" in str(raised.value)
+    assert "give --clientcert as a file" in str(raised.value)
+
+
+def test_missing_pin_names_pin_source(token: Token) -> None:
+    uri = key_uri(token.hsm, TOKEN, KEY_IDS["p256"], pin=False)
+    with pytest.raises(SignerError) as raised:
+        open_signer(uri)
+    assert "requires a PIN" in str(raised.value)
+    assert "pin-source=" in str(raised.value)
+
+
+def test_wrong_pin_hides_the_pin(token: Token) -> None:
+    uri = key_uri(token.hsm, TOKEN, KEY_IDS["p256"], pin=False) + "?pin-value=999111"
+    with pytest.raises(SignerError) as raised:
+        open_signer(uri)
+    message = str(raised.value)
+    assert "wrong PIN" in message
+    assert "never retries" in message
+    assert "999111" not in message
+    assert "pin-value=***" in message
+
+
+def test_pin_source_file_is_read(token: Token, tmp_path: Path) -> None:
+    pin_file = tmp_path / "pin"
+    pin_file.write_text(f"{USER_PIN}\n")
+    uri = key_uri(token.hsm, TOKEN, KEY_IDS["p256"], pin=False)
+    signer = open_signer(f"{uri}?pin-source={pin_file}")
+    assert USER_PIN not in signer.uri
+    assert str(pin_file) in signer.uri
+    anyio.run(signer.aclose)
+
+
+def test_missing_token_is_not_present(token: Token) -> None:
+    uri = key_uri(token.hsm, "nope", KEY_IDS["p256"])
+    with pytest.raises(SignerError) as raised:
+        open_signer(uri)
+    assert "token not present: no token matches token=nope" in str(raised.value)
+
+
+def test_missing_module_names_path() -> None:
+    uri = "pkcs11:module-path=/nonexistent/libp11.so;token=dev;id=%01"
+    with pytest.raises(SignerError) as raised:
+        open_signer(uri)
+    assert "/nonexistent/libp11.so not found" in str(raised.value)
+    assert "softhsm2" in str(raised.value)
+
+
+def test_missing_module_path_lists_known() -> None:
+    with pytest.raises(SignerError) as raised:
+        open_signer("pkcs11:token=dev;id=%01")
+    assert "missing module-path=" in str(raised.value)
+    assert "softhsm2 at " in str(raised.value)
+
+
+def test_missing_key_names_selector(token: Token) -> None:
+    uri = key_uri(token.hsm, TOKEN, b"\x7f")
+    with pytest.raises(SignerError) as raised:
+        open_signer(uri)
+    assert "no private key id=%7F" in str(raised.value)
+
+
+def test_id_keeps_non_utf8_bytes() -> None:
+    address = parse_key_uri(KeyURI.parse("pkcs11:token=a;id=%FF%00%80"))
+    assert address.object_id == b"\xff\x00\x80"
+
+
+def test_unknown_attribute_is_named() -> None:
+    with pytest.raises(ValueError, match="unknown attribute 'tokn'"):
+        parse_key_uri(KeyURI.parse("pkcs11:tokn=a;id=%01"))
+
+
+def test_pin_value_and_source_conflict() -> None:
+    with pytest.raises(ValueError, match="not both") as raised:
+        parse_key_uri(
+            KeyURI.parse("pkcs11:token=a;id=%01?pin-value=4321&pin-source=/p")
+        )
+    assert "4321" not in str(raised.value)
+
+
+def test_pin_source_repr_hides_value() -> None:
+    address = parse_key_uri(KeyURI.parse("pkcs11:token=a;id=%01?pin-value=4321"))
+    assert "4321" not in repr(address)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (TokenFlag.USER_PIN_COUNT_LOW, "fewer tries remain"),
+        (
+            TokenFlag.USER_PIN_COUNT_LOW | TokenFlag.USER_PIN_FINAL_TRY,
+            "one try remains",
+        ),
+        (TokenFlag.USER_PIN_LOCKED, "the PIN is locked"),
+        (TokenFlag.LOGIN_REQUIRED, ""),
+    ],
+)
+def test_pin_flags_describe_tries(flags: TokenFlag, expected: str) -> None:
+    described = describe_pin_state(flags)
+    assert (expected in described) if expected else described == ""
+
+
+async def wait_until_signs(signer: Signer, data: bytes) -> bytes:
+    """Sign until the backoff lets an attempt through and it works (bounded)."""
+    scheme = signer.schemes[0]
+    last: SignerError | None = None
+    with anyio.move_on_after(RECOVERY_TIMEOUT_SECONDS):
+        while True:
+            try:
+                return await signer.sign(data, scheme)
+            except SignerError as error:
+                last = error
+                await anyio.sleep(0.1)
+    raise AssertionError(f"no signature within the timeout; last error: {last}")
+
+
+async def test_removed_token_recovers(
+    token: Token, caplog: pytest.LogCaptureFixture
+) -> None:
+    signer = open_signer(key_uri(token.hsm, TOKEN, KEY_IDS["p256"]))
+    scheme = signer.schemes[0]
+    try:
+        aside = token.hsm.remove_tokens()
+        try:
+            with pytest.raises(SignerError, match="token not present"):
+                await signer.sign(b"first", scheme)
+            with pytest.raises(SignerError, match=r"token not present.*retrying in"):
+                await signer.sign(b"second", scheme)
+        finally:
+            token.hsm.reinsert_tokens(aside)
+        signature = await wait_until_signs(signer, b"after")
+        verify_signature(signer.public_key(), signature, b"after", scheme)
+    finally:
+        await signer.aclose()
+    lost = [r for r in caplog.records if "store unavailable" in r.getMessage()]
+    back = [r for r in caplog.records if "store available again" in r.getMessage()]
+    assert len(lost) == 1
+    assert len(back) == 1
+
+
+async def test_changed_wrong_pin_is_not_resent(token: Token, tmp_path: Path) -> None:
+    pin_file = tmp_path / "pin"
+    pin_file.write_text(USER_PIN)
+    uri = key_uri(token.hsm, TOKEN, KEY_IDS["p256"], pin=False)
+    signer = open_signer(f"{uri}?pin-source={pin_file}")
+    scheme = signer.schemes[0]
+    try:
+        aside = token.hsm.remove_tokens()
+        with pytest.raises(SignerError, match="token not present"):
+            await signer.sign(b"while away", scheme)
+        pin_file.write_text("000000")
+        token.hsm.reinsert_tokens(aside)
+        messages: list[str] = []
+        with anyio.fail_after(RECOVERY_TIMEOUT_SECONDS):
+            while len(messages) < 2:
+                try:
+                    await signer.sign(b"data", scheme)
+                except SignerError as error:
+                    if "token not present" not in str(error):
+                        messages.append(str(error))
+                await anyio.sleep(0.1)
+        assert "wrong PIN" in messages[0]
+        assert "does not send it again" in messages[1]
+        pin_file.write_text(USER_PIN)
+        await wait_until_signs(signer, b"fixed")
+    finally:
+        await signer.aclose()
