@@ -408,9 +408,16 @@ class LeafMinter:
             raise MintError(server_name, str(error)) from error
 
     async def context_for_listener(self, host: str) -> ssl.SSLContext:
-        """Return the context for the proxy's own TLS port (and the PAC port)."""
+        """Return the context for the proxy's own TLS port (and the PAC port).
+
+        Raise `MintError` when the CA has expired, or when the CA key fails
+        or takes longer than `CA_SIGN_TIMEOUT_SECONDS`.
+        """
         request = leaf_request_for_listener(host)
-        return await self._context(("listener", request), request)
+        try:
+            return await self._context(("listener", request), request)
+        except SignerError as error:
+            raise MintError(host, str(error)) from error
 
     async def _context(
         self, key: tuple[object, ...], request: LeafRequest

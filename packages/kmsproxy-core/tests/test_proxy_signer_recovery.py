@@ -1,0 +1,174 @@
+"""A key store that fails with `SignerError`, then comes back, without a restart.
+
+Backends raise `SignerError` when a token is removed or a device stops
+answering. The client key's error reaches the client as a 502 page that
+names the key URI (redacted) and the reason. The CA key's error ends the
+client's handshake with an alert and a WARNING that names the key. Once
+the store answers again, the next CONNECT succeeds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from peers import Peer, start_nginx
+from test_proxy import Site, curl, make_site
+
+from kmsproxy import Proxy
+from kmsproxy.signer import PrivateKey, SignatureScheme, SignerError, SoftwareSigner
+from kmsproxy.uri import KeyURI
+
+pytestmark = [pytest.mark.anyio, pytest.mark.interop]
+
+# A URI with a PIN, as a PKCS#11 user might give it; the PIN must not leak.
+CLIENT_KEY_URI = "pkcs11:token=dev;object=client?pin-value=123456"
+PIN = "123456"
+
+CA_KEY_URI = "pkcs11:token=ca;object=ca"
+
+# curl's exit status when the TLS handshake fails, here on the proxy's alert.
+CURL_SSL_CONNECT_ERROR = 35
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class RemovableTokenSigner(SoftwareSigner):
+    """A key on a token that can be pulled out and put back."""
+
+    def __init__(self, private_key: PrivateKey, uri: str) -> None:
+        super().__init__(private_key, uri)
+        self.present = False
+        self.attempts = 0
+
+    async def sign(self, data: bytes, scheme: SignatureScheme) -> bytes:
+        self.attempts += 1
+        if not self.present:
+            raise SignerError(f"{self.uri}: token not present; insert it")
+        return await super().sign(data, scheme)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    return make_site(tmp_path)
+
+
+@pytest.fixture
+def nginx(site: Site) -> Iterator[Peer]:
+    with start_nginx(
+        site.directory,
+        site.path("server.crt"),
+        site.path("server.key"),
+        site.path("client-ca.crt"),
+    ) as peer:
+        yield peer
+
+
+async def fetch(
+    site: Site, proxy_url: str, port: int, *arguments: str
+) -> tuple[int, bytes]:
+    """GET /subject through the proxy; return curl's exit status and output."""
+    result = await curl(
+        *arguments,
+        "--proxy",
+        proxy_url,
+        "--cacert",
+        str(site.path("ca.crt")),
+        "--write-out",
+        "\nstatus=%{http_code}",
+        f"https://127.0.0.1:{port}/subject",
+    )
+    return result.returncode, result.stdout
+
+
+async def test_client_token_removed_then_back(
+    site: Site, nginx: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    redacted = KeyURI.parse(CLIENT_KEY_URI).redacted()
+    signer = RemovableTokenSigner(site.client.key, redacted)
+    proxy = Proxy(site.config(client_keys=[signer]))
+    async with anyio.create_task_group() as group:
+        addresses = await group.start(proxy.serve)
+        failed_status, failed = await fetch(site, addresses.proxy_url, nginx.port)
+        signer.present = True
+        status, output = await fetch(site, addresses.proxy_url, nginx.port)
+        group.cancel_scope.cancel()
+
+    assert failed_status == 0
+    assert failed.endswith(b"status=502")
+    assert signer.attempts >= 1
+    assert redacted.encode() in failed
+    assert b"token not present" in failed
+    assert PIN.encode() not in failed
+
+    assert status == 0
+    assert output == b"subject=CN=proxy client\n\nstatus=200"
+    assert nginx.client_subjects()[-1:] == ["CN=proxy client"]
+
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any(PIN in m for m in messages)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+
+
+async def test_ca_token_removed_then_back(
+    site: Site, nginx: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    ca_signer = RemovableTokenSigner(site.local_ca.key, CA_KEY_URI)
+    proxy = Proxy(site.config(ca_key=ca_signer))
+    async with anyio.create_task_group() as group:
+        addresses = await group.start(proxy.serve)
+        failed_status, _ = await fetch(site, addresses.proxy_url, nginx.port)
+        ca_signer.present = True
+        status, output = await fetch(site, addresses.proxy_url, nginx.port)
+        group.cancel_scope.cancel()
+
+    assert failed_status == CURL_SSL_CONNECT_ERROR
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "Minting failed target=127.0.0.1:" in m
+        and f"{CA_KEY_URI}: token not present" in m
+        for m in warnings
+    ), warnings
+
+    assert status == 0
+    assert output == b"subject=CN=proxy client\n\nstatus=200"
+
+
+async def test_ca_token_removed_listener_tls(
+    site: Site, nginx: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # With an https:// proxy URL, the proxy's own leaf needs the CA key too.
+    caplog.set_level(logging.INFO)
+    ca_signer = RemovableTokenSigner(site.local_ca.key, CA_KEY_URI)
+    proxy = Proxy(site.config(ca_key=ca_signer))
+    async with anyio.create_task_group() as group:
+        addresses = await group.start(proxy.serve)
+        address = addresses.proxy[0]
+        proxy_url = f"https://{address.host}:{address.port}"
+        arguments = ["--proxy-cacert", str(site.path("ca.crt"))]
+        failed = await fetch(site, proxy_url, nginx.port, *arguments)
+        ca_signer.present = True
+        status, output = await fetch(site, proxy_url, nginx.port, *arguments)
+        group.cancel_scope.cancel()
+
+    assert failed[0] != 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        m.startswith("Listener certificate not minted")
+        and f"{CA_KEY_URI}: token not present" in m
+        for m in warnings
+    ), warnings
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+
+    assert status == 0
+    assert output == b"subject=CN=proxy client\n\nstatus=200"
