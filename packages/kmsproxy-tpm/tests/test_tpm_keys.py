@@ -13,6 +13,7 @@ from tpm_testkeys import (
     key_directory,
     key_uri,
     open_signer,
+    transient_handles,
     write_chain,
 )
 
@@ -147,6 +148,7 @@ async def test_auth_value_from_pin_source(
         scheme = SignatureScheme.ecdsa_secp256r1_sha256
         signature = await signer.sign(MESSAGE, scheme)
         verify_signature(signer.public_key(), signature, MESSAGE, scheme)
+    assert transient_handles(swtpm_module) == []
 
 
 def test_wrong_auth_value_names_uri_not_secret(
@@ -161,9 +163,10 @@ def test_wrong_auth_value_names_uri_not_secret(
     message = str(raised.value)
     assert message.startswith("tpmkms:name=client;tcti=")
     assert "pin-value=***" in message
-    assert "rejected the key's auth value" in message
+    assert "the TPM rejected the key's auth value" in message
     assert "battery-staple" not in message
     assert "battery-staple" not in repr(raised.value)
+    assert transient_handles(swtpm_module) == []
 
 
 def test_missing_auth_value_is_named(
@@ -172,7 +175,7 @@ def test_missing_auth_value_is_named(
     pin = tmp_path / "pin"
     pin.write_text("correct horse\n")
     create_key(swtpm_module, "client", "--pin-source", str(pin))
-    with pytest.raises(SignerError, match="the key has an auth value"):
+    with pytest.raises(SignerError, match="the key has an auth value and the TPM"):
         Registry.load().open_signer(key_uri(swtpm_module, "client"))
 
 

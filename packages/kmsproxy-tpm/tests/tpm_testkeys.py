@@ -19,12 +19,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from swtpm_emulator import Swtpm
+from tpm2_pytss import ESAPI
+from tpm2_pytss.constants import TPM2_CAP, TPM2_HC
 
 from kmsproxy import der
 from kmsproxy.ca import choose_ca_scheme, sign_with_template_key, template_key_for
 from kmsproxy.cli import main
 from kmsproxy.plugins.registry import Registry
 from kmsproxy.signer import Signer
+
+# More handles than swtpm can hold (3 transient objects in libtpms 0.9).
+MAX_LISTED_HANDLES = 16
 
 
 @pytest.fixture
@@ -107,3 +112,16 @@ def write_chain(path: Path, chain: list[x509.Certificate]) -> Path:
         b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
     )
     return path
+
+
+def transient_handles(swtpm: Swtpm) -> list[int]:
+    """Return the TPM's loaded transient objects.
+
+    swtpm has no resource manager, so an object that kmsproxy loaded and
+    never flushed stays here until the TPM restarts.
+    """
+    with ESAPI(swtpm.tcti) as esapi:
+        _, data = esapi.get_capability(
+            TPM2_CAP.HANDLES, TPM2_HC.TRANSIENT_FIRST, MAX_LISTED_HANDLES
+        )
+        return [int(handle) for handle in data.data.handles]

@@ -128,7 +128,7 @@ def describe_tss_error(error: TSS2_Exception, tcti: str) -> TPMError:
             "expire, or reset it with `tpm2_dictionarylockout --clear-lockout`"
         )
     if layer == 0 and code in _BUSY_CODES:
-        return TPMUnavailable(f"the TPM at {tcti} is busy ({error}); retrying")
+        return TPMUnavailable(f"the TPM at {tcti} is busy ({error})")
     if layer == 0 and code in _RESET_CODES:
         return TPMUnavailable(
             f"the TPM at {tcti} was reset and lost the loaded key ({error}); "

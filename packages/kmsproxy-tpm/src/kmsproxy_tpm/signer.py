@@ -33,7 +33,7 @@ from kmsproxy.signer import (
     verify_signature,
 )
 from kmsproxy_tpm import device as devices
-from kmsproxy_tpm.device import TPMDevice, TPMError, TPMUnavailable
+from kmsproxy_tpm.device import TPMAuthError, TPMDevice, TPMError, TPMUnavailable
 from kmsproxy_tpm.keyblob import (
     KeyBlob,
     KeyFileError,
@@ -51,10 +51,16 @@ logger = logging.getLogger(__name__)
 SELF_CHECK_BYTES = 32
 
 
-def load_blob(esapi: Any, blob: KeyBlob, auth: bytes | None, subject: str) -> Any:
+def load_blob(esapi: Any, blob: KeyBlob, auth: bytes | None) -> Any:
     """Load the key under its parent and set its auth value; return the handle."""
+    # The file's emptyAuth flag is only a hint: `tpm2_encodeobject` without
+    # --key-auth writes FALSE for keys that have no auth value. The TPM
+    # decides, so load with whatever the URI gives.
+    key = TSSPrivKey(
+        blob.key.private, blob.key.public, empty_auth=not auth, parent=blob.key.parent
+    )
     try:
-        return TSSPrivKey.load(blob.key, esapi, auth)
+        return key.load(esapi, auth or None)
     except TSS2_Exception as error:
         parent = int(blob.key.parent)
         if parent != int(TPM2_RH.OWNER):
@@ -66,18 +72,19 @@ def load_blob(esapi: Any, blob: KeyBlob, auth: bytes | None, subject: str) -> An
         raise
 
 
-def check_auth(reference: KeyReference, blob: KeyBlob) -> None:
-    """Raise `SignerError` when the URI's auth value does not fit the key."""
-    if blob.needs_auth and not reference.auth:
-        raise SignerError(
-            f"{reference.uri}: the key has an auth value; give it with "
-            "pin-source=FILE or pin-value="
+def auth_error_message(reference: KeyReference, blob: KeyBlob) -> str:
+    """Say why the TPM rejected the auth value: missing or wrong."""
+    if not reference.auth and blob.needs_auth:
+        return (
+            "the key has an auth value and the TPM rejected an empty one; give "
+            "it with pin-source=FILE or pin-value="
         )
-    if reference.auth and not blob.needs_auth:
-        raise SignerError(
-            f"{reference.uri}: the key has no auth value; drop pin-value= and "
-            "pin-source="
+    if reference.auth:
+        return (
+            "the TPM rejected the key's auth value: check pin-value= or the "
+            "first line of pin-source="
         )
+    return "the TPM rejected the empty auth value: give one with pin-source=FILE"
 
 
 class TPMSigner(BlockingSigner):
@@ -108,19 +115,23 @@ class TPMSigner(BlockingSigner):
                     "`kmsproxy tpm create` makes one"
                 )
             raise SignerError(f"{reference.uri}: {error}{hint}") from None
-        check_auth(reference, blob)
         device = devices.acquire_device(reference.tcti)
         signer = cls(reference, blob, device)
         try:
             signer._schemes = device.call(signer._self_check)
+        except TPMAuthError:
+            signer._flush_and_release()
+            raise SignerError(
+                f"{reference.uri}: {auth_error_message(reference, blob)}"
+            ) from None
         except TPMError as error:
-            signer._release()
+            signer._flush_and_release()
             raise SignerError(f"{reference.uri}: {error}") from None
         except BaseException:
-            signer._release()
+            signer._flush_and_release()
             raise
         if not signer._schemes:
-            signer._release()
+            signer._flush_and_release()
             raise SignerError(
                 f"{reference.uri}: the TPM at {reference.tcti} produced no "
                 f"signature with this {blob.description} key that verifies "
@@ -183,7 +194,7 @@ class TPMSigner(BlockingSigner):
     def _loaded(self, esapi: Any, generation: int) -> Any:
         """Return the key's handle, loading the blob into a new context."""
         if self._generation != generation or self._handle is None:
-            self._handle = load_blob(esapi, self._blob, self._reference.auth, self.uri)
+            self._handle = load_blob(esapi, self._blob, self._reference.auth)
             self._generation = generation
         return self._handle
 
