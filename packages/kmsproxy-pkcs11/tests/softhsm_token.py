@@ -10,6 +10,7 @@ A missing SoftHSM2 is a test failure naming the Debian package, not a skip.
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import subprocess
@@ -22,11 +23,14 @@ import pkcs11
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 from pkcs11 import Attribute, CertificateType, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.util.ec import encode_named_curve_parameters
 
-from kmsproxy.signer import PublicKey
+from kmsproxy import der
+from kmsproxy.ca import choose_ca_scheme, sign_with_template_key, template_key_for
+from kmsproxy.signer import PublicKey, Signer
 from kmsproxy_pkcs11.modules import find_known_module, load_module
 from kmsproxy_pkcs11.objects import decode_public_key
 from kmsproxy_pkcs11.token import attribute_mapper
@@ -205,6 +209,39 @@ def activate(hsm: SoftHSM) -> Iterator[SoftHSM]:
         patch.setenv("SOFTHSM2_CONF", str(hsm.config))
         hsm.rescan()
         yield hsm
+
+
+async def self_signed_ca(signer: Signer, common_name: str) -> x509.Certificate:
+    """Return a CA certificate over `signer`'s key, signed on the token.
+
+    A throwaway key of the same algorithm gives the to-be-signed bytes their
+    signatureAlgorithm; the token then signs those bytes (as `LocalCA.sign`
+    does for leaves).
+    """
+    now = datetime.datetime.now(datetime.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(signer.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+    )
+    scheme = choose_ca_scheme(signer)
+    template = sign_with_template_key(builder, template_key_for(scheme), scheme)
+    algorithm = der.signature_algorithm(
+        template.public_bytes(serialization.Encoding.DER)
+    )
+    to_be_signed = template.tbs_certificate_bytes
+    signature = await signer.sign(to_be_signed, scheme)
+    certificate = x509.load_der_x509_certificate(
+        der.assemble_signed(to_be_signed, algorithm, signature)
+    )
+    certificate.verify_directly_issued_by(certificate)
+    return certificate
 
 
 def key_uri(

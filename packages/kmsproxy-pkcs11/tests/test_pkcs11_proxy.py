@@ -1,0 +1,304 @@
+"""The proxy end to end with keys on a SoftHSM2 token: curl -> kmsproxy -> nginx.
+
+Client keys and their certificates live on one token; the proxy opens both
+through `pkcs11:` URIs (the real registry and entry point), and nginx
+checks the client certificate. One RSA key allows only CKM_RSA_PKCS, so it
+can sign only TLS 1.2's PKCS#1 v1.5 CertificateVerify.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import pytest
+from cryptography.hazmat.primitives import serialization
+from peers import Peer, free_port, start_nginx
+from pkcs11 import Mechanism
+from pki import certify
+from softhsm_token import (
+    USER_PIN,
+    SoftHSM,
+    TokenKeyType,
+    activate,
+    create_softhsm,
+    key_uri,
+    self_signed_ca,
+)
+from test_proxy import Site, curl, make_site
+
+from kmsproxy import Proxy, ProxyAddresses
+from kmsproxy.cli.demo import serve_mtls_upstream
+from kmsproxy.plugins.registry import Registry
+
+pytestmark = [pytest.mark.anyio, pytest.mark.interop]
+
+TOKEN = "proxy"
+
+KEY_IDS: dict[TokenKeyType, bytes] = {
+    "p256": b"\x01",
+    "p384": b"\x02",
+    "rsa2048": b"\x03",
+    "rsa3072": b"\x04",
+}
+PKCS1_ONLY_ID = b"\x05"
+CA_ID = b"\x20"
+
+# Bounds for the CLI subprocess: start-up, and the wait for recovery.
+PROCESS_TIMEOUT_SECONDS = 30.0
+RECOVERY_TIMEOUT_SECONDS = 30.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@dataclass
+class Setup:
+    """The module's token, proxy files and nginx."""
+
+    hsm: SoftHSM
+    site: Site
+    nginx: Peer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    hsm = create_softhsm(tmp_path_factory.mktemp("softhsm"))
+    site = make_site(tmp_path_factory.mktemp("site"))
+    for active in activate(hsm):
+        active.init_token(TOKEN)
+        for key_type, object_id in KEY_IDS.items():
+            public_key = active.generate_key(TOKEN, key_type, object_id, key_type)
+            leaf = certify(site.client_ca, f"token {key_type}", public_key, client=True)
+            active.import_certificate(TOKEN, leaf, object_id, key_type)
+        public_key = active.generate_key(
+            TOKEN, "rsa2048", PKCS1_ONLY_ID, "pkcs1", allowed=[Mechanism.RSA_PKCS]
+        )
+        leaf = certify(site.client_ca, "token pkcs1", public_key, client=True)
+        active.import_certificate(TOKEN, leaf, PKCS1_ONLY_ID, "pkcs1")
+        active.generate_key(TOKEN, "p256", CA_ID, "ca")
+        with start_nginx(
+            site.directory,
+            site.path("server.crt"),
+            site.path("server.key"),
+            site.path("client-ca.crt"),
+            # Without tickets every handshake signs, so a removed token shows.
+            extra="ssl_session_tickets off;",
+        ) as nginx:
+            yield Setup(active, site, nginx)
+
+
+@contextlib.asynccontextmanager
+async def serving(site: Site, **overrides: object) -> AsyncIterator[ProxyAddresses]:
+    proxy = Proxy(site.config(**overrides))
+    async with anyio.create_task_group() as group:
+        addresses = await group.start(proxy.serve)
+        try:
+            yield addresses
+        finally:
+            group.cancel_scope.cancel()
+
+
+async def fetch(addresses: ProxyAddresses, ca: Path, url: str) -> bytes:
+    result = await curl(
+        "--proxy", addresses.proxy_url, "--cacert", str(ca), "--write-out",
+        "\nstatus=%{http_code}", url,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout
+
+
+@pytest.mark.parametrize("key_type", list(KEY_IDS))
+async def test_token_key_reaches_nginx(setup: Setup, key_type: TokenKeyType) -> None:
+    key = key_uri(setup.hsm, TOKEN, KEY_IDS[key_type])
+    certificate = key_uri(setup.hsm, TOKEN, KEY_IDS[key_type], pin=False)
+    async with serving(
+        setup.site, client_keys=[key], client_certificates=[certificate]
+    ) as addresses:
+        body = await fetch(
+            addresses,
+            setup.site.path("ca.crt"),
+            f"https://localhost:{setup.nginx.port}/subject",
+        )
+    assert body == f"subject=CN=token {key_type}\n\nstatus=200".encode()
+
+
+def tls12_upstream_context(site: Site) -> ssl.SSLContext:
+    """An upstream that accepts TLS 1.2 only and requires a client certificate."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(site.path("server.crt"), site.path("server.key"))
+    context.load_verify_locations(site.path("client-ca.crt"))
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+async def test_pkcs1_only_key_uses_tls12(setup: Setup) -> None:
+    key = key_uri(setup.hsm, TOKEN, PKCS1_ONLY_ID)
+    certificate = key_uri(setup.hsm, TOKEN, PKCS1_ONLY_ID, pin=False)
+    async with anyio.create_task_group() as group:
+        upstream_port = await group.start(
+            serve_mtls_upstream, "127.0.0.1", tls12_upstream_context(setup.site)
+        )
+        async with serving(
+            setup.site, client_keys=[key], client_certificates=[certificate]
+        ) as addresses:
+            body = await fetch(
+                addresses,
+                setup.site.path("ca.crt"),
+                f"https://127.0.0.1:{upstream_port}/",
+            )
+        group.cancel_scope.cancel()
+    assert b"client certificate subject=CN=token pkcs1" in body
+    assert body.endswith(b"status=200")
+
+
+async def test_pkcs1_only_key_fails_tls13_nginx(setup: Setup) -> None:
+    # nginx here accepts TLS 1.3 only, where RSA needs PSS: the proxy reports
+    # the failure as a 502 instead of signing with a scheme the key lacks.
+    key = key_uri(setup.hsm, TOKEN, PKCS1_ONLY_ID)
+    certificate = key_uri(setup.hsm, TOKEN, PKCS1_ONLY_ID, pin=False)
+    async with serving(
+        setup.site, client_keys=[key], client_certificates=[certificate]
+    ) as addresses:
+        body = await fetch(
+            addresses,
+            setup.site.path("ca.crt"),
+            f"https://localhost:{setup.nginx.port}/subject",
+        )
+    assert body.endswith(b"status=502")
+
+
+async def test_ca_key_on_token_mints_leaves(setup: Setup) -> None:
+    ca_uri = key_uri(setup.hsm, TOKEN, CA_ID)
+    signer = Registry.load().open_signer(ca_uri)
+    try:
+        ca_certificate = await self_signed_ca(signer, "kmsproxy token CA")
+    finally:
+        await signer.aclose()
+    ca_path = setup.site.path("token-ca.crt")
+    ca_path.write_bytes(ca_certificate.public_bytes(serialization.Encoding.PEM))
+    key = key_uri(setup.hsm, TOKEN, KEY_IDS["p256"])
+    async with serving(
+        setup.site,
+        ca_key=ca_uri,
+        ca_certificate=ca_path,
+        client_keys=[key],
+        client_certificates=[key],
+    ) as addresses:
+        # curl trusts only the token's CA, so it accepts the minted leaf
+        # only if the token key signed it.
+        body = await fetch(
+            addresses, ca_path, f"https://localhost:{setup.nginx.port}/subject"
+        )
+    assert body == b"subject=CN=token p256\n\nstatus=200"
+
+
+async def fetch_status(addresses: ProxyAddresses, site: Site, port: int) -> bytes:
+    result = await curl(
+        "--proxy", addresses.proxy_url, "--cacert", str(site.path("ca.crt")),
+        "--write-out", "\nstatus=%{http_code}", f"https://localhost:{port}/subject",
+    )  # fmt: skip
+    return result.stdout
+
+
+async def test_removed_token_is_502_then_recovers(setup: Setup) -> None:
+    key = key_uri(setup.hsm, TOKEN, KEY_IDS["p256"])
+    site, port = setup.site, setup.nginx.port
+    async with serving(site, client_keys=[key], client_certificates=[key]) as addresses:
+        assert (await fetch_status(addresses, site, port)).endswith(b"status=200")
+        aside = setup.hsm.remove_tokens()
+        try:
+            missing = await fetch_status(addresses, site, port)
+        finally:
+            setup.hsm.reinsert_tokens(aside)
+        recovered = b""
+        with anyio.move_on_after(RECOVERY_TIMEOUT_SECONDS):
+            while not recovered.endswith(b"status=200"):
+                await anyio.sleep(0.2)
+                recovered = await fetch_status(addresses, site, port)
+    assert b"token not present" in missing
+    assert missing.endswith(b"status=502")
+    assert recovered == b"subject=CN=token p256\n\nstatus=200"
+
+
+def wait_for_line(process: subprocess.Popen[str], pattern: str) -> str:
+    """Read stderr until a line matches `pattern` (bounded); return the line."""
+    assert process.stderr is not None
+    deadline = time.monotonic() + PROCESS_TIMEOUT_SECONDS
+    seen = []
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if re.search(pattern, line):
+            return line
+    raise AssertionError(f"no line matched {pattern!r}; output:\n{''.join(seen)}")
+
+
+async def test_cli_serve_recovers_after_removal(setup: Setup, tmp_path: Path) -> None:
+    pin_file = tmp_path / "pin"
+    pin_file.write_text(USER_PIN + "\n")
+    uri = key_uri(setup.hsm, TOKEN, KEY_IDS["rsa2048"], pin=False)
+    site, port = setup.site, setup.nginx.port
+    proxy_port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "kmsproxy", "serve",
+            str(site.path("ca.key")), str(site.path("ca.crt")),
+            "--clientkey", f"{uri}?pin-source={pin_file}",
+            "--clientcert", uri,
+            "--trust", str(site.path("upstream-ca.crt")),
+            "--listen", f"127.0.0.1:{proxy_port}", "--pac-listen", "127.0.0.1:0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=setup.hsm.environment(),
+    )  # fmt: skip
+    try:
+        wait_for_line(process, r"Proxy listening")
+        proxy_url = f"http://127.0.0.1:{proxy_port}"
+        arguments = (
+            "--proxy", proxy_url, "--cacert", str(site.path("ca.crt")),
+            "--write-out", "\nstatus=%{http_code}", f"https://localhost:{port}/subject",
+        )  # fmt: skip
+        first = await curl(*arguments)
+        aside = setup.hsm.remove_tokens()
+        try:
+            missing = await curl(*arguments)
+            lost = wait_for_line(process, r"store unavailable")
+        finally:
+            setup.hsm.reinsert_tokens(aside)
+        recovered = b""
+        with anyio.move_on_after(RECOVERY_TIMEOUT_SECONDS):
+            while not recovered.endswith(b"status=200"):
+                await anyio.sleep(0.2)
+                recovered = (await curl(*arguments)).stdout
+        back = wait_for_line(process, r"store available again")
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=PROCESS_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=PROCESS_TIMEOUT_SECONDS)
+    assert first.stdout == b"subject=CN=token rsa2048\n\nstatus=200"
+    assert b"token not present" in missing.stdout
+    assert missing.stdout.endswith(b"status=502")
+    assert "backoff pkcs11-reconnect" in lost
+    assert str(pin_file) in lost
+    assert USER_PIN not in lost
+    assert recovered == b"subject=CN=token rsa2048\n\nstatus=200"
+    assert "pkcs11:" in back
