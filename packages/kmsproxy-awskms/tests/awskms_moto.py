@@ -1,7 +1,7 @@
 """moto's KMS server on loopback, and an AWS environment that reaches nothing else.
 
 `moto_kms` (module scope) starts `moto_server` from the venv on a free
-127.0.0.1 port, waits (bounded) until it answers, and stops it by PID.
+127.0.0.1 port, waits (bounded) until it accepts connections, and stops it by PID.
 `aws_environment` (module scope, autouse where imported) sets dummy
 credentials, a region, AWS_EC2_METADATA_DISABLED=true and config and
 credentials files under a temporary directory, so neither the tests nor
@@ -121,7 +121,7 @@ class MotoKMS:
         return key
 
     def pause(self) -> None:
-        """Stop the server answering (SIGSTOP): connections hang, state stays."""
+        """Pause the server (SIGSTOP): connections hang, and its state stays."""
         os.kill(self.process.pid, signal.SIGSTOP)
 
     def resume(self) -> None:
@@ -155,7 +155,7 @@ def moto_server_path() -> Path:
 
 
 def start_moto(directory: Path) -> MotoKMS:
-    """Start `moto_server` on a free loopback port and wait until it answers."""
+    """Start `moto_server` on a free loopback port; wait until it accepts."""
     port = free_port()
     log_path = directory / f"moto-{port}.log"
     with log_path.open("wb") as log_file:

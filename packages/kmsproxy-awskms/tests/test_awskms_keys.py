@@ -6,6 +6,7 @@ moto's KMS server on loopback.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import subprocess
@@ -24,6 +25,7 @@ from awskms_moto import (
     moto_kms,
     sign_calls,
 )
+from peers import free_port
 from pki import make_ca
 
 from kmsproxy import Registry, SignatureScheme, SignerError
@@ -112,6 +114,31 @@ async def test_sign_above_raw_limit_fails_clearly(
         await signer.sign(b"x" * 4097, SignatureScheme.ecdsa_secp256r1_sha256)
     assert "a 4097-byte message needs MessageType DIGEST" in str(raised.value)
     assert len(sign_calls) == calls_before
+
+
+@pytest.mark.anyio
+async def test_wrong_signature_never_returned(
+    moto_kms: MotoKMS, sign_calls: list[SignCall]
+) -> None:
+    """Forced onto the DIGEST path that failed the self-check, moto returns a
+    signature over the digest's digest; the local check rejects it."""
+    signer = open_key(moto_kms.uri(moto_kms.create_key("ECC_NIST_P256")))
+    scheme = SignatureScheme.ecdsa_secp256r1_sha256
+    signer.message_types[scheme] = frozenset(MessageType)
+    data = b"t" * 5000
+    with pytest.raises(SignerError, match="does not verify") as raised:
+        await signer.sign(data, scheme)
+    assert "(MessageType DIGEST)" in str(raised.value)
+    assert sign_calls[-1].message_type == "DIGEST"
+    assert sign_calls[-1].message == hashlib.sha256(data).digest()
+
+
+def test_unreachable_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service, "MAX_ATTEMPTS", 1)
+    uri = f"awskms:key-id=k;region={REGION};endpoint=http://127.0.0.1:{free_port()}"
+    message = open_error(uri)
+    assert "cannot open the key at AWS KMS in eu-west-1 at http://127.0.0.1:" in message
+    assert "KMS unreachable: Could not connect to the endpoint URL" in message
 
 
 def test_disabled_key(moto_kms: MotoKMS) -> None:

@@ -1,4 +1,4 @@
-"""KMS stops answering mid-run: the proxy answers 502, then recovers by itself.
+"""KMS stops responding mid-run: the proxy returns 502, then recovers by itself.
 
 moto is paused with SIGSTOP, so its port still accepts connections but
 no request gets an answer (what a hung endpoint does), and then resumed
@@ -72,6 +72,7 @@ async def test_outage_is_502_then_recovers(
     cert = certify_kms_key(site, moto_kms, key_id, "kms outage")
     config = site.config(client_keys=[moto_kms.uri(key_id)], client_certificates=[cert])
     caplog.set_level(logging.WARNING, logger="kmsproxy.backoff")
+
     with nginx_for(site, TLS13, monkeypatch) as nginx:
         async with serving(Proxy(config)) as addresses:
             before = await fetch_subject(site, addresses, nginx)
@@ -81,6 +82,7 @@ async def test_outage_is_502_then_recovers(
                 held_back = await fetch_subject(site, addresses, nginx)
             finally:
                 moto_kms.resume()
+
             statuses = []
             for _ in range(RECOVERY_ATTEMPTS):
                 after = await fetch_subject(site, addresses, nginx)
@@ -88,9 +90,10 @@ async def test_outage_is_502_then_recovers(
                 if statuses[-1] == 200:
                     break
                 await anyio.sleep(RECOVERY_POLL_SECONDS)
+
     assert status_of(before.stdout) == 200
     assert status_of(timed_out.stdout) == 502
-    assert b"KMS did not answer: Read timeout" in timed_out.stdout
+    assert b"KMS unreachable: Read timeout" in timed_out.stdout
     assert status_of(held_back.stdout) == 502
     assert b"(backoff awskms-reconnect)" in held_back.stdout
     assert statuses[-1] == 200

@@ -164,7 +164,7 @@ async def test_rsa_key_without_pss_fails_tls13_only(
     site: Site, moto_kms: MotoKMS, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The self-check leaves the RSA key PKCS#1 v1.5 only, which TLS 1.3
-    forbids in CertificateVerify: the proxy answers 502, naming the schemes."""
+    forbids in CertificateVerify: the proxy returns a 502 page that says so."""
     key_id = moto_kms.create_key("RSA_2048")
     cert = certify_kms_key(site, moto_kms, key_id, "kms rsa tls13")
     config = site.config(client_keys=[moto_kms.uri(key_id)], client_certificates=[cert])
@@ -200,7 +200,7 @@ async def test_long_tls12_transcript_needs_digest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A transcript over 4096 bytes needs MessageType DIGEST. moto gets
-    DIGEST wrong, the self-check saw that at load, so the proxy answers 502
+    DIGEST wrong, the self-check saw that at load, so the proxy returns 502
     naming the cause and sends no Sign that would return a bad signature."""
     key_id = moto_kms.create_key("ECC_NIST_P256")
     cert = certify_kms_key(site, moto_kms, key_id, "kms long transcript")

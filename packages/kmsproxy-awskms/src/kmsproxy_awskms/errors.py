@@ -1,6 +1,6 @@
 """botocore exceptions turned into one line that names the cause and the fix.
 
-`describe_error` is the only place that knows KMS error codes. It also
+`describe_error` is the only place that interprets KMS error codes. It also
 decides which failures are transient (the service may come back by itself,
 so the caller records them in its backoff) and which need the user to act.
 """
@@ -42,7 +42,7 @@ CREDENTIAL_CODES = frozenset(
 
 @dataclass(frozen=True)
 class FailureDescription:
-    """Why a KMS call failed, in words for the user, and whether to retry."""
+    """The reason a KMS call failed, in words for the user, and whether to retry."""
 
     reason: str
     transient: bool
@@ -94,7 +94,7 @@ def describe_error(error: Exception, key_id: str) -> FailureDescription:
         error,
         botocore.exceptions.ConnectionError | botocore.exceptions.HTTPClientError,
     ):
-        return FailureDescription(f"KMS did not answer: {error}", transient=True)
+        return FailureDescription(f"KMS unreachable: {error}", transient=True)
     return FailureDescription(f"{type(error).__name__}: {error}", transient=False)
 
 
@@ -104,12 +104,12 @@ def _describe_client_error(
     details = error.response.get("Error", {})
     code = str(details.get("Code", "Unknown"))
     message = str(details.get("Message", "")).rstrip(".")
-    said = f"{code}: {message}" if message else code
+    summary = f"{code}: {message}" if message else code
     if code in TRANSIENT_CODES:
-        return FailureDescription(f"KMS failed the request ({said})", True)
+        return FailureDescription(f"KMS failed the request ({summary})", True)
     status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     if isinstance(status, int) and status >= 500:
-        return FailureDescription(f"KMS failed the request ({said})", True)
+        return FailureDescription(f"KMS failed the request ({summary})", True)
     if code == "AccessDeniedException":
         fix = (
             "allow kms:Sign, kms:GetPublicKey and kms:DescribeKey on this key "
@@ -130,4 +130,4 @@ def _describe_client_error(
         fix = "AWS rejected the credentials; renew them (`aws sso login` for SSO)"
     else:
         fix = "see the KMS API reference for this error code"
-    return FailureDescription(f"{said}; {fix}", transient=False)
+    return FailureDescription(f"{summary}; {fix}", transient=False)

@@ -1,4 +1,4 @@
-"""Where a key lives: the `awskms:` URI, the botocore client and its limits.
+"""Key locations: the `awskms:` URI, the botocore client and its limits.
 
 This module owns everything that decides which host botocore talks to and
 how long it waits. A key URI names the key (`key-id=`) and how to reach it
@@ -32,8 +32,8 @@ SCHEME = "awskms"
 KNOWN_ATTRIBUTES = ("key-id", "region", "profile", "credentials-file", "endpoint")
 
 # Seconds to open a TCP (and TLS) connection to KMS. A regional endpoint
-# answers in tens of milliseconds; botocore's default of 60 s would hold a
-# CONNECT that long before the client sees 502.
+# accepts within tens of milliseconds (an estimate), but botocore's default
+# of 60 s would hold a CONNECT that long before the client sees 502.
 CONNECT_TIMEOUT_SECONDS = 3.0
 
 # Seconds to wait for a KMS response once the request is sent. A Sign
@@ -43,7 +43,7 @@ CONNECT_TIMEOUT_SECONDS = 3.0
 READ_TIMEOUT_SECONDS = 5.0
 
 # Attempts per KMS call in botocore's "standard" retry mode, the first one
-# included. Standard mode retries throttling, 5xx answers and connection
+# included. Standard mode retries throttling, 5xx responses and connection
 # errors with jittered exponential delays. Three attempts is botocore's own
 # default for that mode. With the timeouts above, a call can take at most
 # 3 * (3 + 5) s plus the retry delays.
@@ -52,11 +52,11 @@ MAX_ATTEMPTS = 3
 # Requests one `KMSService` runs at once, which is also the size of
 # botocore's connection pool for it, so no request waits for a connection.
 # KMS signs in parallel, and 10 is botocore's default pool size. The request
-# quota for asymmetric Sign is account-wide, so a higher number would only
-# move the waiting to the throttling retries.
+# quota for asymmetric Sign applies to the whole account in a region, so a
+# higher number would only move the waiting to the throttling retries.
 MAX_CONCURRENT_REQUESTS = 10
 
-# While KMS is unreachable, the proxy answers 502 at once and tries again
+# While KMS is unreachable, the proxy returns 502 at once and tries again
 # after these delays (seconds): first 1 s, doubling up to 30 s.
 RECONNECT_POLICY = BackoffPolicy("awskms-reconnect", initial=1.0, maximum=30.0)
 
@@ -180,7 +180,7 @@ def service_for(location: KMSLocation) -> KMSService:
 
 
 def client_config() -> botocore.config.Config:
-    """The botocore settings every KMS client gets: timeouts and retries."""
+    """Build the botocore settings every KMS client gets: timeouts and retries."""
     return botocore.config.Config(
         connect_timeout=CONNECT_TIMEOUT_SECONDS,
         read_timeout=READ_TIMEOUT_SECONDS,

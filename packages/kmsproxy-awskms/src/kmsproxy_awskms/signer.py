@@ -90,11 +90,11 @@ def _open_with_client(
 
     # Step 3: the public key and the algorithms KMS offers for it.
     try:
-        answer = client.get_public_key(KeyId=address.key_id)
+        response = client.get_public_key(KeyId=address.key_id)
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
         raise _open_error(address, e) from None
-    public_key = load_public_key(address, answer["PublicKey"])
-    offered = set(answer.get("SigningAlgorithms", ()))
+    public_key = load_public_key(address, response["PublicKey"])
+    offered = set(response.get("SigningAlgorithms", ()))
     candidates = [
         scheme
         for scheme in KEY_SPEC_SCHEMES[key_spec]
