@@ -45,6 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     listing.add_argument(
         "--module-path",
+        metavar="MODULE",
         help=(
             "the PKCS#11 module's file, or one of "
             f"{', '.join(KNOWN_MODULES)} (default: every one installed)"
@@ -53,6 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     listing.add_argument(
         "--pin-source",
         type=Path,
+        metavar="FILE",
         help=(
             "file whose first line is the user PIN; needed to list private "
             "keys on tokens that hide them before login"

@@ -192,7 +192,7 @@ def load_module(path: Path) -> Module:
             ) from None
         module = Module(path, library)
         _modules[path] = module
-        logger.info(
+        logger.debug(
             "PKCS#11 module loaded module=%s manufacturer=%r description=%r",
             path,
             library.manufacturer_id,

@@ -1,0 +1,103 @@
+"""`kmsproxy pkcs11 list` and `kmsproxy csr` with a pkcs11: key, run as the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from pki import certify, make_ca
+from softhsm_token import USER_PIN, SoftHSM, activate, create_softhsm, key_uri
+
+from kmsproxy.signer import PublicKey
+
+TOKEN = "cli"
+KEY_ID = b"\x0a"
+CERTIFIED_ID = b"\x0b"
+
+# Bound for one CLI run; the commands take well under a second.
+CLI_TIMEOUT_SECONDS = 60.0
+
+
+@dataclass
+class Token:
+    hsm: SoftHSM
+    public_key: PublicKey
+    pin_file: Path
+
+
+@pytest.fixture(scope="module")
+def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Token]:
+    directory = tmp_path_factory.mktemp("softhsm")
+    hsm = create_softhsm(directory)
+    pin_file = directory / "pin"
+    pin_file.write_text(USER_PIN + "\n")
+    for active in activate(hsm):
+        active.init_token(TOKEN)
+        public_key = active.generate_key(TOKEN, "p256", KEY_ID, "signing")
+        certified = active.generate_key(TOKEN, "rsa2048", CERTIFIED_ID, "client")
+        leaf = certify(make_ca("cli CA"), "cli client", certified, client=True)
+        active.import_certificate(TOKEN, leaf, CERTIFIED_ID, "client")
+        yield Token(active, public_key, pin_file)
+
+
+def run_cli(hsm: SoftHSM, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kmsproxy", *args],
+        capture_output=True,
+        text=True,
+        env=hsm.environment(),
+        timeout=CLI_TIMEOUT_SECONDS,
+        check=False,
+    )
+
+
+def test_list_shows_key_uris(token: Token) -> None:
+    result = run_cli(
+        token.hsm, "pkcs11", "list", "--module-path", str(token.hsm.module),
+        "--pin-source", str(token.pin_file),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    base = f"pkcs11:module-path={token.hsm.module};token={TOKEN}"
+    assert f"'{base};id=%0A;object=signing'" in result.stdout
+    assert f"'{base};id=%0B;object=client'" in result.stdout
+    assert "private key id=%0A object='signing' EC" in result.stdout
+    assert "private key id=%0B object='client' RSA-2048" in result.stdout
+    assert "subject=CN=cli client" in result.stdout
+    assert "CKM_ECDSA" in result.stdout
+
+
+def test_list_without_pin_hides_private_keys(token: Token) -> None:
+    result = run_cli(token.hsm, "pkcs11", "list", "--module-path", "softhsm2")
+    assert result.returncode == 0, result.stderr
+    assert "private key id=" not in result.stdout
+    assert "public key id=%0A" in result.stdout
+    assert "add --pin-source FILE" in result.stdout
+
+
+def test_list_missing_module_is_one_line(tmp_path: Path, token: Token) -> None:
+    missing = tmp_path / "libnone.so"
+    result = run_cli(token.hsm, "pkcs11", "list", "--module-path", str(missing))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert f"PKCS#11 module {missing} not found" in result.stderr
+
+
+def test_csr_is_signed_on_token(token: Token, tmp_path: Path) -> None:
+    out = tmp_path / "request.csr"
+    uri = key_uri(token.hsm, TOKEN, KEY_ID, pin=False)
+    result = run_cli(
+        token.hsm, "csr", f"{uri}?pin-source={token.pin_file}",
+        "--subject", "CN=token csr", "--san", "client.test", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    request = x509.load_pem_x509_csr(out.read_bytes())
+    assert request.is_signature_valid
+    assert request.public_key() == token.public_key
+    assert isinstance(request.public_key(), ec.EllipticCurvePublicKey)
+    assert request.subject.rfc4514_string() == "CN=token csr"
