@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import stat
 from pathlib import Path
 
 import pytest
 from pki import certify, make_ca
 from swtpm_emulator import Swtpm, swtpm_module
+from tpm_busy_peer import busy_tpm
 from tpm_testkeys import (
     create_key,
     key_directory,
@@ -152,8 +154,12 @@ async def test_auth_value_from_pin_source(
 
 
 def test_wrong_auth_value_names_uri_not_secret(
-    swtpm_module: Swtpm, key_directory: Path, tmp_path: Path
+    swtpm_module: Swtpm,
+    key_directory: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     pin = tmp_path / "pin"
     pin.write_text("correct horse\n")
     create_key(swtpm_module, "client", "--pin-source", str(pin))
@@ -166,6 +172,7 @@ def test_wrong_auth_value_names_uri_not_secret(
     assert "the TPM rejected the key's auth value" in message
     assert "battery-staple" not in message
     assert "battery-staple" not in repr(raised.value)
+    assert "battery-staple" not in caplog.text
     assert transient_handles(swtpm_module) == []
 
 
@@ -212,6 +219,19 @@ def test_stopped_emulator_is_named(swtpm_module: Swtpm, key_directory: Path) -> 
     with pytest.raises(SignerError) as raised:
         Registry.load().open_signer(f"tpmkms:name=client;tcti={closed}")
     assert f"cannot talk to the TPM at {closed}" in str(raised.value)
+
+
+def test_busy_tpm_is_named(
+    swtpm_module: Swtpm, key_directory: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    create_key(swtpm_module, "client")
+    with busy_tpm() as tpm:
+        status = main(["tpm", "create", "other", "--tcti", tpm.tcti])
+        with pytest.raises(SignerError) as raised:
+            Registry.load().open_signer(f"tpmkms:name=client;tcti={tpm.tcti}")
+    assert status == 2
+    assert f"the TPM at {tpm.tcti} is busy" in capsys.readouterr().err
+    assert f"the TPM at {tpm.tcti} is busy" in str(raised.value)
 
 
 def test_unknown_attribute_is_named(key_directory: Path) -> None:

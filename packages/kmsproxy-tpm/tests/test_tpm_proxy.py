@@ -218,7 +218,11 @@ async def test_concurrent_tunnels_share_one_tpm(
 
 
 async def test_proxy_recovers_after_swtpm_restart(
-    swtpm_module: Swtpm, key_directory: Path, site: Site, nginx: Peer
+    swtpm_module: Swtpm,
+    key_directory: Path,
+    site: Site,
+    nginx: Peer,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     uri = tpm_client_identity(swtpm_module, site, key_directory)
     url = f"https://localhost:{nginx.port}/subject"
@@ -235,6 +239,8 @@ async def test_proxy_recovers_after_swtpm_restart(
     assert b"cannot talk to the TPM" in during.stdout
     assert b"tpm-reconnect" in during.stdout
     assert after.stdout == b"subject=CN=tpm client\n\nstatus=200"
+    assert caplog.text.count("store unavailable: TPM swtpm:") == 1
+    assert caplog.text.count("store available again: TPM swtpm:") == 1
 
 
 async def fetch_until_ok(

@@ -25,7 +25,12 @@ from kmsproxy.errors import UserError
 from kmsproxy.plugins.file import load_certificates
 from kmsproxy.signer import SignerError
 from kmsproxy_tpm import storage
-from kmsproxy_tpm.device import TPMError, describe_tss_error, open_context
+from kmsproxy_tpm.device import (
+    TPMError,
+    TPMUnavailable,
+    describe_tss_error,
+    open_context,
+)
 from kmsproxy_tpm.keyblob import (
     CURVE_IDS,
     KeyFileError,
@@ -184,6 +189,9 @@ def run_create(args: argparse.Namespace) -> int:
         try:
             esapi.test_parms(_key_parameters(args))
         except TSS2_Exception as error:
+            described = describe_tss_error(error, tcti)
+            if isinstance(described, TPMUnavailable):
+                raise UserError(f"tpm create {args.name}: {described}") from None
             raise UserError(
                 f"the TPM at {tcti} does not support {key_type} keys ({error}); "
                 "try --kty EC --curve P-256"
