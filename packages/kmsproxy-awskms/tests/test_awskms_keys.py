@@ -17,6 +17,7 @@ from typing import Any
 import botocore.httpsession
 import pytest
 from awskms_moto import (
+    DUMMY_ACCESS_KEY_ID,
     DUMMY_SECRET_ACCESS_KEY,
     REGION,
     MotoKMS,
@@ -28,7 +29,7 @@ from awskms_moto import (
 from peers import free_port
 from pki import make_ca
 
-from kmsproxy import Registry, SignatureScheme, SignerError
+from kmsproxy import Registry, SignatureScheme, SignerError, UserError
 from kmsproxy.uri import KeyURI
 from kmsproxy_awskms import KMSSigner, service
 from kmsproxy_awskms.algorithms import MessageType
@@ -251,6 +252,36 @@ def test_no_credentials(moto_kms: MotoKMS, no_credentials: list[str]) -> None:
     # botocore finds no credentials before it signs the first request, so
     # nothing at all is sent, to moto or to a metadata address.
     assert no_credentials[requests_before:] == []
+
+
+def test_profile_in_credentials_file(
+    moto_kms: MotoKMS, no_credentials: list[str], tmp_path: Path
+) -> None:
+    credentials = tmp_path / "team-credentials"
+    credentials.write_text(
+        "[kmsproxy-test]\n"
+        f"aws_access_key_id = {DUMMY_ACCESS_KEY_ID}\n"
+        f"aws_secret_access_key = {DUMMY_SECRET_ACCESS_KEY}\n"
+    )
+    key_id = moto_kms.create_key("ECC_NIST_P256")
+    uri = moto_kms.uri(
+        key_id, profile="kmsproxy-test", credentials_file=str(credentials)
+    )
+    signer = open_key(uri)
+    assert signer.public_key() == moto_kms.public_key(key_id)
+    assert f"credentials-file={credentials}" in signer.uri
+
+
+def test_missing_profile(moto_kms: MotoKMS) -> None:
+    message = open_error(moto_kms.uri("k", profile="none-such"))
+    assert "The config profile (none-such) could not be found" in message
+    assert "check profile= and the AWS config files" in message
+
+
+def test_certificate_uri_rejected(moto_kms: MotoKMS) -> None:
+    """KMS stores no certificates: the chain must be a file."""
+    with pytest.raises(UserError, match="give --clientcert as a file"):
+        Registry.load().open_certificates(moto_kms.uri("k"))
 
 
 def test_endpoint_drops_metadata_providers(moto_kms: MotoKMS) -> None:

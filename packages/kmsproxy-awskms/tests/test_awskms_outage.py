@@ -1,18 +1,29 @@
 """KMS stops responding mid-run: the proxy returns 502, then recovers by itself.
 
-moto is paused with SIGSTOP, so its port still accepts connections but
-no request gets an answer (what a hung endpoint does), and then resumed
-with SIGCONT with its keys intact.
+Two kinds of outage. moto paused with SIGSTOP still accepts connections,
+but no request gets a response (a hung endpoint) until SIGCONT. A
+forwarder process in front of moto, once killed, leaves a port that
+refuses connections (a stopped endpoint) until a new forwarder listens
+on the same port. In both,
+moto's keys stay intact, so the recovery is real.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import pytest
 from awskms_moto import MotoKMS, aws_environment, moto_kms
+from peers import LOOPBACK, free_port
 from test_awskms_proxy import (
     TLS13,
     certify_kms_key,
@@ -30,7 +41,7 @@ __all__ = ["aws_environment", "moto_kms"]
 
 pytestmark = [pytest.mark.anyio, pytest.mark.interop]
 
-# Short limits so one failed Sign takes about 2 s instead of up to 24 s:
+# Short limits so one failed Sign takes about 2 s instead of 24 s or more:
 # two attempts of a 0.5 s read timeout plus botocore's jittered retry delay
 # (at most 1 s before the second attempt).
 TEST_READ_TIMEOUT_SECONDS = 0.5
@@ -42,6 +53,12 @@ TEST_RECONNECT_POLICY = BackoffPolicy("awskms-reconnect", initial=0.5, maximum=1
 # and the requests are RECOVERY_POLL_SECONDS apart, so 20 leave a margin.
 RECOVERY_ATTEMPTS = 20
 RECOVERY_POLL_SECONDS = 0.5
+
+FORWARDER = Path(__file__).with_name("awskms_forwarder.py")
+
+# The forwarder starts in well under a second; 10 s only guards a hang.
+FORWARDER_READY_TIMEOUT_SECONDS = 10.0
+FORWARDER_POLL_SECONDS = 0.02
 
 
 @pytest.fixture
@@ -58,30 +75,80 @@ def status_of(stdout: bytes) -> int:
     return int(stdout.rsplit(b"status=", 1)[1])
 
 
-async def test_outage_is_502_then_recovers(
-    site: Site,
-    moto_kms: MotoKMS,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+class Forwarder:
+    """`awskms_forwarder.py` in front of moto, stopped and restarted by PID."""
+
+    def __init__(self, target_port: int) -> None:
+        self.port = free_port()
+        self.target_port = target_port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def start(self) -> None:
+        """Start listening on `port`, the same one each time; wait (bounded)."""
+        self.process = subprocess.Popen(
+            [sys.executable, str(FORWARDER), str(self.port), str(self.target_port)],
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + FORWARDER_READY_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, "the forwarder exited"
+            with contextlib.suppress(OSError):
+                socket.create_connection((LOOPBACK, self.port), timeout=1).close()
+                return
+            time.sleep(FORWARDER_POLL_SECONDS)
+        self.stop()
+        raise AssertionError(f"the forwarder did not listen on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.kill()
+        self.process.wait(timeout=FORWARDER_READY_TIMEOUT_SECONDS)
+
+
+@pytest.fixture
+def short_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(service, "READ_TIMEOUT_SECONDS", TEST_READ_TIMEOUT_SECONDS)
     monkeypatch.setattr(service, "MAX_ATTEMPTS", TEST_MAX_ATTEMPTS)
     monkeypatch.setattr(service, "RECONNECT_POLICY", TEST_RECONNECT_POLICY)
     monkeypatch.setattr(service, "_SERVICES", {})
-    key_id = moto_kms.create_key("ECC_NIST_P256")
-    cert = certify_kms_key(site, moto_kms, key_id, "kms outage")
-    config = site.config(client_keys=[moto_kms.uri(key_id)], client_certificates=[cert])
-    caplog.set_level(logging.WARNING, logger="kmsproxy.backoff")
 
+
+@dataclass
+class OutageResult:
+    """What curl got before, during and after the outage."""
+
+    before: bytes
+    first_failure: bytes
+    held_back: bytes
+    recovery_statuses: list[int]
+    after: bytes
+
+
+async def run_outage(
+    site: Site,
+    uri: str,
+    cert: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stop: Callable[[], Awaitable[None]],
+    restart: Callable[[], Awaitable[None]],
+) -> OutageResult:
+    """Fetch through the proxy, stop KMS, fetch twice, restart it, and fetch
+    until a request works (bounded by RECOVERY_ATTEMPTS)."""
+    config = site.config(client_keys=[uri], client_certificates=[cert])
     with nginx_for(site, TLS13, monkeypatch) as nginx:
         async with serving(Proxy(config)) as addresses:
             before = await fetch_subject(site, addresses, nginx)
-            moto_kms.pause()
+            await stop()
             try:
-                timed_out = await fetch_subject(site, addresses, nginx)
+                first_failure = await fetch_subject(site, addresses, nginx)
                 held_back = await fetch_subject(site, addresses, nginx)
             finally:
-                moto_kms.resume()
+                await restart()
 
             statuses = []
             for _ in range(RECOVERY_ATTEMPTS):
@@ -91,13 +158,74 @@ async def test_outage_is_502_then_recovers(
                     break
                 await anyio.sleep(RECOVERY_POLL_SECONDS)
 
-    assert status_of(before.stdout) == 200
-    assert status_of(timed_out.stdout) == 502
-    assert b"KMS unreachable: Read timeout" in timed_out.stdout
-    assert status_of(held_back.stdout) == 502
-    assert b"(backoff awskms-reconnect)" in held_back.stdout
-    assert statuses[-1] == 200
-    assert after.stdout == b"subject=CN=kms outage\nstatus=200"
+    return OutageResult(
+        before.stdout, first_failure.stdout, held_back.stdout, statuses, after.stdout
+    )
+
+
+def check_outage(
+    result: OutageResult, cause: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert status_of(result.before) == 200
+    assert status_of(result.first_failure) == 502
+    assert b"KMS unreachable: " + cause in result.first_failure
+    assert status_of(result.held_back) == 502
+    assert b"(backoff awskms-reconnect)" in result.held_back
+    assert result.recovery_statuses[-1] == 200
+    assert result.after == b"subject=CN=kms outage\nstatus=200"
     transitions = [r.getMessage() for r in caplog.records]
     assert sum("store unavailable" in m for m in transitions) == 1
     assert sum("store available again" in m for m in transitions) == 1
+
+
+@pytest.mark.usefixtures("short_limits")
+async def test_paused_kms_is_502_then_recovers(
+    site: Site,
+    moto_kms: MotoKMS,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """moto stops (SIGSTOP): connections open but no response comes."""
+    caplog.set_level(logging.WARNING, logger="kmsproxy.backoff")
+    key_id = moto_kms.create_key("ECC_NIST_P256")
+    cert = certify_kms_key(site, moto_kms, key_id, "kms outage")
+
+    async def pause() -> None:
+        moto_kms.pause()
+
+    async def resume() -> None:
+        moto_kms.resume()
+
+    result = await run_outage(
+        site, moto_kms.uri(key_id), cert, monkeypatch, pause, resume
+    )
+    check_outage(result, b"Read timeout", caplog)
+
+
+@pytest.mark.usefixtures("short_limits")
+async def test_refused_kms_is_502_then_recovers(
+    site: Site,
+    moto_kms: MotoKMS,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The endpoint goes away (connection refused) and comes back on the
+    same port."""
+    caplog.set_level(logging.WARNING, logger="kmsproxy.backoff")
+    key_id = moto_kms.create_key("ECC_NIST_P256")
+    cert = certify_kms_key(site, moto_kms, key_id, "kms outage")
+    forwarder = Forwarder(moto_kms.port)
+    uri = moto_kms.uri(key_id, endpoint=forwarder.endpoint)
+
+    async def stop() -> None:
+        forwarder.stop()
+
+    async def restart() -> None:
+        forwarder.start()
+
+    forwarder.start()
+    try:
+        result = await run_outage(site, uri, cert, monkeypatch, stop, restart)
+    finally:
+        forwarder.stop()
+    check_outage(result, b"Could not connect to the endpoint URL", caplog)
