@@ -42,7 +42,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kmsproxy import der
 from kmsproxy.errors import UserError
-from kmsproxy.signer import PrivateKey, SignatureScheme, Signer, SignerError
+from kmsproxy.signer import PrivateKey, PublicKey, SignatureScheme, Signer, SignerError
 
 logger = logging.getLogger(__name__)
 
@@ -518,15 +518,33 @@ def create_ca_certificate(
     *,
     now: datetime.datetime | None = None,
 ) -> x509.Certificate:
-    """Create a self-signed CA certificate for `kmsproxy init`.
+    """Create a self-signed CA certificate for `kmsproxy init`."""
+    builder = ca_certificate_builder(private_key.public_key(), common_name, now=now)
+    if isinstance(private_key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+        return builder.sign(private_key, None)
+    if isinstance(private_key, ec.EllipticCurvePrivateKey):
+        if private_key.curve.key_size > 384:
+            return builder.sign(private_key, hashes.SHA512())
+        if private_key.curve.key_size > 256:
+            return builder.sign(private_key, hashes.SHA384())
+    return builder.sign(private_key, hashes.SHA256())
+
+
+def ca_certificate_builder(
+    public_key: PublicKey,
+    common_name: str = "kmsproxy local CA",
+    *,
+    now: datetime.datetime | None = None,
+) -> x509.CertificateBuilder:
+    """Build the local CA's self-issued certificate, ready to sign.
 
     pathLenConstraint 0 limits the CA to issuing leaves; the CA can never
-    sign another CA.
+    sign another CA. A key held in a device signs the builder through
+    `sign_with_template_key` and its `Signer`.
     """
     now = now or datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    public_key = private_key.public_key()
-    builder = (
+    return (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -551,14 +569,6 @@ def create_ca_certificate(
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
     )
-    if isinstance(private_key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
-        return builder.sign(private_key, None)
-    if isinstance(private_key, ec.EllipticCurvePrivateKey):
-        if private_key.curve.key_size > 384:
-            return builder.sign(private_key, hashes.SHA512())
-        if private_key.curve.key_size > 256:
-            return builder.sign(private_key, hashes.SHA384())
-    return builder.sign(private_key, hashes.SHA256())
 
 
 def _check_ca_certificate(certificate: x509.Certificate) -> None:
