@@ -1,10 +1,10 @@
 """A key store that fails with `SignerError`, then comes back, without a restart.
 
 Backends raise `SignerError` when a token is removed or a device stops
-answering. The client key's error reaches the client as a 502 page that
+responding. The client key's error reaches the client as a 502 page that
 names the key URI (redacted) and the reason. The CA key's error ends the
 client's handshake with an alert and a WARNING that names the key. Once
-the store answers again, the next CONNECT succeeds.
+the store responds again, the next CONNECT succeeds.
 """
 
 from __future__ import annotations

@@ -60,6 +60,24 @@ def kmsproxy_schemes():
 """
 
 
+COMMANDS_MODULE = "kmsproxy_fake_commands"
+
+# A backend that loads, but whose kmsproxy_add_commands hook raises.
+COMMANDS_SOURCE = """
+from kmsproxy.plugins.hookspecs import hookimpl
+
+
+@hookimpl
+def kmsproxy_schemes():
+    return ["commandskms"]
+
+
+@hookimpl
+def kmsproxy_add_commands(subparsers):
+    raise RuntimeError("cannot add commands")
+"""
+
+
 def write_distribution(
     site: Path, distribution: str, entry_point: str, target: str
 ) -> None:
@@ -73,7 +91,10 @@ def write_distribution(
 
 
 def make_site(site: Path) -> Path:
-    """Install four fake backends into `site`: one works, three are broken."""
+    """Install five fake backends into `site`.
+
+    One works, three fail to load, and one loads but fails to add commands.
+    """
     site.mkdir()
     (site / f"{WORKING_MODULE}.py").write_text(WORKING_SOURCE)
     write_distribution(site, "kmsproxy-fake-working", "okkms", WORKING_MODULE)
@@ -90,6 +111,8 @@ def make_site(site: Path) -> Path:
     write_distribution(site, "kmsproxy-fake-clib", "clibkms", "kmsproxy_fake_clib")
 
     (site / "kmsproxy_fake_raising.py").write_text(RAISING_SOURCE)
+    (site / f"{COMMANDS_MODULE}.py").write_text(COMMANDS_SOURCE)
+    write_distribution(site, "kmsproxy-fake-commands", "commandskms", COMMANDS_MODULE)
     write_distribution(
         site, "kmsproxy-fake-raising", "raisingkms", "kmsproxy_fake_raising"
     )
@@ -101,7 +124,7 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     directory = make_site(tmp_path / "site-packages")
     monkeypatch.syspath_prepend(str(directory))
     yield directory
-    for name in (WORKING_MODULE, "kmsproxy_fake_raising"):
+    for name in (WORKING_MODULE, COMMANDS_MODULE, "kmsproxy_fake_raising"):
         sys.modules.pop(name, None)
 
 
@@ -213,3 +236,13 @@ def test_cli_works_beside_broken(site: Path, tmp_path: Path) -> None:
     result = run_cli(site, "csr", str(key), "--subject", "CN=me")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("-----BEGIN CERTIFICATE REQUEST-----")
+
+
+def test_cli_survives_failing_commands(site: Path) -> None:
+    result = run_cli(site, "backends")
+    assert result.returncode == 0, result.stderr
+    assert "commandskms:\tinstalled\tkmsproxy-fake-commands" in result.stdout
+    assert (
+        "Backend commands not added backend=commandskms "
+        "error=RuntimeError: cannot add commands"
+    ) in result.stderr

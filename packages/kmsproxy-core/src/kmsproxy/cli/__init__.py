@@ -28,6 +28,8 @@ EXIT_USER_ERROR = 2
 # Exit status after SIGINT, by the shell convention 128 + signal number.
 EXIT_INTERRUPTED = 130
 
+logger = logging.getLogger(__name__)
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -50,8 +52,32 @@ def build_parser(registry: Registry | None) -> argparse.ArgumentParser:
     backends.add_parser(subparsers)
     demo.add_parser(subparsers)
     if registry is not None:
-        registry.plugin_manager.hook.kmsproxy_add_commands(subparsers=subparsers)
+        add_backend_commands(registry, subparsers)
     return parser
+
+
+def add_backend_commands(
+    registry: Registry,
+    subparsers: argparse._SubParsersAction,  # type: ignore[type-arg]
+) -> None:
+    """Call each backend's `kmsproxy_add_commands`, one backend at a time.
+
+    A single hook call would stop at the first backend that raises and take
+    every command down with it. A backend that raises is logged, and its
+    commands may be missing or incomplete.
+    """
+    hook = registry.plugin_manager.hook.kmsproxy_add_commands
+    for implementation in hook.get_hookimpls():
+        try:
+            implementation.function(subparsers=subparsers)
+        except Exception as error:
+            # Any exception, because a plugin's hook may run arbitrary code.
+            logger.warning(
+                "Backend commands not added backend=%s error=%s: %s",
+                implementation.plugin_name,
+                type(error).__name__,
+                error,
+            )
 
 
 # Libraries whose DEBUG output is noise for a proxy user. watchfiles logs
