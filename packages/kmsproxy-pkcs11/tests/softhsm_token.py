@@ -121,8 +121,13 @@ class SoftHSM:
         *,
         allowed: Sequence[Mechanism] = (),
         pin: str = USER_PIN,
+        public_label: str | None = None,
     ) -> PublicKey:
-        """Generate a key pair on the token; return its public key."""
+        """Generate a key pair on the token; return its public key.
+
+        Both halves get `object_label` unless `public_label` names the
+        public key differently (ykcs11 does).
+        """
         private: dict[Attribute, Any] = {
             Attribute.SIGN: True,
             Attribute.SENSITIVE: True,
@@ -150,6 +155,8 @@ class SoftHSM:
                     store=True,
                     private_template=private,
                 )
+            if public_label is not None:
+                public[Attribute.LABEL] = public_label
             return decode_public_key(public)
 
     def import_certificate(

@@ -52,7 +52,8 @@ def open_signer(address: KeyAddress) -> Pkcs11Signer:
     try:
         token = acquire_token(module, address.token, address.pin, address.uri)
     except SignerError as error:
-        raise SignerError(with_uri(address.uri, error)) from None
+        # Keep the class (TokenMissing) so a caller can explain the absence.
+        raise type(error)(with_uri(address.uri, error)) from None
     try:
         return Pkcs11Signer(address, token)
     except BaseException:

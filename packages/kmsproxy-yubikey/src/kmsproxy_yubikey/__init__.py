@@ -1,1 +1,1 @@
-"""kmsproxy backend package (kmsproxy-yubikey)."""
+"""kmsproxy backend for YubiKey PIV slots through Yubico's ykcs11 module."""

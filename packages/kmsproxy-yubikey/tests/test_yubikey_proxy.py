@@ -1,0 +1,124 @@
+"""The proxy end to end with yubikey: URIs on a stand-in token -> nginx.
+
+The stand-in is a SoftHSM2 token laid out as ykcs11 presents a YubiKey
+(`yubikey_standin`); nginx checks the client certificate read from the
+same slot.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import anyio
+import pytest
+from peers import Peer, free_port, start_nginx
+from softhsm_token import SoftHSM, activate, create_softhsm
+from test_proxy import Site, curl, make_site
+from yubikey_standin import PIV_PIN, TOKEN, fill_slot, slot_uri
+
+from kmsproxy import Proxy
+from kmsproxy_yubikey.slots import parse_slot
+
+pytestmark = [pytest.mark.anyio, pytest.mark.interop]
+
+# Bound for the CLI subprocess to start listening.
+PROCESS_TIMEOUT_SECONDS = 30.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@dataclass
+class Setup:
+    hsm: SoftHSM
+    site: Site
+    nginx: Peer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    hsm = create_softhsm(tmp_path_factory.mktemp("softhsm"))
+    site = make_site(tmp_path_factory.mktemp("site"))
+    for active in activate(hsm):
+        active.init_token(TOKEN, PIV_PIN)
+        fill_slot(active, parse_slot("9a"), "p256", site.client_ca, "piv 9a")
+        fill_slot(active, parse_slot("9c"), "rsa2048", site.client_ca, "piv 9c")
+        with start_nginx(
+            site.directory,
+            site.path("server.crt"),
+            site.path("server.key"),
+            site.path("client-ca.crt"),
+        ) as nginx:
+            yield Setup(active, site, nginx)
+
+
+@pytest.mark.parametrize("slot", ["9a", "9c"])
+async def test_slot_key_and_certificate_reach_nginx(setup: Setup, slot: str) -> None:
+    key = slot_uri(setup.hsm, slot)
+    proxy = Proxy(setup.site.config(client_keys=[key], client_certificates=[key]))
+    async with anyio.create_task_group() as group:
+        addresses = await group.start(proxy.serve)
+        result = await curl(
+            "--proxy", addresses.proxy_url,
+            "--cacert", str(setup.site.path("ca.crt")),
+            f"https://localhost:{setup.nginx.port}/subject",
+        )  # fmt: skip
+        group.cancel_scope.cancel()
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == f"subject=CN=piv {slot}\n".encode()
+
+
+def wait_for_line(process: subprocess.Popen[str], pattern: str) -> str:
+    """Read stderr until a line matches `pattern` (bounded); return the line."""
+    assert process.stderr is not None
+    deadline = time.monotonic() + PROCESS_TIMEOUT_SECONDS
+    seen = []
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if re.search(pattern, line):
+            return line
+    raise AssertionError(f"no line matched {pattern!r}; output:\n{''.join(seen)}")
+
+
+async def test_go_form_serve_with_yubikey_uri(setup: Setup) -> None:
+    # step-kmsproxy-plugin's form: KMSURI CERT KEY, the chain read from KMSURI.
+    site = setup.site
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "kmsproxy", "serve",
+            slot_uri(setup.hsm, "9a"), str(site.path("ca.crt")),
+            str(site.path("ca.key")),
+            "--trust", str(site.path("upstream-ca.crt")),
+            "--listen", f"127.0.0.1:{port}", "--pac-listen", "127.0.0.1:0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=setup.hsm.environment(),
+    )  # fmt: skip
+    try:
+        wait_for_line(process, r"Proxy listening")
+        result = await curl(
+            "--proxy", f"http://127.0.0.1:{port}",
+            "--cacert", str(site.path("ca.crt")),
+            f"https://localhost:{setup.nginx.port}/subject",
+        )  # fmt: skip
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=PROCESS_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=PROCESS_TIMEOUT_SECONDS)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == b"subject=CN=piv 9a\n"
