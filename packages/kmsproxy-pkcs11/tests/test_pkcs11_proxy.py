@@ -38,6 +38,7 @@ from test_proxy import Site, curl, make_site
 from kmsproxy import Proxy, ProxyAddresses
 from kmsproxy.cli.demo import serve_mtls_upstream
 from kmsproxy.plugins.registry import Registry
+from kmsproxy.signer import BlockingSigner
 
 pytestmark = [pytest.mark.anyio, pytest.mark.interop]
 
@@ -302,3 +303,34 @@ async def test_cli_serve_recovers_after_removal(setup: Setup, tmp_path: Path) ->
     assert USER_PIN not in lost
     assert recovered == b"subject=CN=token rsa2048\n\nstatus=200"
     assert "pkcs11:" in back
+
+
+async def test_busy_token_holds_only_its_tunnels(setup: Setup) -> None:
+    key = key_uri(setup.hsm, TOKEN, KEY_IDS["p384"])
+    site, port = setup.site, setup.nginx.port
+    url = f"https://localhost:{port}/subject"
+    # A second signer on the token shares its limiter; holding the limiter
+    # stands for a signature waiting for a touch.
+    holder = Registry.load().open_signer(key)
+    assert isinstance(holder, BlockingSigner)
+    busy = object()
+    done: list[str] = []
+    try:
+        async with (
+            serving(site, client_keys=[key], client_certificates=[key]) as token_proxy,
+            serving(site) as file_proxy,
+        ):
+            await holder.limiter.acquire_on_behalf_of(busy)
+            async with anyio.create_task_group() as group:
+
+                async def fetch_with_token() -> None:
+                    await fetch(token_proxy, site.path("ca.crt"), url)
+                    done.append("token")
+
+                group.start_soon(fetch_with_token)
+                await fetch(file_proxy, site.path("ca.crt"), url)
+                done.append("file")
+                holder.limiter.release_on_behalf_of(busy)
+    finally:
+        await holder.aclose()
+    assert done == ["file", "token"]
