@@ -137,3 +137,24 @@ def test_import_cert_writes_pem_chain(
     assert main(["tpm", "import-cert", "client", str(der_file)]) == 0
     stored = (key_directory / "client.crt").read_bytes()
     assert stored == leaf.public_bytes(serialization.Encoding.PEM)
+
+
+def test_ca_cert_is_self_signed_by_tpm_key(
+    swtpm_module: Swtpm, key_directory: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    create_key(swtpm_module, "ca", "--curve", "P-384")
+    arguments = ["tpm", "ca-cert", "ca", "--tcti", swtpm_module.tcti]
+    assert main([*arguments, "--common-name", "TPM CA"]) == 0
+    path = key_directory / "ca.crt"
+    certificate = x509.load_pem_x509_certificate(path.read_bytes())
+    certificate.verify_directly_issued_by(certificate)
+    constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert constraints.value.ca
+    assert certificate.subject.rfc4514_string() == "CN=TPM CA"
+    assert (
+        certificate.public_key() == read_key_file(key_directory / "ca.pem").public_key
+    )
+    capsys.readouterr()
+    assert main(arguments) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert path.read_bytes() == certificate.public_bytes(serialization.Encoding.PEM)

@@ -24,7 +24,7 @@ from peers import Peer, free_port, start_nginx
 from pki import certify
 from swtpm_emulator import Swtpm, swtpm_module
 from test_proxy import REQUEST_TIMEOUT_SECONDS, Site, curl, make_site
-from tpm_testkeys import create_key, key_directory, open_signer, self_signed_ca
+from tpm_testkeys import create_ca_certificate, create_key, key_directory
 
 from kmsproxy import Proxy, ProxyAddresses
 from kmsproxy.cli import main
@@ -142,10 +142,7 @@ async def test_ca_key_in_tpm_mints_leaves(
 ) -> None:
     client_uri = tpm_client_identity(swtpm_module, site, key_directory)
     ca_uri = create_key(swtpm_module, "ca")
-    async with open_signer(ca_uri) as signer:
-        ca_certificate = await self_signed_ca(signer, "kmsproxy TPM CA")
-    ca_path = site.path("tpm-ca.crt")
-    ca_path.write_bytes(ca_certificate.public_bytes(serialization.Encoding.PEM))
+    ca_path = await create_ca_certificate(swtpm_module, "ca")
     async with serving(
         site,
         ca_key=ca_uri,
@@ -274,10 +271,7 @@ async def test_cli_serve_with_tpm_keys(
 ) -> None:
     client_uri = tpm_client_identity(swtpm_module, site, key_directory)
     ca_uri = create_key(swtpm_module, "ca")
-    async with open_signer(ca_uri) as signer:
-        ca_certificate = await self_signed_ca(signer, "kmsproxy TPM CA")
-    ca_path = site.path("tpm-ca.crt")
-    ca_path.write_bytes(ca_certificate.public_bytes(serialization.Encoding.PEM))
+    ca_path = await create_ca_certificate(swtpm_module, "ca")
     port = free_port()
     log = site.path("serve.log")
     with log.open("wb") as output:
@@ -288,7 +282,8 @@ async def test_cli_serve_with_tpm_keys(
                 "kmsproxy",
                 "serve",
                 ca_uri,
-                str(ca_path),
+                # The CA certificate is read from beside the CA key too.
+                ca_uri,
                 "--clientkey",
                 client_uri,
                 "--clientcert",

@@ -1,32 +1,29 @@
 """Keys for the TPM backend's tests: made in swtpm by the real CLI.
 
 `key_directory` points XDG_CONFIG_HOME at the test's temporary directory,
-so `kmsproxy tpm create` writes there. `create_key` runs that command in
-this process; `open_signer` opens a URI through the real registry and entry
-point. `self_signed_ca` makes a CA certificate whose signature comes from a
-TPM key, as `LocalCA.sign` does for leaves.
+so `kmsproxy tpm create` writes there. `create_key` and
+`create_ca_certificate` run the CLI in this process; `open_signer` opens a
+URI through the real registry and entry point.
 """
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
 from swtpm_emulator import Swtpm
 from tpm2_pytss import ESAPI
 from tpm2_pytss.constants import TPM2_CAP, TPM2_HC
 
-from kmsproxy import der
-from kmsproxy.ca import choose_ca_scheme, sign_with_template_key, template_key_for
 from kmsproxy.cli import main
 from kmsproxy.plugins.registry import Registry
 from kmsproxy.signer import Signer
+from kmsproxy_tpm import storage
 
 # More handles than swtpm can hold (3 transient objects in libtpms 0.9).
 MAX_LISTED_HANDLES = 16
@@ -65,46 +62,15 @@ async def open_signer(uri: str) -> AsyncIterator[Signer]:
         await signer.aclose()
 
 
-async def self_signed_ca(signer: Signer, common_name: str) -> x509.Certificate:
-    """Return a CA certificate over the signer's key, signed by that key."""
-    now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    public_key = signer.public_key()
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
-    )
-    scheme = choose_ca_scheme(signer)
-    template = sign_with_template_key(builder, template_key_for(scheme), scheme)
-    tbs = template.tbs_certificate_bytes
-    algorithm = der.signature_algorithm(
-        template.public_bytes(serialization.Encoding.DER)
-    )
-    signature = await signer.sign(tbs, scheme)
-    return x509.load_der_x509_certificate(
-        der.assemble_signed(tbs, algorithm, signature)
-    )
+async def create_ca_certificate(swtpm: Swtpm, name: str) -> Path:
+    """Sign a CA certificate with `kmsproxy tpm ca-cert`; return its path.
+
+    The command runs its own event loop, so it runs in a worker thread.
+    """
+    arguments = ["tpm", "ca-cert", name, "--tcti", swtpm.tcti]
+    status = await anyio.to_thread.run_sync(main, arguments)
+    assert status == 0, f"kmsproxy tpm ca-cert {name} failed"
+    return storage.key_directory() / f"{name}.crt"
 
 
 def write_chain(path: Path, chain: list[x509.Certificate]) -> Path:

@@ -1,4 +1,8 @@
-"""`kmsproxy tpm ...`: create, list and delete TPM keys, store their chains."""
+"""`kmsproxy tpm ...`: create, list and delete TPM keys, store their chains.
+
+`ca-cert` signs a local CA certificate with a TPM key, for a CA key that
+stays in the TPM.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import anyio
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from tpm2_pytss import TSS2_Exception
 from tpm2_pytss.constants import TPM2_ALG
@@ -21,10 +27,13 @@ from tpm2_pytss.types import (
     TPMU_PUBLIC_PARMS,
 )
 
+from kmsproxy.cli.init import DEFAULT_CA_NAME
 from kmsproxy.errors import UserError
 from kmsproxy.plugins.file import load_certificates
+from kmsproxy.plugins.registry import Registry
 from kmsproxy.signer import SignerError
 from kmsproxy_tpm import storage
+from kmsproxy_tpm.ca_certificate import self_signed_ca_certificate
 from kmsproxy_tpm.device import (
     TPMError,
     TPMUnavailable,
@@ -102,6 +111,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "file", metavar="FILE", type=Path, help="PEM chain, leaf first"
     )
     import_cert.set_defaults(handler=run_import_cert)
+
+    ca_cert = commands.add_parser(
+        "ca-cert",
+        help="write a self-signed local CA certificate for a key",
+        description=(
+            "Sign a local CA certificate with the TPM key NAME and store it "
+            "beside the key, so that NAME can be the CA key of `kmsproxy serve`."
+        ),
+    )
+    ca_cert.add_argument("name", metavar="NAME", help="key name")
+    ca_cert.add_argument(
+        "--common-name",
+        default=DEFAULT_CA_NAME,
+        metavar="CN",
+        help=f"the CA's common name (default {DEFAULT_CA_NAME!r})",
+    )
+    ca_cert.add_argument(
+        "--pin-source",
+        type=Path,
+        metavar="FILE",
+        help="file whose first line is the key's auth value",
+    )
+    ca_cert.add_argument(
+        "--force", action="store_true", help="replace an existing certificate"
+    )
+    _add_tpm_arguments(ca_cert)
+    ca_cert.set_defaults(handler=run_ca_cert)
 
 
 def _add_tpm_arguments(parser: argparse.ArgumentParser) -> None:
@@ -253,6 +289,33 @@ def run_delete(args: argparse.Namespace) -> int:
     chain.unlink(missing_ok=True)
     print(f"deleted {path}")
     return 0
+
+
+def run_ca_cert(args: argparse.Namespace) -> int:
+    """Sign a CA certificate with the TPM key and store it as NAME.crt."""
+    path = _key_path(args.name)
+    if not path.exists():
+        raise UserError(
+            f"no key named {args.name!r} in {storage.key_directory()}: create "
+            f"one with `kmsproxy tpm create {args.name}`"
+        )
+    target = storage.chain_path_for(path)
+    if target.exists() and not args.force:
+        raise UserError(f"{target} already exists; pass --force to replace it")
+    uri = _uri_for(args.name, args)
+    certificate = anyio.run(_sign_ca_certificate, uri, args.common_name)
+    storage.replace_chain(target, certificate.public_bytes(serialization.Encoding.PEM))
+    print(f"wrote the CA certificate {target}")
+    print(f"trust it in your clients; serve with it as CAKEY CACERT: '{uri}' {target}")
+    return 0
+
+
+async def _sign_ca_certificate(uri: str, common_name: str) -> x509.Certificate:
+    signer = Registry.load().open_signer(uri)
+    try:
+        return await self_signed_ca_certificate(signer, common_name)
+    finally:
+        await signer.aclose()
 
 
 def run_import_cert(args: argparse.Namespace) -> int:
