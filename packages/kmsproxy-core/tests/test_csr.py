@@ -13,7 +13,7 @@ from pathlib import Path
 import anyio
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pki import KeyType, generate_key, make_ca
@@ -32,6 +32,7 @@ from kmsproxy.signer import (
     PrivateKey,
     SignatureScheme,
     Signer,
+    SignerError,
     SoftwareSigner,
 )
 from kmsproxy.uri import KeyURI
@@ -44,32 +45,39 @@ PROCESS_TIMEOUT_SECONDS = 30.0
 # milliseconds.
 ROUND_TRIP_TIMEOUT_SECONDS = 30.0
 
-PSS_SCHEME = "pss-only"
+LIMITED_SCHEME = "limited"
 
 
-class PSSOnlySigner(SoftwareSigner):
-    """An RSA key whose store offers RSA-PSS only, like some TPMs."""
+class LimitedSigner(SoftwareSigner):
+    """An RSA key whose store offers only some schemes, like many tokens."""
+
+    def __init__(
+        self, key: PrivateKey, uri: str, schemes: Sequence[SignatureScheme]
+    ) -> None:
+        super().__init__(key, uri)
+        self._limited = list(schemes)
 
     @property
     def schemes(self) -> Sequence[SignatureScheme]:
-        return [SignatureScheme.rsa_pss_rsae_sha256]
+        return self._limited
 
 
-class PSSOnlyBackend:
-    """A backend plugin that opens `pss-only:name=...` as a `PSSOnlySigner`."""
+class LimitedBackend:
+    """A backend plugin that opens `limited:name=...` as a `LimitedSigner`."""
 
-    def __init__(self) -> None:
+    def __init__(self, schemes: Sequence[SignatureScheme]) -> None:
         self.key = generate_key("rsa2048")
+        self.schemes = schemes
 
     @hookimpl
     def kmsproxy_schemes(self) -> list[str]:
-        return [PSS_SCHEME]
+        return [LIMITED_SCHEME]
 
     @hookimpl
     def kmsproxy_open_signer(self, uri: KeyURI) -> Signer | None:
-        if uri.scheme != PSS_SCHEME:
+        if uri.scheme != LIMITED_SCHEME:
             return None
-        return PSSOnlySigner(self.key, uri.redacted())
+        return LimitedSigner(self.key, uri.redacted(), self.schemes)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -141,8 +149,8 @@ def test_csr_rsa_uses_pkcs1(tmp_path: Path) -> None:
 
 
 def test_csr_rsa_pss_only_signer(tmp_path: Path) -> None:
-    backend = PSSOnlyBackend()
-    request = request_for(Registry.load([backend]), f"{PSS_SCHEME}:name=k")
+    backend = LimitedBackend([SignatureScheme.rsa_pss_rsae_sha256])
+    request = request_for(Registry.load([backend]), f"{LIMITED_SCHEME}:name=k")
     assert request.is_signature_valid
     assert isinstance(request.signature_algorithm_parameters, padding.PSS)
     assert public_der(request.public_key()) == public_der(backend.key.public_key())
@@ -150,6 +158,22 @@ def test_csr_rsa_pss_only_signer(tmp_path: Path) -> None:
     path.write_bytes(request.public_bytes(serialization.Encoding.PEM))
     verified = openssl("req", "-verify", "-noout", "-in", str(path))
     assert verified.returncode == 0, verified.stderr
+
+
+def test_csr_rsa_sha384_only_signer() -> None:
+    backend = LimitedBackend([SignatureScheme.rsa_pkcs1_sha384])
+    request = request_for(Registry.load([backend]), f"{LIMITED_SCHEME}:name=k")
+    assert request.is_signature_valid
+    assert isinstance(request.signature_hash_algorithm, hashes.SHA384)
+
+
+def test_csr_no_usable_scheme() -> None:
+    backend = LimitedBackend([])
+    with pytest.raises(SignerError) as caught:
+        request_for(Registry.load([backend]), f"{LIMITED_SCHEME}:name=k")
+    message = str(caught.value)
+    assert message.startswith("limited:name=k: the key offers no scheme usable")
+    assert "(offered: none)" in message
 
 
 def test_csr_contents(tmp_path: Path) -> None:

@@ -113,11 +113,13 @@ class LeafRequest:
     alpn_protocols: tuple[str, ...] = ()
 
 
-def choose_ca_scheme(signer: Signer) -> SignatureScheme:
-    """Pick the scheme the CA signs certificates with.
+def choose_ca_scheme(signer: Signer, *, role: str = "CA key") -> SignatureScheme:
+    """Pick the scheme that `signer` signs certificates (or requests) with.
 
     ECDSA uses its curve's hash; RSA prefers PKCS#1 v1.5 with SHA-256, the
-    X.509 convention every client accepts, then RSA-PSS; EdDSA is fixed.
+    X.509 convention every client accepts, then RSA-PSS, then the SHA-384
+    and SHA-512 variants for a store that offers no SHA-256; EdDSA is fixed.
+    `role` names the key in the error, such as "CA key" or "key".
     """
     preference = (
         SignatureScheme.ecdsa_secp256r1_sha256,
@@ -127,13 +129,17 @@ def choose_ca_scheme(signer: Signer) -> SignatureScheme:
         SignatureScheme.rsa_pss_rsae_sha256,
         SignatureScheme.ed25519,
         SignatureScheme.ed448,
+        SignatureScheme.rsa_pkcs1_sha384,
+        SignatureScheme.rsa_pkcs1_sha512,
+        SignatureScheme.rsa_pss_rsae_sha384,
+        SignatureScheme.rsa_pss_rsae_sha512,
     )
     for scheme in preference:
         if scheme in signer.schemes:
             return scheme
     offered = ", ".join(s.name for s in signer.schemes) or "none"
     raise SignerError(
-        f"{signer.uri}: the CA key offers no scheme usable for certificates "
+        f"{signer.uri}: the {role} offers no scheme usable for certificates "
         f"(offered: {offered}); use an ECDSA, RSA or Ed25519 key"
     )
 

@@ -229,7 +229,7 @@ async def sign_request(
     Raise `SignerError` when the signer fails, times out, or returns a
     signature that does not verify.
     """
-    scheme = choose_ca_scheme(signer)
+    scheme = choose_ca_scheme(signer, role="key")
 
     # Step 1: a throwaway key encodes the request and its signatureAlgorithm.
     template = sign_with_template_key(builder, template_key_for(scheme), scheme)
