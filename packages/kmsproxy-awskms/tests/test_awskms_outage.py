@@ -26,18 +26,20 @@ from awskms_moto import MotoKMS, aws_environment, moto_kms
 from peers import LOOPBACK, free_port
 from test_awskms_proxy import (
     TLS13,
+    anyio_backend,
     certify_kms_key,
     fetch_subject,
     nginx_for,
     serving,
+    site,
 )
-from test_proxy import Site, make_site
+from test_proxy import Site
 
 from kmsproxy import Proxy
 from kmsproxy.backoff import BackoffPolicy
 from kmsproxy_awskms import service
 
-__all__ = ["aws_environment", "moto_kms"]
+__all__ = ["anyio_backend", "aws_environment", "moto_kms", "site"]
 
 pytestmark = [pytest.mark.anyio, pytest.mark.interop]
 
@@ -59,16 +61,6 @@ FORWARDER = Path(__file__).with_name("awskms_forwarder.py")
 # The forwarder starts in well under a second; 10 s only guards a hang.
 FORWARDER_READY_TIMEOUT_SECONDS = 10.0
 FORWARDER_POLL_SECONDS = 0.02
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Site:
-    return make_site(tmp_path)
 
 
 def status_of(stdout: bytes) -> int:

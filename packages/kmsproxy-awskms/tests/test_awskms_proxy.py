@@ -11,11 +11,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
-import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from peers import Peer, start_nginx
 from pki import certify, make_ca
+from test_cli import wait_for_line
 from test_proxy import Site, curl, make_site
 
 from kmsproxy import Proxy, ProxyAddresses, Registry, der
@@ -277,22 +276,6 @@ async def test_ca_key_in_kms_mints_leaves(
     assert result.stdout == b"subject=CN=proxy client\n"
     minted = [c for c in sign_calls[calls_at_start:] if c.key_id == ca_key_id]
     assert [c.signing_algorithm for c in minted] == ["ECDSA_SHA_256"]
-
-
-def wait_for_line(process: subprocess.Popen[str], pattern: str) -> re.Match[str]:
-    """Read the process's stderr until a line matches (bounded in time)."""
-    assert process.stderr is not None
-    deadline = time.monotonic() + PROCESS_TIMEOUT_SECONDS
-    seen = []
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            break
-        seen.append(line)
-        match = re.search(pattern, line)
-        if match:
-            return match
-    raise AssertionError(f"no line matched {pattern!r}; output:\n{''.join(seen)}")
 
 
 async def test_cli_serve_with_kms_key(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,12 +154,18 @@ def _is_loopback(host: str) -> bool:
 
 @dataclass
 class KMSService:
-    """The limiter and backoff shared by every key at one `KMSLocation`."""
+    """The limiter and backoff shared by every key at one `KMSLocation`.
+
+    `probe` is held by the one request that tests a failing service after
+    the backoff delay, so that the others fail fast instead of all waiting
+    for the timeouts.
+    """
 
     location: KMSLocation
     limiter: anyio.CapacityLimiter = field(
         default_factory=lambda: anyio.CapacityLimiter(MAX_CONCURRENT_REQUESTS)
     )
+    probe: threading.Lock = field(default_factory=threading.Lock)
     backoff: Backoff = field(init=False)
 
     def __post_init__(self) -> None:

@@ -16,7 +16,6 @@ into a handshake.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -191,9 +190,6 @@ class KMSSigner(BlockingSigner):
         self._public_key = public_key
         self.message_types = dict(message_types)
         self._schemes = list(self.message_types)
-        # Set while one request probes a failing service, so the others
-        # keep failing fast instead of all waiting for the timeouts.
-        self._probe = threading.Lock()
 
     @property
     def uri(self) -> str:
@@ -214,10 +210,18 @@ class KMSSigner(BlockingSigner):
                 f"{self.uri}: cannot sign with {scheme.name}: {error}"
             ) from None
         request = sign_request(self.address.key_id, data, scheme, message_type)
+        logger.debug(
+            "KMS Sign uri=%s algorithm=%s message_type=%s bytes=%d",
+            self.uri,
+            request["SigningAlgorithm"],
+            message_type,
+            len(data),
+        )
         backoff = self.service.backoff
         if not backoff.failing:
             return self._send(request, data, scheme)
-        if not backoff.ready() or not self._probe.acquire(blocking=False):
+        probe = self.service.probe
+        if not backoff.ready() or not probe.acquire(blocking=False):
             raise SignerError(
                 f"{self.uri}: {self.address.location.describe()} is unavailable; "
                 f"{backoff.waiting_message()}"
@@ -225,7 +229,7 @@ class KMSSigner(BlockingSigner):
         try:
             return self._send(request, data, scheme)
         finally:
-            self._probe.release()
+            probe.release()
 
     def _send(self, request: Any, data: bytes, scheme: SignatureScheme) -> bytes:
         backoff = self.service.backoff
