@@ -191,6 +191,7 @@ def test_csr_contents(tmp_path: Path) -> None:
     assert [a.value for a in common_name] == ["me"]
     organization = request.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
     assert [a.value for a in organization] == ["Example"]
+
     sans = request.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     assert not sans.critical
     assert sans.value.get_values_for_type(x509.DNSName) == [
@@ -205,6 +206,7 @@ def test_csr_contents(tmp_path: Path) -> None:
     assert sans.value.get_values_for_type(x509.UniformResourceIdentifier) == [
         "spiffe://example.org/workload"
     ]
+
     usage = request.extensions.get_extension_for_class(x509.KeyUsage)
     assert usage.critical
     assert usage.value.digital_signature

@@ -10,12 +10,14 @@ the store responds again, the next CONNECT succeeds.
 from __future__ import annotations
 
 import logging
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import peers
 import pytest
-from peers import Peer, start_nginx
+from peers import LOOPBACK, Peer, start_nginx
 from test_proxy import Site, curl, make_site
 
 from kmsproxy import Proxy
@@ -70,6 +72,36 @@ def nginx(site: Site) -> Iterator[Peer]:
         yield peer
 
 
+@pytest.fixture
+def s_server12(site: Site) -> Iterator[Peer]:
+    """Start `openssl s_server -tls1_2 -www`, requiring a client certificate.
+
+    `peers.start_openssl_server` passes -tls1_3, which s_server does not let
+    a later protocol flag override, so this builds its own command line.
+    """
+    port = peers.free_port()
+    directory = site.directory / f"s_server12-{port}"
+    directory.mkdir()
+    log_path = directory / "output.log"
+    args = [
+        "openssl", "s_server", "-tls1_2", "-accept", f"{LOOPBACK}:{port}",
+        "-cert", str(site.path("server.crt")), "-key", str(site.path("server.key")),
+        "-CAfile", str(site.path("client-ca.crt")), "-Verify", "1", "-www",
+    ]  # fmt: skip
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=directory,
+        )
+    peer = Peer("s_server12", process, LOOPBACK, port, directory, log_path)
+    with peer:
+        peers._wait_until_ready(peer, "ACCEPT")
+        yield peer
+
+
 async def fetch(
     site: Site, proxy_url: str, port: int, *arguments: str
 ) -> tuple[int, bytes]:
@@ -116,6 +148,29 @@ async def test_client_token_removed_then_back(
     assert not any(PIN in m for m in messages)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
+
+
+async def test_client_token_back_tls12(site: Site, s_server12: Peer) -> None:
+    redacted = KeyURI.parse(CLIENT_KEY_URI).redacted()
+    signer = RemovableTokenSigner(site.client.key, redacted)
+    proxy = Proxy(site.config(client_keys=[signer]))
+    async with anyio.create_task_group() as group:
+        addresses = await group.start(proxy.serve)
+        failed_status, failed = await fetch(site, addresses.proxy_url, s_server12.port)
+        signer.present = True
+        status, output = await fetch(site, addresses.proxy_url, s_server12.port)
+        group.cancel_scope.cancel()
+
+    assert failed_status == 0
+    assert failed.endswith(b"status=502")
+    assert redacted.encode() in failed
+    assert b"token not present" in failed
+    assert PIN.encode() not in failed
+
+    assert status == 0
+    assert output.endswith(b"status=200")
+    # s_server -www reports the protocol of the connection it served.
+    assert b"TLSv1.2" in output
 
 
 async def test_ca_token_removed_then_back(
