@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import botocore.configprovider
 import botocore.httpsession
 import pytest
 from awskms_moto import (
@@ -252,6 +253,29 @@ def test_no_credentials(moto_kms: MotoKMS, no_credentials: list[str]) -> None:
     # botocore finds no credentials before it signs the first request, so
     # nothing at all is sent, to moto or to a metadata address.
     assert no_credentials[requests_before:] == []
+
+
+def test_endpoint_skips_auto_defaults_mode(
+    moto_kms: MotoKMS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In "auto" defaults mode botocore looks up the region in instance
+    metadata; with endpoint= that lookup must not even start."""
+    uri = moto_kms.uri(moto_kms.create_key("ECC_NIST_P256"))
+    lookups: list[object] = []
+
+    def resolve_auto_mode(self: object, region_name: object) -> str:
+        lookups.append(region_name)
+        raise AssertionError("botocore resolved the auto defaults mode")
+
+    monkeypatch.setattr(
+        botocore.configprovider.SmartDefaultsConfigStoreFactory,
+        "resolve_auto_mode",
+        resolve_auto_mode,
+    )
+    monkeypatch.setenv("AWS_DEFAULTS_MODE", "auto")
+    signer = open_key(uri)
+    assert signer.schemes == [SignatureScheme.ecdsa_secp256r1_sha256]
+    assert lookups == []
 
 
 def test_profile_in_credentials_file(

@@ -224,10 +224,16 @@ def create_client(session: botocore.session.Session, location: KMSLocation) -> A
     """Create the KMS client; blocking (it resolves credentials).
 
     The result is botocore's generated client, which has no static type.
+    With an endpoint, the defaults mode is pinned to "legacy": in "auto"
+    mode (set by AWS_DEFAULTS_MODE or the config file) botocore asks the
+    instance metadata service for the region.
     """
+    config = client_config()
+    if location.endpoint is not None:
+        config = config.merge(botocore.config.Config(defaults_mode="legacy"))
     return session.create_client(
         "kms",
         region_name=location.region,
         endpoint_url=location.endpoint,
-        config=client_config(),
+        config=config,
     )
