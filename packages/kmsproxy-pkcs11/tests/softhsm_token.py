@@ -98,7 +98,7 @@ class SoftHSM:
         self.rescan()
 
     def rescan(self) -> None:
-        """Re-initialise the module here so it sees tokens made elsewhere."""
+        """Re-initialise the module here so it lists tokens made by other processes."""
         load_module(self.module).reinitialize()
 
     def session(self, label: str, pin: str = USER_PIN) -> pkcs11.Session:
@@ -122,11 +122,13 @@ class SoftHSM:
         allowed: Sequence[Mechanism] = (),
         pin: str = USER_PIN,
         public_label: str | None = None,
+        always_authenticate: bool = False,
     ) -> PublicKey:
         """Generate a key pair on the token; return its public key.
 
         Both halves get `object_label` unless `public_label` names the
-        public key differently (ykcs11 does).
+        public key differently (ykcs11 does). `always_authenticate` sets
+        CKA_ALWAYS_AUTHENTICATE, so each signature needs the PIN again.
         """
         private: dict[Attribute, Any] = {
             Attribute.SIGN: True,
@@ -135,6 +137,8 @@ class SoftHSM:
         }
         if allowed:
             private[Attribute.ALLOWED_MECHANISMS] = list(allowed)
+        if always_authenticate:
+            private[Attribute.ALWAYS_AUTHENTICATE] = True
         with self.session(label, pin) as session:
             if key_type in _CURVES:
                 parameters = encode_named_curve_parameters(_CURVES[key_type])

@@ -178,6 +178,7 @@ async def test_pkcs1_only_key_fails_tls13_nginx(setup: Setup) -> None:
             setup.site.path("ca.crt"),
             f"https://localhost:{setup.nginx.port}/subject",
         )
+    assert b"protocol_version" in body
     assert body.endswith(b"status=502")
 
 

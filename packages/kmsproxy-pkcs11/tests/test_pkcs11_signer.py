@@ -49,6 +49,7 @@ KEY_IDS: dict[TokenKeyType, bytes] = {
 }
 PKCS1_ONLY_ID = b"\x05"
 NO_CERTIFICATE_ID = b"\x06"
+ALWAYS_AUTHENTICATE_ID = b"\x07"
 
 # Bound for waiting until the reconnect backoff lets an attempt through.
 RECOVERY_TIMEOUT_SECONDS = 20.0
@@ -96,6 +97,9 @@ def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Token]:
         )
         public_keys[NO_CERTIFICATE_ID] = active.generate_key(
             TOKEN, "p256", NO_CERTIFICATE_ID, "bare"
+        )
+        public_keys[ALWAYS_AUTHENTICATE_ID] = active.generate_key(
+            TOKEN, "p256", ALWAYS_AUTHENTICATE_ID, "always", always_authenticate=True
         )
         active.import_certificate(TOKEN, intermediate.cert, b"\x10", "intermediate")
         active.import_certificate(TOKEN, ca.cert, b"\x11", "root")
@@ -188,6 +192,18 @@ async def test_allowed_mechanisms_limit_schemes(token: Token) -> None:
         verify_signature(
             signer.public_key(), signature, data, SignatureScheme.rsa_pkcs1_sha384
         )
+    finally:
+        await signer.aclose()
+
+
+async def test_pin_always_key_signs_twice(token: Token) -> None:
+    # CKA_ALWAYS_AUTHENTICATE: each C_Sign needs a context-specific login.
+    signer = open_signer(key_uri(token.hsm, TOKEN, ALWAYS_AUTHENTICATE_ID))
+    scheme = signer.schemes[0]
+    try:
+        for data in (b"first", b"second"):
+            signature = await signer.sign(data, scheme)
+            verify_signature(signer.public_key(), signature, data, scheme)
     finally:
         await signer.aclose()
 

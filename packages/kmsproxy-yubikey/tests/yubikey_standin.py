@@ -1,6 +1,6 @@
 """A SoftHSM2 token laid out the way ykcs11 presents a PIV YubiKey.
 
-The token's label is "YubiKey PIV #<serial>", and each filled slot holds a
+The token's label is "YubiKey PIV #<serial>", and each filled slot contains a
 private key, a public key and an X.509 certificate with the slot's ykcs11
 CKA_ID and labels (see `kmsproxy_yubikey.slots`). `yubikey:` URIs reach it
 with `module-path=` set to SoftHSM2, so the yubikey code path runs without

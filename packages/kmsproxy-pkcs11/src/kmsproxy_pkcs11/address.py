@@ -1,4 +1,4 @@
-"""What a `pkcs11:` URI selects: a module, a token, and objects on it.
+"""Parsed `pkcs11:` URIs: the module, the token and the objects they select.
 
 The attributes follow RFC 7512 in the form step-kms-plugin uses, for example
 `pkcs11:module-path=softhsm2;token=dev;id=%01;object=client?pin-source=/run/pin`:
@@ -64,7 +64,7 @@ class TokenSelector:
 
 @dataclass(frozen=True)
 class PinSource:
-    """Where the user PIN comes from: a value, a file, or nowhere.
+    """The source of the user PIN: a value, a file, or none.
 
     The repr never shows the value.
     """
@@ -116,6 +116,7 @@ def parse_key_uri(uri: KeyURI) -> KeyAddress:
             f"{uri.redacted()}: unknown attribute {unknown[0]!r}; a pkcs11: URI "
             f"takes {', '.join(sorted(KNOWN_ATTRIBUTES))}"
         )
+
     object_type = uri.get("type")
     if object_type not in (None, "private", "cert"):
         raise ValueError(
@@ -131,6 +132,7 @@ def parse_key_uri(uri: KeyURI) -> KeyAddress:
                 "number (see `kmsproxy pkcs11 list`)"
             )
         slot_id = int(slot_text)
+
     pin_path = uri.get("pin-source")
     object_id = _object_id(uri)
     address = KeyAddress(
@@ -146,6 +148,7 @@ def parse_key_uri(uri: KeyURI) -> KeyAddress:
             path=Path(_strip_file_scheme(pin_path)).expanduser() if pin_path else None,
         ),
     )
+
     if address.object_id is None and address.label is None:
         raise ValueError(
             f"{uri.redacted()}: name the object with id= or object= "

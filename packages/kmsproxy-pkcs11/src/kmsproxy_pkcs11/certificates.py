@@ -1,7 +1,7 @@
 """`TokenCertificateSource`: a certificate chain read from the token.
 
 The leaf is the certificate object with the URI's `id=` (else its
-`object=` label); its issuers follow when the token holds them, so one URI
+`object=` label); its issuers follow when they are on the token, so one URI
 serves for `--clientkey` and `--clientcert`. Certificates are public
 objects, so reading them needs no PIN, and the token is opened only for
 the time of a read.
@@ -44,8 +44,8 @@ class TokenCertificateSource(CertificateSource):
         return self._address.uri
 
     async def load(self) -> list[x509.Certificate]:
-        # Opening the token blocks (a slot scan, maybe a login), so all of it
-        # runs in a worker thread; the token's lock orders it with signing.
+        # Opening the token blocks for a slot scan and maybe a login, so all
+        # of it runs in a worker thread. The token's lock orders it with signing.
         return await anyio.to_thread.run_sync(self.load_blocking)
 
     def load_blocking(self) -> list[x509.Certificate]:
@@ -83,11 +83,11 @@ class TokenCertificateSource(CertificateSource):
                 ObjectClass.CERTIFICATE, address.object_id, label
             )
             if address.object_id is not None:
-                what = f"certificate id={format_id(address.object_id)}"
+                description = f"certificate id={format_id(address.object_id)}"
             else:
-                what = f"certificate object={address.label}"
+                description = f"certificate object={address.label}"
             try:
-                leaf_object = find_one(session, template, what, where)
+                leaf_object = find_one(session, template, description, where)
                 der = leaf_object[Attribute.VALUE]
             except SignerError as error:
                 raise SignerError(

@@ -1,4 +1,4 @@
-"""Which PKCS#11 mechanism signs each TLS SignatureScheme on a given key.
+"""The choice of PKCS#11 mechanism for each TLS SignatureScheme of a key.
 
 A token reports its mechanisms (`C_GetMechanismList`), and a key may narrow
 them (`CKA_ALLOWED_MECHANISMS`). For each scheme the key type allows, the

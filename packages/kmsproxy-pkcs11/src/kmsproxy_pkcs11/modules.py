@@ -90,7 +90,7 @@ KNOWN_MODULES: dict[str, dict[str, tuple[str, ...]]] = {
 
 
 class ModuleError(Exception):
-    """A PKCS#11 module could not be found or loaded; the message says why."""
+    """A PKCS#11 module could not be found or loaded; the message names the cause."""
 
 
 def platform_key() -> str:
@@ -155,6 +155,9 @@ class Module:
 
         Some modules (SoftHSM2 among them) only notice a token directory
         that came back after this. Every open session becomes invalid.
+
+        NOTE: a call that another token of this module makes at the same
+        moment fails, and that token goes through its own reconnect backoff.
         """
         with self._lock:
             try:

@@ -34,20 +34,20 @@ def object_template(
 def find_one(
     session: pkcs11.Session,
     template: dict[Attribute, Any],
-    what: str,
+    description: str,
     where: str,
 ) -> Any:
     """Return the one object matching `template`; raise `SignerError` if not.
 
-    `what` names the object (`private key id=%01`) and `where` the token,
-    for messages.
+    `description` names the object (`private key id=%01`) and `where` the
+    token, for messages.
     """
     found = list(session.get_objects(template))
     if not found:
-        raise SignerError(f"no {what} on {where}")
+        raise SignerError(f"no {description} on {where}")
     if len(found) > 1:
         raise SignerError(
-            f"{len(found)} objects match {what} on {where}; give both id= and "
+            f"{len(found)} objects match {description} on {where}; give both id= and "
             "object= to pick one (see `kmsproxy pkcs11 list`)"
         )
     return found[0]
@@ -86,7 +86,7 @@ def public_key_of(session: pkcs11.Session, private_key: Any) -> PublicKey:
         for certificate in session.get_objects(template):
             return certificate_public_key(certificate)
     raise SignerError(
-        "the token holds no public key or certificate with the private key's "
+        "the token has no public key or certificate with the private key's "
         "id, so its public key is unknown; import the certificate with the "
         "same id"
     )
@@ -123,7 +123,7 @@ def _decode_oid(parameters: bytes) -> str:
     contents = _der_contents(parameters, _DER_OBJECT_IDENTIFIER)
     if not contents:
         raise SignerError("only named-curve EC keys are supported")
-    # X.690 section 8.19: the first byte holds two arcs, then base-128 groups.
+    # X.690 section 8.19: the first byte encodes two arcs, then base-128 groups.
     arcs = [min(contents[0] // 40, 2), contents[0] - 40 * min(contents[0] // 40, 2)]
     value = 0
     for byte in contents[1:]:

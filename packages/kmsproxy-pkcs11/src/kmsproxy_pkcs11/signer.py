@@ -178,6 +178,7 @@ class Pkcs11Signer(BlockingSigner):
             public_key = public_key_of(session, key)
         except SignerError as error:
             raise SignerError(f"{self._uri}: {error}") from None
+
         available = self._signing_mechanisms()
         allowed = attribute_or_none(key, Attribute.ALLOWED_MECHANISMS) or None
         plans = plan_signing(public_key, available, allowed)
@@ -193,6 +194,7 @@ class Pkcs11Signer(BlockingSigner):
                 f"{type(public_key).__name__.removeprefix('_')} key (the token "
                 f"offers {offered}{limited})"
             )
+
         self._key = key
         self._key_session = self._token.session_number
         always = bool(attribute_or_none(key, Attribute.ALWAYS_AUTHENTICATE))

@@ -4,11 +4,12 @@ Every key and certificate on one token shares one `TokenSession`, because
 python-pkcs11 sessions are not thread-safe and PKCS#11 keeps the login state
 per application, not per session. Calls reach the session only through
 `TokenSession.run`, under a lock, from the worker thread that the shared
-`limiter` admits, so the token does one operation at a time while tunnels
-that need no signature keep flowing.
+`limiter` admits (or from the event loop's thread at startup). The token
+thus does one operation at a time while tunnels that need no signature keep
+flowing.
 
 When the token goes away (CKR_DEVICE_REMOVED, CKR_SESSION_HANDLE_INVALID,
-CKR_NOT_PRESENT, or a key handle that became invalid), the session is
+CKR_TOKEN_NOT_PRESENT, or a key handle that became invalid), the session is
 dropped and the failure goes to the `pkcs11-reconnect` backoff: calls fail at
 once with "token not present" until the delay passes, then one call looks
 for the token again, opens a new session and logs in. `kmsproxy.backoff`
@@ -48,7 +49,7 @@ _T = TypeVar("_T")
 RECONNECT_POLICY = BackoffPolicy("pkcs11-reconnect", initial=0.5, maximum=30.0)
 
 # Return values meaning the token or its session is gone, not that the
-# request was wrong. SoftHSM2 answers CKR_OBJECT_HANDLE_INVALID and then
+# request was wrong. SoftHSM2 returns CKR_OBJECT_HANDLE_INVALID and then
 # CKR_GENERAL_ERROR when its token directory disappears.
 TOKEN_GONE_ERRORS: tuple[type[p11.PKCS11Error], ...] = (
     p11.DeviceRemoved,
@@ -341,6 +342,9 @@ class TokenSession:
                 "does not send it again; correct pin-source or pin-value"
             )
         try:
+            # NOTE: python-pkcs11 0.10 opens the session before C_Login and
+            # does not close it when the login fails, so each rejected PIN
+            # leaves one session open until the module is finalized.
             return token.open(user_pin=pin, attribute_mapper=self._mapper)
         except p11.UserAlreadyLoggedIn:
             # Login state belongs to the application: an earlier session of

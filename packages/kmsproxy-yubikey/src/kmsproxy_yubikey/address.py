@@ -41,6 +41,7 @@ def parse_yubikey_uri(uri: KeyURI) -> KeyAddress:
             f"{uri.redacted()}: unknown attribute {unknown[0]!r}; a yubikey: "
             f"URI takes {', '.join(sorted(KNOWN_ATTRIBUTES))}"
         )
+
     slot_text = uri.get("slot-id")
     if not slot_text:
         raise ValueError(
@@ -50,6 +51,7 @@ def parse_yubikey_uri(uri: KeyURI) -> KeyAddress:
         slot = parse_slot(slot_text)
     except ValueError as error:
         raise ValueError(f"{uri.redacted()}: {error}") from None
+
     serial = uri.get("serial")
     if serial is not None and not serial.isdigit():
         raise ValueError(
@@ -60,6 +62,7 @@ def parse_yubikey_uri(uri: KeyURI) -> KeyAddress:
         label=f"{YUBIKEY_LABEL_PREFIX}{serial}" if serial else None,
         label_prefix=None if serial else YUBIKEY_LABEL_PREFIX,
     )
+
     pin_path = uri.get("pin-source")
     pin = PinSource(
         value=uri.get("pin-value"),

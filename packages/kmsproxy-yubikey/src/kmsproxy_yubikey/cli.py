@@ -1,6 +1,6 @@
 """`kmsproxy yubikey list`: each YubiKey's PIV slots with key and certificate.
 
-For every slot that holds a key or a certificate, one line gives the key
+For every slot that contains a key or a certificate, one line gives the key
 type, the certificate's subject and expiry, and the URI to use.
 """
 
