@@ -2,7 +2,7 @@
 
 `start_swtpm` runs `swtpm socket --tpm2` on two free 127.0.0.1 ports (the
 TPM commands and the control channel) with its state in a directory under
-the test's temporary path, and waits (bounded) until it answers. `stop` and
+the test's temporary path, and waits (bounded) until it accepts connections. `stop` and
 `restart` end it by PID; a restart keeps the state directory, so keys made
 before still load, as after a reboot. `swtpm_module` is the module-scoped
 fixture that test modules import.

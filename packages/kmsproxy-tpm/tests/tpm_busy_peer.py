@@ -1,4 +1,4 @@
-"""A loopback TPM that answers every command with TPM_RC_RETRY.
+"""A loopback TPM that responds to every command with TPM_RC_RETRY.
 
 It speaks the two swtpm sockets that tpm2-tss's swtpm TCTI uses: TPM
 commands on `port`, control commands on `port + 1`. Every control command
@@ -125,7 +125,7 @@ def _receive_exactly(connection: socket.socket, size: int) -> bytes | None:
 
 
 def _answer_retry(connection: socket.socket) -> bool:
-    """Read one TPM command and answer TPM_RC_RETRY; False at end of stream."""
+    """Read one TPM command and respond TPM_RC_RETRY; False at end of stream."""
     header = _receive_exactly(connection, COMMAND_HEADER_BYTES)
     if header is None:
         return False
@@ -140,7 +140,7 @@ def _answer_retry(connection: socket.socket) -> bool:
 
 
 def _answer_control(connection: socket.socket) -> bool:
-    """Answer one control command with success; False at end of stream."""
+    """Respond success to one control command; False at end of stream."""
     data = connection.recv(MAX_COMMAND_BYTES)
     if not data:
         return False

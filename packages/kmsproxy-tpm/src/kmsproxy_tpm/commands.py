@@ -7,6 +7,7 @@ stays in the TPM.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         help="manage TPM 2.0 keys (tpmkms: URIs)",
         description=(
             f"Keys are TSS2 PRIVATE KEY files in {storage.key_directory()}, "
-            "wrapped by this machine's TPM; use one as "
-            "--clientkey tpmkms:name=NAME."
+            "wrapped by this machine's TPM; name one in a key URI as "
+            "tpmkms:name=NAME."
         ),
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
@@ -208,15 +209,34 @@ def run_create(args: argparse.Namespace) -> int:
             f"`kmsproxy tpm delete {args.name}`"
         )
     tcti = args.tcti or tcti_for_device(args.device or DEFAULT_DEVICE)
+    key = _create_in_tpm(args, tcti, _read_new_auth(args.pin_source))
+    blob = blob_from_key(key, args.name)
+
+    try:
+        storage.write_new_key(path, blob.to_pem())
+    except FileExistsError:
+        raise UserError(f"{path} was created meanwhile by another program") from None
+    print(f"created {blob.description} key {path}")
+    print(f"use it as --clientkey '{_uri_for(args.name, args)}'")
+    return 0
+
+
+def _read_new_auth(pin_source: Path | None) -> bytes | None:
+    """Return the auth value for a new key from `--pin-source`, if given."""
+    if pin_source is None:
+        return None
+    try:
+        auth = read_auth_file(pin_source, "--pin-source")
+    except SignerError as error:
+        raise UserError(str(error)) from None
+    if not auth:
+        raise UserError(f"--pin-source {pin_source}: the first line is empty")
+    return auth
+
+
+def _create_in_tpm(args: argparse.Namespace, tcti: str, auth: bytes | None) -> Any:
+    """Check the key type with TPM2_TestParms, then create the key under the SRK."""
     key_type = f"RSA {args.size}" if args.kty == "RSA" else f"EC {args.curve}"
-    auth = None
-    if args.pin_source is not None:
-        try:
-            auth = read_auth_file(args.pin_source, "--pin-source")
-        except SignerError as error:
-            raise UserError(str(error)) from None
-        if not auth:
-            raise UserError(f"--pin-source {args.pin_source}: the first line is empty")
     try:
         esapi = open_context(tcti)
     except TPMError as error:
@@ -232,29 +252,28 @@ def run_create(args: argparse.Namespace) -> int:
                 f"the TPM at {tcti} does not support {key_type} keys ({error}); "
                 "try --kty EC --curve P-256"
             ) from None
+
         try:
             if args.kty == "RSA":
-                key = TSSPrivKey.create_rsa(esapi, keyBits=args.size, password=auth)
-            else:
-                key = TSSPrivKey.create_ecc(
-                    esapi, curveID=CURVE_IDS[args.curve], password=auth
-                )
+                return TSSPrivKey.create_rsa(esapi, keyBits=args.size, password=auth)
+            return TSSPrivKey.create_ecc(
+                esapi, curveID=CURVE_IDS[args.curve], password=auth
+            )
         except TSS2_Exception as error:
             message = describe_tss_error(error, tcti)
             raise UserError(f"tpm create {args.name}: {message}") from None
-    blob = blob_from_key(key, args.name)
-    try:
-        storage.write_new_key(path, blob.to_pem())
-    except FileExistsError:
-        raise UserError(f"{path} was created meanwhile by another program") from None
-    print(f"created {blob.description} key {path}")
-    print(f"use it as --clientkey '{_uri_for(args.name, args)}'")
-    return 0
 
 
 def run_list(args: argparse.Namespace) -> int:
     """Print one line per key: name, type, certificate, URI (tab-separated)."""
-    for name in storage.key_names():
+    names = storage.key_names()
+    if not names:
+        print(
+            f"no keys in {storage.key_directory()}; create one with "
+            "`kmsproxy tpm create NAME`",
+            file=sys.stderr,
+        )
+    for name in names:
         path = storage.key_path_for(name)
         try:
             description = read_key_file(path).description

@@ -3,8 +3,8 @@
 A `TPMDevice` owns the ESAPI context for one TCTI string. Every TPM call
 goes through `TPMDevice.call`, which holds a thread lock (an ESAPI context
 serves one caller at a time) and reopens the context after a failure that
-broke it. Each reopen bumps `generation`, so a key knows that its loaded
-handle is gone and loads its blob again: after swtpm restarts or the TPM is
+broke it. Each reopen bumps `generation`, so a key sees that its loaded
+handle is gone and loads its blob again. After swtpm restarts or the TPM is
 reset, the TPM has forgotten every transient object.
 
 Errors from tpm2-tss become `TPMError` with a sentence that says what to do;
@@ -45,9 +45,9 @@ RECONNECT_POLICY = BackoffPolicy(
     name="tpm-reconnect", initial=0.5, maximum=30.0, multiplier=2.0
 )
 
-# TPM response codes that say "try again later" (TPM 2.0 Part 2, 6.6.3):
-# the TPM is busy with another command, testing itself, or out of object or
-# session slots that a resource manager would free.
+# TPM response codes that mean "try again later": the TPM is busy with
+# another command, testing itself, or out of object or session slots that a
+# resource manager would free.
 _BUSY_CODES = frozenset(
     {
         int(TPM2_RC.RETRY),
@@ -63,7 +63,7 @@ _BUSY_CODES = frozenset(
     }
 )
 
-# Codes that say the TPM lost its transient objects: a reset (TPM2_Startup
+# Codes that mean the TPM lost its transient objects: a reset (TPM2_Startup
 # CLEAR after a restart) or a handle that no longer exists.
 _RESET_CODES = frozenset(
     {
@@ -82,7 +82,7 @@ _BASE_MASK = 0xFFFF
 
 
 class TPMError(Exception):
-    """A TPM call failed; the message says what failed and what to do."""
+    """A TPM call failed. The message names the failure and the fix."""
 
 
 class TPMUnavailable(TPMError):

@@ -4,15 +4,14 @@ The file format is the one tpm2-openssl, the tpm2-tss engine and
 `tpm2_encodeobject` write: an ASN.1 `TPMKey` (OID 2.23.133.10.1.3) holding
 the key's TPM2B_PUBLIC and its TPM2B_PRIVATE wrapped by a parent. Parent
 0x40000001 (the owner hierarchy) means the primary key made from the
-standard storage key template, ECC P-256 when the TPM has ECC and RSA 2048
-otherwise; a persistent handle such as 0x81000001 names that key.
+standard storage key template: ECC P-256 when the TPM has ECC, else RSA
+2048. A persistent handle such as 0x81000001 names the parent key itself.
 tpm2-pytss's `TSSPrivKey` reads, writes, creates and loads these files.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,7 +77,7 @@ class KeyFileError(Exception):
 
 @dataclass(frozen=True)
 class KeyBlob:
-    """A TSS2 PRIVATE KEY file's content and what it says about the key."""
+    """A TSS2 PRIVATE KEY file's content, with its public key and key type."""
 
     key: Any  # tpm2_pytss.tsskey.TSSPrivKey
     public_key: PublicKey
@@ -165,9 +164,9 @@ def candidate_schemes(
     """List the TLS schemes the key's template and the TPM allow.
 
     A key whose template fixes a scheme (for example `tpm2_create -G
-    rsa2048:rsassa-sha256`) signs only with that scheme and hash; a key with
-    the NULL scheme takes the scheme from each TPM2_Sign. RSA-PSS schemes
-    still need `pss_salt_matches` on a real signature before they are offered.
+    rsa2048:rsassa-sha256`) signs only with that scheme and hash. A key with
+    the NULL scheme takes the scheme from each TPM2_Sign. The signer still
+    checks a real signature with each scheme before it offers the scheme.
     """
     area = blob.public_area
     if isinstance(blob.public_key, ec.EllipticCurvePublicKey):
@@ -239,8 +238,3 @@ def sign_digest(
     if algorithm == int(TPM2_ALG.RSAPSS):
         return bytes(signature.signature.rsapss.sig)
     return bytes(signature.signature.rsassa.sig)
-
-
-def order_schemes(schemes: Sequence[SignatureScheme]) -> list[SignatureScheme]:
-    """Keep one entry per scheme, in the order given."""
-    return list(dict.fromkeys(schemes))

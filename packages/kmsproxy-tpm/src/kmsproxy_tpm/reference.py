@@ -1,4 +1,4 @@
-"""What a `tpmkms:` URI names: a key file, the TPM to reach, the auth value.
+"""The parts of a `tpmkms:` URI: a key file, the TPM to reach, the auth value.
 
 The forms follow step-kms-plugin's `tpmkms:` URIs:
 

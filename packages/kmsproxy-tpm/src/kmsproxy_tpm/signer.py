@@ -3,11 +3,12 @@
 Opening a key (at startup, in the event loop's thread) reads its TSS2 PEM,
 loads it under its parent, and signs a test digest with every scheme the
 template and the TPM allow. Only the schemes whose signature verifies
-against the public key are offered: this catches a wrong auth value before
+against the public key are offered. This catches a wrong auth value before
 the first handshake, and an RSA-PSS salt length other than the digest
-length that TLS requires (RFC 8446 section 4.2.3). TPM 2.0 Part 1 lets a
-TPM use the largest salt outside FIPS mode; libtpms 0.9 uses the digest
-length.
+length that TLS requires (RFC 8446 section 4.2.3). TPM 2.0 Part 1
+(Architecture), annex B.7, has the TPM use the largest salt that the key
+and digest sizes allow. libtpms, behind swtpm, uses the digest length
+unless it does not fit.
 
 Each signature hashes the message in software and sends the digest to
 TPM2_Sign in a worker thread, one TPM call at a time per TPM.

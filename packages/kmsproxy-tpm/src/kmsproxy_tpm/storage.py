@@ -3,8 +3,8 @@
 A key `mykey` is `mykey.pem` in `$XDG_CONFIG_HOME/kmsproxy/tpm` (by default
 `~/.config/kmsproxy/tpm`), with its certificate chain in `mykey.crt` beside
 it. The PEM holds the key wrapped by the TPM's storage key, so it is useless
-on another machine; it is still written with mode 0600, in a 0700 directory,
-because whoever can read it can use the key on this machine's TPM.
+on another machine. It is still written with mode 0600, in a 0700 directory,
+because any user who can read it can use the key on this machine's TPM.
 """
 
 from __future__ import annotations
