@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from pki import certify, make_ca
+from pki import certify, generate_key, make_ca
 from swtpm_emulator import Swtpm, swtpm_module
 from tpm_busy_peer import busy_tpm
 from tpm_testkeys import (
@@ -21,7 +21,12 @@ from tpm_testkeys import (
 
 from kmsproxy.cli import main
 from kmsproxy.plugins.registry import Registry
-from kmsproxy.signer import SignatureScheme, SignerError, verify_signature
+from kmsproxy.signer import (
+    SignatureScheme,
+    SignerError,
+    schemes_for_public_key,
+    verify_signature,
+)
 
 __all__ = ["key_directory", "swtpm_module"]
 
@@ -29,14 +34,8 @@ pytestmark = pytest.mark.anyio
 
 MESSAGE = b"TLS 1.3, client CertificateVerify\x00" + bytes(range(64))
 
-ALL_RSA_SCHEMES = {
-    SignatureScheme.rsa_pss_rsae_sha256,
-    SignatureScheme.rsa_pss_rsae_sha384,
-    SignatureScheme.rsa_pss_rsae_sha512,
-    SignatureScheme.rsa_pkcs1_sha256,
-    SignatureScheme.rsa_pkcs1_sha384,
-    SignatureScheme.rsa_pkcs1_sha512,
-}
+# Every scheme a software RSA key offers: swtpm signs with all six.
+ALL_RSA_SCHEMES = set(schemes_for_public_key(generate_key("rsa2048").public_key()))
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from peers import Peer, free_port, start_nginx
 from pki import certify
 from swtpm_emulator import Swtpm, swtpm_module
-from test_proxy import REQUEST_TIMEOUT_SECONDS, Site, curl, make_site
+from test_proxy import REQUEST_TIMEOUT_SECONDS, Site, anyio_backend, curl, site
 from tpm_testkeys import create_ca_certificate, create_key, key_directory
 
 from kmsproxy import Proxy, ProxyAddresses
@@ -31,7 +31,7 @@ from kmsproxy.cli import main
 from kmsproxy_tpm.device import TPMDevice
 from kmsproxy_tpm.keyblob import read_key_file
 
-__all__ = ["key_directory", "swtpm_module"]
+__all__ = ["anyio_backend", "key_directory", "site", "swtpm_module"]
 
 pytestmark = [pytest.mark.anyio, pytest.mark.interop]
 
@@ -49,16 +49,6 @@ SERVE_READY_TIMEOUT_SECONDS = 20.0
 SERVE_POLL_SECONDS = 0.05
 
 NGINX_NO_RESUMPTION = "ssl_session_tickets off;"
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Site:
-    return make_site(tmp_path)
 
 
 @pytest.fixture
