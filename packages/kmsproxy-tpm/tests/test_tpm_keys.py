@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pki import certify, generate_key, make_ca
@@ -27,6 +29,7 @@ from kmsproxy.signer import (
     schemes_for_public_key,
     verify_signature,
 )
+from kmsproxy_tpm.device import TPMDevice
 
 __all__ = ["key_directory", "swtpm_module"]
 
@@ -67,6 +70,28 @@ async def test_created_key_signs_each_scheme(
         for scheme in signer.schemes:
             signature = await signer.sign(MESSAGE, scheme)
             verify_signature(signer.public_key(), signature, MESSAGE, scheme)
+
+
+async def test_reopen_needs_no_tpm_command(
+    swtpm_module: Swtpm, key_directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = create_key(swtpm_module, "client")
+    async with open_signer(uri):
+        pass
+    calls: list[object] = []
+    original = TPMDevice.call
+
+    def counted(device: TPMDevice, function: Callable[..., Any]) -> Any:
+        calls.append(function)
+        return original(device, function)
+
+    monkeypatch.setattr(TPMDevice, "call", counted)
+    async with open_signer(uri) as signer:
+        assert calls == []
+        scheme = SignatureScheme.ecdsa_secp256r1_sha256
+        signature = await signer.sign(MESSAGE, scheme)
+    verify_signature(signer.public_key(), signature, MESSAGE, scheme)
+    assert len(calls) == 1
 
 
 def test_key_file_is_private(swtpm_module: Swtpm, key_directory: Path) -> None:

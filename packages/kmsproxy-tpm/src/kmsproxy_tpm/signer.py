@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,6 +51,11 @@ logger = logging.getLogger(__name__)
 
 # Bytes signed by the self-check at open: random, so no two checks match.
 SELF_CHECK_BYTES = 32
+
+# Schemes that passed the self-check, by TCTI, key file content and auth
+# value, so that reopening a key (each reload does) needs no TPM command.
+_checked_schemes: dict[tuple[str, bytes, bytes | None], list[SignatureScheme]] = {}
+_checked_lock = threading.Lock()
 
 
 def load_blob(esapi: Any, blob: KeyBlob, auth: bytes | None) -> Any:
@@ -118,6 +124,15 @@ class TPMSigner(BlockingSigner):
             raise SignerError(f"{reference.uri}: {error}{hint}") from None
         device = devices.acquire_device(reference.tcti)
         signer = cls(reference, blob, device)
+        check_key = (reference.tcti, blob.to_pem(), reference.auth)
+        with _checked_lock:
+            checked = _checked_schemes.get(check_key)
+        if checked is not None:
+            # A reload reopens every key: the TPM already signed with this
+            # key and auth value, and the key loads at its first signature.
+            signer._schemes = checked
+            logger.debug("Reopened TPM key uri=%s", reference.uri)
+            return signer
         try:
             signer._schemes = device.call(signer._self_check)
         except TPMAuthError:
@@ -138,6 +153,8 @@ class TPMSigner(BlockingSigner):
                 f"signature with this {blob.description} key that verifies "
                 "against its public key"
             )
+        with _checked_lock:
+            _checked_schemes[check_key] = signer._schemes
         logger.info(
             "Opened TPM key uri=%s type=%s schemes=%s",
             reference.uri,
