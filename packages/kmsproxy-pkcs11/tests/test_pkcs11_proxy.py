@@ -9,11 +9,9 @@ can sign only TLS 1.2's PKCS#1 v1.5 CertificateVerify.
 from __future__ import annotations
 
 import contextlib
-import re
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ from softhsm_token import (
     key_uri,
     self_signed_ca,
 )
+from test_cli import wait_for_line
 from test_proxy import Site, curl, make_site
 
 from kmsproxy import Proxy, ProxyAddresses
@@ -53,7 +52,7 @@ KEY_IDS: dict[TokenKeyType, bytes] = {
 PKCS1_ONLY_ID = b"\x05"
 CA_ID = b"\x20"
 
-# Bounds for the CLI subprocess: start-up, and the wait for recovery.
+# Bound for the CLI subprocess to stop, and for the wait for recovery.
 PROCESS_TIMEOUT_SECONDS = 30.0
 RECOVERY_TIMEOUT_SECONDS = 30.0
 
@@ -110,7 +109,19 @@ async def serving(site: Site, **overrides: object) -> AsyncIterator[ProxyAddress
             group.cancel_scope.cancel()
 
 
+@contextlib.asynccontextmanager
+async def serving_key(setup: Setup, object_id: bytes) -> AsyncIterator[ProxyAddresses]:
+    """Serve with the token key `object_id` and the certificate beside it."""
+    key = key_uri(setup.hsm, TOKEN, object_id)
+    certificate = key_uri(setup.hsm, TOKEN, object_id, pin=False)
+    async with serving(
+        setup.site, client_keys=[key], client_certificates=[certificate]
+    ) as addresses:
+        yield addresses
+
+
 async def fetch(addresses: ProxyAddresses, ca: Path, url: str) -> bytes:
+    """GET `url` through the proxy; return the body and `status=CODE`."""
     result = await curl(
         "--proxy", addresses.proxy_url, "--cacert", str(ca), "--write-out",
         "\nstatus=%{http_code}", url,
@@ -119,18 +130,16 @@ async def fetch(addresses: ProxyAddresses, ca: Path, url: str) -> bytes:
     return result.stdout
 
 
+async def fetch_subject(setup: Setup, addresses: ProxyAddresses) -> bytes:
+    """GET nginx's /subject through the proxy, trusting the local CA."""
+    url = f"https://localhost:{setup.nginx.port}/subject"
+    return await fetch(addresses, setup.site.path("ca.crt"), url)
+
+
 @pytest.mark.parametrize("key_type", list(KEY_IDS))
 async def test_token_key_reaches_nginx(setup: Setup, key_type: TokenKeyType) -> None:
-    key = key_uri(setup.hsm, TOKEN, KEY_IDS[key_type])
-    certificate = key_uri(setup.hsm, TOKEN, KEY_IDS[key_type], pin=False)
-    async with serving(
-        setup.site, client_keys=[key], client_certificates=[certificate]
-    ) as addresses:
-        body = await fetch(
-            addresses,
-            setup.site.path("ca.crt"),
-            f"https://localhost:{setup.nginx.port}/subject",
-        )
+    async with serving_key(setup, KEY_IDS[key_type]) as addresses:
+        body = await fetch_subject(setup, addresses)
     assert body == f"subject=CN=token {key_type}\n\nstatus=200".encode()
 
 
@@ -146,15 +155,11 @@ def tls12_upstream_context(site: Site) -> ssl.SSLContext:
 
 
 async def test_pkcs1_only_key_uses_tls12(setup: Setup) -> None:
-    key = key_uri(setup.hsm, TOKEN, PKCS1_ONLY_ID)
-    certificate = key_uri(setup.hsm, TOKEN, PKCS1_ONLY_ID, pin=False)
     async with anyio.create_task_group() as group:
         upstream_port = await group.start(
             serve_mtls_upstream, "127.0.0.1", tls12_upstream_context(setup.site)
         )
-        async with serving(
-            setup.site, client_keys=[key], client_certificates=[certificate]
-        ) as addresses:
+        async with serving_key(setup, PKCS1_ONLY_ID) as addresses:
             body = await fetch(
                 addresses,
                 setup.site.path("ca.crt"),
@@ -168,16 +173,8 @@ async def test_pkcs1_only_key_uses_tls12(setup: Setup) -> None:
 async def test_pkcs1_only_key_fails_tls13_nginx(setup: Setup) -> None:
     # nginx here accepts TLS 1.3 only, where RSA needs PSS: the proxy reports
     # the failure as a 502 instead of signing with a scheme the key lacks.
-    key = key_uri(setup.hsm, TOKEN, PKCS1_ONLY_ID)
-    certificate = key_uri(setup.hsm, TOKEN, PKCS1_ONLY_ID, pin=False)
-    async with serving(
-        setup.site, client_keys=[key], client_certificates=[certificate]
-    ) as addresses:
-        body = await fetch(
-            addresses,
-            setup.site.path("ca.crt"),
-            f"https://localhost:{setup.nginx.port}/subject",
-        )
+    async with serving_key(setup, PKCS1_ONLY_ID) as addresses:
+        body = await fetch_subject(setup, addresses)
     assert b"protocol_version" in body
     assert body.endswith(b"status=502")
 
@@ -207,47 +204,22 @@ async def test_ca_key_on_token_mints_leaves(setup: Setup) -> None:
     assert body == b"subject=CN=token p256\n\nstatus=200"
 
 
-async def fetch_status(addresses: ProxyAddresses, site: Site, port: int) -> bytes:
-    result = await curl(
-        "--proxy", addresses.proxy_url, "--cacert", str(site.path("ca.crt")),
-        "--write-out", "\nstatus=%{http_code}", f"https://localhost:{port}/subject",
-    )  # fmt: skip
-    return result.stdout
-
-
 async def test_removed_token_is_502_then_recovers(setup: Setup) -> None:
-    key = key_uri(setup.hsm, TOKEN, KEY_IDS["p256"])
-    site, port = setup.site, setup.nginx.port
-    async with serving(site, client_keys=[key], client_certificates=[key]) as addresses:
-        assert (await fetch_status(addresses, site, port)).endswith(b"status=200")
+    async with serving_key(setup, KEY_IDS["p256"]) as addresses:
+        assert (await fetch_subject(setup, addresses)).endswith(b"status=200")
         aside = setup.hsm.remove_tokens()
         try:
-            missing = await fetch_status(addresses, site, port)
+            missing = await fetch_subject(setup, addresses)
         finally:
             setup.hsm.reinsert_tokens(aside)
         recovered = b""
         with anyio.move_on_after(RECOVERY_TIMEOUT_SECONDS):
             while not recovered.endswith(b"status=200"):
                 await anyio.sleep(0.2)
-                recovered = await fetch_status(addresses, site, port)
+                recovered = await fetch_subject(setup, addresses)
     assert b"token not present" in missing
     assert missing.endswith(b"status=502")
     assert recovered == b"subject=CN=token p256\n\nstatus=200"
-
-
-def wait_for_line(process: subprocess.Popen[str], pattern: str) -> str:
-    """Read stderr until a line matches `pattern` (bounded); return the line."""
-    assert process.stderr is not None
-    deadline = time.monotonic() + PROCESS_TIMEOUT_SECONDS
-    seen = []
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            break
-        seen.append(line)
-        if re.search(pattern, line):
-            return line
-    raise AssertionError(f"no line matched {pattern!r}; output:\n{''.join(seen)}")
 
 
 async def test_cli_serve_recovers_after_removal(setup: Setup, tmp_path: Path) -> None:
@@ -280,7 +252,7 @@ async def test_cli_serve_recovers_after_removal(setup: Setup, tmp_path: Path) ->
         aside = setup.hsm.remove_tokens()
         try:
             missing = await curl(*arguments)
-            lost = wait_for_line(process, r"store unavailable")
+            lost = wait_for_line(process, r"store unavailable").string
         finally:
             setup.hsm.reinsert_tokens(aside)
         recovered = b""
@@ -288,7 +260,7 @@ async def test_cli_serve_recovers_after_removal(setup: Setup, tmp_path: Path) ->
             while not recovered.endswith(b"status=200"):
                 await anyio.sleep(0.2)
                 recovered = (await curl(*arguments)).stdout
-        back = wait_for_line(process, r"store available again")
+        back = wait_for_line(process, r"store available again").string
     finally:
         process.terminate()
         try:

@@ -7,10 +7,8 @@ same slot.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,6 +16,7 @@ import anyio
 import pytest
 from peers import Peer, free_port, start_nginx
 from softhsm_token import SoftHSM, activate, create_softhsm
+from test_cli import wait_for_line
 from test_proxy import Site, curl, make_site
 from yubikey_standin import PIV_PIN, TOKEN, fill_slot, slot_uri
 
@@ -26,7 +25,7 @@ from kmsproxy_yubikey.slots import parse_slot
 
 pytestmark = [pytest.mark.anyio, pytest.mark.interop]
 
-# Bound for the CLI subprocess to start listening.
+# Bound for the CLI subprocess to stop.
 PROCESS_TIMEOUT_SECONDS = 30.0
 
 
@@ -73,21 +72,6 @@ async def test_slot_key_and_certificate_reach_nginx(setup: Setup, slot: str) -> 
         group.cancel_scope.cancel()
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == f"subject=CN=piv {slot}\n".encode()
-
-
-def wait_for_line(process: subprocess.Popen[str], pattern: str) -> str:
-    """Read stderr until a line matches `pattern` (bounded); return the line."""
-    assert process.stderr is not None
-    deadline = time.monotonic() + PROCESS_TIMEOUT_SECONDS
-    seen = []
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            break
-        seen.append(line)
-        if re.search(pattern, line):
-            return line
-    raise AssertionError(f"no line matched {pattern!r}; output:\n{''.join(seen)}")
 
 
 async def test_go_form_serve_with_yubikey_uri(setup: Setup) -> None:

@@ -108,15 +108,32 @@ def format_id(object_id: bytes) -> str:
     return "".join(f"%{byte:02X}" for byte in object_id)
 
 
-def parse_key_uri(uri: KeyURI) -> KeyAddress:
-    """Read a `pkcs11:` URI; raise `ValueError` naming a bad attribute."""
-    unknown = sorted(set(uri.attributes) - KNOWN_ATTRIBUTES)
+def check_attributes(uri: KeyURI, known: frozenset[str]) -> None:
+    """Raise `ValueError` naming the first attribute of `uri` not in `known`."""
+    unknown = sorted(set(uri.attributes) - known)
     if unknown:
         raise ValueError(
-            f"{uri.redacted()}: unknown attribute {unknown[0]!r}; a pkcs11: URI "
-            f"takes {', '.join(sorted(KNOWN_ATTRIBUTES))}"
+            f"{uri.redacted()}: unknown attribute {unknown[0]!r}; a {uri.scheme}: "
+            f"URI takes {', '.join(sorted(known))}"
         )
 
+
+def pin_source(uri: KeyURI) -> PinSource:
+    """Read `pin-value=` or `pin-source=`; raise `ValueError` if both are given."""
+    value = uri.get("pin-value")
+    path_text = uri.get("pin-source")
+    if value is not None and path_text is not None:
+        raise ValueError(f"{uri.redacted()}: give pin-value or pin-source, not both")
+    if path_text is None:
+        return PinSource(value=value)
+    # RFC 7512 writes pin-source as a URI (file:/path); a bare path works too.
+    path = path_text.removeprefix("file://").removeprefix("file:")
+    return PinSource(path=Path(path).expanduser())
+
+
+def parse_key_uri(uri: KeyURI) -> KeyAddress:
+    """Read a `pkcs11:` URI; raise `ValueError` naming a bad attribute."""
+    check_attributes(uri, KNOWN_ATTRIBUTES)
     object_type = uri.get("type")
     if object_type not in (None, "private", "cert"):
         raise ValueError(
@@ -133,7 +150,6 @@ def parse_key_uri(uri: KeyURI) -> KeyAddress:
             )
         slot_id = int(slot_text)
 
-    pin_path = uri.get("pin-source")
     object_id = _object_id(uri)
     address = KeyAddress(
         uri=redacted_uri(uri, object_id),
@@ -143,10 +159,7 @@ def parse_key_uri(uri: KeyURI) -> KeyAddress:
         ),
         object_id=object_id,
         label=uri.get("object"),
-        pin=PinSource(
-            value=uri.get("pin-value"),
-            path=Path(_strip_file_scheme(pin_path)).expanduser() if pin_path else None,
-        ),
+        pin=pin_source(uri),
     )
 
     if address.object_id is None and address.label is None:
@@ -154,8 +167,6 @@ def parse_key_uri(uri: KeyURI) -> KeyAddress:
             f"{uri.redacted()}: name the object with id= or object= "
             "(see `kmsproxy pkcs11 list` for the URI of each key)"
         )
-    if address.pin.value is not None and address.pin.path is not None:
-        raise ValueError(f"{uri.redacted()}: give pin-value or pin-source, not both")
     return address
 
 
@@ -190,8 +201,3 @@ def _object_id(uri: KeyURI) -> bytes | None:
             return unquote_to_bytes(value)
     # The URI was built in code rather than parsed: use its decoded text.
     return (uri.get("id") or "").encode()
-
-
-def _strip_file_scheme(text: str) -> str:
-    """Accept RFC 7512's `pin-source=file:/path` as well as a bare path."""
-    return text.removeprefix("file://").removeprefix("file:")

@@ -9,11 +9,14 @@ system's packages install it.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from kmsproxy.uri import KeyURI
-from kmsproxy_pkcs11.address import KeyAddress, PinSource, TokenSelector
-from kmsproxy_pkcs11.modules import candidate_paths, find_known_module
+from kmsproxy_pkcs11.address import (
+    KeyAddress,
+    TokenSelector,
+    check_attributes,
+    pin_source,
+)
+from kmsproxy_pkcs11.modules import find_known_module
 
 from .slots import YUBIKEY_LABEL_PREFIX, parse_slot
 
@@ -35,12 +38,7 @@ KNOWN_ATTRIBUTES = frozenset(
 
 def parse_yubikey_uri(uri: KeyURI) -> KeyAddress:
     """Read a `yubikey:` URI; raise `ValueError` naming a bad attribute."""
-    unknown = sorted(set(uri.attributes) - KNOWN_ATTRIBUTES)
-    if unknown:
-        raise ValueError(
-            f"{uri.redacted()}: unknown attribute {unknown[0]!r}; a yubikey: "
-            f"URI takes {', '.join(sorted(KNOWN_ATTRIBUTES))}"
-        )
+    check_attributes(uri, KNOWN_ATTRIBUTES)
 
     slot_text = uri.get("slot-id")
     if not slot_text:
@@ -62,21 +60,13 @@ def parse_yubikey_uri(uri: KeyURI) -> KeyAddress:
         label=f"{YUBIKEY_LABEL_PREFIX}{serial}" if serial else None,
         label_prefix=None if serial else YUBIKEY_LABEL_PREFIX,
     )
-
-    pin_path = uri.get("pin-source")
-    pin = PinSource(
-        value=uri.get("pin-value"),
-        path=Path(pin_path.removeprefix("file:")).expanduser() if pin_path else None,
-    )
-    if pin.value is not None and pin.path is not None:
-        raise ValueError(f"{uri.redacted()}: give pin-value or pin-source, not both")
     return KeyAddress(
         uri=uri.redacted(),
         module_path=uri.get("module-path") or default_module(),
         token=selector,
         object_id=bytes([slot.object_id]),
         label=slot.key_label,
-        pin=pin,
+        pin=pin_source(uri),
     )
 
 
@@ -84,8 +74,3 @@ def default_module() -> str:
     """Return ykcs11's installed path, or its name so the error lists paths."""
     found = find_known_module(YKCS11)
     return str(found) if found is not None else YKCS11
-
-
-def ykcs11_search_text() -> str:
-    """Name where ykcs11 was looked for, for messages."""
-    return ", ".join(candidate_paths(YKCS11))
