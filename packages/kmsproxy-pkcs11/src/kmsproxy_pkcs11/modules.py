@@ -138,6 +138,11 @@ def resolve_module_path(text: str) -> Path:
 class Module:
     """One loaded PKCS#11 library, shared by every token it serves.
 
+    python-pkcs11 calls `C_Initialize` without arguments, which tells the
+    module that the application will not call it from several threads at
+    once (PKCS#11 v2.40 section 5.4). Every call into the module therefore
+    holds `lock`, even calls for different tokens.
+
     `generation` counts re-initialisations (`C_Finalize` and
     `C_Initialize`), which invalidate every session opened before. A token
     compares the generation it opened with against this one before each
@@ -148,18 +153,15 @@ class Module:
         self.path = path
         self.library = library
         self.generation = 0
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()
 
     def reinitialize(self) -> None:
         """Finalize and initialise the library so it rescans its tokens.
 
         Some modules (SoftHSM2 among them) only notice a token directory
         that came back after this. Every open session becomes invalid.
-
-        NOTE: a call that another token of this module makes at the same
-        moment fails, and that token goes through its own reconnect backoff.
         """
-        with self._lock:
+        with self.lock:
             try:
                 self.library.finalize()
             except PKCS11Error as error:

@@ -3,10 +3,10 @@
 Every key and certificate on one token shares one `TokenSession`, because
 python-pkcs11 sessions are not thread-safe and PKCS#11 keeps the login state
 per application, not per session. Calls reach the session only through
-`TokenSession.run`, under a lock, from the worker thread that the shared
-`limiter` admits (or from the event loop's thread at startup). The token
-thus does one operation at a time while tunnels that need no signature keep
-flowing.
+`TokenSession.run`, under the module's lock, from the worker thread that
+the shared `limiter` admits (or from the event loop's thread at startup).
+The token thus does one operation at a time while tunnels that need no
+signature keep flowing.
 
 When the token goes away (CKR_DEVICE_REMOVED, CKR_SESSION_HANDLE_INVALID,
 CKR_TOKEN_NOT_PRESENT, or a key handle that became invalid), the session is
@@ -217,7 +217,8 @@ class TokenSession:
         self._generation = -1
         self._logged_in = False
         self._rejected_pin: str | None = None
-        self._lock = threading.RLock()
+        # One lock per module, not per token: see `Module`.
+        self._lock = module.lock
         self._mapper = attribute_mapper()
 
     @property
