@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -258,9 +259,32 @@ def test_busy_tpm_is_named(
     assert f"the TPM at {tpm.tcti} is busy" in str(raised.value)
 
 
-def test_unknown_attribute_is_named(key_directory: Path) -> None:
-    with pytest.raises(SignerError, match="unknown attribute slot-id"):
-        Registry.load().open_signer("tpmkms:name=client;slot-id=9a")
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("tpmkms:name=client;slot-id=9a", "unknown attribute slot-id"),
+        ("tpmkms:device=/dev/tpmrm0", "missing name= or path="),
+        ("tpmkms:name=a;path=/tmp/a.pem", "give name= (a key in "),
+        ("tpmkms:name=a;device=/dev/tpm0;tcti=tabrmd", "give device= or tcti="),
+        ("tpmkms:name=a;pin-value=1;pin-source=/p", "give pin-value= or pin-source="),
+        ("tpmkms:name=../a", "invalid key name '../a'"),
+    ],
+    ids=["unknown", "no-key", "name-and-path", "two-tpms", "two-pins", "bad-name"],
+)
+def test_invalid_uri_is_named(key_directory: Path, uri: str, message: str) -> None:
+    with pytest.raises(SignerError, match=re.escape(message)) as raised:
+        Registry.load().open_signer(uri)
+    assert str(raised.value).startswith("tpmkms:")
+    assert "pin-value=1" not in str(raised.value)
+
+
+def test_empty_list_says_how_to_create(
+    key_directory: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["tpm", "list"]) == 0
+    output = capsys.readouterr()
+    assert output.out == ""
+    assert "create one with `kmsproxy tpm create NAME`" in output.err
 
 
 def test_plain_pem_path_is_not_tss2(key_directory: Path, tmp_path: Path) -> None:
