@@ -31,7 +31,7 @@ from .modules import (
 )
 from .objects import attribute_or_none
 from .pin import read_pin
-from .token import _return_value, attribute_mapper, describe_token
+from .token import attribute_mapper, describe_token, return_value_name
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -95,7 +95,7 @@ def list_module(path: Path, pin: PinSource) -> Iterator[str]:
     try:
         slots = library.get_slots(token_present=True)
     except p11.PKCS11Error as error:
-        yield f"  no slots ({_return_value(error)})"
+        yield f"  no slots ({return_value_name(error)})"
         return
     tokens = []
     for slot in slots:
@@ -125,7 +125,7 @@ def _list_token(path: Path, token: Any, pin: PinSource) -> Iterator[str]:
     try:
         session = _open(token, pin_text)
     except p11.PKCS11Error as error:
-        yield f"    cannot open a session: {_return_value(error)}"
+        yield f"    cannot open a session: {return_value_name(error)}"
         return
     try:
         yield from _list_objects(session, base, logged_in=pin_text is not None)

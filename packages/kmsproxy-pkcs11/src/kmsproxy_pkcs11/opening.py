@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pkcs11 import exceptions as p11
+
 from kmsproxy.signer import SignerError
 
 from .address import KeyAddress
@@ -21,7 +23,7 @@ from .modules import (
     resolve_module_path,
 )
 from .signer import Pkcs11Signer
-from .token import acquire_token, release_token, with_uri
+from .token import acquire_token, release_token, return_value_name, with_uri
 
 
 def module_for(address: KeyAddress) -> Module:
@@ -56,6 +58,11 @@ def open_signer(address: KeyAddress) -> Pkcs11Signer:
         raise type(error)(with_uri(address.uri, error)) from None
     try:
         return Pkcs11Signer(address, token)
+    except p11.PKCS11Error as error:
+        release_token(token)
+        raise SignerError(
+            f"{address.uri}: reading the key failed: {return_value_name(error)}"
+        ) from None
     except BaseException:
         release_token(token)
         raise

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import anyio
 import pkcs11
 from cryptography.exceptions import InvalidSignature
 from pkcs11 import Attribute, MechanismFlag, ObjectClass
@@ -23,7 +24,7 @@ from .address import KeyAddress
 from .mechanisms import SIGNING_MECHANISMS, SigningPlan, mechanism_names, plan_signing
 from .objects import attribute_or_none, find_one, object_template, public_key_of
 from .pin import read_pin
-from .token import TokenSession, _return_value, describe_token, release_token
+from .token import TokenSession, describe_token, release_token, return_value_name
 
 logger = logging.getLogger(__name__)
 
@@ -100,17 +101,16 @@ class Pkcs11Signer(BlockingSigner):
             return signature
 
         try:
-            raw = self._token.run(operation)
+            signature = plan.finish(self._token.run(operation))
         except (p11.PKCS11Error, ValueError) as error:
             message = (
-                _return_value(error)
+                return_value_name(error)
                 if isinstance(error, p11.PKCS11Error)
                 else str(error)
             )
             raise SignerError(
                 f"{self._uri}: C_Sign with CKM_{plan.mechanism.name} failed: {message}"
             ) from None
-        signature = plan.finish(raw)
         try:
             verify_signature(self._public_key, signature, data, scheme)
         except InvalidSignature:
@@ -125,7 +125,9 @@ class Pkcs11Signer(BlockingSigner):
         if self._closed:
             return
         self._closed = True
-        release_token(self._token)
+        # Closing the session waits for the module's lock, which a signature
+        # waiting for a touch may hold, so it must not block the event loop.
+        await anyio.to_thread.run_sync(release_token, self._token)
 
     def _current_key(self, session: pkcs11.Session) -> Any:
         """Return the key object for this session, finding it after a reopen."""

@@ -123,7 +123,7 @@ def find_token(module: Module, selector: TokenSelector) -> Token:
         slots = module.library.get_slots(token_present=True)
     except TOKEN_GONE_ERRORS as error:
         raise TokenMissing(
-            f"module {module.path} lists no slots ({_return_value(error)})"
+            f"module {module.path} lists no slots ({return_value_name(error)})"
         ) from None
     matches = []
     for slot in slots:
@@ -168,7 +168,7 @@ def with_uri(uri: str, error: Exception) -> str:
     return text if text.startswith(uri) else f"{uri}: {text}"
 
 
-def _return_value(error: p11.PKCS11Error) -> str:
+def return_value_name(error: p11.PKCS11Error) -> str:
     """Name a python-pkcs11 error the way PKCS#11 does (CKR_DEVICE_REMOVED)."""
     name = type(error).__name__
     words = []
@@ -265,7 +265,7 @@ class TokenSession:
                 result = operation(self._session)
             except TOKEN_GONE_ERRORS as error:
                 self._close_session()
-                reason = _return_value(error)
+                reason = return_value_name(error)
                 self.backoff.record_failure(reason)
                 raise SignerError(
                     f"{self.uri}: {NOT_PRESENT} ({reason}); "
@@ -368,7 +368,7 @@ class TokenSession:
         except (p11.PinExpired, p11.PinInvalid, p11.PinLenRange) as error:
             raise SignerError(
                 f"{self.uri}: {describe_token(token)} rejected the PIN "
-                f"({_return_value(error)}); set a valid PIN in pin-source or "
+                f"({return_value_name(error)}); set a valid PIN in pin-source or "
                 "pin-value"
             ) from None
 
@@ -392,7 +392,7 @@ class TokenSession:
             logger.debug(
                 "PKCS#11 session close failed token_uri=%s error=%s",
                 self.uri,
-                _return_value(error),
+                return_value_name(error),
             )
 
 

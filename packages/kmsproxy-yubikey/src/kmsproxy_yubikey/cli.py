@@ -19,7 +19,7 @@ from kmsproxy.errors import UserError
 from kmsproxy_pkcs11.address import TokenSelector
 from kmsproxy_pkcs11.modules import ModuleError, load_module, resolve_module_path
 from kmsproxy_pkcs11.objects import attribute_or_none
-from kmsproxy_pkcs11.token import TOKEN_GONE_ERRORS, _return_value
+from kmsproxy_pkcs11.token import TOKEN_GONE_ERRORS, return_value_name
 
 from .address import NOT_FOUND_HINT, YKCS11, default_module
 from .slots import PIV_SLOTS, YUBIKEY_LABEL_PREFIX, PivSlot
@@ -69,8 +69,8 @@ def _yubikeys(library: Any, selector: TokenSelector) -> Iterator[Any]:
         slots = library.get_slots(token_present=True)
     except TOKEN_GONE_ERRORS as error:
         raise UserError(
-            f"no YubiKey found: the module lists no slots ({_return_value(error)}); "
-            f"{NOT_FOUND_HINT}"
+            "no YubiKey found: the module lists no slots "
+            f"({return_value_name(error)}); {NOT_FOUND_HINT}"
         ) from None
     for slot in slots:
         try:
