@@ -112,6 +112,13 @@ def test_default_module_is_ykcs11() -> None:
     assert address.module_path == str(ykcs11)
 
 
+def test_missing_module_names_path() -> None:
+    uri = "yubikey:slot-id=9a;module-path=/nonexistent/libykcs11.so"
+    with pytest.raises(SignerError) as raised:
+        Registry.load().open_signer(uri)
+    assert "PKCS#11 module /nonexistent/libykcs11.so not found" in str(raised.value)
+
+
 def test_no_yubikey_found_with_ykcs11() -> None:
     with pytest.raises(SignerError) as raised:
         Registry.load().open_signer("yubikey:slot-id=9a?pin-value=123456")
