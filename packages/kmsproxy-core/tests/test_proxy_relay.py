@@ -13,6 +13,7 @@ import pytest
 from anyio.streams.tls import TLSStream
 from cryptography.hazmat.primitives import serialization
 from pki import issue, make_ca
+from test_tls_stream import GatheringTransport
 
 from kmsproxy.ca import server_context
 from kmsproxy.proxy.tls_stream import ServerTLSStream
@@ -260,3 +261,23 @@ async def test_tls_flush_waits_for_sender(
             assert transport.sent == []
             transport.gate.set()
         assert transport.sent[-1].endswith(b"queued by receive")
+
+
+async def test_tls_receive_joins_records(
+    tls_pair: tuple[anyio.abc.ByteStream, ServerTLSStream],
+) -> None:
+    client, server = tls_pair
+    transport = GatheringTransport(server.transport)
+    server.transport = transport
+    # Python's ssl sends this as three records in one write.
+    message = bytes(range(256)) * 160
+    transport.gather = len(message)
+    await client.send(message)
+    with anyio.fail_after(STEP_TIMEOUT_SECONDS):
+        first = await server.receive(20000)
+        rest = b""
+        while len(first) + len(rest) < len(message):
+            rest += await server.receive()
+    # 20,000 bytes span two records, so the first receive joined them.
+    assert len(first) == 20000
+    assert first + rest == message

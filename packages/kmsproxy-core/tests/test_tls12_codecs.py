@@ -158,6 +158,22 @@ def test_record_round_trip(suite: CipherSuite12) -> None:
     assert receiver.next_record() is None
 
 
+def test_records_framed_from_one_read() -> None:
+    parameters = SUITES12[C.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256]
+    sender, receiver = RecordLayer12(), RecordLayer12()
+    sender.write_cipher = RecordCipher12(parameters, bytes(16), bytes(4))
+    receiver.read_cipher = RecordCipher12(parameters, bytes(16), bytes(4))
+    # Five whole records and the first 10 bytes of a sixth, as one large
+    # transport read delivers them.
+    records = sender.encode(ContentType.application_data, bytes(5 * 2**14))
+    partial = sender.encode(ContentType.application_data, b"next")[:10]
+    receiver.feed(records + partial)
+    contents = [receiver.next_record() for _ in range(5)]
+    assert contents == [(ContentType.application_data, bytes(2**14))] * 5
+    assert receiver.next_record() is None
+    assert receiver.take_buffered() == partial
+
+
 def test_record_type_is_authenticated() -> None:
     parameters = SUITES12[C.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256]
     sender, receiver = RecordLayer12(), RecordLayer12()

@@ -112,6 +112,59 @@ async def test_full_duplex_32_mib(tmp_path: Path) -> None:
     assert received == DUPLEX_BYTES
 
 
+class GatheringTransport(anyio.abc.ByteStream):
+    """A transport that, once `gather` is set, holds back received bytes
+    until it has that many, then returns them from one `receive`.
+
+    It makes a large read of several records happen on every machine,
+    where a real socket delivers them together only when the peer is fast.
+    """
+
+    def __init__(self, inner: anyio.abc.ByteStream) -> None:
+        self.inner = inner
+        self.gather = 0
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if not self.gather:
+            return await self.inner.receive(max_bytes)
+        gathered = bytearray()
+        while len(gathered) < self.gather:
+            gathered += await self.inner.receive()
+        self.gather = 0
+        return bytes(gathered)
+
+    async def send(self, item: bytes) -> None:
+        await self.inner.send(item)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_receive_joins_records(tmp_path: Path) -> None:
+    ca = make_ca()
+    key, cert = issue(ca, "server", dns_names=(SERVER_NAME,)).write(tmp_path, "s")
+    settings = TLSClientConfig(SERVER_NAME, (), TrustStore([ca.cert]))
+    # Three records each way; the echo server returns one record per read.
+    message = bytes(range(256)) * 160
+    async with serve_python_tls(cert, key, None) as peer:
+        transport = GatheringTransport(await anyio.connect_tcp(LOOPBACK, peer.port))
+        stream = await connect_tls(transport, settings)
+        async with stream:
+            transport.gather = len(message)
+            await stream.send(message)
+            with anyio.fail_after(PEER_REPLY_TIMEOUT_SECONDS):
+                first = await stream.receive(20000)
+                rest = b""
+                while len(first) + len(rest) < len(message):
+                    rest += await stream.receive()
+    # 20,000 bytes span two records, so the first receive joined them.
+    assert len(first) == 20000
+    assert first + rest == message
+
+
 async def test_protocol_version_alert_hint(tmp_path: Path) -> None:
     # A server without TLS 1.3 and 1.2 replies to our ClientHello with a fatal
     # protocol_version alert (RFC 5246 section 7.2.2), as these bytes do.

@@ -172,6 +172,32 @@ def test_client_record_decrypts() -> None:
     assert layer.next_record() is None
 
 
+def test_records_framed_from_one_read() -> None:
+    writer = RecordLayer()
+    writer.write_cipher = RecordCipher(SUITE, value("client_ap_traffic_secret"))
+    reader = RecordLayer()
+    reader.read_cipher = RecordCipher(SUITE, value("client_ap_traffic_secret"))
+    # Five whole records and the first 10 bytes of a sixth, as one large
+    # transport read delivers them.
+    records = writer.encode(ContentType.application_data, bytes(5 * 2**14))
+    partial = writer.encode(ContentType.application_data, b"next")[:10]
+    reader.feed(records + partial)
+    contents = [reader.next_record() for _ in range(5)]
+    assert contents == [(ContentType.application_data, bytes(2**14))] * 5
+    assert reader.next_record() is None
+    assert reader.buffered == len(partial)
+    assert reader.take_buffered() == partial
+
+
+def test_padded_record_decrypts() -> None:
+    cipher = RecordCipher(SUITE, value("client_ap_traffic_secret"))
+    record = cipher.seal(ContentType.application_data, b"data", padding_length=7)
+    layer = RecordLayer()
+    layer.read_cipher = RecordCipher(SUITE, value("client_ap_traffic_secret"))
+    layer.feed(record)
+    assert layer.next_record() == (ContentType.application_data, b"data")
+
+
 def test_record_sequence_advances() -> None:
     cipher = RecordCipher(SUITE, value("client_ap_traffic_secret"))
     first = cipher.seal(ContentType.application_data, value("client_app_payload"))

@@ -23,9 +23,11 @@ import anyio.abc
 # client from holding a connection open.
 HANDSHAKE_TIMEOUT_SECONDS = 10.0
 
-# Bytes read from the transport per call: one maximum-size TLS record with
-# its header and expansion (RFC 8446 section 5.2).
-_TRANSPORT_READ_BYTES = 16384 + 256 + 5
+# Bytes read from the transport per call: 16 maximum-size TLS records with
+# their headers and expansion (RFC 8446 section 5.2). Each read has a
+# fixed cost (a system call and a turn of the event loop) besides the copy,
+# so a bulk upload takes many records per read.
+_TRANSPORT_READ_BYTES = 16 * (16384 + 256 + 5)
 
 _T = TypeVar("_T")
 
@@ -126,7 +128,31 @@ class ServerTLSStream(anyio.abc.ByteStream):
             raise anyio.EndOfStream from None
         if not data:
             raise anyio.EndOfStream
+        if len(data) < max_bytes and (
+            self._incoming.pending or self.ssl_object.pending()
+        ):
+            data = self._read_buffered(data, max_bytes)
         return data
+
+    def _read_buffered(self, first: bytes, max_bytes: int) -> bytes:
+        """Append what the records already received hold, up to `max_bytes`.
+
+        `SSLObject.read` returns one record's plaintext at most. An end of
+        stream or error met here is left for the next `receive`, which
+        meets it again.
+        """
+        chunks = [first]
+        size = len(first)
+        while size < max_bytes:
+            try:
+                data = self.ssl_object.read(max_bytes - size)
+            except ssl.SSLError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+            size += len(data)
+        return b"".join(chunks)
 
     async def send(self, item: bytes) -> None:
         if self._eof_sent:

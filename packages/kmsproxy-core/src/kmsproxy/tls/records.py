@@ -82,8 +82,9 @@ class RecordCipher:
         except InvalidTag:
             raise BadRecordMac("record failed authentication") from None
         # The content type is the last non-zero byte; zeros after it are
-        # padding (RFC 8446 section 5.4).
-        stripped = inner.rstrip(b"\x00")
+        # padding (RFC 8446 section 5.4). Records without padding, the
+        # usual case, skip the search and its copy.
+        stripped = inner if inner[-1:] != b"\x00" else inner.rstrip(b"\x00")
         if not stripped:
             raise UnexpectedMessage("protected record has no non-zero content type")
         content = stripped[:-1]
@@ -108,7 +109,12 @@ class RecordLayer:
     """
 
     def __init__(self) -> None:
+        # Received bytes; those before `_start` are already framed. Records
+        # are consumed by moving `_start`, and the buffer drops them only
+        # once it is empty or half consumed, so a large read of many
+        # records is not moved in memory once per record.
         self._buffer = bytearray()
+        self._start = 0
         self.read_cipher: RecordCipher | None = None
         self.write_cipher: RecordCipher | None = None
 
@@ -118,13 +124,23 @@ class RecordLayer:
     def take_buffered(self) -> bytes:
         """Remove and return the bytes not yet framed as records, for the
         TLS 1.2 machine that takes over the connection."""
-        data = bytes(self._buffer)
+        data = bytes(self._buffer[self._start :])
         self._buffer.clear()
+        self._start = 0
         return data
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return len(self._buffer) - self._start
+
+    def _consume(self, length: int) -> None:
+        self._start += length
+        if self._start == len(self._buffer):
+            self._buffer.clear()
+            self._start = 0
+        elif self._start > len(self._buffer) // 2:
+            del self._buffer[: self._start]
+            self._start = 0
 
     def next_record(self) -> tuple[int, bytes] | None:
         """Return (content type, content) of the next whole record, or None.
@@ -132,9 +148,10 @@ class RecordLayer:
         A change_cipher_spec record is returned as received, even under
         protection, so the caller can apply RFC 8446 section 5's rule to it.
         """
-        if len(self._buffer) < RECORD_HEADER_LENGTH:
+        start = self._start
+        if len(self._buffer) - start < RECORD_HEADER_LENGTH:
             return None
-        header = bytes(self._buffer[:RECORD_HEADER_LENGTH])
+        header = bytes(self._buffer[start : start + RECORD_HEADER_LENGTH])
         outer_type = header[0]
         length = int.from_bytes(header[3:5], "big")
         protected = (
@@ -150,10 +167,11 @@ class RecordLayer:
             ContentType.application_data,
         ):
             raise UnexpectedMessage(f"unknown record content type {outer_type}")
-        if len(self._buffer) < RECORD_HEADER_LENGTH + length:
+        end = start + RECORD_HEADER_LENGTH + length
+        if len(self._buffer) < end:
             return None
-        body = bytes(self._buffer[RECORD_HEADER_LENGTH : RECORD_HEADER_LENGTH + length])
-        del self._buffer[: RECORD_HEADER_LENGTH + length]
+        body = bytes(self._buffer[start + RECORD_HEADER_LENGTH : end])
+        self._consume(RECORD_HEADER_LENGTH + length)
 
         if outer_type == ContentType.change_cipher_spec:
             return outer_type, body

@@ -135,7 +135,11 @@ class RecordLayer12:
     """
 
     def __init__(self) -> None:
+        # Received bytes; those before `_start` are already framed. As in
+        # the TLS 1.3 record layer, the buffer drops consumed records only
+        # once it is empty or half consumed.
         self._buffer = bytearray()
+        self._start = 0
         self.read_cipher: RecordCipher12 | None = None
         self.write_cipher: RecordCipher12 | None = None
 
@@ -144,16 +148,27 @@ class RecordLayer12:
 
     def take_buffered(self) -> bytes:
         """Remove and return the bytes not yet framed as records."""
-        data = bytes(self._buffer)
+        data = bytes(self._buffer[self._start :])
         self._buffer.clear()
+        self._start = 0
         return data
 
+    def _consume(self, length: int) -> None:
+        self._start += length
+        if self._start == len(self._buffer):
+            self._buffer.clear()
+            self._start = 0
+        elif self._start > len(self._buffer) // 2:
+            del self._buffer[: self._start]
+            self._start = 0
+
     def next_record(self) -> tuple[int, bytes] | None:
-        if len(self._buffer) < RECORD_HEADER_LENGTH:
+        start = self._start
+        if len(self._buffer) - start < RECORD_HEADER_LENGTH:
             return None
-        content_type = self._buffer[0]
-        version = int.from_bytes(self._buffer[1:3], "big")
-        length = int.from_bytes(self._buffer[3:5], "big")
+        content_type = self._buffer[start]
+        version = int.from_bytes(self._buffer[start + 1 : start + 3], "big")
+        length = int.from_bytes(self._buffer[start + 3 : start + 5], "big")
         if content_type not in _CONTENT_TYPES:
             raise UnexpectedMessage(f"unknown record content type {content_type}")
         if version != TLS_1_2_RECORD_VERSION:
@@ -166,11 +181,11 @@ class RecordLayer12:
             limit = MAX_CIPHERTEXT_LENGTH
         if length > limit:
             raise RecordOverflow(f"record length {length} exceeds {limit}")
-        end = RECORD_HEADER_LENGTH + length
+        end = start + RECORD_HEADER_LENGTH + length
         if len(self._buffer) < end:
             return None
-        body = bytes(self._buffer[RECORD_HEADER_LENGTH:end])
-        del self._buffer[:end]
+        body = bytes(self._buffer[start + RECORD_HEADER_LENGTH : end])
+        self._consume(RECORD_HEADER_LENGTH + length)
         if self.read_cipher is not None:
             body = self.read_cipher.open(content_type, body)
         if not body and content_type != ContentType.application_data:
