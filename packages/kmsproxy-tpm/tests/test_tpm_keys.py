@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from pki import certify, generate_key, make_ca
 from swtpm_emulator import Swtpm, swtpm_module
@@ -26,6 +27,7 @@ from kmsproxy.cli import main
 from kmsproxy.plugins.registry import Registry
 from kmsproxy.signer import (
     SignatureScheme,
+    Signer,
     SignerError,
     schemes_for_public_key,
     verify_signature,
@@ -35,6 +37,11 @@ from kmsproxy_tpm.device import TPMDevice
 __all__ = ["key_directory", "swtpm_module"]
 
 pytestmark = pytest.mark.anyio
+
+# Bound on waiting for the tpm-reconnect backoff (0.5 s, then 1 s, ...) to
+# let a signature through after swtpm restarts.
+BACKOFF_WAIT_SECONDS = 20.0
+BACKOFF_POLL_SECONDS = 0.1
 
 MESSAGE = b"TLS 1.3, client CertificateVerify\x00" + bytes(range(64))
 
@@ -93,6 +100,47 @@ async def test_reopen_needs_no_tpm_command(
         signature = await signer.sign(MESSAGE, scheme)
     verify_signature(signer.public_key(), signature, MESSAGE, scheme)
     assert len(calls) == 1
+
+
+async def test_sign_backs_off_while_tpm_is_gone(
+    swtpm_module: Swtpm, key_directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = create_key(swtpm_module, "client")
+    scheme = SignatureScheme.ecdsa_secp256r1_sha256
+    async with open_signer(uri) as signer:
+        swtpm_module.kill()
+        try:
+            with pytest.raises(SignerError) as lost:
+                await signer.sign(MESSAGE, scheme)
+            calls: list[object] = []
+            original = TPMDevice.call
+
+            def counted(device: TPMDevice, function: Callable[..., Any]) -> Any:
+                calls.append(function)
+                return original(device, function)
+
+            monkeypatch.setattr(TPMDevice, "call", counted)
+            with pytest.raises(SignerError) as held:
+                await signer.sign(MESSAGE, scheme)
+            calls_while_held = list(calls)
+        finally:
+            swtpm_module.restart()
+        signature = await sign_when_ready(signer, scheme)
+    assert str(lost.value).startswith("tpmkms:name=client;tcti=")
+    assert "cannot talk to the TPM" in str(lost.value)
+    assert "(backoff tpm-reconnect)" in str(held.value)
+    assert calls_while_held == []
+    verify_signature(signer.public_key(), signature, MESSAGE, scheme)
+
+
+async def sign_when_ready(signer: Signer, scheme: SignatureScheme) -> bytes:
+    """Sign once the backoff lets an attempt through, bounded in time."""
+    with anyio.fail_after(BACKOFF_WAIT_SECONDS):
+        while True:
+            try:
+                return await signer.sign(MESSAGE, scheme)
+            except SignerError:
+                await anyio.sleep(BACKOFF_POLL_SECONDS)
 
 
 def test_key_file_is_private(swtpm_module: Swtpm, key_directory: Path) -> None:

@@ -304,3 +304,36 @@ async def test_cli_serve_with_tpm_keys(
         process.wait(timeout=10)
     assert result.returncode == 0, log.read_text()
     assert result.stdout == b"subject=CN=tpm client\n"
+
+
+def test_cli_serve_missing_key_is_one_line(
+    swtpm_module: Swtpm, key_directory: Path, site: Site
+) -> None:
+    uri = f"tpmkms:name=absent;tcti={swtpm_module.tcti}"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kmsproxy",
+            "serve",
+            str(site.path("ca.key")),
+            str(site.path("ca.crt")),
+            "--clientkey",
+            uri,
+            "--clientcert",
+            str(site.path("client.crt")),
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--pac-listen",
+            f"127.0.0.1:{free_port()}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=SERVE_READY_TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"kmsproxy: error: {uri}: key file ")
+    assert last_line.endswith("`kmsproxy tpm create` makes one")
