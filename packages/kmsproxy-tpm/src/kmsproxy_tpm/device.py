@@ -212,6 +212,10 @@ class TPMDevice:
         Raise `TPMError`; after a `TPMUnavailable` the context is closed, so
         the next call opens a new one with a new generation.
         """
+        # NOTE: the device and swtpm TCTIs of tpm2-tss 3.2 wait for a response
+        # without a timeout, so a TPM that stops responding but keeps the
+        # connection open holds this lock, and every signature on this TPM
+        # waits behind it.
         with self._lock:
             context = self._open_locked()
             try:
