@@ -18,6 +18,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from peers import Peer, free_port, start_nginx
 from pkcs11 import Mechanism
@@ -69,18 +70,21 @@ class Setup:
     hsm: SoftHSM
     site: Site
     nginx: Peer
+    certificates: dict[bytes, x509.Certificate]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     hsm = create_softhsm(tmp_path_factory.mktemp("softhsm"))
     site = make_site(tmp_path_factory.mktemp("site"))
+    certificates: dict[bytes, x509.Certificate] = {}
     for active in activate(hsm):
         active.init_token(TOKEN)
         for key_type, object_id in KEY_IDS.items():
             public_key = active.generate_key(TOKEN, key_type, object_id, key_type)
             leaf = certify(site.client_ca, f"token {key_type}", public_key, client=True)
             active.import_certificate(TOKEN, leaf, object_id, key_type)
+            certificates[object_id] = leaf
         public_key = active.generate_key(
             TOKEN, "rsa2048", PKCS1_ONLY_ID, "pkcs1", allowed=[Mechanism.RSA_PKCS]
         )
@@ -95,7 +99,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
             # Without tickets every handshake signs, so a removed token shows.
             extra="ssl_session_tickets off;",
         ) as nginx:
-            yield Setup(active, site, nginx)
+            yield Setup(active, site, nginx, certificates)
 
 
 @contextlib.asynccontextmanager
@@ -141,6 +145,18 @@ async def test_token_key_reaches_nginx(setup: Setup, key_type: TokenKeyType) -> 
     async with serving_key(setup, KEY_IDS[key_type]) as addresses:
         body = await fetch_subject(setup, addresses)
     assert body == f"subject=CN=token {key_type}\n\nstatus=200".encode()
+
+
+async def test_certificate_file_with_token_key(setup: Setup) -> None:
+    chain = setup.site.path("token-p256.crt")
+    certificate = setup.certificates[KEY_IDS["p256"]]
+    chain.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key = key_uri(setup.hsm, TOKEN, KEY_IDS["p256"])
+    async with serving(
+        setup.site, client_keys=[key], client_certificates=[chain]
+    ) as addresses:
+        body = await fetch_subject(setup, addresses)
+    assert body == b"subject=CN=token p256\n\nstatus=200"
 
 
 def tls12_upstream_context(site: Site) -> ssl.SSLContext:
