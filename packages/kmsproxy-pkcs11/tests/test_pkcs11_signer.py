@@ -50,6 +50,7 @@ KEY_IDS: dict[TokenKeyType, bytes] = {
 PKCS1_ONLY_ID = b"\x05"
 NO_CERTIFICATE_ID = b"\x06"
 ALWAYS_AUTHENTICATE_ID = b"\x07"
+RAW_PSS_ID = b"\x08"
 
 # Bound for waiting until the reconnect backoff lets an attempt through.
 RECOVERY_TIMEOUT_SECONDS = 20.0
@@ -97,6 +98,9 @@ def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Token]:
         )
         public_keys[NO_CERTIFICATE_ID] = active.generate_key(
             TOKEN, "p256", NO_CERTIFICATE_ID, "bare"
+        )
+        public_keys[RAW_PSS_ID] = active.generate_key(
+            TOKEN, "rsa2048", RAW_PSS_ID, "raw-pss", allowed=[Mechanism.RSA_PKCS_PSS]
         )
         public_keys[ALWAYS_AUTHENTICATE_ID] = active.generate_key(
             TOKEN, "p256", ALWAYS_AUTHENTICATE_ID, "always", always_authenticate=True
@@ -192,6 +196,23 @@ async def test_allowed_mechanisms_limit_schemes(token: Token) -> None:
         verify_signature(
             signer.public_key(), signature, data, SignatureScheme.rsa_pkcs1_sha384
         )
+    finally:
+        await signer.aclose()
+
+
+async def test_raw_pss_hashes_in_software(token: Token) -> None:
+    signer = open_signer(key_uri(token.hsm, TOKEN, RAW_PSS_ID))
+    try:
+        assert isinstance(signer, Pkcs11Signer)
+        assert [s.name for s in signer.schemes] == [
+            "rsa_pss_rsae_sha256",
+            "rsa_pss_rsae_sha384",
+            "rsa_pss_rsae_sha512",
+        ]
+        for scheme in signer.schemes:
+            assert signer.plan_for(scheme).mechanism == Mechanism.RSA_PKCS_PSS
+            signature = await signer.sign(b"pss", scheme)
+            verify_signature(signer.public_key(), signature, b"pss", scheme)
     finally:
         await signer.aclose()
 

@@ -22,42 +22,48 @@ from pkcs11 import MGF, Mechanism
 
 from kmsproxy.signer import PublicKey, SignatureScheme, schemes_for_public_key
 
-# The DER DigestInfo prefix that CKM_RSA_PKCS needs before a bare digest
-# (RFC 8017 section 9.2, note 1).
-DIGEST_INFO_PREFIXES: dict[str, bytes] = {
-    "sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
-    "sha384": bytes.fromhex("3041300d060960864801650304020205000430"),
-    "sha512": bytes.fromhex("3051300d060960864801650304020305000440"),
-}
 
-_HASH_MECHANISMS: dict[str, Mechanism] = {
-    "sha256": Mechanism.SHA256,
-    "sha384": Mechanism.SHA384,
-    "sha512": Mechanism.SHA512,
-}
+@dataclass(frozen=True)
+class HashMechanisms:
+    """The PKCS#11 names that go with one SHA-2 digest."""
 
-_MGF1: dict[str, MGF] = {
-    "sha256": MGF.SHA256,
-    "sha384": MGF.SHA384,
-    "sha512": MGF.SHA512,
-}
+    digest: Mechanism
+    mgf1: MGF
+    ecdsa: Mechanism
+    rsa_pss: Mechanism
+    rsa_pkcs1: Mechanism
+    # The DER DigestInfo prefix that CKM_RSA_PKCS needs before a bare
+    # digest (RFC 8017 section 9.2, note 1).
+    digest_info: bytes
 
-_ECDSA_COMBINED: dict[str, Mechanism] = {
-    "sha256": Mechanism.ECDSA_SHA256,
-    "sha384": Mechanism.ECDSA_SHA384,
-    "sha512": Mechanism.ECDSA_SHA512,
-}
 
-_PSS_COMBINED: dict[str, Mechanism] = {
-    "sha256": Mechanism.SHA256_RSA_PKCS_PSS,
-    "sha384": Mechanism.SHA384_RSA_PKCS_PSS,
-    "sha512": Mechanism.SHA512_RSA_PKCS_PSS,
-}
-
-_PKCS1_COMBINED: dict[str, Mechanism] = {
-    "sha256": Mechanism.SHA256_RSA_PKCS,
-    "sha384": Mechanism.SHA384_RSA_PKCS,
-    "sha512": Mechanism.SHA512_RSA_PKCS,
+# Keyed by `cryptography`'s hash name, as `SignatureScheme.hash_algorithm`
+# reports it.
+HASH_MECHANISMS: dict[str, HashMechanisms] = {
+    "sha256": HashMechanisms(
+        Mechanism.SHA256,
+        MGF.SHA256,
+        Mechanism.ECDSA_SHA256,
+        Mechanism.SHA256_RSA_PKCS_PSS,
+        Mechanism.SHA256_RSA_PKCS,
+        bytes.fromhex("3031300d060960864801650304020105000420"),
+    ),
+    "sha384": HashMechanisms(
+        Mechanism.SHA384,
+        MGF.SHA384,
+        Mechanism.ECDSA_SHA384,
+        Mechanism.SHA384_RSA_PKCS_PSS,
+        Mechanism.SHA384_RSA_PKCS,
+        bytes.fromhex("3041300d060960864801650304020205000430"),
+    ),
+    "sha512": HashMechanisms(
+        Mechanism.SHA512,
+        MGF.SHA512,
+        Mechanism.ECDSA_SHA512,
+        Mechanism.SHA512_RSA_PKCS_PSS,
+        Mechanism.SHA512_RSA_PKCS,
+        bytes.fromhex("3051300d060960864801650304020305000440"),
+    ),
 }
 
 # The mechanisms this backend can use at all, for `kmsproxy pkcs11 list`.
@@ -66,9 +72,9 @@ SIGNING_MECHANISMS: frozenset[Mechanism] = frozenset(
         Mechanism.ECDSA,
         Mechanism.RSA_PKCS,
         Mechanism.RSA_PKCS_PSS,
-        *_ECDSA_COMBINED.values(),
-        *_PSS_COMBINED.values(),
-        *_PKCS1_COMBINED.values(),
+        *(names.ecdsa for names in HASH_MECHANISMS.values()),
+        *(names.rsa_pss for names in HASH_MECHANISMS.values()),
+        *(names.rsa_pkcs1 for names in HASH_MECHANISMS.values()),
     }
 )
 
@@ -101,7 +107,7 @@ class SigningPlan:
         digester.update(data)
         digest = digester.finalize()
         if self.digest_info:
-            return DIGEST_INFO_PREFIXES[algorithm.name] + digest
+            return HASH_MECHANISMS[algorithm.name].digest_info + digest
         return digest
 
     def finish(self, signature: bytes) -> bytes:
@@ -142,27 +148,27 @@ def _plan_for(
     public_key: PublicKey, scheme: SignatureScheme, usable: set[Mechanism]
 ) -> SigningPlan | None:
     algorithm = scheme.hash_algorithm
-    if algorithm is None or algorithm.name not in _HASH_MECHANISMS:
+    names = HASH_MECHANISMS.get(algorithm.name) if algorithm is not None else None
+    if algorithm is None or names is None:
         return None
-    name = algorithm.name
     if isinstance(public_key, ec.EllipticCurvePublicKey) and scheme.is_ecdsa:
         return _first(
             usable,
-            SigningPlan(scheme, _ECDSA_COMBINED[name], der_ecdsa=True),
+            SigningPlan(scheme, names.ecdsa, der_ecdsa=True),
             SigningPlan(scheme, Mechanism.ECDSA, prehash=True, der_ecdsa=True),
         )
     if isinstance(public_key, rsa.RSAPublicKey) and scheme.is_rsa_pss:
         # TLS fixes the salt length to the digest length (RFC 8446 4.2.3).
-        parameter = (_HASH_MECHANISMS[name], _MGF1[name], algorithm.digest_size)
+        parameter = (names.digest, names.mgf1, algorithm.digest_size)
         return _first(
             usable,
-            SigningPlan(scheme, _PSS_COMBINED[name], parameter),
+            SigningPlan(scheme, names.rsa_pss, parameter),
             SigningPlan(scheme, Mechanism.RSA_PKCS_PSS, parameter, prehash=True),
         )
     if isinstance(public_key, rsa.RSAPublicKey) and scheme.is_rsa_pkcs1:
         return _first(
             usable,
-            SigningPlan(scheme, _PKCS1_COMBINED[name]),
+            SigningPlan(scheme, names.rsa_pkcs1),
             SigningPlan(scheme, Mechanism.RSA_PKCS, prehash=True, digest_info=True),
         )
     return None
