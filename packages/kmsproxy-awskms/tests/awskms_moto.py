@@ -3,8 +3,8 @@
 `moto_kms` (module scope) starts `moto_server` from the venv on a free
 127.0.0.1 port, waits (bounded) until it accepts connections, and stops it by PID.
 `aws_environment` (module scope, autouse where imported) sets dummy
-credentials, a region, AWS_EC2_METADATA_DISABLED=true and config and
-credentials files under a temporary directory, so neither the tests nor
+credentials, a region, AWS_EC2_METADATA_DISABLED=true and empty config,
+credentials and boto files under a temporary directory, so neither the tests nor
 the code under test can pick up a real profile or reach a metadata
 address. Every URI the tests build carries `endpoint=` pointing at moto.
 """
@@ -59,6 +59,7 @@ _CREDENTIAL_VARIABLES = (
     "AWS_CONTAINER_AUTHORIZATION_TOKEN",
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_KMS",
+    "AWS_CREDENTIAL_FILE",
 )
 
 
@@ -68,6 +69,7 @@ def aws_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     directory = tmp_path_factory.mktemp("aws")
     (directory / "config").write_text("")
     (directory / "credentials").write_text("")
+    (directory / "boto.cfg").write_text("")
     with pytest.MonkeyPatch.context() as patch:
         for name in _CREDENTIAL_VARIABLES:
             patch.delenv(name, raising=False)
@@ -76,6 +78,8 @@ def aws_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
         patch.setenv("AWS_CONFIG_FILE", str(directory / "config"))
         patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(directory / "credentials"))
+        # botocore's boto-config provider reads ~/.boto unless this is set.
+        patch.setenv("BOTO_CONFIG", str(directory / "boto.cfg"))
         patch.setenv("AWS_REGION", REGION)
         patch.setenv("AWS_DEFAULT_REGION", REGION)
         yield directory

@@ -31,7 +31,6 @@ from peers import free_port
 from pki import make_ca
 
 from kmsproxy import Registry, SignatureScheme, SignerError, UserError
-from kmsproxy.uri import KeyURI
 from kmsproxy_awskms import KMSSigner, service
 from kmsproxy_awskms.algorithms import MessageType
 
@@ -250,9 +249,18 @@ def test_no_credentials(moto_kms: MotoKMS, no_credentials: list[str]) -> None:
     requests_before = len(no_credentials)
     message = open_error(uri)
     assert "no AWS credentials found" in message
-    # botocore finds no credentials before it signs the first request, so
-    # nothing at all is sent, to moto or to a metadata address.
+    # botocore walks the whole chain and finds no credentials before it
+    # signs the first request, so nothing at all is sent: not to moto, and
+    # not to the instance metadata service, which is disabled.
     assert no_credentials[requests_before:] == []
+
+
+def test_no_credentials_regional(no_credentials: list[str]) -> None:
+    """Without endpoint= the same chain runs, and no request leaves either
+    (the recorder fails the test before one could reach AWS)."""
+    message = open_error(f"awskms:key-id=alias/none;region={REGION}")
+    assert "no AWS credentials found" in message
+    assert no_credentials == []
 
 
 def test_endpoint_skips_auto_defaults_mode(
@@ -308,24 +316,16 @@ def test_certificate_uri_rejected(moto_kms: MotoKMS) -> None:
         Registry.load().open_certificates(moto_kms.uri("k"))
 
 
-def test_endpoint_drops_metadata_providers(moto_kms: MotoKMS) -> None:
-    """With endpoint=, the chain has no provider that could reach the
-    instance metadata service, a container endpoint, STS or SSO."""
-    uri = KeyURI.parse(moto_kms.uri("k"))
-    location = service.parse_uri(uri).location
-    names = service.credential_provider_names(service.create_session(location))
-    assert set(names) <= service.LOCAL_CREDENTIAL_PROVIDERS
-    assert "iam-role" not in names
-    assert "container-role" not in names
-
-
-def test_default_chain_without_endpoint() -> None:
-    """Without endpoint=, the standard chain stays whole (inspected only;
-    building the chain sends no request)."""
-    location = service.KMSLocation(region=REGION)
+@pytest.mark.parametrize("endpoint", [None, "http://127.0.0.1:1"])
+def test_standard_credential_chain(endpoint: str | None) -> None:
+    """The chain keeps instance and container roles, SSO and assumed roles,
+    with and without endpoint= (inspected only; building it sends nothing)."""
+    location = service.KMSLocation(region=REGION, endpoint=endpoint)
     names = service.credential_provider_names(service.create_session(location))
     assert "iam-role" in names
+    assert "container-role" in names
     assert "sso" in names
+    assert "assume-role" in names
 
 
 def test_cli_disabled_key_is_one_line(moto_kms: MotoKMS, tmp_path: Path) -> None:

@@ -61,14 +61,6 @@ MAX_CONCURRENT_REQUESTS = 10
 # after these delays (seconds): first 1 s, doubling up to 30 s.
 RECONNECT_POLICY = BackoffPolicy("awskms-reconnect", initial=1.0, maximum=30.0)
 
-# Credential providers that read only the environment, local files or a
-# user-configured `credential_process`. With `endpoint=` only these run, so
-# botocore contacts no host but that endpoint: no instance metadata service,
-# no container credentials endpoint, no STS for assumed roles, no SSO portal.
-LOCAL_CREDENTIAL_PROVIDERS = frozenset(
-    {"env", "custom-process", "shared-credentials-file", "config-file"}
-)
-
 
 @dataclass(frozen=True)
 class KMSLocation:
@@ -199,18 +191,14 @@ def client_config() -> botocore.config.Config:
 def create_session(location: KMSLocation) -> botocore.session.Session:
     """Create a botocore session for `location`'s profile and files.
 
-    With an endpoint, only `LOCAL_CREDENTIAL_PROVIDERS` stay in the
-    credential chain. Raise `botocore.exceptions.BotoCoreError` for a
-    missing profile or an unreadable configuration.
+    The session keeps botocore's whole credential chain, with or without an
+    endpoint, so an EC2 instance behind a VPC endpoint uses its instance
+    role. Raise `botocore.exceptions.BotoCoreError` for a missing profile or
+    an unreadable configuration.
     """
     session = botocore.session.Session(profile=location.profile)
     if location.credentials_file is not None:
         session.set_config_variable("credentials_file", str(location.credentials_file))
-    if location.endpoint is not None:
-        resolver = session.get_component("credential_provider")
-        for provider in list(resolver.providers):
-            if provider.METHOD not in LOCAL_CREDENTIAL_PROVIDERS:
-                resolver.remove(provider.METHOD)
     return session
 
 
