@@ -12,9 +12,12 @@ through pluggy. The built-in file backend (`kmsproxy.plugins.file`) is
 registered the same way and is a short, complete example.
 
 How an argument reaches a backend: a `--clientkey`, `--clientcert`, CA key or
-CA certificate argument that names an existing file goes to the file backend.
-Anything else is parsed as a `KeyURI` (`scheme:name=value;...`), and the
-backend that lists that scheme in `kmsproxy_schemes` receives it.
+CA certificate argument that names an existing file is first offered to
+`kmsproxy_claim_key_file`, so a backend can take a key file in its own
+format (a TSS2 PRIVATE KEY file goes to the TPM backend). A file that no
+backend claims goes to the file backend. Anything else is parsed as a
+`KeyURI` (`scheme:name=value;...`), and the backend that lists that scheme
+in `kmsproxy_schemes` receives it.
 
 All hooks are called from the event loop's thread. A hook that must block
 (open a device, log in) may do so at startup, but a `Signer.sign` that blocks
@@ -24,6 +27,7 @@ must run in a worker thread (derive from `kmsproxy.signer.BlockingSigner`).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pluggy
@@ -45,6 +49,27 @@ def kmsproxy_schemes() -> list[str]:
     Called once when the registry loads. Every backend's list is collected;
     two backends claiming one scheme is a startup error naming both.
     The file backend returns `["file"]` and also receives existing paths.
+    """
+    raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def kmsproxy_claim_key_file(path: Path, head: bytes) -> str | None:
+    """Return the URI that opens the key file `path`, or None if not yours.
+
+    Called for each argument that names an existing regular file, before the
+    file backend receives it. `head` is the start of the file, at most
+    `kmsproxy.plugins.registry.KEY_FILE_HEAD_BYTES` bytes, read once by the
+    registry; decide from it alone, without reading the file again or
+    blocking. Return a URI with one of your schemes, with the path
+    percent-encoded (`urllib.parse.quote`), for example
+    `tpmkms:path=/home/me/keys/client.pem`; it is then opened as if the user
+    had given that URI, by `kmsproxy_open_signer` for a key argument and by
+    `kmsproxy_open_certificates` for a certificate argument.
+
+    The first non-None result wins. A hook that raises or returns a URI that
+    does not parse is logged as a WARNING and skipped, so a faulty backend
+    cannot take plain key files down with it.
     """
     raise NotImplementedError
 

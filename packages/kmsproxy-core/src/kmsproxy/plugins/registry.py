@@ -2,9 +2,11 @@
 
 The registry loads every entry point in the `kmsproxy` group through pluggy
 and collects each backend's URI schemes. An argument that is an existing
-path goes to the file backend. Anything else is parsed as a `KeyURI`, and
-its scheme selects the backend. It raises `UserError` for a scheme that no
-installed backend claims, and for two backends that claim one scheme.
+file goes to the backend that claims its format through
+`kmsproxy_claim_key_file`, and otherwise to the file backend. Anything else
+is parsed as a `KeyURI`, and its scheme selects the backend. It raises
+`UserError` for a scheme that no installed backend claims, and for two
+backends that claim one scheme.
 
 A backend that fails to load (its module or a C library it needs is
 missing, or its `kmsproxy_schemes` hook raises) is kept aside as a
@@ -31,6 +33,11 @@ from kmsproxy.uri import KeyURI, looks_like_uri
 logger = logging.getLogger(__name__)
 
 FILE_SCHEME = "file"
+
+# Bytes of an existing file that `kmsproxy_claim_key_file` receives. PEM
+# labels and DER type tags sit at the start of a key file, and 8 KiB leaves
+# room for text that some tools write before the PEM block.
+KEY_FILE_HEAD_BYTES = 8 * 1024
 
 # Schemes of the backends that live in this repository's packages/ folder,
 # with the distribution to install when a URI names one that is missing.
@@ -151,14 +158,65 @@ class Registry:
         return sorted(self._by_scheme)
 
     def resolve(self, argument: str) -> KeyURI:
-        """Turn an argument into a URI: a path becomes `file:path=...`."""
-        if Path(argument).expanduser().exists():
+        """Turn an argument into a URI.
+
+        An existing file becomes the URI that a backend claims it with, or
+        else `file:path=...`.
+        """
+        path = Path(argument).expanduser()
+        if path.exists():
+            claimed = self._claim_key_file(path)
+            if claimed is not None:
+                return claimed
             return KeyURI(FILE_SCHEME, {"path": argument}, raw=argument)
         if not looks_like_uri(argument):
             raise UserError(
                 f"{argument}: no such file, and not a URI of the form scheme:name=value"
             )
         return KeyURI.parse(argument)
+
+    def _claim_key_file(self, path: Path) -> KeyURI | None:
+        """Offer a regular file's head to each backend; return the first claim.
+
+        Each hook runs on its own, as `kmsproxy_add_commands` does, so that
+        a backend that raises is skipped instead of hiding every later one.
+        """
+        head = _read_head(path)
+        if head is None:
+            return None
+        arguments = {"path": path, "head": head}
+        hook = self.plugin_manager.hook.kmsproxy_claim_key_file
+        # pluggy calls the implementations registered last first, each with
+        # only the arguments it declares.
+        for implementation in reversed(hook.get_hookimpls()):
+            backend = implementation.plugin_name
+            try:
+                claimed = implementation.function(
+                    *(arguments[name] for name in implementation.argnames)
+                )
+                if claimed is None:
+                    continue
+                if not isinstance(claimed, str):
+                    raise TypeError(f"returned {claimed!r}, expected a URI string")
+                uri = KeyURI.parse(claimed)
+            except Exception as error:
+                # Any exception, because a plugin's hook may run arbitrary code.
+                logger.warning(
+                    "Key file claim failed backend=%s path=%s error=%s: %s",
+                    backend,
+                    path,
+                    type(error).__name__,
+                    error,
+                )
+                continue
+            logger.debug(
+                "Key file claimed backend=%s path=%s uri=%s",
+                backend,
+                path,
+                uri.redacted(),
+            )
+            return uri
+        return None
 
     def backend_for(self, uri: KeyURI) -> Backend:
         backend = self._by_scheme.get(uri.scheme)
@@ -209,6 +267,21 @@ class Registry:
         owner = self.backend_for(uri)
         others = [p for p in self.plugin_manager.get_plugins() if p is not owner.plugin]
         return self.plugin_manager.subset_hook_caller(hook_name, others)
+
+
+def _read_head(path: Path) -> bytes | None:
+    """Return the first `KEY_FILE_HEAD_BYTES` of a regular file, else None.
+
+    A directory, a FIFO or an unreadable file returns None, and the file
+    backend then reports the problem with the path.
+    """
+    if not path.is_file():
+        return None
+    try:
+        with path.open("rb") as file:
+            return file.read(KEY_FILE_HEAD_BYTES)
+    except OSError:
+        return None
 
 
 def _load_entry_points(
