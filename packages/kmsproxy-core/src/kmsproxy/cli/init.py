@@ -1,21 +1,52 @@
-"""`kmsproxy init`: create the local CA and show how to trust it."""
+"""`kmsproxy init`: create the local CA and show how to trust it.
+
+By default the CA key is a new EC P-256 key in `ca.key`. With `--key`, the
+key stays in its backend (a TPM, a token, a cloud KMS, or a file), and only
+`ca.crt` is written. Its signature is made in three steps, as `LocalCA.sign`
+makes a leaf's:
+
+1. A throwaway key of the same algorithm signs the certificate, so that
+   `cryptography` encodes the TBSCertificate and its signatureAlgorithm.
+2. The CA key signs that TBSCertificate through its `Signer`.
+3. The Certificate is assembled around that signature (RFC 5280 section
+   4.1) and verified against its own public key.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import shlex
 import tempfile
 from pathlib import Path
 
+import anyio
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from kmsproxy.ca import create_ca_certificate
+from kmsproxy import der
+from kmsproxy.ca import (
+    ca_certificate_builder,
+    choose_ca_scheme,
+    create_ca_certificate,
+    sign_with_template_key,
+    template_key_for,
+)
 from kmsproxy.cli.serve import CA_CERTIFICATE_NAME, CA_KEY_NAME, config_directory
 from kmsproxy.errors import UserError
+from kmsproxy.plugins.registry import Registry
+from kmsproxy.signer import Signer, SignerError
+from kmsproxy.uri import KeyURI, URIError, is_secret_attribute, looks_like_uri
 
 DEFAULT_CA_NAME = "kmsproxy local CA"
+
+# Maximum seconds the `--key` CA key may take to sign the CA certificate. A
+# hardware key can wait for a touch or a PIN, so this leaves a person time
+# to act, as `kmsproxy csr` does, and a hung device still ends the command.
+CA_CERTIFICATE_SIGN_TIMEOUT_SECONDS = 120.0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -24,7 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         help="create the local CA that signs the proxy's certificates",
         description=(
             f"Create an EC P-256 CA key ({CA_KEY_NAME}, mode 0600) and "
-            f"certificate ({CA_CERTIFICATE_NAME}) in {config_directory()}."
+            f"certificate ({CA_CERTIFICATE_NAME}) in {config_directory()}. "
+            f"With --key, write only {CA_CERTIFICATE_NAME}, signed by a key that "
+            "stays in its backend."
         ),
     )
     parser.add_argument(
@@ -32,6 +65,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         type=Path,
         default=None,
         help="directory for ca.key and ca.crt (default: the config directory)",
+    )
+    parser.add_argument(
+        "--key",
+        metavar="KEY",
+        default=None,
+        help=(
+            "an existing CA key, as a key URI such as tpmkms:name=ca or a file: "
+            "sign ca.crt with it and write no ca.key"
+        ),
     )
     parser.add_argument("--name", default=DEFAULT_CA_NAME, help="CA common name")
     parser.add_argument("--force", action="store_true", help="overwrite an existing CA")
@@ -83,6 +125,118 @@ def create_ca(directory: Path, name: str, *, force: bool = False) -> tuple[Path,
     return key_path, certificate_path
 
 
+async def sign_ca_certificate(signer: Signer, name: str) -> x509.Certificate:
+    """Sign a self-issued CA certificate for `signer`'s key, through `signer`.
+
+    The certificate has the same content as one from `kmsproxy init`. Raise
+    `SignerError` when the signer fails, takes longer than
+    `CA_CERTIFICATE_SIGN_TIMEOUT_SECONDS`, or returns a signature that does
+    not verify.
+    """
+    builder = ca_certificate_builder(signer.public_key(), name)
+    scheme = choose_ca_scheme(signer)
+
+    # Step 1: a throwaway key encodes the TBSCertificate and its algorithm.
+    template = sign_with_template_key(builder, template_key_for(scheme), scheme)
+    tbs = template.tbs_certificate_bytes
+    algorithm = der.signature_algorithm(
+        template.public_bytes(serialization.Encoding.DER)
+    )
+
+    # Step 2: the CA key signs the TBSCertificate.
+    try:
+        with anyio.fail_after(CA_CERTIFICATE_SIGN_TIMEOUT_SECONDS):
+            signature = await signer.sign(tbs, scheme)
+    except TimeoutError:
+        raise SignerError(
+            f"{signer.uri}: the CA key did not sign within "
+            f"{CA_CERTIFICATE_SIGN_TIMEOUT_SECONDS:g} s; check that the device "
+            "is present and unlocked"
+        ) from None
+
+    # Step 3: assemble the Certificate and check the signature.
+    certificate = x509.load_der_x509_certificate(
+        der.assemble_signed(tbs, algorithm, signature)
+    )
+    try:
+        certificate.verify_directly_issued_by(certificate)
+    except (InvalidSignature, ValueError, TypeError) as error:
+        raise SignerError(
+            f"{signer.uri}: the CA key produced a {scheme.name} signature that "
+            f"does not verify ({error or 'bad signature'})"
+        ) from error
+    return certificate
+
+
+async def create_certificate_for_key(
+    registry: Registry, key: str, name: str
+) -> x509.Certificate:
+    """Open `key` through `registry`, sign its CA certificate, close it."""
+    signer = registry.open_signer(key)
+    try:
+        return await sign_ca_certificate(signer, name)
+    finally:
+        await signer.aclose()
+
+
+def write_ca_certificate(
+    directory: Path, certificate: x509.Certificate, *, force: bool = False
+) -> Path:
+    """Write `certificate` as `ca.crt` in `directory`; return its path.
+
+    An existing `ca.key` or `ca.crt` needs `force`. With `force`, the new
+    certificate replaces `ca.crt` and then the old `ca.key` is deleted, so
+    that a later `kmsproxy serve` without positional arguments fails with
+    "missing ca.key" instead of pairing the old key with the new certificate.
+    Raise `UserError` for an existing CA without `force`, and for any file
+    system error.
+    """
+    key_path = directory / CA_KEY_NAME
+    certificate_path = directory / CA_CERTIFICATE_NAME
+    try:
+        existing = [p for p in (key_path, certificate_path) if p.exists()]
+        if existing and not force:
+            raise UserError(
+                f"{existing[0]} already exists; pass --force to replace the CA "
+                "(clients that trust the old CA must then trust the new one)"
+            )
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        pem = certificate.public_bytes(serialization.Encoding.PEM)
+        os.replace(_write_temporary(directory, pem, 0o644), certificate_path)
+        key_path.unlink(missing_ok=True)
+    except OSError as error:
+        failed = error.filename or directory
+        raise UserError(
+            f"{failed}: cannot write the CA certificate: {error.strerror or error}; "
+            "choose another directory with --dir"
+        ) from None
+    return certificate_path
+
+
+def serve_command(key: str, certificate_path: Path) -> str:
+    """Return the `kmsproxy serve` line for a CA key given by `key`.
+
+    A URI with a secret attribute appears redacted (see `shown_key`).
+    """
+    return (
+        f"kmsproxy serve {shlex.quote(shown_key(key))} "
+        f"{shlex.quote(str(certificate_path))} --clientkey KEY --clientcert CERT"
+    )
+
+
+def shown_key(key: str) -> str:
+    """Return `key` as it may be printed: a URI's secrets become `***`."""
+    if not looks_like_uri(key):
+        return key
+    try:
+        uri = KeyURI.parse(key)
+    except URIError:
+        return key
+    if any(is_secret_attribute(name) for name in uri.attributes):
+        return uri.redacted()
+    return key
+
+
 def _write_temporary(directory: Path, data: bytes, mode: int) -> Path:
     """Write `data` to a new file in `directory` with `mode`; return its path."""
     # mkstemp creates the file with mode 0600, before any data is written.
@@ -122,7 +276,31 @@ Tools with their own store need it too, e.g. curl --cacert {path}.
 
 def run(args: argparse.Namespace) -> int:
     directory = args.dir or config_directory()
-    key_path, certificate_path = create_ca(directory, args.name, force=args.force)
-    print(f"Created {key_path} and {certificate_path}.\n")
-    print(trust_instructions(certificate_path), end="")
+    if args.key is None:
+        key_path, certificate_path = create_ca(directory, args.name, force=args.force)
+        print(f"Created {key_path} and {certificate_path}.\n")
+        print(trust_instructions(certificate_path), end="")
+        return 0
+    return _run_with_key(args, directory)
+
+
+def _run_with_key(args: argparse.Namespace, directory: Path) -> int:
+    """Write `ca.crt` signed by `--key`; print how to trust it and serve."""
+    if not args.force:
+        # Checked before the key signs, so no touch or PIN is wasted.
+        for existing in (directory / CA_KEY_NAME, directory / CA_CERTIFICATE_NAME):
+            if existing.exists():
+                raise UserError(
+                    f"{existing} already exists; pass --force to replace the CA "
+                    "(clients that trust the old CA must then trust the new one)"
+                )
+    registry = Registry.load()
+    certificate = anyio.run(create_certificate_for_key, registry, args.key, args.name)
+    certificate_path = write_ca_certificate(directory, certificate, force=args.force)
+    print(f"Created {certificate_path}, signed by the CA key {shown_key(args.key)}.\n")
+    print(trust_instructions(certificate_path))
+    print("Run the proxy with this CA key and certificate:\n")
+    print(f"  {serve_command(args.key, certificate_path)}")
+    if shown_key(args.key) != args.key:
+        print("\nThe key's secret is shown as ***; give it with pin-source=FILE.")
     return 0

@@ -1,0 +1,157 @@
+"""`kmsproxy init --key`: a CA certificate signed by a key in any backend.
+
+These tests use file keys, which reach `init` through the same registry
+call as a device key. The backend packages test their own keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from pki import KeyType, generate_key
+
+from kmsproxy.ca import LeafRequest, LocalCA
+from kmsproxy.cli import main
+from kmsproxy.cli.init import create_ca, serve_command, sign_ca_certificate
+from kmsproxy.signer import PrivateKey, SignatureScheme, SignerError, SoftwareSigner
+
+
+def write_key(path: Path, key: PrivateKey) -> Path:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+    return path
+
+
+def read_certificate(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+@pytest.mark.parametrize("key_type", ["p256", "p384", "rsa2048"])
+def test_init_key_writes_certificate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key_type: KeyType
+) -> None:
+    key = generate_key(key_type)
+    key_path = write_key(tmp_path / "device.key", key)
+    directory = tmp_path / "ca"
+    status = main(["init", "--key", str(key_path), "--dir", str(directory)])
+    assert status == 0
+    certificate = read_certificate(directory / "ca.crt")
+    certificate.verify_directly_issued_by(certificate)
+    assert certificate.public_key() == key.public_key()
+    assert not (directory / "ca.key").exists()
+    constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert constraints.value.ca
+    assert constraints.value.path_length == 0
+    output = capsys.readouterr().out
+    assert f"kmsproxy serve {key_path} {directory / 'ca.crt'}" in output
+    assert "update-ca-certificates" in output
+
+
+def test_init_key_sets_name(tmp_path: Path) -> None:
+    key_path = write_key(tmp_path / "device.key", generate_key("p256"))
+    arguments = ["init", "--key", str(key_path), "--dir", str(tmp_path / "ca")]
+    assert main([*arguments, "--name", "team CA"]) == 0
+    certificate = read_certificate(tmp_path / "ca" / "ca.crt")
+    assert certificate.subject.rfc4514_string() == "CN=team CA"
+
+
+def test_init_key_certificate_mints_leaves(tmp_path: Path) -> None:
+    key = generate_key("p256")
+    key_path = write_key(tmp_path / "device.key", key)
+    assert main(["init", "--key", str(key_path), "--dir", str(tmp_path)]) == 0
+    certificate = read_certificate(tmp_path / "ca.crt")
+    ca = LocalCA(certificate, SoftwareSigner(key, str(key_path)))
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+
+    async def mint() -> x509.Certificate:
+        request = LeafRequest("example.test", dns_names=("example.test",))
+        return await ca.mint_leaf(request, leaf_key.public_key())
+
+    leaf = anyio.run(mint)
+    leaf.verify_directly_issued_by(certificate)
+
+
+def test_init_key_keeps_existing_ca(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, certificate_path = create_ca(tmp_path, "old CA")
+    before = certificate_path.read_bytes()
+    key_path = write_key(tmp_path / "device.key", generate_key("p256"))
+    status = main(["init", "--key", str(key_path), "--dir", str(tmp_path)])
+    assert status == 2
+    assert "ca.key already exists; pass --force" in capsys.readouterr().err
+    assert certificate_path.read_bytes() == before
+
+
+def test_init_key_force_replaces_ca(tmp_path: Path) -> None:
+    old_key_path, certificate_path = create_ca(tmp_path, "old CA")
+    key = generate_key("p256")
+    key_path = write_key(tmp_path / "device.key", key)
+    arguments = ["init", "--key", str(key_path), "--dir", str(tmp_path), "--force"]
+    assert main(arguments) == 0
+    assert read_certificate(certificate_path).public_key() == key.public_key()
+    # The old key would not match the new certificate, so it is gone.
+    assert not old_key_path.exists()
+
+
+def test_init_key_unknown_scheme(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(["init", "--key", "nosuch:name=ca", "--dir", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert status == 2
+    assert "no installed backend handles the scheme 'nosuch'" in error
+    assert not (tmp_path / "ca.crt").exists()
+
+
+def test_serve_command_quotes_uri() -> None:
+    line = serve_command("tpmkms:name=ca;tcti=tabrmd", Path("/home/me/ca.crt"))
+    expected = "kmsproxy serve 'tpmkms:name=ca;tcti=tabrmd' /home/me/ca.crt"
+    assert line.startswith(expected)
+
+
+def test_serve_command_redacts_pin() -> None:
+    line = serve_command("yubikey:slot-id=9c?pin-value=123456", Path("ca.crt"))
+    assert "123456" not in line
+    assert "pin-value=***" in line
+
+
+def test_init_key_output_redacts_pin(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    key_path = write_key(tmp_path / "device.key", generate_key("p256"))
+    # A file: URI with a secret attribute that the file backend ignores.
+    key = f"file:path={key_path};pin-value=secret-4711"
+    assert main(["init", "--key", key, "--dir", str(tmp_path / "ca")]) == 0
+    output = capsys.readouterr().out
+    assert "secret-4711" not in output
+    assert "give it with pin-source=FILE" in output
+
+
+class WrongSigner(SoftwareSigner):
+    """Signs with a different key than the public key it reports."""
+
+    def __init__(self) -> None:
+        super().__init__(generate_key("p256"), "wrong:name=ca")
+        self._other = SoftwareSigner(generate_key("p256"), "other")
+
+    async def sign(self, data: bytes, scheme: SignatureScheme) -> bytes:
+        return await self._other.sign(data, scheme)
+
+
+def test_wrong_signature_is_error() -> None:
+    with pytest.raises(SignerError, match="does not verify"):
+        anyio.run(sign_ca_certificate, WrongSigner(), "CA")
