@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
+import os
 import platform
 import resource
 import shutil
@@ -54,6 +56,14 @@ REPEAT = 3
 # Open files this process and its children may need: 1,000 idle tunnels
 # take two descriptors each in a proxy and one each here.
 REQUIRED_OPEN_FILES = 8192
+
+
+# Runs `kmsproxy` with uvloop unimportable, as if the `speed` extra were
+# not installed. The arguments after `-c CODE` reach it as sys.argv[1:].
+HIDE_UVLOOP = (
+    "import sys; sys.modules['uvloop'] = None; "
+    "from kmsproxy.cli import main; sys.exit(main())"
+)
 
 
 @dataclass(frozen=True)
@@ -264,6 +274,26 @@ def build_contenders(
             },
             start=_starter(name, argv, work, port, processes),
         )
+        if args.compare_loops and source.name == "file":
+            # The same proxy with uvloop hidden, so it runs on the standard
+            # asyncio loop: the effect of the `speed` extra, in one run.
+            port = servers.free_port()
+            argv = servers.kmsproxy_argv(
+                python, keys, port, key_argument, cert_argument
+            )
+            argv[1:3] = ["-c", HIDE_UVLOOP]
+            name = "kmsproxy-file-asyncio"
+            yield Contender(
+                name,
+                "kmsproxy, file key, asyncio loop",
+                {
+                    listener: Route(
+                        name, upstream.ports[listener], keys.proxy_ca_cert, port
+                    )
+                    for listener in listeners
+                },
+                start=_starter(name, argv, work, port, processes),
+            )
 
     mitmdump = args.mitmdump
     if mitmdump is None or not Path(mitmdump).exists():
@@ -354,8 +384,6 @@ def machine() -> dict[str, str]:
 
 
 def _cpus() -> set[int]:
-    import os
-
     return os.sched_getaffinity(0)
 
 
@@ -381,9 +409,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="where kmsproxy's client key lives, one row each",
     )
     parser.add_argument(
+        "--compare-loops",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add a row for kmsproxy with a file key on the standard asyncio "
+        "loop (default: on)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="divide every size by 16 and repeat once, to try the harness",
+    )
+    parser.add_argument(
+        "--bulk-mib", type=int, help="override the bulk transfer size, in MiB"
+    )
+    parser.add_argument(
+        "--repeat", type=int, help="override the rounds of each timed measurement"
     )
     parser.add_argument(
         "--only",
@@ -407,7 +448,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def sizes_for(args: argparse.Namespace) -> Sizes:
-    if args.quick:
+    sizes = _default_sizes(args.quick)
+    if args.bulk_mib:
+        sizes = dataclasses.replace(sizes, bulk_mib=args.bulk_mib)
+    if args.repeat:
+        sizes = dataclasses.replace(sizes, repeat=args.repeat)
+    return sizes
+
+
+def _default_sizes(quick: bool) -> Sizes:
+    if quick:
         return Sizes(
             BULK_MIB // 16,
             FRESH_REQUESTS // 10,
@@ -440,6 +490,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         tempfile.mkdtemp(prefix="kmsproxy-bench-", dir=shm if shm.is_dir() else None)
     )
     started = time.monotonic()
+    load_at_start = os.getloadavg()[0]
     try:
         keys = servers.make_keys(work)
         content = work / "content"
@@ -474,6 +525,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         shutil.rmtree(work, ignore_errors=True)
     meta = machine()
     meta["duration"] = f"{(time.monotonic() - started) / 60:.1f} min"
+    # Other work on the machine shows up here; the harness cannot stop it.
+    meta["load"] = (
+        f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    )
     return {
         "machine": meta,
         "sizes": sizes.__dict__,

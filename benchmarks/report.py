@@ -96,7 +96,8 @@ def render(results: dict[str, Any]) -> str:
     lines += [
         f"Measured {machine['date']} in {machine['duration']} on {machine['cores']} "
         f"cores of an {machine['cpu']} (Linux {machine['kernel']}), Python "
-        f"{machine['python']}, kmsproxy at commit {machine['kmsproxy commit']}.",
+        f"{machine['python']}, kmsproxy at commit {machine['kmsproxy commit']}. "
+        f"Load average (1 min): {machine.get('load', 'not recorded')}.",
         "",
         f"Sizes: {sizes['bulk_mib']} MiB per transfer, {sizes['fresh_requests']} "
         f"fresh requests per round, {sizes['concurrent_clients']} clients for "

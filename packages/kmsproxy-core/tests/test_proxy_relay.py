@@ -25,9 +25,17 @@ pytestmark = pytest.mark.anyio
 STEP_TIMEOUT_SECONDS = 10.0
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+# `kmsproxy serve` runs on uvloop when the `speed` extra is installed and
+# on the standard asyncio loop otherwise, so every test here runs on both.
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+    backend: tuple[str, dict[str, bool]] = request.param
+    return backend
 
 
 async def tcp_pair() -> tuple[anyio.abc.SocketStream, anyio.abc.SocketStream]:
