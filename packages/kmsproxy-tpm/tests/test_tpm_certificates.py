@@ -139,13 +139,16 @@ def test_import_cert_writes_pem_chain(
     assert stored == leaf.public_bytes(serialization.Encoding.PEM)
 
 
-def test_ca_cert_is_self_signed_by_tpm_key(
-    swtpm_module: Swtpm, key_directory: Path, capsys: pytest.CaptureFixture[str]
+def test_init_key_self_signs_in_tpm(
+    swtpm_module: Swtpm,
+    key_directory: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    create_key(swtpm_module, "ca", "--curve", "P-384")
-    arguments = ["tpm", "ca-cert", "ca", "--tcti", swtpm_module.tcti]
-    assert main([*arguments, "--common-name", "TPM CA"]) == 0
-    path = key_directory / "ca.crt"
+    uri = create_key(swtpm_module, "ca", "--curve", "P-384")
+    arguments = ["init", "--key", uri, "--dir", str(tmp_path), "--name", "TPM CA"]
+    assert main(arguments) == 0
+    path = tmp_path / "ca.crt"
     certificate = x509.load_pem_x509_certificate(path.read_bytes())
     certificate.verify_directly_issued_by(certificate)
     constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
@@ -154,7 +157,8 @@ def test_ca_cert_is_self_signed_by_tpm_key(
     assert (
         certificate.public_key() == read_key_file(key_directory / "ca.pem").public_key
     )
-    capsys.readouterr()
+    assert not (tmp_path / "ca.key").exists()
+    assert f"kmsproxy serve '{uri}' {path}" in capsys.readouterr().out
     assert main(arguments) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
     assert path.read_bytes() == certificate.public_bytes(serialization.Encoding.PEM)

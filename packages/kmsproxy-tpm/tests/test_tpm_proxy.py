@@ -132,7 +132,7 @@ async def test_ca_key_in_tpm_mints_leaves(
 ) -> None:
     client_uri = tpm_client_identity(swtpm_module, site, key_directory)
     ca_uri = create_key(swtpm_module, "ca")
-    ca_path = await create_ca_certificate(swtpm_module, "ca")
+    ca_path = await create_ca_certificate(ca_uri, site.path("tpm-ca"))
     async with serving(
         site,
         ca_key=ca_uri,
@@ -261,7 +261,9 @@ async def test_cli_serve_with_tpm_keys(
 ) -> None:
     client_uri = tpm_client_identity(swtpm_module, site, key_directory)
     ca_uri = create_key(swtpm_module, "ca")
-    ca_path = await create_ca_certificate(swtpm_module, "ca")
+    ca_path = await create_ca_certificate(ca_uri, site.path("tpm-ca"))
+    # Stored beside the CA key, the certificate is read through the same URI.
+    assert main(["tpm", "import-cert", "ca", str(ca_path)]) == 0
     port = free_port()
     log = site.path("serve.log")
     with log.open("wb") as output:

@@ -1,7 +1,7 @@
 """Keys for the TPM backend's tests: made in swtpm by the real CLI.
 
 `key_directory` points XDG_CONFIG_HOME at the test's temporary directory,
-so `kmsproxy tpm create` writes there. `create_key` and
+so `kmsproxy tpm create` and `kmsproxy init` write there. `create_key` and
 `create_ca_certificate` run the CLI in this process; `open_signer` opens a
 URI through the real registry and entry point.
 """
@@ -23,7 +23,6 @@ from tpm2_pytss.constants import TPM2_CAP, TPM2_HC
 from kmsproxy.cli import main
 from kmsproxy.plugins.registry import Registry
 from kmsproxy.signer import Signer
-from kmsproxy_tpm import storage
 
 # More handles than swtpm can hold (3 transient objects in libtpms 0.9).
 MAX_LISTED_HANDLES = 16
@@ -62,15 +61,15 @@ async def open_signer(uri: str) -> AsyncIterator[Signer]:
         await signer.aclose()
 
 
-async def create_ca_certificate(swtpm: Swtpm, name: str) -> Path:
-    """Sign a CA certificate with `kmsproxy tpm ca-cert`; return its path.
+async def create_ca_certificate(key: str, directory: Path) -> Path:
+    """Sign a CA certificate for `key` with `kmsproxy init --key`; return it.
 
     The command runs its own event loop, so it runs in a worker thread.
     """
-    arguments = ["tpm", "ca-cert", name, "--tcti", swtpm.tcti]
+    arguments = ["init", "--key", key, "--dir", str(directory)]
     status = await anyio.to_thread.run_sync(main, arguments)
-    assert status == 0, f"kmsproxy tpm ca-cert {name} failed"
-    return storage.key_directory() / f"{name}.crt"
+    assert status == 0, f"kmsproxy init --key {key} failed"
+    return directory / "ca.crt"
 
 
 def write_chain(path: Path, chain: list[x509.Certificate]) -> Path:

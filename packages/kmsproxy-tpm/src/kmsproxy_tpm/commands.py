@@ -1,7 +1,7 @@
 """`kmsproxy tpm ...`: create, list and delete TPM keys, store their chains.
 
-`ca-cert` signs a local CA certificate with a TPM key, for a CA key that
-stays in the TPM.
+A CA certificate for a CA key in the TPM comes from the core command
+`kmsproxy init --key tpmkms:name=NAME`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import anyio
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from tpm2_pytss import TSS2_Exception
 from tpm2_pytss.constants import TPM2_ALG
@@ -28,13 +26,10 @@ from tpm2_pytss.types import (
     TPMU_PUBLIC_PARMS,
 )
 
-from kmsproxy.cli.init import DEFAULT_CA_NAME
 from kmsproxy.errors import UserError
 from kmsproxy.plugins.file import load_certificates
-from kmsproxy.plugins.registry import Registry
 from kmsproxy.signer import SignerError
 from kmsproxy_tpm import storage
-from kmsproxy_tpm.ca_certificate import self_signed_ca_certificate
 from kmsproxy_tpm.device import (
     TPMError,
     TPMUnavailable,
@@ -50,6 +45,8 @@ from kmsproxy_tpm.keyblob import (
 from kmsproxy_tpm.reference import (
     DEFAULT_DEVICE,
     SCHEME,
+    TCTI_VARIABLE,
+    default_tcti,
     read_auth_file,
     tcti_for_device,
 )
@@ -113,33 +110,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     import_cert.set_defaults(handler=run_import_cert)
 
-    ca_cert = commands.add_parser(
-        "ca-cert",
-        help="write a self-signed local CA certificate for a key",
-        description=(
-            "Sign a local CA certificate with the TPM key NAME and store it "
-            "beside the key, so that NAME can be the CA key of `kmsproxy serve`."
-        ),
-    )
-    ca_cert.add_argument("name", metavar="NAME", help="key name")
-    ca_cert.add_argument(
-        "--common-name",
-        default=DEFAULT_CA_NAME,
-        metavar="CN",
-        help=f"the CA's common name (default {DEFAULT_CA_NAME!r})",
-    )
-    ca_cert.add_argument(
-        "--pin-source",
-        type=Path,
-        metavar="FILE",
-        help="file whose first line is the key's auth value",
-    )
-    ca_cert.add_argument(
-        "--force", action="store_true", help="replace an existing certificate"
-    )
-    _add_tpm_arguments(ca_cert)
-    ca_cert.set_defaults(handler=run_ca_cert)
-
 
 def _add_tpm_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
@@ -151,7 +121,10 @@ def _add_tpm_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument(
         "--tcti",
         metavar="TCTI",
-        help="tpm2-tss TCTI string, e.g. swtpm:host=127.0.0.1,port=2321",
+        help=(
+            "tpm2-tss TCTI string, e.g. swtpm:host=127.0.0.1,port=2321 "
+            f"(default ${TCTI_VARIABLE} when set)"
+        ),
     )
 
 
@@ -208,7 +181,9 @@ def run_create(args: argparse.Namespace) -> int:
             f"{path} already exists: choose another name, or remove it with "
             f"`kmsproxy tpm delete {args.name}`"
         )
-    tcti = args.tcti or tcti_for_device(args.device or DEFAULT_DEVICE)
+    tcti = args.tcti or (
+        tcti_for_device(args.device) if args.device else default_tcti()
+    )
     key = _create_in_tpm(args, tcti, _read_new_auth(args.pin_source))
     blob = blob_from_key(key, args.name)
 
@@ -308,33 +283,6 @@ def run_delete(args: argparse.Namespace) -> int:
     chain.unlink(missing_ok=True)
     print(f"deleted {path}")
     return 0
-
-
-def run_ca_cert(args: argparse.Namespace) -> int:
-    """Sign a CA certificate with the TPM key and store it as NAME.crt."""
-    path = _key_path(args.name)
-    if not path.exists():
-        raise UserError(
-            f"no key named {args.name!r} in {storage.key_directory()}: create "
-            f"one with `kmsproxy tpm create {args.name}`"
-        )
-    target = storage.chain_path_for(path)
-    if target.exists() and not args.force:
-        raise UserError(f"{target} already exists; pass --force to replace it")
-    uri = _uri_for(args.name, args)
-    certificate = anyio.run(_sign_ca_certificate, uri, args.common_name)
-    storage.replace_chain(target, certificate.public_bytes(serialization.Encoding.PEM))
-    print(f"wrote the CA certificate {target}")
-    print(f"trust it in your clients; serve with it as CAKEY CACERT: '{uri}' {target}")
-    return 0
-
-
-async def _sign_ca_certificate(uri: str, common_name: str) -> x509.Certificate:
-    signer = Registry.load().open_signer(uri)
-    try:
-        return await self_signed_ca_certificate(signer, common_name)
-    finally:
-        await signer.aclose()
 
 
 def run_import_cert(args: argparse.Namespace) -> int:

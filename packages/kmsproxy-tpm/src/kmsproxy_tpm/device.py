@@ -158,7 +158,8 @@ def _device_open_error(path: str, error: OSError) -> TPMError:
     if error.errno == errno.ENOENT:
         return TPMError(
             f"no TPM found at {path}: enable the TPM in the firmware, or set "
-            "tcti= (for example tcti=swtpm:host=127.0.0.1,port=2321 for swtpm)"
+            "tcti= (for example tcti=swtpm:host=127.0.0.1,port=2321 for swtpm), "
+            "or KMSPROXY_TPM_TCTI for a key file given by path"
         )
     if error.errno == errno.EACCES:
         return TPMError(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from urllib.parse import quote
 
 from kmsproxy.certificates import CertificateSource
 from kmsproxy.plugins.hookspecs import hookimpl
@@ -10,6 +12,7 @@ from kmsproxy.signer import Signer, SignerError
 from kmsproxy.uri import KeyURI
 from kmsproxy_tpm import commands
 from kmsproxy_tpm.certificates import TPMChainSource
+from kmsproxy_tpm.keyblob import PEM_LABEL
 from kmsproxy_tpm.reference import SCHEME, parse_reference
 from kmsproxy_tpm.signer import TPMSigner
 
@@ -17,6 +20,18 @@ from kmsproxy_tpm.signer import TPMSigner
 @hookimpl
 def kmsproxy_schemes() -> list[str]:
     return [SCHEME]
+
+
+@hookimpl
+def kmsproxy_claim_key_file(path: Path, head: bytes) -> str | None:
+    """Claim a TSS2 PRIVATE KEY PEM file given by path, as `tpmkms:path=`.
+
+    The TPM comes from `$KMSPROXY_TPM_TCTI`, else `/dev/tpmrm0`, because a
+    bare path has no place for `tcti=`.
+    """
+    if PEM_LABEL not in head:
+        return None
+    return f"{SCHEME}:path={quote(str(path))}"
 
 
 @hookimpl

@@ -6,14 +6,17 @@ The forms follow step-kms-plugin's `tpmkms:` URIs:
   `kmsproxy_tpm.storage`);
 - `tpmkms:path=/etc/keys/client.pem` names any TSS2 PRIVATE KEY PEM file,
   such as one written by tpm2-openssl or `tpm2_encodeobject`;
-- `device=/dev/tpmrm0` (the default) or `tcti=swtpm:host=127.0.0.1,port=2321`
-  selects the TPM; only one of the two may be given;
+- `device=/dev/tpmrm0` or `tcti=swtpm:host=127.0.0.1,port=2321` selects the
+  TPM; only one of the two may be given. Without either, the TCTI in
+  `$KMSPROXY_TPM_TCTI` applies, else `/dev/tpmrm0`. The variable is the only
+  way to choose the TPM for a key file given by bare path;
 - `pin-value=SECRET` or `pin-source=FILE` gives the key's auth value. Neither
   appears in a message, a log line or a repr.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +29,10 @@ SCHEME = "tpmkms"
 # The kernel's resource manager: it swaps objects in and out for each open
 # file, so many programs share the TPM. step-kms-plugin uses the same default.
 DEFAULT_DEVICE = "/dev/tpmrm0"
+
+# Environment variable with the TCTI string for keys that name no device=
+# or tcti=, such as a TSS2 file given by bare path (`--clientkey key.pem`).
+TCTI_VARIABLE = "KMSPROXY_TPM_TCTI"
 
 # Attributes this backend reads; any other attribute is a typo to report.
 KNOWN_ATTRIBUTES = frozenset(
@@ -52,6 +59,11 @@ class KeyReference:
 def tcti_for_device(device: str) -> str:
     """Return the tpm2-tss TCTI string that opens a TPM character device."""
     return f"device:{device}"
+
+
+def default_tcti() -> str:
+    """Return the TCTI in `$KMSPROXY_TPM_TCTI`, else the default device's."""
+    return os.environ.get(TCTI_VARIABLE) or tcti_for_device(DEFAULT_DEVICE)
 
 
 def parse_reference(uri: KeyURI) -> KeyReference:
@@ -101,7 +113,9 @@ def _tcti(uri: KeyURI) -> str:
         )
     if tcti:
         return tcti
-    return tcti_for_device(device or DEFAULT_DEVICE)
+    if device:
+        return tcti_for_device(device)
+    return default_tcti()
 
 
 def _read_auth(uri: KeyURI) -> bytes | None:
