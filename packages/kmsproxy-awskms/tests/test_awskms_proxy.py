@@ -9,7 +9,6 @@ goes through the proxy to nginx, which requires a client certificate.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import signal
 import subprocess
@@ -29,14 +28,13 @@ from awskms_moto import (
 )
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
 from peers import Peer, start_nginx
 from pki import certify, make_ca
 from test_cli import wait_for_line
 from test_proxy import Site, curl, make_site
 
-from kmsproxy import Proxy, ProxyAddresses, Registry, der
-from kmsproxy.ca import choose_ca_scheme, sign_with_template_key, template_key_for
+from kmsproxy import Proxy, ProxyAddresses, Registry
+from kmsproxy.cli.init import create_certificate_for_key
 from kmsproxy_awskms.self_check import LONG_MESSAGE
 
 __all__ = ["aws_environment", "moto_kms", "sign_calls"]
@@ -219,39 +217,6 @@ async def test_long_tls12_transcript_needs_digest(
     assert sign_calls[calls_at_start:] == []
 
 
-async def self_signed_kms_ca(moto_kms: MotoKMS, key_id: str, path: Path) -> None:
-    """Write a CA certificate whose key, and so whose signature, is in KMS."""
-    signer = Registry.load().open_signer(moto_kms.uri(key_id))
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kms local CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    public_key = signer.public_key()
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
-    )
-    scheme = choose_ca_scheme(signer)
-    template = sign_with_template_key(builder, template_key_for(scheme), scheme)
-    tbs = template.tbs_certificate_bytes
-    algorithm = der.signature_algorithm(
-        template.public_bytes(serialization.Encoding.DER)
-    )
-    signature = await signer.sign(tbs, scheme)
-    await signer.aclose()
-    certificate = der.assemble_signed(tbs, algorithm, signature)
-    path.write_bytes(
-        x509.load_der_x509_certificate(certificate).public_bytes(
-            serialization.Encoding.PEM
-        )
-    )
-
-
 async def test_ca_key_in_kms_mints_leaves(
     site: Site,
     moto_kms: MotoKMS,
@@ -259,9 +224,11 @@ async def test_ca_key_in_kms_mints_leaves(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ca_key_id = moto_kms.create_key("ECC_NIST_P256")
-    ca_cert = site.path("kms-ca.crt")
-    await self_signed_kms_ca(moto_kms, ca_key_id, ca_cert)
-    config = site.config(ca_key=moto_kms.uri(ca_key_id), ca_certificate=ca_cert)
+    ca_uri = moto_kms.uri(ca_key_id)
+    ca_cert = await create_certificate_for_key(Registry.load(), ca_uri, "kms CA")
+    ca_path = site.path("kms-ca.crt")
+    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    config = site.config(ca_key=ca_uri, ca_certificate=ca_path)
     with nginx_for(site, TLS13, monkeypatch) as nginx:
         async with serving(Proxy(config)) as addresses:
             calls_at_start = len(sign_calls)
@@ -269,7 +236,7 @@ async def test_ca_key_in_kms_mints_leaves(
                 "--proxy",
                 addresses.proxy_url,
                 "--cacert",
-                str(ca_cert),
+                str(ca_path),
                 f"https://localhost:{nginx.port}/subject",
             )
     assert result.returncode == 0, result.stderr.decode()
