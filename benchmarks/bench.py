@@ -30,9 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import clients
+import keysources
 import report
 import servers
 from clients import Route
+from keysources import KeySetup
 from servers import Keys, Process, Upstream
 
 ROOT = servers.ROOT
@@ -72,34 +74,15 @@ class KeySource:
 
     name: str
     label: str
-    # Builds the --clientkey and --clientcert arguments, or raises
-    # `Pending` with the reason the row cannot be measured yet.
-    arguments: Callable[[Keys, Path], tuple[str, str]]
-
-
-class Pending(Exception):
-    """A row that cannot be measured in this tree. `str()` is the reason."""
-
-
-def file_key(keys: Keys, directory: Path) -> tuple[str, str]:
-    return str(keys.client_key), str(keys.client_cert)
-
-
-def tpm_key(keys: Keys, directory: Path) -> tuple[str, str]:
-    # NOTE: the kmsproxy-tpm backend has no signer yet; once it has, this
-    # imports the client key into an swtpm started here.
-    raise Pending("the TPM backend (kmsproxy-tpm) is not on main yet")
-
-
-def pkcs11_key(keys: Keys, directory: Path) -> tuple[str, str]:
-    # NOTE: as for tpm_key, with a SoftHSM2 token in `directory`.
-    raise Pending("the PKCS#11 backend (kmsproxy-pkcs11) is not on main yet")
+    setup: Callable[[Keys, Path], KeySetup]
 
 
 KEY_SOURCES = {
-    "file": KeySource("file", "kmsproxy, file key", file_key),
-    "swtpm": KeySource("swtpm", "kmsproxy, key in swtpm", tpm_key),
-    "softhsm2": KeySource("softhsm2", "kmsproxy, key in SoftHSM2", pkcs11_key),
+    "file": KeySource("file", "kmsproxy, file key", keysources.file_key),
+    "swtpm": KeySource("swtpm", "kmsproxy, key in swtpm", keysources.swtpm_key),
+    "softhsm2": KeySource(
+        "softhsm2", "kmsproxy, key in SoftHSM2", keysources.softhsm2_key
+    ),
 }
 
 
@@ -224,6 +207,7 @@ def build_contenders(
     keys: Keys,
     upstream: Upstream,
     processes: list[Process],
+    stops: list[Callable[[], None]],
     rows: list[Row],
 ) -> Iterator[Contender]:
     """Yield each contender to measure; rows that cannot run get a note."""
@@ -247,11 +231,18 @@ def build_contenders(
     for source_name in args.key_sources:
         source = KEY_SOURCES[source_name]
         name = f"kmsproxy-{source.name}"
-        try:
-            key_argument, cert_argument = source.arguments(keys, work)
-        except Pending as reason:
-            rows.append(Row(name, source.label, status="pending", note=str(reason)))
+        if args.only and not any(only.startswith(name) for only in args.only):
             continue
+        try:
+            key_setup = source.setup(keys, work)
+        except Exception as error:
+            # A broken key store costs one row, not the whole run.
+            note = f"setting up the key failed: {type(error).__name__}: {error}"
+            rows.append(Row(name, source.label, status="failed", note=note))
+            continue
+        if key_setup.stop is not None:
+            stops.append(key_setup.stop)
+        key_argument, cert_argument = key_setup.key_argument, key_setup.cert_argument
         port = servers.free_port()
         argv = servers.kmsproxy_argv(python, keys, port, key_argument, cert_argument)
         if args.profile:
@@ -483,6 +474,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     raise_open_file_limit()
     rows: list[Row] = []
     processes: list[Process] = []
+    stops: list[Callable[[], None]] = []
     # Under /dev/shm the 1 GiB file and the uploads stay in memory, so no
     # path waits for a disk.
     shm = Path("/dev/shm")  # noqa: S108 (mkdtemp makes a private 0700 directory)
@@ -500,7 +492,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         (content / "small").write_bytes(b"x" * servers.SMALL_BODY_BYTES)
         upstream = servers.start_upstream(work, keys, content)
         processes.append(upstream.process)
-        for contender in build_contenders(args, work, keys, upstream, processes, rows):
+        contenders = build_contenders(
+            args, work, keys, upstream, processes, stops, rows
+        )
+        for contender in contenders:
             if (
                 args.only
                 and contender.name != "direct"
@@ -522,6 +517,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     finally:
         for process in processes:
             process.stop()
+        for stop in stops:
+            stop()
         shutil.rmtree(work, ignore_errors=True)
     meta = machine()
     meta["duration"] = f"{(time.monotonic() - started) / 60:.1f} min"

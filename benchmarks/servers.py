@@ -143,7 +143,7 @@ def require(program: str) -> str:
 
 @dataclass(frozen=True)
 class Keys:
-    """Paths of the PEM files that one run generates."""
+    """The PEM files that one run generates, and its client CA."""
 
     upstream_ca: Path
     server_cert: Path
@@ -155,6 +155,8 @@ class Keys:
     client_combined: Path
     proxy_ca_cert: Path
     proxy_ca_key: Path
+    # The client CA itself, to certify keys made in a TPM or a token.
+    client_issuer: pki.Issued
 
 
 def make_keys(directory: Path) -> Keys:
@@ -188,6 +190,7 @@ def make_keys(directory: Path) -> Keys:
         client_combined=combined,
         proxy_ca_cert=proxy_ca_cert,
         proxy_ca_key=proxy_ca_key,
+        client_issuer=client_ca,
     )
 
 
