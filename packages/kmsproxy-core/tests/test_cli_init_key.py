@@ -11,26 +11,14 @@ from pathlib import Path
 import anyio
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pki import KeyType, generate_key
+from test_csr import write_key
 
 from kmsproxy.ca import LeafRequest, LocalCA
 from kmsproxy.cli import main
 from kmsproxy.cli.init import create_ca, serve_command, sign_ca_certificate
-from kmsproxy.signer import PrivateKey, SignatureScheme, SignerError, SoftwareSigner
-
-
-def write_key(path: Path, key: PrivateKey) -> Path:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
-    return path
+from kmsproxy.signer import SignatureScheme, SignerError, SoftwareSigner
 
 
 def read_certificate(path: Path) -> x509.Certificate:

@@ -11,18 +11,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from peers import Peer, free_port, start_nginx
+from peers import Peer, free_port
 from pki import certify
 from swtpm_emulator import Swtpm, swtpm_module
 from test_proxy import Site, anyio_backend, curl, site
 from test_tpm_interop import openssl
-from test_tpm_proxy import NGINX_NO_RESUMPTION, fetch, serving, wait_for_port
+from test_tpm_proxy import fetch, nginx, serving, wait_for_port
 from tpm_testkeys import create_ca_certificate, create_key, key_directory
 
 from kmsproxy.plugins.registry import Registry
@@ -31,23 +30,11 @@ from kmsproxy_tpm import plugin
 from kmsproxy_tpm.keyblob import read_key_file
 from kmsproxy_tpm.reference import TCTI_VARIABLE
 
-__all__ = ["anyio_backend", "key_directory", "site", "swtpm_module"]
+__all__ = ["anyio_backend", "key_directory", "nginx", "site", "swtpm_module"]
 
 pytestmark = [pytest.mark.anyio, pytest.mark.interop]
 
 MESSAGE = b"signed by a key file given by path"
-
-
-@pytest.fixture
-def nginx(site: Site) -> Iterator[Peer]:
-    with start_nginx(
-        site.directory,
-        site.path("server.crt"),
-        site.path("server.key"),
-        site.path("client-ca.crt"),
-        extra=NGINX_NO_RESUMPTION,
-    ) as peer:
-        yield peer
 
 
 @pytest.fixture

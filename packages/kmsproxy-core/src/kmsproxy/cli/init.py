@@ -91,12 +91,7 @@ def create_ca(directory: Path, name: str, *, force: bool = False) -> tuple[Path,
     key_path = directory / CA_KEY_NAME
     certificate_path = directory / CA_CERTIFICATE_NAME
     try:
-        existing = [p for p in (key_path, certificate_path) if p.exists()]
-        if existing and not force:
-            raise UserError(
-                f"{existing[0]} already exists; pass --force to replace the CA "
-                "(clients that trust the old CA must then trust the new one)"
-            )
+        check_replaceable(directory, force=force)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
         certificate = create_ca_certificate(key, name)
@@ -194,12 +189,7 @@ def write_ca_certificate(
     key_path = directory / CA_KEY_NAME
     certificate_path = directory / CA_CERTIFICATE_NAME
     try:
-        existing = [p for p in (key_path, certificate_path) if p.exists()]
-        if existing and not force:
-            raise UserError(
-                f"{existing[0]} already exists; pass --force to replace the CA "
-                "(clients that trust the old CA must then trust the new one)"
-            )
+        check_replaceable(directory, force=force)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         pem = certificate.public_bytes(serialization.Encoding.PEM)
         os.replace(_write_temporary(directory, pem, 0o644), certificate_path)
@@ -235,6 +225,16 @@ def shown_key(key: str) -> str:
     if any(is_secret_attribute(name) for name in uri.attributes):
         return uri.redacted()
     return key
+
+
+def check_replaceable(directory: Path, *, force: bool) -> None:
+    """Raise `UserError` if `directory` has a CA and `force` is not set."""
+    for existing in (directory / CA_KEY_NAME, directory / CA_CERTIFICATE_NAME):
+        if existing.exists() and not force:
+            raise UserError(
+                f"{existing} already exists; pass --force to replace the CA "
+                "(clients that trust the old CA must then trust the new one)"
+            )
 
 
 def _write_temporary(directory: Path, data: bytes, mode: int) -> Path:
@@ -286,14 +286,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_with_key(args: argparse.Namespace, directory: Path) -> int:
     """Write `ca.crt` signed by `--key`; print how to trust it and serve."""
-    if not args.force:
-        # Checked before the key signs, so no touch or PIN is wasted.
-        for existing in (directory / CA_KEY_NAME, directory / CA_CERTIFICATE_NAME):
-            if existing.exists():
-                raise UserError(
-                    f"{existing} already exists; pass --force to replace the CA "
-                    "(clients that trust the old CA must then trust the new one)"
-                )
+    # Checked before the key signs, so no touch or PIN is wasted.
+    check_replaceable(directory, force=args.force)
     registry = Registry.load()
     certificate = anyio.run(create_certificate_for_key, registry, args.key, args.name)
     certificate_path = write_ca_certificate(directory, certificate, force=args.force)

@@ -59,9 +59,9 @@ def kmsproxy_claim_key_file(path: Path, head: bytes) -> str | None:
 
     Called for each argument that names an existing regular file, before the
     file backend receives it. `head` is the start of the file, at most
-    `kmsproxy.plugins.registry.KEY_FILE_HEAD_BYTES` bytes, read once by the
-    registry; decide from it alone, without reading the file again or
-    blocking. Return a URI with one of your schemes, with the path
+    `kmsproxy.plugins.registry.KEY_FILE_HEAD_BYTES` bytes, which the
+    registry reads once for every backend. Decide from `head` alone, without
+    reading the file again or blocking. Return a URI with one of your schemes, with the path
     percent-encoded (`urllib.parse.quote`), for example
     `tpmkms:path=/home/me/keys/client.pem`; it is then opened as if the user
     had given that URI, by `kmsproxy_open_signer` for a key argument and by

@@ -36,7 +36,8 @@ FILE_SCHEME = "file"
 
 # Bytes of an existing file that `kmsproxy_claim_key_file` receives. PEM
 # labels and DER type tags sit at the start of a key file, and 8 KiB leaves
-# room for text that some tools write before the PEM block.
+# room for text before the PEM block, such as the "Bag Attributes" lines
+# that `openssl pkcs12 -nodes` writes.
 KEY_FILE_HEAD_BYTES = 8 * 1024
 
 # Schemes of the backends that live in this repository's packages/ folder,
