@@ -162,14 +162,17 @@ async def test_key_files_reach_nginx(
     assert result.stdout == b"subject=CN=tss2 file client\n\nstatus=200"
 
 
+@pytest.mark.parametrize("form", ["options", "go-tool"])
 async def test_cli_serve_with_key_files(
     swtpm_module: Swtpm,
     tpm_tcti: str,
     key_directory: Path,
     site: Site,
     nginx: Peer,
+    form: str,
 ) -> None:
-    """`--clientkey ~/keys/client.pem` and a CA key path, as a user types them."""
+    """`--clientkey ~/keys/client.pem` and a CA key path, as a user types
+    them; in step-kmsproxy-plugin's form the chain comes from beside the key."""
     home = site.path("home")
     (home / "keys").mkdir(parents=True)
     client = openssl_key(swtpm_module, home / "keys" / "client.pem")
@@ -177,6 +180,11 @@ async def test_cli_serve_with_key_files(
     create_key(swtpm_module, "ca")
     ca_key = key_directory / "ca.pem"
     ca_certificate = await create_ca_certificate(str(ca_key), site.path("tpm-ca"))
+    if form == "options":
+        arguments = [str(ca_key), str(ca_certificate)]
+        arguments += ["--clientkey", "~/keys/client.pem", "--clientcert", str(chain)]
+    else:
+        arguments = ["~/keys/client.pem", str(ca_certificate), str(ca_key)]
     port = free_port()
     log = site.path("serve.log")
     with log.open("wb") as output:
@@ -186,12 +194,7 @@ async def test_cli_serve_with_key_files(
                 "-m",
                 "kmsproxy",
                 "serve",
-                str(ca_key),
-                str(ca_certificate),
-                "--clientkey",
-                "~/keys/client.pem",
-                "--clientcert",
-                str(chain),
+                *arguments,
                 "--trust",
                 str(site.path("upstream-ca.crt")),
                 "--listen",

@@ -48,7 +48,8 @@ def kmsproxy_schemes() -> list[str]:
 
     Called once when the registry loads. Every backend's list is collected;
     two backends claiming one scheme is a startup error naming both.
-    The file backend returns `["file"]` and also receives existing paths.
+    The file backend returns `["file"]` and also receives the existing files
+    that no backend claims (see `kmsproxy_claim_key_file`).
     """
     raise NotImplementedError
 
@@ -61,10 +62,12 @@ def kmsproxy_claim_key_file(path: Path, head: bytes) -> str | None:
     file backend receives it. `head` is the start of the file, at most
     `kmsproxy.plugins.registry.KEY_FILE_HEAD_BYTES` bytes, which the
     registry reads once for every backend. Decide from `head` alone, without
-    reading the file again or blocking. Return a URI with one of your schemes, with the path
-    percent-encoded (`urllib.parse.quote`), for example
-    `tpmkms:path=/home/me/keys/client.pem`; it is then opened as if the user
-    had given that URI, by `kmsproxy_open_signer` for a key argument and by
+    reading the file again or blocking.
+
+    Return a URI with one of your schemes and the path percent-encoded
+    (`urllib.parse.quote`), for example `tpmkms:path=/home/me/client.pem`.
+    It is then opened as if the user had given that URI: by
+    `kmsproxy_open_signer` for a key argument and by
     `kmsproxy_open_certificates` for a certificate argument.
 
     The first non-None result wins. A hook that raises or returns a URI that
