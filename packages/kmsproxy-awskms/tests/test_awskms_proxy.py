@@ -298,3 +298,26 @@ async def test_cli_csr_signed_in_kms(moto_kms: MotoKMS, key_spec: str) -> None:
     assert request.is_signature_valid
     assert request.public_key() == moto_kms.public_key(key_id)
     assert request.subject.rfc4514_string() == "CN=kms csr,O=Example"
+
+
+@pytest.mark.parametrize("key_spec", ["ECC_NIST_P256", "RSA_2048"])
+async def test_cli_init_key_signs_in_kms(
+    moto_kms: MotoKMS, key_spec: str, tmp_path: Path
+) -> None:
+    key_id = moto_kms.create_key(key_spec)
+    uri = moto_kms.uri(key_id)
+    with anyio.fail_after(PROCESS_TIMEOUT_SECONDS):
+        result = await anyio.run_process(
+            [
+                sys.executable, "-m", "kmsproxy", "init", "--key", uri,
+                "--dir", str(tmp_path), "--name", "kms CA",
+            ],
+            check=False,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    certificate = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    certificate.verify_directly_issued_by(certificate)
+    assert certificate.public_key() == moto_kms.public_key(key_id)
+    assert certificate.subject.rfc4514_string() == "CN=kms CA"
+    assert not (tmp_path / "ca.key").exists()
+    assert f"kmsproxy serve '{uri}' {tmp_path / 'ca.crt'}" in result.stdout.decode()
