@@ -93,6 +93,43 @@ def test_init_key_force_replaces_ca(tmp_path: Path) -> None:
     assert not old_key_path.exists()
 
 
+@pytest.mark.parametrize("form", ["path", "file-uri"])
+def test_init_key_resigns_own_ca_key(tmp_path: Path, form: str) -> None:
+    """`--key` naming the directory's own ca.key re-signs ca.crt with --force
+    and keeps the key."""
+    key_path, certificate_path = create_ca(tmp_path, "old CA")
+    key_bytes = key_path.read_bytes()
+    old_certificate = read_certificate(certificate_path)
+    key = str(key_path) if form == "path" else f"file:path={key_path}"
+    arguments = ["init", "--key", key, "--dir", str(tmp_path), "--name", "renewed"]
+    assert main([*arguments, "--force"]) == 0
+    new_certificate = read_certificate(certificate_path)
+    assert key_path.read_bytes() == key_bytes
+    assert new_certificate.public_key() == old_certificate.public_key()
+    assert new_certificate.subject.rfc4514_string() == "CN=renewed"
+
+
+def test_init_key_own_ca_key_keeps_certificate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An existing ca.crt still needs --force when --key is the own ca.key."""
+    key_path, certificate_path = create_ca(tmp_path, "old CA")
+    before = certificate_path.read_bytes()
+    status = main(["init", "--key", str(key_path), "--dir", str(tmp_path)])
+    assert status == 2
+    assert "ca.crt already exists; pass --force" in capsys.readouterr().err
+    assert certificate_path.read_bytes() == before
+
+
+def test_init_key_own_ca_key_needs_no_force(tmp_path: Path) -> None:
+    """Without ca.crt, the own ca.key alone does not need --force."""
+    key_path, certificate_path = create_ca(tmp_path, "old CA")
+    certificate_path.unlink()
+    assert main(["init", "--key", str(key_path), "--dir", str(tmp_path)]) == 0
+    assert key_path.exists()
+    assert certificate_path.exists()
+
+
 def test_init_key_unknown_scheme(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

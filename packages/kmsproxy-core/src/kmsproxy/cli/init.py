@@ -175,7 +175,11 @@ async def create_certificate_for_key(
 
 
 def write_ca_certificate(
-    directory: Path, certificate: x509.Certificate, *, force: bool = False
+    directory: Path,
+    certificate: x509.Certificate,
+    *,
+    force: bool = False,
+    keep_key: bool = False,
 ) -> Path:
     """Write `certificate` as `ca.crt` in `directory`; return its path.
 
@@ -183,17 +187,19 @@ def write_ca_certificate(
     certificate replaces `ca.crt` and then the old `ca.key` is deleted, so
     that a later `kmsproxy serve` without positional arguments fails with
     "missing ca.key" instead of pairing the old key with the new certificate.
-    Raise `UserError` for an existing CA without `force`, and for any file
-    system error.
+    With `keep_key`, `ca.key` is the key that signed `certificate`, so it
+    needs no `force` and stays. Raise `UserError` for an existing CA
+    without `force`, and for any file system error.
     """
     key_path = directory / CA_KEY_NAME
     certificate_path = directory / CA_CERTIFICATE_NAME
     try:
-        check_replaceable(directory, force=force)
+        check_replaceable(directory, force=force, keep_key=keep_key)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         pem = certificate.public_bytes(serialization.Encoding.PEM)
         os.replace(_write_temporary(directory, pem, 0o644), certificate_path)
-        key_path.unlink(missing_ok=True)
+        if not keep_key:
+            key_path.unlink(missing_ok=True)
     except OSError as error:
         failed = error.filename or directory
         raise UserError(
@@ -201,6 +207,27 @@ def write_ca_certificate(
             "choose another directory with --dir"
         ) from None
     return certificate_path
+
+
+def is_ca_key_file(key: str, directory: Path) -> bool:
+    """Tell whether `key` names the file `ca.key` in `directory`.
+
+    `key` may be a path or a URI with a `path=` attribute, such as
+    `file:path=...` or `tpmkms:path=...`.
+    """
+    candidate = directory / CA_KEY_NAME
+    path_text: str | None = key
+    if not Path(key).expanduser().exists() and looks_like_uri(key):
+        try:
+            path_text = KeyURI.parse(key).get("path")
+        except URIError:
+            return False
+    if path_text is None:
+        return False
+    try:
+        return Path(path_text).expanduser().samefile(candidate)
+    except OSError:
+        return False
 
 
 def serve_command(key: str, certificate_path: Path) -> str:
@@ -227,9 +254,14 @@ def shown_key(key: str) -> str:
     return key
 
 
-def check_replaceable(directory: Path, *, force: bool) -> None:
-    """Raise `UserError` if `directory` has a CA and `force` is not set."""
-    for existing in (directory / CA_KEY_NAME, directory / CA_CERTIFICATE_NAME):
+def check_replaceable(directory: Path, *, force: bool, keep_key: bool = False) -> None:
+    """Raise `UserError` if `directory` has a CA and `force` is not set.
+
+    With `keep_key`, an existing `ca.key` does not count, because it is the
+    key of the new CA.
+    """
+    names = (CA_CERTIFICATE_NAME,) if keep_key else (CA_KEY_NAME, CA_CERTIFICATE_NAME)
+    for existing in (directory / name for name in names):
         if existing.exists() and not force:
             raise UserError(
                 f"{existing} already exists; pass --force to replace the CA "
@@ -286,11 +318,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_with_key(args: argparse.Namespace, directory: Path) -> int:
     """Write `ca.crt` signed by `--key`; print how to trust it and serve."""
-    # Checked before the key signs, so no touch or PIN is wasted.
-    check_replaceable(directory, force=args.force)
     registry = Registry.load()
+    # `--key` may be the directory's own ca.key, to re-sign ca.crt with it.
+    keep_key = is_ca_key_file(args.key, directory)
+    # Checked before the key signs, so no touch or PIN is wasted.
+    check_replaceable(directory, force=args.force, keep_key=keep_key)
     certificate = anyio.run(create_certificate_for_key, registry, args.key, args.name)
-    certificate_path = write_ca_certificate(directory, certificate, force=args.force)
+    certificate_path = write_ca_certificate(
+        directory, certificate, force=args.force, keep_key=keep_key
+    )
     print(f"Created {certificate_path}, signed by the CA key {shown_key(args.key)}.\n")
     print(trust_instructions(certificate_path))
     print("Run the proxy with this CA key and certificate:\n")
