@@ -10,6 +10,7 @@ A missing SoftHSM2 is a test failure naming the Debian package, not a skip.
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
 import shutil
@@ -43,6 +44,10 @@ SO_PIN = "12345678"
 # softhsm2-util initialises a token in well under a second; the bound is for
 # a loaded CI runner.
 UTIL_TIMEOUT_SECONDS = 60.0
+
+# SoftHSM2 numbers sessions from 1 after each C_Initialize; a test module
+# opens a few hundred at most, so this bound counts them all.
+MAX_SESSION_HANDLE = 10_000
 
 _CURVES = {"p256": "secp256r1", "p384": "secp384r1"}
 _RSA_BITS = {"rsa2048": 2048, "rsa3072": 3072}
@@ -78,8 +83,13 @@ class SoftHSM:
         """Return `os.environ` with SOFTHSM2_CONF pointing here."""
         return {**os.environ, "SOFTHSM2_CONF": str(self.config)}
 
-    def init_token(self, label: str, pin: str = USER_PIN) -> None:
-        """Create a token with `softhsm2-util --init-token` and rescan."""
+    def init_token(self, label: str, pin: str = USER_PIN) -> Path:
+        """Create a token with `softhsm2-util --init-token` and rescan.
+
+        Return the token's own directory under `tokens`, which
+        `remove_token` moves aside to pull just this token.
+        """
+        before = set(self.tokens.iterdir())
         util = shutil.which("softhsm2-util")
         if util is None:
             pytest.fail("softhsm2-util not found (install the Debian package softhsm2)")
@@ -96,6 +106,8 @@ class SoftHSM:
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
         self.rescan()
+        (created,) = set(self.tokens.iterdir()) - before
+        return created
 
     def rescan(self) -> None:
         """Re-initialise the module here so it lists tokens made by other processes."""
@@ -198,6 +210,37 @@ class SoftHSM:
     def reinsert_tokens(self, aside: Path) -> None:
         """Put back a token directory that `remove_tokens` moved aside."""
         aside.rename(self.tokens)
+
+    def remove_token(self, directory: Path) -> Path:
+        """Move one token's directory aside, as if only that token were pulled."""
+        aside = self.directory / f"{directory.name}-removed"
+        directory.rename(aside)
+        return aside
+
+    def open_session_count(self) -> int:
+        """Return how many sessions this process has open in the module.
+
+        Asks the module itself (C_GetSessionInfo on each handle up to
+        `MAX_SESSION_HANDLE`), so sessions that python-pkcs11 dropped
+        without closing are counted too.
+        """
+        library = ctypes.CDLL(str(self.module))
+        info = _SessionInfo()
+        return sum(
+            library.C_GetSessionInfo(ctypes.c_ulong(handle), ctypes.byref(info)) == 0
+            for handle in range(1, MAX_SESSION_HANDLE + 1)
+        )
+
+
+class _SessionInfo(ctypes.Structure):
+    """CK_SESSION_INFO (PKCS#11 v2.40 section 3.5)."""
+
+    _fields_ = [
+        ("slot_id", ctypes.c_ulong),
+        ("state", ctypes.c_ulong),
+        ("flags", ctypes.c_ulong),
+        ("device_error", ctypes.c_ulong),
+    ]
 
 
 def create_softhsm(directory: Path) -> SoftHSM:

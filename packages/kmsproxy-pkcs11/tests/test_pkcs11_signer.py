@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +12,8 @@ import anyio
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from pkcs11 import Mechanism, TokenFlag
 from pki import Issued, certify, make_ca
 from softhsm_token import (
@@ -31,13 +35,17 @@ from kmsproxy.signer import (
     verify_signature,
 )
 from kmsproxy.uri import KeyURI
+from kmsproxy_pkcs11 import token as token_module
 from kmsproxy_pkcs11.address import parse_key_uri
+from kmsproxy_pkcs11.mechanisms import plan_signing
 from kmsproxy_pkcs11.pin import describe_pin_state
 from kmsproxy_pkcs11.signer import Pkcs11Signer
 
 pytestmark = pytest.mark.anyio
 
 TOKEN = "dev"
+# A second token on the same module, which a test pulls out on its own.
+OTHER_TOKEN = "other"
 
 # Key ids on the token: one per key type, and one RSA key that allows only
 # CKM_RSA_PKCS.
@@ -69,6 +77,7 @@ class Token:
     ca: Issued
     intermediate: Issued
     public_keys: dict[bytes, PublicKey]
+    other_directory: Path
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +116,9 @@ def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Token]:
         )
         active.import_certificate(TOKEN, intermediate.cert, b"\x10", "intermediate")
         active.import_certificate(TOKEN, ca.cert, b"\x11", "root")
-        yield Token(active, ca, intermediate, public_keys)
+        other_directory = active.init_token(OTHER_TOKEN)
+        active.generate_key(OTHER_TOKEN, "p256", b"\x01", "other")
+        yield Token(active, ca, intermediate, public_keys, other_directory)
 
 
 def _intermediate(root: Issued, intermediate: Issued) -> x509.Certificate:
@@ -386,7 +397,9 @@ def test_pin_source_repr_hides_value() -> None:
 )
 def test_pin_flags_describe_tries(flags: TokenFlag, expected: str) -> None:
     described = describe_pin_state(flags)
-    assert (expected in described) if expected else described == ""
+    assert expected in described
+    if not expected:
+        assert described == ""
 
 
 async def wait_until_signs(signer: Signer, data: bytes) -> bytes:
@@ -455,3 +468,193 @@ async def test_changed_wrong_pin_is_not_resent(token: Token, tmp_path: Path) -> 
         await wait_until_signs(signer, b"fixed")
     finally:
         await signer.aclose()
+
+
+async def test_certificate_loads_open_no_session(token: Token) -> None:
+    # The same URI, PIN included, as --clientkey and --clientcert: each
+    # reload reads the certificate through the signer's session.
+    uri = key_uri(token.hsm, TOKEN, KEY_IDS["p256"])
+    signer = open_signer(uri)
+    try:
+        source = Registry.load().open_certificates(uri)
+        await source.load()
+        before = token.hsm.open_session_count()
+        for _ in range(5):
+            await source.load()
+        assert token.hsm.open_session_count() == before
+    finally:
+        await signer.aclose()
+
+
+async def test_certificate_load_sends_no_pin(token: Token) -> None:
+    uri = key_uri(token.hsm, TOKEN, KEY_IDS["p256"], pin=False)
+    source = Registry.load().open_certificates(f"{uri}?pin-value=246810")
+    for _ in range(3):
+        chain = await source.load()
+        assert chain[0].public_key() == token.public_keys[KEY_IDS["p256"]]
+
+
+def test_rejected_pin_is_kept_per_token(token: Token) -> None:
+    uri = key_uri(token.hsm, TOKEN, KEY_IDS["p256"], pin=False) + "?pin-value=424242"
+    with pytest.raises(SignerError, match="wrong PIN"):
+        open_signer(uri)
+    other_key = key_uri(token.hsm, TOKEN, KEY_IDS["p384"], pin=False)
+    with pytest.raises(SignerError, match="does not send it again"):
+        open_signer(other_key + "?pin-value=424242")
+
+
+async def test_second_key_with_other_pin_fails(token: Token) -> None:
+    signer = open_signer(key_uri(token.hsm, TOKEN, KEY_IDS["p256"]))
+    try:
+        other_key = key_uri(token.hsm, TOKEN, KEY_IDS["p384"], pin=False)
+        with pytest.raises(SignerError, match="the same pin-source or pin-value"):
+            open_signer(other_key + "?pin-value=135791")
+    finally:
+        await signer.aclose()
+
+
+async def test_rejected_per_signature_pin_recovers(
+    token: Token, tmp_path: Path
+) -> None:
+    pin_file = tmp_path / "pin"
+    pin_file.write_text(USER_PIN)
+    uri = key_uri(token.hsm, TOKEN, ALWAYS_AUTHENTICATE_ID, pin=False)
+    signer = open_signer(f"{uri}?pin-source={pin_file}")
+    scheme = signer.schemes[0]
+    try:
+        await signer.sign(b"right PIN", scheme)
+        pin_file.write_text("777777")
+        with pytest.raises(SignerError) as first:
+            await signer.sign(b"wrong PIN", scheme)
+        with pytest.raises(SignerError) as second:
+            await signer.sign(b"same wrong PIN", scheme)
+        pin_file.write_text(USER_PIN)
+        signature = await wait_until_signs(signer, b"restored")
+        verify_signature(signer.public_key(), signature, b"restored", scheme)
+    finally:
+        await signer.aclose()
+    assert "rejected the PIN" in str(first.value)
+    assert "does not send it again" in str(second.value)
+    assert "CKR_OPERATION_ACTIVE" not in str(second.value)
+
+
+async def test_module_reinitialize_spares_other_token(
+    token: Token, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Let the other token's recovery re-initialise the module at once, as
+    # the first recovery after a quiet spell does.
+    monkeypatch.setattr(token_module, "SHARED_MODULE_REINITIALIZE_SECONDS", 0.0)
+    # Start from a fresh C_Initialize, so SoftHSM2 numbers this test's
+    # sessions from 1 and the stale handle of `first` is reused below.
+    token.hsm.rescan()
+    first = open_signer(key_uri(token.hsm, TOKEN, KEY_IDS["p256"]))
+    second = open_signer(key_uri(token.hsm, OTHER_TOKEN, b"\x01"))
+    scheme = first.schemes[0]
+    try:
+        aside = token.hsm.remove_token(token.other_directory)
+        try:
+            with pytest.raises(SignerError, match="token not present"):
+                await second.sign(b"away", scheme)
+        finally:
+            aside.rename(token.other_directory)
+        await wait_until_signs(second, b"back")
+        await first.sign(b"first after the rescan", scheme)
+        signature = await second.sign(b"second after the rescan", scheme)
+        verify_signature(
+            second.public_key(), signature, b"second after the rescan", scheme
+        )
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_lost_token_rarely_rescans_shared_module(
+    token: Token, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = open_signer(key_uri(token.hsm, TOKEN, KEY_IDS["p256"]))
+    second = open_signer(key_uri(token.hsm, OTHER_TOKEN, b"\x01"))
+    scheme = first.schemes[0]
+    caplog.set_level(logging.INFO, logger="kmsproxy_pkcs11.modules")
+    try:
+        aside = token.hsm.remove_token(token.other_directory)
+        try:
+            # Several backoff steps (0.5 s, 1 s, 2 s) while the token is away.
+            with anyio.move_on_after(4.0):
+                while True:
+                    with pytest.raises(SignerError, match="token not present"):
+                        await second.sign(b"away", scheme)
+                    await anyio.sleep(0.1)
+        finally:
+            aside.rename(token.other_directory)
+        await first.sign(b"first keeps its session", scheme)
+    finally:
+        await first.aclose()
+        await second.aclose()
+    rescans = [r for r in caplog.records if "re-initialised" in r.getMessage()]
+    assert len(rescans) <= 1
+
+
+async def test_renewed_token_with_other_key_fails(token: Token, tmp_path: Path) -> None:
+    directory = token.hsm.init_token("renewed")
+    token.hsm.generate_key("renewed", "p256", b"\x01", "original")
+    signer = open_signer(key_uri(token.hsm, "renewed", b"\x01"))
+    scheme = signer.schemes[0]
+    try:
+        await signer.sign(b"original key", scheme)
+        shutil.rmtree(directory)
+        token.hsm.init_token("renewed")
+        token.hsm.generate_key("renewed", "p256", b"\x01", "replacement")
+        with pytest.raises(SignerError) as raised:
+            await signer.sign(b"replacement key", scheme)
+    finally:
+        await signer.aclose()
+    assert "came back with a different key under id=%01" in str(raised.value)
+
+
+async def test_pin_appears_nowhere(
+    token: Token, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret, wrong = "740193", "586204"
+    token.hsm.init_token("secret", pin=secret)
+    token.hsm.generate_key("secret", "p256", b"\x01", "secret", pin=secret)
+    base = key_uri(token.hsm, "secret", b"\x01", pin=False)
+    texts: list[str] = []
+    signer = open_signer(f"{base}?pin-value={secret}")
+    try:
+        texts.append(repr(signer))
+        texts.append(signer.uri)
+        await signer.sign(b"data", signer.schemes[0])
+        source = Registry.load().open_certificates(f"{base}?pin-value={secret}")
+        texts.append(repr(source))
+        with pytest.raises(CertificateError) as missing:
+            await source.load()
+        texts.append(str(missing.value))
+        with pytest.raises(SignerError) as other:
+            open_signer(f"{base}?pin-value={wrong}")
+        texts.append(str(other.value))
+    finally:
+        await signer.aclose()
+    with pytest.raises(SignerError) as rejected:
+        open_signer(f"{base}?pin-value={wrong}")
+    texts.append(str(rejected.value))
+    texts.append(caplog.text)
+    assert "wrong PIN" in str(rejected.value)
+    for text in texts:
+        assert secret not in text
+        assert wrong not in text
+
+
+def test_combined_ecdsa_mechanism_is_chosen() -> None:
+    # SoftHSM2 2.6 lacks CKM_ECDSA_SHA256, so only this test runs the plan.
+    private_key = ec.generate_private_key(ec.SECP256R1())
+    scheme = SignatureScheme.ecdsa_secp256r1_sha256
+    (plan,) = plan_signing(
+        private_key.public_key(), {Mechanism.ECDSA_SHA256, Mechanism.ECDSA}, None
+    )
+    assert plan.mechanism == Mechanism.ECDSA_SHA256
+    assert plan.prepare(b"message") == b"message"
+    # A token returns r||s, each as long as the curve's order.
+    r, s = decode_dss_signature(private_key.sign(b"message", ec.ECDSA(hashes.SHA256())))
+    raw = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    verify_signature(private_key.public_key(), plan.finish(raw), b"message", scheme)

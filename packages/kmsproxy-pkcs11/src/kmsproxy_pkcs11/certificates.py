@@ -20,7 +20,7 @@ from pkcs11 import exceptions as p11
 from kmsproxy.certificates import CertificateError, CertificateSource
 from kmsproxy.signer import SignerError
 
-from .address import KeyAddress, format_id
+from .address import KeyAddress, PinSource, format_id
 from .modules import Module
 from .objects import build_chain, find_one, object_template, read_certificates
 from .token import (
@@ -63,7 +63,9 @@ class TokenCertificateSource(CertificateSource):
             return acquire_token(
                 self._module,
                 self._address.token,
-                self._address.pin,
+                # Certificates are public objects: no login, whatever PIN
+                # the URI carries, so a reload never sends a PIN.
+                PinSource(),
                 self._address.uri,
                 need_login=False,
             )

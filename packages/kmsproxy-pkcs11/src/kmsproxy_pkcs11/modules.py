@@ -12,8 +12,10 @@ PKCS#11 library is initialised once per process (`C_Initialize`).
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -154,6 +156,13 @@ class Module:
         self.library = library
         self.generation = 0
         self.lock = threading.RLock()
+        self._reinitialized_at: float | None = None
+
+    def seconds_since_reinitialize(self) -> float:
+        """Return the seconds since the last `reinitialize` (inf if never)."""
+        if self._reinitialized_at is None:
+            return math.inf
+        return time.monotonic() - self._reinitialized_at
 
     def reinitialize(self) -> None:
         """Finalize and initialise the library so it rescans its tokens.
@@ -175,6 +184,7 @@ class Module:
                 )
             self.library.initialize()
             self.generation += 1
+            self._reinitialized_at = time.monotonic()
         logger.info("PKCS#11 module re-initialised module=%s", self.path)
 
 

@@ -24,7 +24,15 @@ from .address import KeyAddress
 from .mechanisms import SIGNING_MECHANISMS, SigningPlan, mechanism_names, plan_signing
 from .objects import attribute_or_none, find_one, object_template, public_key_of
 from .pin import read_pin
-from .token import TokenSession, describe_token, release_token, return_value_name
+from .token import (
+    TokenSession,
+    describe_token,
+    pin_was_rejected,
+    record_rejected_pin,
+    rejected_pin_message,
+    release_token,
+    return_value_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,22 +94,32 @@ class Pkcs11Signer(BlockingSigner):
 
         def operation(session: pkcs11.Session) -> bytes:
             key = self._current_key(session)
-            try:
-                signature: bytes = key.sign(
-                    payload,
-                    mechanism=plan.mechanism,
-                    mechanism_param=plan.parameter,
-                    pin=pin,
-                )
-            except p11.PinIncorrect:
-                raise SignerError(
-                    f"{self._uri}: the token rejected the PIN for this "
-                    "key's per-signature login; correct pin-source or pin-value"
-                ) from None
+            if pin is not None:
+                # The per-signature login (CKU_CONTEXT_SPECIFIC) counts
+                # against the same PIN tries as the session's login.
+                assert self._token.key is not None
+                if pin_was_rejected(self._token.key, pin):
+                    raise SignerError(rejected_pin_message(self._uri))
+            signature: bytes = key.sign(
+                payload,
+                mechanism=plan.mechanism,
+                mechanism_param=plan.parameter,
+                pin=pin,
+            )
             return signature
 
         try:
             signature = plan.finish(self._token.run(operation))
+        except p11.PinIncorrect:
+            # `TokenSession.run` closed the session, which ends the signing
+            # operation that the failed login left active.
+            if pin is not None and self._token.key is not None:
+                record_rejected_pin(self._token.key, pin)
+            raise SignerError(
+                f"{self._uri}: the token rejected the PIN for this key's "
+                "per-signature login, so kmsproxy does not send it again; "
+                "correct pin-source or pin-value"
+            ) from None
         except (p11.PKCS11Error, ValueError) as error:
             message = (
                 return_value_name(error)
