@@ -20,10 +20,12 @@ from pki import Issued, make_ca
 from softhsm_token import SoftHSM, TokenKeyType, activate, create_softhsm
 from yubikey_standin import PIV_PIN, SERIAL, TOKEN, fill_slot, slot_uri
 
+from kmsproxy.certificates import CertificateError
 from kmsproxy.plugins.registry import Registry
 from kmsproxy.signer import PublicKey, SignerError, verify_signature
 from kmsproxy.uri import KeyURI
 from kmsproxy_pkcs11.modules import find_known_module
+from kmsproxy_pkcs11.signer import Pkcs11Signer
 from kmsproxy_yubikey.address import parse_yubikey_uri
 from kmsproxy_yubikey.slots import PIV_SLOTS, parse_slot
 
@@ -119,6 +121,15 @@ def test_missing_module_names_path() -> None:
     assert "PKCS#11 module /nonexistent/libykcs11.so not found" in str(raised.value)
 
 
+# The "no YubiKey found" checks go through the real ykcs11, so they cannot
+# pass with a YubiKey plugged in.
+needs_no_yubikey = pytest.mark.skipif(
+    os.environ.get(PHYSICAL_YUBIKEY_VARIABLE) == "1",
+    reason=f"expects no YubiKey attached, but {PHYSICAL_YUBIKEY_VARIABLE}=1",
+)
+
+
+@needs_no_yubikey
 def test_no_yubikey_found_with_ykcs11() -> None:
     with pytest.raises(SignerError) as raised:
         Registry.load().open_signer("yubikey:slot-id=9a?pin-value=123456")
@@ -128,6 +139,7 @@ def test_no_yubikey_found_with_ykcs11() -> None:
     assert "123456" not in message
 
 
+@needs_no_yubikey
 def test_cli_list_says_no_yubikey() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "kmsproxy", "yubikey", "list"],
@@ -152,6 +164,19 @@ async def test_standin_slot_signs(standin: StandIn) -> None:
         await signer.aclose()
 
 
+async def test_standin_9c_signs_with_pin_each_time(standin: StandIn) -> None:
+    signer = Registry.load().open_signer(slot_uri(standin.hsm, "9c"))
+    try:
+        assert isinstance(signer, Pkcs11Signer)
+        assert signer.always_authenticate
+        scheme = signer.schemes[0]
+        for data in (b"first", b"second"):
+            signature = await signer.sign(data, scheme)
+            verify_signature(signer.public_key(), signature, data, scheme)
+    finally:
+        await signer.aclose()
+
+
 async def test_standin_found_without_serial(standin: StandIn) -> None:
     signer = Registry.load().open_signer(slot_uri(standin.hsm, "82", serial=False))
     try:
@@ -170,6 +195,15 @@ def test_wrong_serial_is_no_yubikey(standin: StandIn) -> None:
     uri = slot_uri(standin.hsm, "9a", serial=False).replace("?", ";serial=87654321?")
     with pytest.raises(SignerError, match="no YubiKey found"):
         Registry.load().open_signer(uri)
+
+
+async def test_wrong_serial_certificate_is_no_yubikey(standin: StandIn) -> None:
+    uri = slot_uri(standin.hsm, "9a", pin=False, serial=False) + ";serial=87654321"
+    source = Registry.load().open_certificates(uri)
+    with pytest.raises(CertificateError) as raised:
+        await source.load()
+    assert "no YubiKey found" in str(raised.value)
+    assert "pcscd" in str(raised.value)
 
 
 def test_empty_slot_names_selector(standin: StandIn) -> None:

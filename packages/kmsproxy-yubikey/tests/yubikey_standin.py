@@ -2,9 +2,10 @@
 
 The token's label is "YubiKey PIV #<serial>", and each filled slot contains a
 private key, a public key and an X.509 certificate with the slot's ykcs11
-CKA_ID and labels (see `kmsproxy_yubikey.slots`). `yubikey:` URIs reach it
-with `module-path=` set to SoftHSM2, so the yubikey code path runs without
-ykcs11 or a YubiKey.
+CKA_ID and labels (see `kmsproxy_yubikey.slots`). As in ykcs11, the key in
+slot 9c has CKA_ALWAYS_AUTHENTICATE, so each signature logs in again.
+`yubikey:` URIs reach the token with `module-path=` set to SoftHSM2, so the
+yubikey code path runs without ykcs11 or a YubiKey.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from kmsproxy_yubikey.slots import YUBIKEY_LABEL_PREFIX, PivSlot
 
 SERIAL = "12345678"
 TOKEN = f"{YUBIKEY_LABEL_PREFIX}{SERIAL}"
+
+# PIV slot 9c, Digital Signature: ykcs11 marks its key CKA_ALWAYS_AUTHENTICATE
+# (PIN policy ALWAYS), whatever PIN policy the key was generated with.
+DIGITAL_SIGNATURE_SLOT = 0x9C
 
 # The PIV default user PIN (Yubico ships YubiKeys with it).
 PIV_PIN = "123456"
@@ -39,6 +44,7 @@ def fill_slot(
         slot.key_label,
         pin=PIV_PIN,
         public_label=slot.public_key_label,
+        always_authenticate=slot.slot == DIGITAL_SIGNATURE_SLOT,
     )
     certificate = certify(issuer, common_name, public_key, client=True)
     hsm.import_certificate(

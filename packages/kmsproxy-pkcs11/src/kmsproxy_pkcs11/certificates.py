@@ -24,6 +24,7 @@ from .address import KeyAddress, PinSource, format_id
 from .modules import Module
 from .objects import build_chain, find_one, object_template, read_certificates
 from .token import (
+    TokenMissing,
     TokenSession,
     acquire_token,
     describe_token,
@@ -31,13 +32,23 @@ from .token import (
     with_uri,
 )
 
+# Turns "no token matches" into a backend's own message (the yubikey backend
+# says "no YubiKey found" and how to check for one).
+MissingExplainer = Callable[[KeyAddress, TokenMissing], str]
+
 
 class TokenCertificateSource(CertificateSource):
     """The chain of the certificate object that `address` names."""
 
-    def __init__(self, address: KeyAddress, module: Module) -> None:
+    def __init__(
+        self,
+        address: KeyAddress,
+        module: Module,
+        explain_missing: MissingExplainer | None = None,
+    ) -> None:
         self._address = address
         self._module = module
+        self._explain_missing = explain_missing
 
     @property
     def uri(self) -> str:
@@ -69,6 +80,11 @@ class TokenCertificateSource(CertificateSource):
                 self._address.uri,
                 need_login=False,
             )
+        except TokenMissing as error:
+            if self._explain_missing is None:
+                raise CertificateError(with_uri(self._address.uri, error)) from None
+            message = self._explain_missing(self._address, error)
+            raise CertificateError(message) from None
         except SignerError as error:
             raise CertificateError(with_uri(self._address.uri, error)) from None
 

@@ -13,7 +13,7 @@ from pkcs11 import exceptions as p11
 from kmsproxy.signer import SignerError
 
 from .address import KeyAddress
-from .certificates import TokenCertificateSource
+from .certificates import MissingExplainer, TokenCertificateSource
 from .modules import (
     KNOWN_MODULES,
     Module,
@@ -68,6 +68,8 @@ def open_signer(address: KeyAddress) -> Pkcs11Signer:
         raise
 
 
-def open_certificates(address: KeyAddress) -> TokenCertificateSource:
+def open_certificates(
+    address: KeyAddress, explain_missing: MissingExplainer | None = None
+) -> TokenCertificateSource:
     """Return the certificate source for `address` (read at each load)."""
-    return TokenCertificateSource(address, module_for(address))
+    return TokenCertificateSource(address, module_for(address), explain_missing)

@@ -77,6 +77,11 @@ class Pkcs11Signer(BlockingSigner):
     def schemes(self) -> Sequence[SignatureScheme]:
         return self._schemes
 
+    @property
+    def always_authenticate(self) -> bool:
+        """True when each signature logs in again (CKA_ALWAYS_AUTHENTICATE)."""
+        return self._always_authenticate
+
     def plan_for(self, scheme: SignatureScheme) -> SigningPlan:
         """Return how `scheme` is signed on this token (for listings)."""
         return self._plans[scheme]

@@ -87,7 +87,14 @@ def _yubikeys(library: Any, selector: TokenSelector) -> Iterator[Any]:
 def _list_token(token: Any, module_path: str | None) -> Iterator[str]:
     serial = token.label.removeprefix(YUBIKEY_LABEL_PREFIX)
     yield f"YubiKey {serial} ({token.model or 'unknown model'})"
-    with token.open() as session:
+    try:
+        session = token.open()
+    except p11.PKCS11Error as error:
+        # Pulled out between the slot scan and here, or held by another
+        # program (GnuPG's scdaemon, for one).
+        yield f"  cannot open a session: {return_value_name(error)}"
+        return
+    with session:
         found = False
         for slot in PIV_SLOTS.values():
             line = _describe_slot(session, slot)

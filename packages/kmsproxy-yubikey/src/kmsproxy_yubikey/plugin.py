@@ -41,7 +41,7 @@ def kmsproxy_open_signer(uri: KeyURI) -> Signer | None:
 def kmsproxy_open_certificates(uri: KeyURI) -> CertificateSource | None:
     if uri.scheme != SCHEME:
         return None
-    return open_certificates(parse_yubikey_uri(uri))
+    return open_certificates(parse_yubikey_uri(uri), no_yubikey_message)
 
 
 @hookimpl
