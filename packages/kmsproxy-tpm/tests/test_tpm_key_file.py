@@ -8,20 +8,17 @@ backend claims a TSS2 PEM file as `tpmkms:path=...`. The TPM comes from
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from peers import Peer, free_port
+from peers import Peer
 from pki import certify
 from swtpm_emulator import Swtpm, swtpm_module
-from test_proxy import Site, anyio_backend, curl, site
+from test_proxy import Site, anyio_backend, site
 from test_tpm_interop import openssl
-from test_tpm_proxy import fetch, nginx, serving, wait_for_port
+from test_tpm_proxy import fetch, fetch_through_serve, nginx, serving
 from tpm_testkeys import create_ca_certificate, create_key, key_directory
 
 from kmsproxy.plugins.registry import Registry
@@ -185,39 +182,9 @@ async def test_cli_serve_with_key_files(
         arguments += ["--clientkey", "~/keys/client.pem", "--clientcert", str(chain)]
     else:
         arguments = ["~/keys/client.pem", str(ca_certificate), str(ca_key)]
-    port = free_port()
-    log = site.path("serve.log")
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kmsproxy",
-                "serve",
-                *arguments,
-                "--trust",
-                str(site.path("upstream-ca.crt")),
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--pac-listen",
-                f"127.0.0.1:{free_port()}",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "HOME": str(home)},
-        )
-    try:
-        wait_for_port(process, port, log)
-        result = await curl(
-            "--proxy",
-            f"http://127.0.0.1:{port}",
-            "--cacert",
-            str(ca_certificate),
-            f"https://localhost:{nginx.port}/subject",
-        )
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-    assert result.returncode == 0, log.read_text()
+    url = f"https://localhost:{nginx.port}/subject"
+    result, log = await fetch_through_serve(
+        site, arguments, ca_certificate, url, {"HOME": str(home)}
+    )
+    assert result.returncode == 0, log
     assert result.stdout == b"subject=CN=cli file client\n"

@@ -256,14 +256,15 @@ def wait_for_port(process: subprocess.Popen[bytes], port: int, log: Path) -> Non
     pytest.fail(f"kmsproxy serve did not listen in time:\n{log.read_text()}")
 
 
-async def test_cli_serve_with_tpm_keys(
-    swtpm_module: Swtpm, key_directory: Path, site: Site, nginx: Peer
-) -> None:
-    client_uri = tpm_client_identity(swtpm_module, site, key_directory)
-    ca_uri = create_key(swtpm_module, "ca")
-    ca_path = await create_ca_certificate(ca_uri, site.path("tpm-ca"))
-    # Stored beside the CA key, the certificate is read through the same URI.
-    assert main(["tpm", "import-cert", "ca", str(ca_path)]) == 0
+async def fetch_through_serve(
+    site: Site,
+    arguments: list[str],
+    ca_certificate: Path,
+    url: str,
+    environment: dict[str, str] | None = None,
+) -> tuple[subprocess.CompletedProcess[bytes], str]:
+    """Run `kmsproxy serve ARGUMENTS` on free loopback ports, fetch `url`
+    through it, and stop it by PID; return curl's result and the serve log."""
     port = free_port()
     log = site.path("serve.log")
     with log.open("wb") as output:
@@ -273,13 +274,7 @@ async def test_cli_serve_with_tpm_keys(
                 "-m",
                 "kmsproxy",
                 "serve",
-                ca_uri,
-                # The CA certificate is read from beside the CA key too.
-                ca_uri,
-                "--clientkey",
-                client_uri,
-                "--clientcert",
-                client_uri,
+                *arguments,
                 "--trust",
                 str(site.path("upstream-ca.crt")),
                 "--listen",
@@ -290,21 +285,31 @@ async def test_cli_serve_with_tpm_keys(
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT,
-            env={**os.environ},
+            env={**os.environ, **(environment or {})},
         )
     try:
         wait_for_port(process, port, log)
         result = await curl(
-            "--proxy",
-            f"http://127.0.0.1:{port}",
-            "--cacert",
-            str(ca_path),
-            f"https://localhost:{nginx.port}/subject",
+            "--proxy", f"http://127.0.0.1:{port}", "--cacert", str(ca_certificate), url
         )
     finally:
         process.terminate()
         process.wait(timeout=10)
-    assert result.returncode == 0, log.read_text()
+    return result, log.read_text()
+
+
+async def test_cli_serve_with_tpm_keys(
+    swtpm_module: Swtpm, key_directory: Path, site: Site, nginx: Peer
+) -> None:
+    client_uri = tpm_client_identity(swtpm_module, site, key_directory)
+    ca_uri = create_key(swtpm_module, "ca")
+    ca_path = await create_ca_certificate(ca_uri, site.path("tpm-ca"))
+    # Stored beside the CA key, the certificate is read through the same URI.
+    assert main(["tpm", "import-cert", "ca", str(ca_path)]) == 0
+    arguments = [ca_uri, ca_uri, "--clientkey", client_uri, "--clientcert", client_uri]
+    url = f"https://localhost:{nginx.port}/subject"
+    result, log = await fetch_through_serve(site, arguments, ca_path, url)
+    assert result.returncode == 0, log
     assert result.stdout == b"subject=CN=tpm client\n"
 
 
