@@ -14,14 +14,28 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pki import certify, make_ca
 from softhsm_token import USER_PIN, SoftHSM, activate, create_softhsm, key_uri
 
+from kmsproxy.plugins.registry import Registry
 from kmsproxy.signer import PublicKey
+from kmsproxy.uri import KeyURI
+from kmsproxy_pkcs11.address import parse_key_uri
 
 TOKEN = "cli"
+# A label and an object label with characters that a pkcs11: URI must
+# percent-encode.
+ODD_TOKEN = "team;ops"
+ODD_OBJECT = "key 50%?'&="
 KEY_ID = b"\x0a"
 CERTIFIED_ID = b"\x0b"
 
 # Bound for one CLI run; the commands take well under a second.
 CLI_TIMEOUT_SECONDS = 60.0
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
 
 
 @dataclass
@@ -29,6 +43,7 @@ class Token:
     hsm: SoftHSM
     public_key: PublicKey
     pin_file: Path
+    odd_key: PublicKey
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +58,9 @@ def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Token]:
         certified = active.generate_key(TOKEN, "rsa2048", CERTIFIED_ID, "client")
         leaf = certify(make_ca("cli CA"), "cli client", certified, client=True)
         active.import_certificate(TOKEN, leaf, CERTIFIED_ID, "client")
-        yield Token(active, public_key, pin_file)
+        active.init_token(ODD_TOKEN)
+        odd_key = active.generate_key(ODD_TOKEN, "p256", KEY_ID, ODD_OBJECT)
+        yield Token(active, public_key, pin_file, odd_key)
 
 
 def run_cli(hsm: SoftHSM, *args: str) -> subprocess.CompletedProcess[str]:
@@ -101,3 +118,21 @@ def test_csr_is_signed_on_token(token: Token, tmp_path: Path) -> None:
     assert request.public_key() == token.public_key
     assert isinstance(request.public_key(), ec.EllipticCurvePublicKey)
     assert request.subject.rfc4514_string() == "CN=token csr"
+
+
+async def test_listed_uri_round_trips(token: Token) -> None:
+    result = run_cli(
+        token.hsm, "pkcs11", "list", "--module-path", str(token.hsm.module),
+        "--pin-source", str(token.pin_file),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    private = result.stdout.split(f"private key id=%0A object={ODD_OBJECT!r}")[1]
+    uri = private.splitlines()[1].strip().strip("'")
+    address = parse_key_uri(KeyURI.parse(uri))
+    assert address.token.label == ODD_TOKEN
+    assert address.label == ODD_OBJECT
+    signer = Registry.load().open_signer(f"{uri}?pin-source={token.pin_file}")
+    try:
+        assert signer.public_key() == token.odd_key
+    finally:
+        await signer.aclose()

@@ -346,6 +346,44 @@ def test_missing_module_names_path() -> None:
     assert "softhsm2" in str(raised.value)
 
 
+async def test_module_symlink_shares_module(token: Token, tmp_path: Path) -> None:
+    alias = tmp_path / "alias-libsofthsm2.so"
+    alias.symlink_to(token.hsm.module)
+    first = open_signer(key_uri(token.hsm, TOKEN, KEY_IDS["p256"]))
+    try:
+        second_uri = key_uri(token.hsm, TOKEN, KEY_IDS["p384"])
+        second = open_signer(second_uri.replace(str(token.hsm.module), str(alias)))
+        try:
+            assert isinstance(first, Pkcs11Signer)
+            assert isinstance(second, Pkcs11Signer)
+            assert first.limiter is second.limiter
+        finally:
+            await second.aclose()
+    finally:
+        await first.aclose()
+
+
+async def test_module_bare_name_is_cwd_file(
+    token: Token, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(token.hsm.module.parent)
+    uri = key_uri(token.hsm, TOKEN, KEY_IDS["p256"])
+    signer = open_signer(uri.replace(str(token.hsm.module), token.hsm.module.name))
+    try:
+        assert signer.public_key() == token.public_keys[KEY_IDS["p256"]]
+    finally:
+        await signer.aclose()
+
+
+def test_non_library_module_has_no_cpu_hint(tmp_path: Path) -> None:
+    fake = tmp_path / "libfake.so"
+    fake.write_text("not a shared object\n")
+    with pytest.raises(SignerError) as raised:
+        open_signer(f"pkcs11:module-path={fake};token=dev;id=%01")
+    assert f"cannot load PKCS#11 module {fake}" in str(raised.value)
+    assert "CPU architecture" not in str(raised.value)
+
+
 def test_missing_module_path_lists_known() -> None:
     with pytest.raises(SignerError) as raised:
         open_signer("pkcs11:token=dev;id=%01")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote, unquote_to_bytes
 
 from kmsproxy.uri import KeyURI, is_secret_attribute
 
@@ -101,6 +101,16 @@ class KeyAddress:
         if self.label is not None:
             parts.append(f"object={self.label}")
         return ";".join(parts)
+
+
+def quote_value(value: str, *, path: bool = False) -> str:
+    """Percent-encode an attribute value for a printed URI (RFC 7512 2.3).
+
+    Every character that `;`, `?`, `&`, `=` or `%` parsing could misread is
+    encoded, and so is `'`, because listings wrap URIs in single quotes for
+    the shell. With `path`, `/` stays readable in a module's file name.
+    """
+    return quote(value, safe="/" if path else "")
 
 
 def format_id(object_id: bytes) -> str:

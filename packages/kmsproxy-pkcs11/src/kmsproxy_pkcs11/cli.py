@@ -20,7 +20,7 @@ from pkcs11 import exceptions as p11
 from kmsproxy.errors import UserError
 from kmsproxy.signer import SignerError
 
-from .address import PinSource, format_id
+from .address import PinSource, format_id, quote_value
 from .mechanisms import SIGNING_MECHANISMS, mechanism_names
 from .modules import (
     KNOWN_MODULES,
@@ -112,7 +112,10 @@ def list_module(path: Path, pin: PinSource) -> Iterator[str]:
 
 
 def _list_token(path: Path, token: Any, pin: PinSource) -> Iterator[str]:
-    base = f"pkcs11:module-path={path};token={token.label}"
+    base = (
+        f"pkcs11:module-path={quote_value(str(path), path=True)};"
+        f"token={quote_value(token.label)}"
+    )
     flags = token.flags
     login = " login-required" if flags & TokenFlag.LOGIN_REQUIRED else ""
     yield f"  {describe_token(token)} slot-id={token.slot.slot_id}{login}"
@@ -207,5 +210,5 @@ def _object_uri(base: str, object_id: bytes, label: str) -> str:
     if object_id:
         uri += f";id={format_id(object_id)}"
     if label:
-        uri += f";object={label}"
+        uri += f";object={quote_value(label)}"
     return f"'{uri}'"

@@ -1,9 +1,9 @@
-"""Where PKCS#11 modules live, and loading one.
+"""PKCS#11 module locations, and loading a module once per process.
 
 `module-path=` takes a file path or one of the names in `KNOWN_MODULES`
 (`softhsm2`, `opensc`, `ykcs11`, `p11-kit-proxy`). A name is looked up in the
-places the operating system's packages install that module, first match
-wins. A path is used as given.
+places the operating system's packages install that module, and the first
+match wins. A relative path is made absolute.
 
 A loaded module is shared by every token and key in the process, because a
 PKCS#11 library is initialised once per process (`C_Initialize`).
@@ -127,7 +127,9 @@ def resolve_module_path(text: str) -> Path:
                 "install it or give its file as module-path="
             )
         return found
-    path = Path(text).expanduser()
+    # Absolute, so that dlopen loads this file rather than searching the
+    # library path for a bare name such as libfoo.so.
+    path = Path(text).expanduser().absolute()
     if not path.exists():
         known = ", ".join(KNOWN_MODULES)
         raise ModuleError(
@@ -140,8 +142,8 @@ def resolve_module_path(text: str) -> Path:
 class Module:
     """One loaded PKCS#11 library, shared by every token it serves.
 
-    python-pkcs11 calls `C_Initialize` without arguments, which tells the
-    module that the application will not call it from several threads at
+    python-pkcs11 calls `C_Initialize` without arguments, which promises
+    the module that the application will not call it from several threads at
     once (PKCS#11 v2.40 section 5.4). Every call into the module therefore
     holds `lock`, even calls for different tokens.
 
@@ -188,25 +190,33 @@ class Module:
         logger.info("PKCS#11 module re-initialised module=%s", self.path)
 
 
+# Keyed by the module's resolved file.
 _modules: dict[Path, Module] = {}
 _modules_lock = threading.Lock()
 
 
 def load_module(path: Path) -> Module:
-    """Load (once per process) and initialise the module at `path`."""
+    """Load (once per process) and initialise the module at `path`.
+
+    Modules are shared by their resolved file, so a symbolic link and its
+    target (ykcs11's libykcs11.so and libykcs11.so.2) load one library,
+    which a second C_Initialize would reject. The module keeps the first
+    path it was loaded by, for messages and listings.
+    """
+    real = path.resolve()
     with _modules_lock:
-        module = _modules.get(path)
+        module = _modules.get(real)
         if module is not None:
             return module
         try:
             library = pkcs11.lib(str(path))
         except PKCS11Error as error:
             raise ModuleError(
-                f"cannot load PKCS#11 module {path}: {error or type(error).__name__} "
-                "(is it a PKCS#11 library for this CPU architecture?)"
+                f"cannot load PKCS#11 module {path}: {error or type(error).__name__}"
+                + _load_hint(str(error))
             ) from None
         module = Module(path, library)
-        _modules[path] = module
+        _modules[real] = module
         logger.debug(
             "PKCS#11 module loaded module=%s manufacturer=%r description=%r",
             path,
@@ -214,3 +224,13 @@ def load_module(path: Path) -> Module:
             library.library_description,
         )
         return module
+
+
+def _load_hint(message: str) -> str:
+    """Return what a dlopen or dlsym failure most likely means."""
+    if "ELF" in message:
+        # "wrong ELF class: ELFCLASS32", "invalid ELF header"
+        return " (is it a PKCS#11 library built for this CPU architecture?)"
+    if "C_GetFunctionList" in message:
+        return " (the file is a library, but not a PKCS#11 module)"
+    return ""

@@ -16,7 +16,7 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11 import exceptions as p11
 
 from kmsproxy.errors import UserError
-from kmsproxy_pkcs11.address import TokenSelector
+from kmsproxy_pkcs11.address import TokenSelector, quote_value
 from kmsproxy_pkcs11.modules import ModuleError, load_module, resolve_module_path
 from kmsproxy_pkcs11.objects import attribute_or_none
 from kmsproxy_pkcs11.token import TOKEN_GONE_ERRORS, return_value_name
@@ -103,7 +103,7 @@ def _list_token(token: Any, module_path: str | None) -> Iterator[str]:
             found = True
             uri = f"yubikey:slot-id={slot.hex};serial={serial}"
             if module_path is not None:
-                uri += f";module-path={module_path}"
+                uri += f";module-path={quote_value(module_path, path=True)}"
             yield f"  slot {slot.hex} ({slot.name}): {line}"
             yield f"    '{uri}'"
         if not found:
