@@ -14,8 +14,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from pkcs11 import Mechanism, TokenFlag
-from pki import Issued, certify, make_ca
+from pkcs11 import Attribute, KeyType, Mechanism, TokenFlag
+from pkcs11.util.ec import encode_named_curve_parameters
+from pki import Issued, certify, issue, make_ca
 from softhsm_token import (
     USER_PIN,
     SoftHSM,
@@ -37,7 +38,8 @@ from kmsproxy.signer import (
 from kmsproxy.uri import KeyURI
 from kmsproxy_pkcs11 import token as token_module
 from kmsproxy_pkcs11.address import parse_key_uri
-from kmsproxy_pkcs11.mechanisms import plan_signing
+from kmsproxy_pkcs11.mechanisms import fits_key_size, plan_signing
+from kmsproxy_pkcs11.objects import build_chain
 from kmsproxy_pkcs11.pin import describe_pin_state
 from kmsproxy_pkcs11.signer import Pkcs11Signer
 
@@ -59,6 +61,7 @@ PKCS1_ONLY_ID = b"\x05"
 NO_CERTIFICATE_ID = b"\x06"
 ALWAYS_AUTHENTICATE_ID = b"\x07"
 RAW_PSS_ID = b"\x08"
+UNSUPPORTED_CURVE_ID = b"\x09"
 
 # Bound for waiting until the reconnect backoff lets an attempt through.
 RECOVERY_TIMEOUT_SECONDS = 20.0
@@ -329,6 +332,31 @@ def test_pin_source_file_is_read(token: Token, tmp_path: Path) -> None:
     assert USER_PIN not in signer.uri
     assert str(pin_file) in signer.uri
     anyio.run(signer.aclose)
+
+
+@pytest.mark.parametrize(("mode", "warnings"), [(0o600, 0), (0o640, 1), (0o604, 1)])
+async def test_readable_pin_source_warns_once(
+    token: Token,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    mode: int,
+    warnings: int,
+) -> None:
+    pin_file = tmp_path / "pin"
+    pin_file.write_text(USER_PIN)
+    pin_file.chmod(mode)
+    uri = key_uri(token.hsm, TOKEN, KEY_IDS["p256"], pin=False)
+    for _ in range(2):
+        signer = open_signer(f"{uri}?pin-source={pin_file}")
+        await signer.aclose()
+    found = [
+        r for r in caplog.records if "readable by group or others" in r.getMessage()
+    ]
+    assert len(found) == warnings
+    for record in found:
+        assert record.levelname == "WARNING"
+        assert str(pin_file) in record.getMessage()
+        assert USER_PIN not in record.getMessage()
 
 
 def test_missing_token_is_not_present(token: Token) -> None:
@@ -696,3 +724,49 @@ def test_combined_ecdsa_mechanism_is_chosen() -> None:
     r, s = decode_dss_signature(private_key.sign(b"message", ec.ECDSA(hashes.SHA256())))
     raw = r.to_bytes(32, "big") + s.to_bytes(32, "big")
     verify_signature(private_key.public_key(), plan.finish(raw), b"message", scheme)
+
+
+def test_chain_skips_namesake_issuer() -> None:
+    root = make_ca("chain root")
+    renewed = make_ca("chain intermediate")
+    current = make_ca("chain intermediate")
+    renewed_certificate = _intermediate(root, renewed)
+    current_certificate = _intermediate(root, current)
+    issuer = Issued(current.key, current_certificate, [current_certificate])
+    leaf = issue(issuer, "chain leaf", client=True).cert
+    chain = build_chain(leaf, [renewed_certificate, current_certificate, root.cert])
+    assert chain == [leaf, current_certificate]
+
+
+def test_unsupported_curve_is_signer_error(token: Token) -> None:
+    # prime239v1 (X9.62): SoftHSM2 generates it, `cryptography` has no class.
+    with token.hsm.session(TOKEN) as session:
+        session.generate_keypair(
+            KeyType.EC,
+            id=UNSUPPORTED_CURVE_ID,
+            label="prime239v1",
+            store=True,
+            public_template={
+                Attribute.EC_PARAMS: encode_named_curve_parameters("prime239v1")
+            },
+        )
+    with pytest.raises(SignerError) as raised:
+        open_signer(key_uri(token.hsm, TOKEN, UNSUPPORTED_CURVE_ID))
+    assert "EC curve 1.2.840.10045.3.1.4 is not supported" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "minimum", "maximum", "fits"),
+    [
+        (Mechanism.SHA256_RSA_PKCS_PSS, 512, 16384, True),
+        (Mechanism.SHA256_RSA_PKCS_PSS, 1024, 2048, False),
+        (Mechanism.RSA_PKCS, 4096, 8192, False),
+        (Mechanism.RSA_PKCS, 0, 0, True),
+        (Mechanism.ECDSA, 1024, 2048, True),
+    ],
+)
+def test_mechanism_key_size_range(
+    token: Token, mechanism: Mechanism, minimum: int, maximum: int, fits: bool
+) -> None:
+    rsa3072 = token.public_keys[KEY_IDS["rsa3072"]]
+    assert fits_key_size(mechanism, minimum, maximum, rsa3072) is fits

@@ -181,6 +181,28 @@ def _first(usable: set[Mechanism], *plans: SigningPlan) -> SigningPlan | None:
     return None
 
 
+def fits_key_size(
+    mechanism: Mechanism,
+    minimum: int | None,
+    maximum: int | None,
+    public_key: PublicKey,
+) -> bool:
+    """Return False when an RSA mechanism's key size range excludes the key.
+
+    `minimum` and `maximum` are C_GetMechanismInfo's ulMinKeySize and
+    ulMaxKeySize, the modulus size in bits for RSA mechanisms (SoftHSM2 2.6
+    reports 512 to 16384). A token whose PSS stops at 2048 bits would
+    otherwise be offered PSS for an RSA-3072 key and fail in the middle of a
+    handshake. EC mechanisms are not checked.
+    """
+    if not isinstance(public_key, rsa.RSAPublicKey) or "RSA" not in mechanism.name:
+        return True
+    size = public_key.key_size
+    if minimum and size < minimum:
+        return False
+    return not (maximum and size > maximum)
+
+
 def mechanism_names(mechanisms: Iterable[Mechanism | int]) -> list[str]:
     """Return PKCS#11 names (`CKM_ECDSA`) for mechanisms, sorted."""
     names = []

@@ -12,6 +12,7 @@ from typing import Any
 
 import pkcs11
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11 import exceptions as p11
@@ -102,7 +103,13 @@ def decode_public_key(public: Any) -> PublicKey:
     parameters = public[Attribute.EC_PARAMS]
     point = ec_point_bytes(public[Attribute.EC_POINT])
     curve_oid = x509.ObjectIdentifier(_decode_oid(parameters))
-    curve = ec.get_curve_for_oid(curve_oid)
+    try:
+        curve = ec.get_curve_for_oid(curve_oid)
+    except LookupError:
+        raise SignerError(
+            f"the key's EC curve {curve_oid.dotted_string} is not supported; "
+            "use a P-256 or P-384 key"
+        ) from None
     return ec.EllipticCurvePublicKey.from_encoded_point(curve(), point)
 
 
@@ -184,8 +191,10 @@ def build_chain(
 ) -> list[x509.Certificate]:
     """Return `leaf` followed by the issuers found among `others`.
 
-    Self-signed roots are left out, as a TLS peer has its own. The walk
-    stops after as many steps as there are certificates, so a loop of
+    Self-signed roots are left out, as a TLS peer has its own. An issuer
+    must have signed the certificate before it, not only carry its issuer
+    name, so a renewed CA with the same subject is skipped. The walk stops
+    after as many steps as there are certificates, so a loop of
     cross-signed certificates cannot make it run forever.
     """
     chain = [leaf]
@@ -194,10 +203,19 @@ def build_chain(
         if current.issuer == current.subject:
             break
         issuer = next(
-            (c for c in others if c.subject == current.issuer and c not in chain),
+            (c for c in others if c not in chain and _issued(current, c)),
             None,
         )
         if issuer is None or issuer.issuer == issuer.subject:
             break
         chain.append(issuer)
     return chain
+
+
+def _issued(certificate: x509.Certificate, candidate: x509.Certificate) -> bool:
+    """Return True when `candidate` signed `certificate` (RFC 5280 6.1.3)."""
+    try:
+        certificate.verify_directly_issued_by(candidate)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True

@@ -21,7 +21,13 @@ from kmsproxy.signer import (
 )
 
 from .address import KeyAddress
-from .mechanisms import SIGNING_MECHANISMS, SigningPlan, mechanism_names, plan_signing
+from .mechanisms import (
+    SIGNING_MECHANISMS,
+    SigningPlan,
+    fits_key_size,
+    mechanism_names,
+    plan_signing,
+)
 from .objects import attribute_or_none, find_one, object_template, public_key_of
 from .pin import read_pin
 from .token import (
@@ -204,7 +210,7 @@ class Pkcs11Signer(BlockingSigner):
         except SignerError as error:
             raise SignerError(f"{self._uri}: {error}") from None
 
-        available = self._signing_mechanisms()
+        available = self._signing_mechanisms(public_key)
         allowed = attribute_or_none(key, Attribute.ALLOWED_MECHANISMS) or None
         plans = plan_signing(public_key, available, allowed)
         if not plans:
@@ -230,8 +236,8 @@ class Pkcs11Signer(BlockingSigner):
             )
         return public_key, plans, always
 
-    def _signing_mechanisms(self) -> set[pkcs11.Mechanism]:
-        """Return the token's mechanisms that this backend can sign with."""
+    def _signing_mechanisms(self, public_key: PublicKey) -> set[pkcs11.Mechanism]:
+        """Return the token's mechanisms that can sign with `public_key`'s key."""
         token = self._token.token
         assert token is not None
         slot = token.slot
@@ -241,6 +247,8 @@ class Pkcs11Signer(BlockingSigner):
                 info = slot.get_mechanism_info(mechanism)
             except p11.PKCS11Error:
                 continue
-            if info.flags & MechanismFlag.SIGN:
+            if info.flags & MechanismFlag.SIGN and fits_key_size(
+                mechanism, info.min_key_length, info.max_key_length, public_key
+            ):
                 usable.add(mechanism)
         return usable
