@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,9 @@ from awskms_moto import (
     moto_kms,
     sign_calls,
 )
+from cryptography.hazmat.primitives import serialization
 from peers import free_port
-from pki import make_ca
+from pki import certify, make_ca
 
 from kmsproxy import Registry, SignatureScheme, SignerError, UserError
 from kmsproxy_awskms import KMSSigner, service
@@ -218,6 +221,63 @@ def test_secret_not_logged(moto_kms: MotoKMS, caplog: pytest.LogCaptureFixture) 
     assert caplog.records
     assert DUMMY_SECRET_ACCESS_KEY not in caplog.text
     assert DUMMY_SECRET_ACCESS_KEY not in message
+
+
+def read_until(process: subprocess.Popen[str], marker: str) -> list[str]:
+    """Collect stderr lines up to the one containing `marker` (bounded), then
+    stop the process with SIGTERM and add the rest of its output."""
+    assert process.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + PROCESS_TIMEOUT_SECONDS
+    try:
+        while time.monotonic() < deadline:
+            line = process.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            if marker in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=PROCESS_TIMEOUT_SECONDS)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=PROCESS_TIMEOUT_SECONDS)
+    return [*lines, rest]
+
+
+# A session token as SSO, assumed roles and instance roles supply.
+SESSION_TOKEN = "kmsproxy-test-session-token-not-real"
+
+
+def test_verbose_logs_no_credentials(
+    moto_kms: MotoKMS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve --verbose` logs at root DEBUG; no logger, botocore's included,
+    writes the session token or the secret access key."""
+    monkeypatch.setenv("AWS_SESSION_TOKEN", SESSION_TOKEN)
+    key_id = moto_kms.create_key("ECC_NIST_P256")
+    ca = make_ca()
+    ca_key, ca_cert = ca.write(tmp_path, "ca")
+    client_cert = tmp_path / "client.crt"
+    certificate = certify(ca, "kms client", moto_kms.public_key(key_id), client=True)
+    client_cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "kmsproxy", "serve", str(ca_key), str(ca_cert),
+            "--clientkey", moto_kms.uri(key_id), "--clientcert", str(client_cert),
+            "--listen", "127.0.0.1:0", "--pac-listen", "127.0.0.1:0", "--verbose",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    lines = read_until(process, "Proxy listening addresses=")
+    stderr = "".join(lines)
+    assert "Proxy listening addresses=" in stderr
+    assert " DEBUG " in stderr
+    assert SESSION_TOKEN not in stderr
+    assert DUMMY_SECRET_ACCESS_KEY not in stderr
+    assert "X-Amz-Security-Token" not in stderr
 
 
 @pytest.fixture

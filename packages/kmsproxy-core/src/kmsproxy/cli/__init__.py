@@ -80,10 +80,12 @@ def add_backend_commands(
             )
 
 
-# Libraries whose DEBUG output is noise for a proxy user. watchfiles logs
+# Libraries whose DEBUG output stays off under --verbose. watchfiles logs
 # every filtered file event, so a log file written next to a watched
-# certificate would feed itself.
-QUIET_LOGGERS = ("watchfiles", "asyncio")
+# certificate would feed itself. botocore (1.44) logs every request header at
+# DEBUG, including X-Amz-Security-Token and Authorization, and urllib3 logs
+# each connection it opens below it: neither may reach a log that users paste.
+QUIET_LOGGERS = ("watchfiles", "asyncio", "botocore", "boto3", "urllib3")
 
 
 def configure_logging(verbose: bool) -> None:
