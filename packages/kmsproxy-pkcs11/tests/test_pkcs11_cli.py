@@ -120,6 +120,18 @@ def test_csr_is_signed_on_token(token: Token, tmp_path: Path) -> None:
     assert request.subject.rfc4514_string() == "CN=token csr"
 
 
+def test_csr_wrong_pin_is_hidden(token: Token, tmp_path: Path) -> None:
+    uri = key_uri(token.hsm, TOKEN, KEY_ID, pin=False)
+    result = run_cli(
+        token.hsm, "csr", f"{uri}?pin-value=918273",
+        "--subject", "CN=token csr", "--out", str(tmp_path / "request.csr"),
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "wrong PIN" in result.stderr
+    assert "918273" not in result.stderr
+    assert "918273" not in result.stdout
+
+
 async def test_listed_uri_round_trips(token: Token) -> None:
     result = run_cli(
         token.hsm, "pkcs11", "list", "--module-path", str(token.hsm.module),

@@ -1,6 +1,6 @@
 """The proxy end to end with keys on a SoftHSM2 token: curl -> kmsproxy -> nginx.
 
-Client keys and their certificates live on one token; the proxy opens both
+Client keys and their certificates live on one token. The proxy opens both
 through `pkcs11:` URIs (the real registry and entry point), and nginx
 checks the client certificate. One RSA key allows only CKM_RSA_PKCS, so it
 can sign only TLS 1.2's PKCS#1 v1.5 CertificateVerify.
@@ -9,9 +9,12 @@ can sign only TLS 1.2's PKCS#1 v1.5 CertificateVerify.
 from __future__ import annotations
 
 import contextlib
+import signal
 import ssl
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from peers import Peer, free_port, start_nginx
 from pkcs11 import Mechanism
-from pki import certify
+from pki import certify, issue, make_ca
 from softhsm_token import (
     USER_PIN,
     SoftHSM,
@@ -38,7 +41,7 @@ from test_proxy import Site, curl, make_site
 from kmsproxy import Proxy, ProxyAddresses
 from kmsproxy.cli.demo import serve_mtls_upstream
 from kmsproxy.plugins.registry import Registry
-from kmsproxy.signer import BlockingSigner
+from kmsproxy_pkcs11.modules import load_module
 
 pytestmark = [pytest.mark.anyio, pytest.mark.interop]
 
@@ -294,32 +297,117 @@ async def test_cli_serve_recovers_after_removal(setup: Setup, tmp_path: Path) ->
     assert "pkcs11:" in back
 
 
-async def test_busy_token_holds_only_its_tunnels(setup: Setup) -> None:
-    key = key_uri(setup.hsm, TOKEN, KEY_IDS["p384"])
-    site, port = setup.site, setup.nginx.port
-    url = f"https://localhost:{port}/subject"
-    # A second signer on the token shares its limiter; holding the limiter
-    # stands for a signature waiting for a touch.
-    holder = Registry.load().open_signer(key)
-    assert isinstance(holder, BlockingSigner)
-    busy = object()
-    done: list[str] = []
+async def test_busy_token_holds_only_its_tunnels(setup: Setup, tmp_path: Path) -> None:
+    # A second upstream trusts only a file key's CA and sends no CA names,
+    # so the proxy signs for it with the file key, listed first. nginx names
+    # the client CA, which issued only the token key's certificate.
+    file_ca = make_ca("file client CA")
+    file_key, file_certificate = issue(file_ca, "file client", client=True).write(
+        tmp_path, "file-client"
+    )
+    file_ca_path = tmp_path / "file-client-ca.crt"
+    file_ca_path.write_bytes(file_ca.chain_pem())
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(
+        setup.site.path("server.crt"), setup.site.path("server.key")
+    )
+    context.load_verify_locations(file_ca_path)
+    context.verify_mode = ssl.CERT_REQUIRED
+    token_key = key_uri(setup.hsm, TOKEN, KEY_IDS["p384"])
+    ca = setup.site.path("ca.crt")
+
+    # The module's lock, held from a plain thread, is what a signature that
+    # waits for a touch holds: every call into the module waits for it.
+    module = load_module(setup.hsm.module)
+    lock_held, release = threading.Event(), threading.Event()
+
+    def hold_module() -> None:
+        with module.lock:
+            lock_held.set()
+            release.wait(RECOVERY_TIMEOUT_SECONDS)
+
+    holder = threading.Thread(target=hold_module)
+    token_done = anyio.Event()
+    token_body = b""
     try:
         async with (
-            serving(site, client_keys=[key], client_certificates=[key]) as token_proxy,
-            serving(site) as file_proxy,
+            anyio.create_task_group() as group,
+            serving(
+                setup.site,
+                client_keys=[file_key, token_key],
+                client_certificates=[file_certificate, token_key],
+            ) as addresses,
         ):
-            await holder.limiter.acquire_on_behalf_of(busy)
-            async with anyio.create_task_group() as group:
+            file_port = await group.start(serve_mtls_upstream, "127.0.0.1", context)
+            holder.start()
+            assert lock_held.wait(RECOVERY_TIMEOUT_SECONDS)
 
-                async def fetch_with_token() -> None:
-                    await fetch(token_proxy, site.path("ca.crt"), url)
-                    done.append("token")
+            async def fetch_with_token() -> None:
+                nonlocal token_body
+                token_body = await fetch_subject(setup, addresses)
+                token_done.set()
 
-                group.start_soon(fetch_with_token)
-                await fetch(file_proxy, site.path("ca.crt"), url)
-                done.append("file")
-                holder.limiter.release_on_behalf_of(busy)
+            group.start_soon(fetch_with_token)
+            file_body = await fetch(addresses, ca, f"https://127.0.0.1:{file_port}/")
+            token_pending = not token_done.is_set()
+            release.set()
+            with anyio.fail_after(RECOVERY_TIMEOUT_SECONDS):
+                await token_done.wait()
+            group.cancel_scope.cancel()
     finally:
-        await holder.aclose()
-    assert done == ["file", "token"]
+        release.set()
+        if holder.is_alive():
+            holder.join(RECOVERY_TIMEOUT_SECONDS)
+    assert b"client certificate subject=CN=file client" in file_body
+    assert file_body.endswith(b"status=200")
+    assert token_pending
+    assert token_body == b"subject=CN=token p384\n\nstatus=200"
+
+
+def wait_for_text(path: Path, text: str) -> None:
+    """Wait until the file at `path` contains `text` (bounded)."""
+    deadline = time.monotonic() + PROCESS_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if text in path.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {text!r} in {path}:\n{path.read_text()}")
+
+
+async def test_cli_serve_log_hides_pin(setup: Setup, tmp_path: Path) -> None:
+    uri = key_uri(setup.hsm, TOKEN, KEY_IDS["p256"])
+    site, port = setup.site, setup.nginx.port
+    proxy_port = free_port()
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "kmsproxy", "serve", "--verbose",
+                str(site.path("ca.key")), str(site.path("ca.crt")),
+                "--clientkey", uri, "--clientcert", uri,
+                "--trust", str(site.path("upstream-ca.crt")),
+                "--listen", f"127.0.0.1:{proxy_port}", "--pac-listen", "127.0.0.1:0",
+            ],
+            stderr=stderr,
+            text=True,
+            env=setup.hsm.environment(),
+        )  # fmt: skip
+    try:
+        wait_for_text(log, "Proxy listening")
+        result = await curl(
+            "--proxy", f"http://127.0.0.1:{proxy_port}",
+            "--cacert", str(site.path("ca.crt")), f"https://localhost:{port}/subject",
+        )  # fmt: skip
+        process.send_signal(signal.SIGHUP)
+        wait_for_text(log, "Reloaded identities")
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=PROCESS_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=PROCESS_TIMEOUT_SECONDS)
+    output = log.read_text()
+    assert result.stdout == b"subject=CN=token p256\n"
+    assert "pin-value=***" in output
+    assert USER_PIN not in output
