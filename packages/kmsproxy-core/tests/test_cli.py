@@ -468,3 +468,39 @@ def test_startup_held_records_capped(
     buffer.emit_held()
     assert len(sink.messages) == MAX_HELD_RECORDS
     assert sink.messages[-1] == f"line {MAX_HELD_RECORDS + 4}"
+
+
+# A misspelt attribute per backend; each backend's parser raises ValueError.
+TYPO_URIS = [
+    "awskms:key-id=alias/k;regoin=eu-west-1",
+    "pkcs11:module-path=softhsm2;token=dev;id=%01?pinsource=/x",
+    "yubikey:slot-id=9b",
+]
+
+# Keeps botocore from asking an instance metadata address for credentials.
+NO_CLOUD_ENV = {
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_ACCESS_KEY_ID": "AKIAKMSPROXYTEST0001",
+    "AWS_SECRET_ACCESS_KEY": "kmsproxy-test-secret-not-a-real-key",
+}
+
+
+@pytest.mark.parametrize("uri", TYPO_URIS)
+def test_csr_uri_typo_is_one_line(uri: str) -> None:
+    result = run_cli("csr", uri, "--subject", "CN=x", env=NO_CLOUD_ENV)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"kmsproxy: error: {uri.split(';')[0]}")
+
+
+@pytest.mark.parametrize("uri", TYPO_URIS)
+def test_serve_uri_typo_is_one_line(uri: str, tmp_path: Path) -> None:
+    key, cert = make_ca().write(tmp_path, "ca")
+    result = run_cli(
+        "serve", str(key), str(cert), "--clientkey", uri, "--clientcert", str(cert),
+        "--listen", "127.0.0.1:0", "--pac-listen", "127.0.0.1:0",
+        env=NO_CLOUD_ENV,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("kmsproxy: error: ")

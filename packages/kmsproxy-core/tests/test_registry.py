@@ -245,3 +245,30 @@ def test_certificate_as_key_explained(tmp_path: Path) -> None:
     _, cert_path = ca.write(tmp_path, "ca")
     with pytest.raises(SignerError, match="contains a certificate where a private"):
         Registry.load().open_signer(str(cert_path))
+
+
+def typo_backend(scheme: str) -> types.ModuleType:
+    """Build a backend that rejects every URI as a parser does for a typo."""
+    module = types.ModuleType(f"typo_{scheme}")
+
+    @hookimpl
+    def kmsproxy_schemes() -> list[str]:
+        return [scheme]
+
+    @hookimpl
+    def kmsproxy_open_signer(uri: KeyURI) -> Signer | None:
+        raise ValueError("unknown attribute 'regoin' (known: region)")
+
+    module.kmsproxy_schemes = kmsproxy_schemes  # type: ignore[attr-defined]
+    module.kmsproxy_open_signer = kmsproxy_open_signer  # type: ignore[attr-defined]
+    return module
+
+
+def test_open_value_error_is_user_error() -> None:
+    registry = Registry.load([typo_backend("typo")], entry_points=False)
+    with pytest.raises(UserError) as raised:
+        registry.open_signer("typo:regoin=x;pin-value=1234")
+    message = str(raised.value)
+    assert message.startswith("typo:regoin=x;pin-value=***: ")
+    assert "unknown attribute 'regoin'" in message
+    assert "1234" not in message

@@ -86,3 +86,8 @@ def test_missing_value_names_attribute() -> None:
     message = parse_error(f"yubikey:pin-value={SECRET};slot-id")
     assert "'slot-id' has no value" in message
     assert SECRET not in message
+
+
+def test_redacted_encodes_control_bytes() -> None:
+    uri = KeyURI.parse("pkcs11:token=a%3Bb;id=%01%7f?pin-value=1234")
+    assert uri.redacted() == "pkcs11:token=a%3Bb;id=%01%7F;pin-value=***"

@@ -86,7 +86,7 @@ class KeyURI:
     def redacted(self) -> str:
         """The URI with every secret attribute's value replaced by `***`."""
         parts = [
-            f"{name}=***" if is_secret_attribute(name) else f"{name}={value}"
+            f"{name}=***" if is_secret_attribute(name) else f"{name}={_quote(value)}"
             for name, value in self.attributes.items()
         ]
         return f"{self.scheme}:" + ";".join(parts)
@@ -96,6 +96,25 @@ class KeyURI:
 
     def __repr__(self) -> str:
         return f"KeyURI({self.redacted()!r})"
+
+
+# Characters that end a value when parsed, so a value that contains one is
+# printed percent-encoded.
+_VALUE_DELIMITERS = frozenset("%;?&")
+
+
+def _quote(value: str) -> str:
+    """Percent-encode delimiters and unprintable characters of a value.
+
+    `pkcs11:id=%01` decodes to a control byte, which a terminal would not
+    show; the encoded form is what the user typed and parses back the same.
+    """
+    return "".join(
+        "".join(f"%{byte:02X}" for byte in char.encode())
+        if char in _VALUE_DELIMITERS or not char.isprintable()
+        else char
+        for char in value
+    )
 
 
 def is_secret_attribute(name: str) -> bool:

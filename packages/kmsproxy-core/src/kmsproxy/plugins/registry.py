@@ -21,6 +21,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pluggy
 
@@ -28,7 +29,7 @@ from kmsproxy.certificates import CertificateSource
 from kmsproxy.errors import UserError
 from kmsproxy.plugins import hookspecs
 from kmsproxy.signer import Signer
-from kmsproxy.uri import KeyURI, looks_like_uri
+from kmsproxy.uri import KeyURI, URIError, looks_like_uri
 
 logger = logging.getLogger(__name__)
 
@@ -243,19 +244,23 @@ class Registry:
         raise UserError(message)
 
     def open_signer(self, argument: str) -> Signer:
-        """Open the private key named by a path or URI."""
+        """Open the private key named by a path or URI.
+
+        This blocks while the backend reaches its device. Async code calls
+        it through `anyio.to_thread.run_sync`.
+        """
         uri = self.resolve(argument)
         caller = self._caller_for(uri, "kmsproxy_open_signer")
-        signer: Signer | None = caller(uri=uri)
+        signer: Signer | None = _call_open_hook(caller, uri)
         if signer is None:
             raise UserError(f"{uri.redacted()}: the backend could not open this key")
         return signer
 
     def open_certificates(self, argument: str) -> CertificateSource:
-        """Open the certificate chain named by a path or URI."""
+        """Open the certificate chain named by a path or URI (blocking)."""
         uri = self.resolve(argument)
         caller = self._caller_for(uri, "kmsproxy_open_certificates")
-        source: CertificateSource | None = caller(uri=uri)
+        source: CertificateSource | None = _call_open_hook(caller, uri)
         if source is None:
             raise UserError(
                 f"{uri.redacted()}: the backend does not provide certificates; "
@@ -268,6 +273,25 @@ class Registry:
         owner = self.backend_for(uri)
         others = [p for p in self.plugin_manager.get_plugins() if p is not owner.plugin]
         return self.plugin_manager.subset_hook_caller(hook_name, others)
+
+
+def _call_open_hook(caller: pluggy.HookCaller, uri: KeyURI) -> Any:
+    """Call an open hook, turning its `ValueError` into a `UserError`.
+
+    The hook contract allows `ValueError` for a URI the backend cannot use
+    (an unknown or malformed attribute). The CLI prints a `UserError` as one
+    line, where a bare `ValueError` would print a traceback. `URIError` is
+    already a user error and passes through unchanged.
+    """
+    try:
+        return caller(uri=uri)
+    except URIError:
+        raise
+    except ValueError as error:
+        text = str(error)
+        name = uri.redacted()
+        message = text if name in text else f"{name}: {text}"
+        raise UserError(message) from error
 
 
 def _read_head(path: Path) -> bytes | None:
