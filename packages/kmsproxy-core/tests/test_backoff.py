@@ -52,6 +52,7 @@ def test_success_resets_the_delay() -> None:
     clock = FakeClock()
     backoff = Backoff(BackoffPolicy("p", initial=1.0), "dev", clock)
     backoff.record_failure("gone")
+    clock.now += 1.0
     backoff.record_failure("gone")
     backoff.record_success()
     assert (backoff.failures, backoff.ready()) == (0, True)
@@ -59,10 +60,12 @@ def test_success_resets_the_delay() -> None:
 
 
 def test_each_transition_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
-    backoff = Backoff(BackoffPolicy("p"), "tpmkms:name=k", FakeClock())
+    clock = FakeClock()
+    backoff = Backoff(BackoffPolicy("p"), "tpmkms:name=k", clock)
     with caplog.at_level(logging.INFO, logger="kmsproxy.backoff"):
         for _ in range(5):
             backoff.record_failure("connection refused")
+            clock.now += backoff.seconds_until_ready()
         backoff.record_success()
         backoff.record_success()
     messages = [record.getMessage() for record in caplog.records]
@@ -71,3 +74,23 @@ def test_each_transition_is_logged_once(caplog: pytest.LogCaptureFixture) -> Non
         "store unavailable: tpmkms:name=k: connection refused"
     )
     assert messages[1] == "store available again: tpmkms:name=k after 5 failed attempts"
+
+
+def test_failures_during_hold_are_one_outage() -> None:
+    clock = FakeClock()
+    backoff = Backoff(BackoffPolicy("p", initial=1.0, maximum=30.0), "dev", clock)
+    delays = [backoff.record_failure("timed out") for _ in range(10)]
+    assert delays == [1.0] * 10
+    assert backoff.failures == 1
+    assert backoff.seconds_until_ready() == 1.0
+
+
+def test_failure_after_hold_doubles() -> None:
+    clock = FakeClock()
+    backoff = Backoff(BackoffPolicy("p", initial=1.0, maximum=30.0), "dev", clock)
+    backoff.record_failure("timed out")
+    clock.now += 0.5
+    assert backoff.record_failure("timed out") == 0.5
+    clock.now += 0.5
+    assert backoff.record_failure("timed out") == 2.0
+    assert backoff.failures == 2

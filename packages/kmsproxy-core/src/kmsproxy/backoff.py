@@ -95,12 +95,30 @@ class Backoff:
     def record_failure(self, reason: str) -> float:
         """Note a failed attempt and return the delay before the next one.
 
+        A failure reported while an earlier failure's hold is still in effect
+        belongs to the same outage: requests that were already in flight when
+        the store went away fail one after another, and counting each of them
+        would reach `maximum` after a single short outage. Such a failure
+        changes neither the count nor the deadline.
+
         Logs a warning on the first failure only; later ones log at DEBUG.
         """
         with self._lock:
+            now = self._clock()
+            if self._failures and now < self._not_before:
+                remaining = self._not_before - now
+                failures = self._failures
+                logger.debug(
+                    "store failure during backoff: %s: %s; attempt=%d retry_in=%.1fs",
+                    self.subject,
+                    reason,
+                    failures,
+                    remaining,
+                )
+                return remaining
             self._failures += 1
             delay = self.policy.delay_after(self._failures)
-            self._not_before = self._clock() + delay
+            self._not_before = now + delay
             failures = self._failures
         if failures == 1:
             logger.warning(
