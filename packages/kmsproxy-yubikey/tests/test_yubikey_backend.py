@@ -257,7 +257,9 @@ def test_cli_list_shows_slots(standin: StandIn) -> None:
     os.environ.get(PHYSICAL_YUBIKEY_VARIABLE) != "1",
     reason=(
         "needs a physical YubiKey with a key and certificate in slot 9a and "
-        f"{PHYSICAL_YUBIKEY_VARIABLE}=1; none can be attached here"
+        f"{PHYSICAL_YUBIKEY_VARIABLE}=1; none can be attached here, so signing "
+        "through ykcs11, touch and PIN policies and pulling the YubiKey out "
+        "are untested (the SoftHSM2 stand-in covers the code path)"
     ),
 )
 async def test_physical_yubikey_signs() -> None:

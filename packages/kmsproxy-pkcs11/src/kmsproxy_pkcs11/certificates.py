@@ -1,10 +1,11 @@
 """`TokenCertificateSource`: a certificate chain read from the token.
 
 The leaf is the certificate object with the URI's `id=` (else its
-`object=` label); its issuers follow when they are on the token, so one URI
+`object=` label). Its issuers follow when they are on the token, so one URI
 serves for `--clientkey` and `--clientcert`. Certificates are public
-objects, so reading them needs no PIN, and the token is opened only for
-the time of a read.
+objects, so a read never logs in, even when the URI carries a PIN. It uses
+the session that a key on the same token has open, else a session opened
+for the time of the read.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from .token import (
     with_uri,
 )
 
-# Turns "no token matches" into a backend's own message (the yubikey backend
-# says "no YubiKey found" and how to check for one).
+# Builds a backend's own message for "no token matches" (the yubikey backend
+# returns "no YubiKey found" and how to check for one).
 MissingExplainer = Callable[[KeyAddress, TokenMissing], str]
 
 
