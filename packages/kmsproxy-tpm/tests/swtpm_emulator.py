@@ -130,6 +130,16 @@ class Swtpm:
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=STOP_TIMEOUT_SECONDS)
 
+    def pause(self) -> None:
+        """Stop swtpm with SIGSTOP: connections stay open, nothing responds."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Continue a paused swtpm with SIGCONT."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
     def restart(self) -> None:
         """Start swtpm again on the same ports with the same state."""
         self.start()

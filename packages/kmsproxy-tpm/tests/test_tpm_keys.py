@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,13 @@ import anyio
 import pytest
 from pki import certify, generate_key, make_ca
 from swtpm_emulator import Swtpm, swtpm_module
+from tpm2_pytss.constants import TPMA_OBJECT
 from tpm_busy_peer import busy_tpm
 from tpm_testkeys import (
     create_key,
     key_directory,
     key_uri,
+    object_slots_filled,
     open_signer,
     transient_handles,
     write_chain,
@@ -26,13 +29,16 @@ from tpm_testkeys import (
 from kmsproxy.cli import main
 from kmsproxy.plugins.registry import Registry
 from kmsproxy.signer import (
+    BlockingSigner,
     SignatureScheme,
     Signer,
     SignerError,
     schemes_for_public_key,
     verify_signature,
 )
+from kmsproxy_tpm import device as devices
 from kmsproxy_tpm.device import TPMDevice
+from kmsproxy_tpm.keyblob import read_key_file
 
 __all__ = ["key_directory", "swtpm_module"]
 
@@ -42,6 +48,13 @@ pytestmark = pytest.mark.anyio
 # let a signature through after swtpm restarts.
 BACKOFF_WAIT_SECONDS = 20.0
 BACKOFF_POLL_SECONDS = 0.1
+
+# Runs of create, csr and list against one swtpm; more than its 3 slots.
+ROUNDS_OF_COMMANDS = 5
+
+# The device wait in the hung-TPM test, and the bound on its threads.
+HUNG_WAIT_SECONDS = 0.5
+HUNG_THREAD_SECONDS = 10.0
 
 MESSAGE = b"TLS 1.3, client CertificateVerify\x00" + bytes(range(64))
 
@@ -80,26 +93,136 @@ async def test_created_key_signs_each_scheme(
             verify_signature(signer.public_key(), signature, MESSAGE, scheme)
 
 
-async def test_reopen_needs_no_tpm_command(
+async def test_open_signer_holds_no_tpm_object(
+    swtpm_module: Swtpm, key_directory: Path
+) -> None:
+    uri = create_key(swtpm_module, "client")
+    scheme = SignatureScheme.ecdsa_secp256r1_sha256
+    async with open_signer(uri) as signer:
+        after_open = transient_handles(swtpm_module)
+        signature = await signer.sign(MESSAGE, scheme)
+        after_sign = transient_handles(swtpm_module)
+        signature_again = await signer.sign(MESSAGE, scheme)
+    assert after_open == []
+    assert after_sign == []
+    verify_signature(signer.public_key(), signature, MESSAGE, scheme)
+    verify_signature(signer.public_key(), signature_again, MESSAGE, scheme)
+
+
+async def test_signer_opened_in_worker_thread(
+    swtpm_module: Swtpm, key_directory: Path
+) -> None:
+    uri = create_key(swtpm_module, "client")
+    signer = await anyio.to_thread.run_sync(Registry.load().open_signer, uri)
+    try:
+        scheme = SignatureScheme.ecdsa_secp256r1_sha256
+        signature = await signer.sign(MESSAGE, scheme)
+    finally:
+        await signer.aclose()
+    verify_signature(signer.public_key(), signature, MESSAGE, scheme)
+
+
+def test_full_object_slots_named_in_uri_syntax(
+    swtpm_module: Swtpm, key_directory: Path
+) -> None:
+    uri = create_key(swtpm_module, "client")
+    with object_slots_filled(swtpm_module), pytest.raises(SignerError) as raised:
+        Registry.load().open_signer(uri)
+    message = str(raised.value)
+    assert message.startswith(f"{uri}: the TPM at {swtpm_module.tcti} has no free")
+    assert "`tpm2_flushcontext -t`" in message
+    assert "(device=/dev/tpmrm0 or tcti=tabrmd)" in message
+    assert transient_handles(swtpm_module) == []
+
+
+def test_full_object_slots_named_in_option_syntax(
+    swtpm_module: Swtpm, key_directory: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with object_slots_filled(swtpm_module):
+        status = main(["tpm", "create", "client", "--tcti", swtpm_module.tcti])
+    error = capsys.readouterr().err
+    assert status == 2
+    assert "has no free slot for a loaded object" in error
+    assert "`tpm2_flushcontext -t`" in error
+    assert "(--device /dev/tpmrm0 or --tcti tabrmd)" in error
+    assert transient_handles(swtpm_module) == []
+
+
+async def test_sign_recovers_when_slots_free(
+    swtpm_module: Swtpm, key_directory: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="kmsproxy_tpm")
+    uri = create_key(swtpm_module, "client")
+    scheme = SignatureScheme.ecdsa_secp256r1_sha256
+    async with open_signer(uri) as signer:
+        with object_slots_filled(swtpm_module), pytest.raises(SignerError) as full:
+            await signer.sign(MESSAGE, scheme)
+        signature = await sign_when_ready(signer, scheme)
+        left_loaded = transient_handles(swtpm_module)
+    assert "has no free slot for a loaded object" in str(full.value)
+    assert "(backoff tpm-reconnect)" in str(full.value)
+    verify_signature(signer.public_key(), signature, MESSAGE, scheme)
+    assert left_loaded == []
+    # A busy TPM keeps its connection: one context for the whole test.
+    assert caplog.text.count("Opened TPM tcti=") == 1
+
+
+def test_commands_in_a_row_leave_no_objects(
+    swtpm_module: Swtpm, key_directory: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    statuses = []
+    for index in range(ROUNDS_OF_COMMANDS):
+        name = f"round{index}"
+        uri = create_key(swtpm_module, name)
+        statuses.append(main(["csr", uri, "--subject", f"CN={name}"]))
+        statuses.append(main(["tpm", "list", "--tcti", swtpm_module.tcti]))
+    output = capsys.readouterr().out
+    assert statuses == [0] * (2 * ROUNDS_OF_COMMANDS)
+    assert output.count("-----BEGIN CERTIFICATE REQUEST-----") == ROUNDS_OF_COMMANDS
+    assert transient_handles(swtpm_module) == []
+
+
+def test_hung_tpm_wait_is_bounded(
     swtpm_module: Swtpm, key_directory: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     uri = create_key(swtpm_module, "client")
-    async with open_signer(uri):
-        pass
-    calls: list[object] = []
+    signer = Registry.load().open_signer(uri)
+    assert isinstance(signer, BlockingSigner)
+    monkeypatch.setattr(devices, "DEVICE_WAIT_SECONDS", HUNG_WAIT_SECONDS)
+    entered = threading.Event()
     original = TPMDevice.call
 
-    def counted(device: TPMDevice, function: Callable[..., Any]) -> Any:
-        calls.append(function)
-        return original(device, function)
+    def marked(device: TPMDevice, function: Callable[[Any], Any]) -> Any:
+        def inside(esapi: Any) -> Any:
+            entered.set()
+            return function(esapi)
 
-    monkeypatch.setattr(TPMDevice, "call", counted)
-    async with open_signer(uri) as signer:
-        assert calls == []
-        scheme = SignatureScheme.ecdsa_secp256r1_sha256
-        signature = await signer.sign(MESSAGE, scheme)
-    verify_signature(signer.public_key(), signature, MESSAGE, scheme)
-    assert len(calls) == 1
+        return original(device, inside)
+
+    monkeypatch.setattr(TPMDevice, "call", marked)
+    scheme = SignatureScheme.ecdsa_secp256r1_sha256
+    first: list[bytes] = []
+    hung = threading.Thread(
+        target=lambda: first.append(signer.sign_blocking(MESSAGE, scheme)),
+        daemon=True,
+    )
+    swtpm_module.pause()
+    try:
+        hung.start()
+        assert entered.wait(HUNG_THREAD_SECONDS)
+        with pytest.raises(SignerError) as waited:
+            signer.sign_blocking(MESSAGE, scheme)
+    finally:
+        swtpm_module.resume()
+        hung.join(HUNG_THREAD_SECONDS)
+        anyio.run(signer.aclose)
+    assert str(waited.value).startswith(f"{uri}: the TPM at {swtpm_module.tcti} ")
+    assert f"did not finish the previous command within {HUNG_WAIT_SECONDS:g} s" in (
+        str(waited.value)
+    )
+    assert "(backoff tpm-reconnect)" in str(waited.value)
+    assert len(first) == 1
+    verify_signature(signer.public_key(), first[0], MESSAGE, scheme)
 
 
 async def test_sign_backs_off_while_tpm_is_gone(
@@ -277,7 +400,26 @@ def test_missing_device_names_path(swtpm_module: Swtpm, key_directory: Path) -> 
         Registry.load().open_signer(uri)
     message = str(raised.value)
     assert message.startswith(uri + ": no TPM found at /nonexistent/tpmrm0")
-    assert "set tcti=" in message
+    assert "another TPM with tcti=TCTI (for example tcti=swtpm:" in message
+
+
+def test_missing_device_named_in_option_syntax(
+    key_directory: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(["tpm", "create", "client", "--device", "/nonexistent/tpmrm0"])
+    error = capsys.readouterr().err
+    assert status == 2
+    assert "no TPM found at /nonexistent/tpmrm0" in error
+    assert "another TPM with --tcti TCTI (for example --tcti swtpm:" in error
+    assert "tcti=" not in error
+
+
+def test_rsa_key_is_sign_only(swtpm_module: Swtpm, key_directory: Path) -> None:
+    create_key(swtpm_module, "client", "--kty", "RSA")
+    blob = read_key_file(key_directory / "client.pem")
+    attributes = int(blob.public_area.objectAttributes)
+    assert attributes & int(TPMA_OBJECT.SIGN_ENCRYPT)
+    assert not attributes & int(TPMA_OBJECT.DECRYPT)
 
 
 def test_unknown_tcti_is_named(swtpm_module: Swtpm, key_directory: Path) -> None:

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,12 @@ from peers import Peer, free_port, start_nginx
 from pki import certify
 from swtpm_emulator import Swtpm, swtpm_module
 from test_proxy import REQUEST_TIMEOUT_SECONDS, Site, anyio_backend, curl, site
-from tpm_testkeys import create_ca_certificate, create_key, key_directory
+from tpm_testkeys import (
+    create_ca_certificate,
+    create_key,
+    key_directory,
+    transient_handles,
+)
 
 from kmsproxy import Proxy, ProxyAddresses
 from kmsproxy.cli import main
@@ -44,6 +49,9 @@ RECOVERY_POLL_SECONDS = 0.2
 
 # Bound on `kmsproxy serve` starting to listen; it opens two TPM keys.
 SERVE_READY_TIMEOUT_SECONDS = 20.0
+
+# Bound on `kmsproxy serve` exiting after SIGTERM.
+SERVE_STOP_TIMEOUT_SECONDS = 10.0
 
 # Pause between probes of the proxy's port.
 SERVE_POLL_SECONDS = 0.05
@@ -256,15 +264,15 @@ def wait_for_port(process: subprocess.Popen[bytes], port: int, log: Path) -> Non
     pytest.fail(f"kmsproxy serve did not listen in time:\n{log.read_text()}")
 
 
-async def fetch_through_serve(
-    site: Site,
-    arguments: list[str],
-    ca_certificate: Path,
-    url: str,
-    environment: dict[str, str] | None = None,
-) -> tuple[subprocess.CompletedProcess[bytes], str]:
-    """Run `kmsproxy serve ARGUMENTS` on free loopback ports, fetch `url`
-    through it, and stop it by PID; return curl's result and the serve log."""
+@contextmanager
+def running_serve(
+    site: Site, arguments: list[str], environment: dict[str, str] | None = None
+) -> Iterator[int]:
+    """Run `kmsproxy serve ARGUMENTS` on free loopback ports; yield its port.
+
+    On leaving, stop it by PID with SIGTERM and check that it exits with 0;
+    kill it if it is still running.
+    """
     port = free_port()
     log = site.path("serve.log")
     with log.open("wb") as output:
@@ -289,13 +297,30 @@ async def fetch_through_serve(
         )
     try:
         wait_for_port(process, port, log)
+        yield port
+        process.terminate()
+        status = process.wait(timeout=SERVE_STOP_TIMEOUT_SECONDS)
+        assert status == 0, f"kmsproxy serve exited with {status}:\n{log.read_text()}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=SERVE_STOP_TIMEOUT_SECONDS)
+
+
+async def fetch_through_serve(
+    site: Site,
+    arguments: list[str],
+    ca_certificate: Path,
+    url: str,
+    environment: dict[str, str] | None = None,
+) -> tuple[subprocess.CompletedProcess[bytes], str]:
+    """Fetch `url` through `kmsproxy serve ARGUMENTS`; return curl's result
+    and the serve log."""
+    with running_serve(site, arguments, environment) as port:
         result = await curl(
             "--proxy", f"http://127.0.0.1:{port}", "--cacert", str(ca_certificate), url
         )
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-    return result, log.read_text()
+    return result, site.path("serve.log").read_text()
 
 
 async def test_cli_serve_with_tpm_keys(
@@ -344,3 +369,34 @@ def test_cli_serve_missing_key_is_one_line(
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith(f"kmsproxy: error: {uri}: key file ")
     assert last_line.endswith("`kmsproxy tpm create` makes one")
+
+
+async def test_cli_csr_while_serve_runs(
+    swtpm_module: Swtpm,
+    key_directory: Path,
+    site: Site,
+    nginx: Peer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    client_uri = tpm_client_identity(swtpm_module, site, key_directory)
+    ca_uri = create_key(swtpm_module, "ca")
+    ca_path = await create_ca_certificate(ca_uri, site.path("tpm-ca"))
+    arguments = [ca_uri, str(ca_path), "--clientkey", client_uri]
+    arguments += ["--clientcert", client_uri]
+    url = f"https://localhost:{nginx.port}/subject"
+    capsys.readouterr()
+    with running_serve(site, arguments) as port:
+        loaded_while_idle = transient_handles(swtpm_module)
+        # A renewal: a new request for the client key while serve uses it.
+        status = await anyio.to_thread.run_sync(
+            main, ["csr", client_uri, "--subject", "CN=tpm client"]
+        )
+        result = await curl(
+            "--proxy", f"http://127.0.0.1:{port}", "--cacert", str(ca_path), url
+        )
+    request = capsys.readouterr().out
+    assert loaded_while_idle == []
+    assert status == 0
+    assert request.startswith("-----BEGIN CERTIFICATE REQUEST-----")
+    assert result.stdout == b"subject=CN=tpm client\n"
+    assert transient_handles(swtpm_module) == []

@@ -8,8 +8,8 @@ URI through the real registry and entry point.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import anyio
@@ -17,8 +17,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from swtpm_emulator import Swtpm
-from tpm2_pytss import ESAPI
-from tpm2_pytss.constants import TPM2_CAP, TPM2_HC
+from tpm2_pytss import ESAPI, TSS2_Exception
+from tpm2_pytss.constants import ESYS_TR, TPM2_CAP, TPM2_HC, TPM2_RC
+from tpm2_pytss.types import TPM2B_PUBLIC
 
 from kmsproxy.cli import main
 from kmsproxy.plugins.registry import Registry
@@ -90,3 +91,31 @@ def transient_handles(swtpm: Swtpm) -> list[int]:
             TPM2_CAP.HANDLES, TPM2_HC.TRANSIENT_FIRST, MAX_LISTED_HANDLES
         )
         return [int(handle) for handle in data.data.handles]
+
+
+@contextmanager
+def object_slots_filled(swtpm: Swtpm) -> Iterator[None]:
+    """Load primary keys into swtpm until it has no free object slot.
+
+    This is what other programs leave behind on a TPM without a resource
+    manager. The keys are flushed on exit.
+    """
+    with ESAPI(swtpm.tcti) as esapi:
+        handles = []
+        try:
+            for _ in range(MAX_LISTED_HANDLES):
+                try:
+                    handle, *_ = esapi.create_primary(
+                        None, TPM2B_PUBLIC.parse("ecc256"), ESYS_TR.OWNER
+                    )
+                except TSS2_Exception as error:
+                    if error.error != TPM2_RC.OBJECT_MEMORY:
+                        raise
+                    break
+                handles.append(handle)
+            else:
+                raise AssertionError(f"swtpm loaded {MAX_LISTED_HANDLES} objects")
+            yield
+        finally:
+            for handle in handles:
+                esapi.flush_context(handle)

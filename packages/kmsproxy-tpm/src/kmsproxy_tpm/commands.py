@@ -13,13 +13,14 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from tpm2_pytss import TSS2_Exception
-from tpm2_pytss.constants import TPM2_ALG
+from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
 from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.types import (
     TPMS_ECC_PARMS,
     TPMS_RSA_PARMS,
     TPMT_ECC_SCHEME,
     TPMT_KDF_SCHEME,
+    TPMT_PUBLIC,
     TPMT_PUBLIC_PARMS,
     TPMT_RSA_SCHEME,
     TPMT_SYM_DEF_OBJECT,
@@ -31,6 +32,7 @@ from kmsproxy.plugins.file import load_certificates
 from kmsproxy.signer import SignerError
 from kmsproxy_tpm import storage
 from kmsproxy_tpm.device import (
+    OPTION_SYNTAX,
     TPMError,
     TPMUnavailable,
     describe_tss_error,
@@ -54,6 +56,22 @@ from kmsproxy_tpm.reference import (
 KEY_TYPES = ("EC", "RSA")
 CURVES = tuple(CURVE_IDS)
 RSA_SIZES = (2048, 3072)
+
+# Shown by `kmsproxy tpm list` after the type of a key with an auth value.
+AUTH_MARK = "auth value"
+
+# Attributes of a new key: it signs only (no decrypt, so a TLS client key
+# cannot also do raw RSA decryption), never leaves this TPM, takes its auth
+# value in a password session, and is exempt from dictionary-attack lockout
+# (noda), as tpm2-openssl's keys are.
+NEW_KEY_ATTRIBUTES = (
+    TPMA_OBJECT.USERWITHAUTH
+    | TPMA_OBJECT.SIGN_ENCRYPT
+    | TPMA_OBJECT.NODA
+    | TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -94,7 +112,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     _add_tpm_arguments(create)
     create.set_defaults(handler=run_create)
 
-    listing = commands.add_parser("list", help="list the keys in the key directory")
+    listing = commands.add_parser(
+        "list",
+        help="list the keys in the key directory",
+        description=(
+            "Print one line per key: name, type, certificate and URI, "
+            "separated by tabs. --device or --tcti goes into each URI."
+        ),
+    )
+    _add_tpm_arguments(listing)
     listing.set_defaults(handler=run_list)
 
     delete = commands.add_parser("delete", help="delete a key and its chain")
@@ -136,12 +162,13 @@ def _key_path(name: str) -> Path:
 
 
 def _uri_for(name: str, args: argparse.Namespace) -> str:
+    """Return the key URI for `name` with the TPM options given."""
     uri = f"{SCHEME}:name={name}"
     if args.tcti:
         uri += f";tcti={args.tcti}"
     elif args.device:
         uri += f";device={args.device}"
-    if args.pin_source:
+    if getattr(args, "pin_source", None):
         uri += f";pin-source={args.pin_source}"
     return uri
 
@@ -191,8 +218,12 @@ def run_create(args: argparse.Namespace) -> int:
         storage.write_new_key(path, blob.to_pem())
     except FileExistsError:
         raise UserError(f"{path} was created meanwhile by another program") from None
+    uri = _uri_for(args.name, args)
     print(f"created {blob.description} key {path}")
-    print(f"use it as --clientkey '{_uri_for(args.name, args)}'")
+    print(
+        f"use it as --clientkey '{uri}', or as the local CA's key with "
+        f"`kmsproxy init --key '{uri}'`"
+    )
     return 0
 
 
@@ -220,7 +251,7 @@ def _create_in_tpm(args: argparse.Namespace, tcti: str, auth: bytes | None) -> A
         try:
             esapi.test_parms(_key_parameters(args))
         except TSS2_Exception as error:
-            described = describe_tss_error(error, tcti)
+            described = describe_tss_error(error, tcti, OPTION_SYNTAX)
             if isinstance(described, TPMUnavailable):
                 raise UserError(f"tpm create {args.name}: {described}") from None
             raise UserError(
@@ -228,19 +259,36 @@ def _create_in_tpm(args: argparse.Namespace, tcti: str, auth: bytes | None) -> A
                 "try --kty EC --curve P-256"
             ) from None
 
+        # TSSPrivKey.create flushes the primary key it makes, on errors too.
         try:
-            if args.kty == "RSA":
-                return TSSPrivKey.create_rsa(esapi, keyBits=args.size, password=auth)
-            return TSSPrivKey.create_ecc(
-                esapi, curveID=CURVE_IDS[args.curve], password=auth
-            )
+            return TSSPrivKey.create(esapi, _key_template(args), password=auth)
         except TSS2_Exception as error:
-            message = describe_tss_error(error, tcti)
+            message = describe_tss_error(error, tcti, OPTION_SYNTAX)
             raise UserError(f"tpm create {args.name}: {message}") from None
 
 
+def _key_template(args: argparse.Namespace) -> Any:
+    """Return the TPMT_PUBLIC of a new signing key with the NULL scheme.
+
+    The NULL scheme lets each TPM2_Sign choose the scheme and hash, so an
+    RSA key signs with both RSA-PSS and PKCS#1 v1.5.
+    """
+    parameters = _key_parameters(args)
+    return TPMT_PUBLIC(
+        type=parameters.type,
+        nameAlg=TPM2_ALG.SHA256,
+        objectAttributes=NEW_KEY_ATTRIBUTES,
+        authPolicy=b"",
+        parameters=parameters.parameters,
+    )
+
+
 def run_list(args: argparse.Namespace) -> int:
-    """Print one line per key: name, type, certificate, URI (tab-separated)."""
+    """Print one line per key: name, type, certificate, URI (tab-separated).
+
+    A key with an auth value is typed `..., auth value`: its URI needs
+    pin-source= or pin-value= as well, which the key file does not name.
+    """
     names = storage.key_names()
     if not names:
         print(
@@ -248,13 +296,26 @@ def run_list(args: argparse.Namespace) -> int:
             "`kmsproxy tpm create NAME`",
             file=sys.stderr,
         )
+    any_auth = False
     for name in names:
         path = storage.key_path_for(name)
         try:
-            description = read_key_file(path).description
+            blob = read_key_file(path)
         except KeyFileError as error:
             description = f"unreadable ({error})"
-        print(f"{name}\t{description}\t{_chain_summary(path)}\t{SCHEME}:name={name}")
+        else:
+            description = blob.description
+            if blob.needs_auth:
+                description += f", {AUTH_MARK}"
+                any_auth = True
+        uri = _uri_for(name, args)
+        print(f"{name}\t{description}\t{_chain_summary(path)}\t{uri}")
+    if any_auth:
+        print(
+            f"keys marked '{AUTH_MARK}' need ;pin-source=FILE (or ;pin-value=) "
+            "added to their URI",
+            file=sys.stderr,
+        )
     return 0
 
 

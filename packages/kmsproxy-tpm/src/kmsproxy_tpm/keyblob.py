@@ -194,6 +194,32 @@ def candidate_schemes(
     ]
 
 
+def fixed_scheme_name(blob: KeyBlob) -> str | None:
+    """Name the scheme and hash the key's template fixes, if no TLS scheme fits.
+
+    Return None for a template with the NULL scheme or with a scheme that
+    some TLS signature scheme uses.
+    """
+    area = blob.public_area
+    if isinstance(blob.public_key, ec.EllipticCurvePublicKey):
+        fixed = area.parameters.eccDetail.scheme
+        tls_schemes = [_ECDSA_SCHEMES[blob.description.removeprefix("EC ")]]
+    else:
+        fixed = area.parameters.rsaDetail.scheme
+        tls_schemes = [*_RSA_PSS_SCHEMES, *_RSA_PKCS1_SCHEMES]
+    scheme = int(fixed.scheme)
+    if scheme == int(TPM2_ALG.NULL):
+        return None
+    hash_algorithm = int(fixed.details.anySig.hashAlg)
+    for tls_scheme in tls_schemes:
+        if (
+            tpm_signature_algorithm(tls_scheme) == scheme
+            and tpm_hash(tls_scheme) == hash_algorithm
+        ):
+            return None
+    return f"{TPM2_ALG(scheme)} with {TPM2_ALG(hash_algorithm)}"
+
+
 def tpm_hash(scheme: SignatureScheme) -> int:
     algorithm = scheme.hash_algorithm
     if algorithm is None or algorithm.name not in _TPM_HASHES:

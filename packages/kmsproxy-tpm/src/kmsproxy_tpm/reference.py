@@ -23,12 +23,13 @@ from pathlib import Path
 from kmsproxy.signer import SignerError
 from kmsproxy.uri import KeyURI
 from kmsproxy_tpm import storage
+from kmsproxy_tpm.device import DEFAULT_RESOURCE_MANAGER
 
 SCHEME = "tpmkms"
 
 # The kernel's resource manager: it swaps objects in and out for each open
 # file, so many programs share the TPM. step-kms-plugin uses the same default.
-DEFAULT_DEVICE = "/dev/tpmrm0"
+DEFAULT_DEVICE = DEFAULT_RESOURCE_MANAGER
 
 # Environment variable with the TCTI string for keys that name no device=
 # or tcti=, such as a TSS2 file given by bare path (`--clientkey key.pem`).

@@ -12,19 +12,26 @@ unless it does not fit.
 
 Each signature hashes the message in software and sends the digest to
 TPM2_Sign in a worker thread, one TPM call at a time per TPM.
+
+Without a resource manager (swtpm, /dev/tpm0) the TPM keeps a loaded object
+until someone flushes it, for every program, and it has few slots (3 in
+libtpms). So a key is loaded only for the length of one call and flushed
+before the call returns, on errors too. Between calls the signer keeps the
+key's saved context (TPM2_ContextSave), which TPM2_ContextLoad loads faster
+than the key file, which needs a new primary key each time.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
+import anyio
 from cryptography.exceptions import InvalidSignature
 from tpm2_pytss import TSS2_Exception
-from tpm2_pytss.constants import TPM2_RH
+from tpm2_pytss.constants import TPM2_RC, TPM2_RH
 from tpm2_pytss.tsskey import TSSPrivKey
 
 from kmsproxy.signer import (
@@ -35,12 +42,19 @@ from kmsproxy.signer import (
     verify_signature,
 )
 from kmsproxy_tpm import device as devices
-from kmsproxy_tpm.device import TPMAuthError, TPMDevice, TPMError, TPMUnavailable
+from kmsproxy_tpm.device import (
+    TPMAuthError,
+    TPMDevice,
+    TPMError,
+    TPMUnavailable,
+    describe_tss_error,
+)
 from kmsproxy_tpm.keyblob import (
     KeyBlob,
     KeyFileError,
     candidate_schemes,
     digest_for,
+    fixed_scheme_name,
     read_key_file,
     sign_digest,
     supported_algorithms,
@@ -52,10 +66,13 @@ logger = logging.getLogger(__name__)
 # Bytes signed by the self-check at open: random, so no two checks match.
 SELF_CHECK_BYTES = 32
 
-# Schemes that passed the self-check, by TCTI, key file content and auth
-# value, so that reopening a key (each reload does) needs no TPM command.
-_checked_schemes: dict[tuple[str, bytes, bytes | None], list[SignatureScheme]] = {}
-_checked_lock = threading.Lock()
+_T = TypeVar("_T")
+
+
+# Response codes of a load under a persistent parent that the TPM lacks.
+_MISSING_PARENT_CODES = frozenset(
+    {int(TPM2_RC.HANDLE), int(TPM2_RC.REFERENCE_H0), int(TPM2_RC.VALUE)}
+)
 
 
 def load_blob(esapi: Any, blob: KeyBlob, auth: bytes | None) -> Any:
@@ -70,7 +87,7 @@ def load_blob(esapi: Any, blob: KeyBlob, auth: bytes | None) -> Any:
         return key.load(esapi, auth or None)
     except TSS2_Exception as error:
         parent = int(blob.key.parent)
-        if parent != int(TPM2_RH.OWNER):
+        if parent != int(TPM2_RH.OWNER) and int(error.error) in _MISSING_PARENT_CODES:
             raise TPMError(
                 f"cannot load the key under its parent 0x{parent:08x} ({error}): "
                 "check that this persistent key exists in this TPM "
@@ -100,14 +117,23 @@ class TPMSigner(BlockingSigner):
     def __init__(
         self, reference: KeyReference, blob: KeyBlob, device: TPMDevice
     ) -> None:
-        super().__init__(device.limiter())
+        # BlockingSigner.__init__ is not called: `limiter` is a property.
         self._reference = reference
         self._blob = blob
         self._device = device
-        self._handle: Any = None
-        self._generation = -1
+        # The key's TPMS_CONTEXT from TPM2_ContextSave, once it was loaded.
+        self._saved: Any = None
         self._schemes: list[SignatureScheme] = []
         self._closed = False
+
+    @property
+    def limiter(self) -> anyio.CapacityLimiter:  # type: ignore[override]
+        """The TPM's limiter in the event loop that runs the call.
+
+        It is looked up at each call, because a key may be opened in a
+        worker thread, where no event loop runs.
+        """
+        return self._device.limiter()
 
     @classmethod
     def open(cls, reference: KeyReference) -> TPMSigner:
@@ -124,37 +150,22 @@ class TPMSigner(BlockingSigner):
             raise SignerError(f"{reference.uri}: {error}{hint}") from None
         device = devices.acquire_device(reference.tcti)
         signer = cls(reference, blob, device)
-        check_key = (reference.tcti, blob.to_pem(), reference.auth)
-        with _checked_lock:
-            checked = _checked_schemes.get(check_key)
-        if checked is not None:
-            # A reload reopens every key: the TPM already signed with this
-            # key and auth value, and the key loads at its first signature.
-            signer._schemes = checked
-            logger.debug("Reopened TPM key uri=%s", reference.uri)
-            return signer
         try:
             signer._schemes = device.call(signer._self_check)
         except TPMAuthError:
-            signer._flush_and_release()
+            signer._release()
             raise SignerError(
                 f"{reference.uri}: {auth_error_message(reference, blob)}"
             ) from None
         except TPMError as error:
-            signer._flush_and_release()
+            signer._release()
             raise SignerError(f"{reference.uri}: {error}") from None
         except BaseException:
-            signer._flush_and_release()
+            signer._release()
             raise
         if not signer._schemes:
-            signer._flush_and_release()
-            raise SignerError(
-                f"{reference.uri}: the TPM at {reference.tcti} produced no "
-                f"signature with this {blob.description} key that verifies "
-                "against its public key"
-            )
-        with _checked_lock:
-            _checked_schemes[check_key] = signer._schemes
+            signer._release()
+            raise SignerError(f"{reference.uri}: {no_scheme_message(reference, blob)}")
         logger.info(
             "Opened TPM key uri=%s type=%s schemes=%s",
             reference.uri,
@@ -188,8 +199,8 @@ class TPMSigner(BlockingSigner):
         digest = digest_for(scheme, data)
         try:
             signature = self._device.call(
-                lambda esapi, generation: self._sign_loaded(
-                    esapi, generation, scheme, digest
+                lambda esapi: self._with_key(
+                    esapi, lambda handle: sign_digest(esapi, handle, scheme, digest)
                 )
             )
         except TPMUnavailable as error:
@@ -204,31 +215,86 @@ class TPMSigner(BlockingSigner):
         return signature
 
     async def aclose(self) -> None:
+        """Forget the key. Nothing is loaded in the TPM between calls."""
         if self._closed:
             return
         self._closed = True
-        await self.run_blocking(self._flush_and_release)
+        await anyio.to_thread.run_sync(self._release, abandon_on_cancel=True)
 
-    def _loaded(self, esapi: Any, generation: int) -> Any:
-        """Return the key's handle, loading the blob into a new context."""
-        if self._generation != generation or self._handle is None:
-            self._handle = load_blob(esapi, self._blob, self._reference.auth)
-            self._generation = generation
-        return self._handle
+    def _with_key(self, esapi: Any, action: Callable[[Any], _T]) -> _T:
+        """Load the key, run `action(handle)`, and flush the key again."""
+        handle = self._load(esapi)
+        try:
+            return action(handle)
+        finally:
+            self._flush(esapi, handle)
 
-    def _sign_loaded(
-        self, esapi: Any, generation: int, scheme: SignatureScheme, digest: bytes
-    ) -> bytes:
-        return sign_digest(esapi, self._loaded(esapi, generation), scheme, digest)
+    def _load(self, esapi: Any) -> Any:
+        """Load the key from its saved context, else from the key file."""
+        if self._saved is not None:
+            try:
+                handle = esapi.context_load(self._saved)
+            except TSS2_Exception as error:
+                if isinstance(
+                    describe_tss_error(error, self._device.tcti), TPMUnavailable
+                ):
+                    raise
+                # A TPM reset invalidates saved contexts (TPM_RC_INTEGRITY).
+                logger.debug(
+                    "Saved TPM key context rejected, loading the key file uri=%s: %s",
+                    self.uri,
+                    error,
+                )
+                self._saved = None
+            else:
+                esapi.tr_set_auth(handle, self._reference.auth or None)
+                return handle
+        handle = load_blob(esapi, self._blob, self._reference.auth)
+        try:
+            self._saved = esapi.context_save(handle)
+        except BaseException:
+            self._flush(esapi, handle)
+            raise
+        return handle
 
-    def _self_check(self, esapi: Any, generation: int) -> list[SignatureScheme]:
+    def _flush(self, esapi: Any, handle: Any) -> None:
+        try:
+            esapi.flush_context(handle)
+        except TSS2_Exception as error:
+            logger.warning(
+                "Flushing the TPM key failed uri=%s: %s; without a resource "
+                "manager, `tpm2_flushcontext -t` unloads it",
+                self.uri,
+                error,
+            )
+
+    def _self_check(self, esapi: Any) -> list[SignatureScheme]:
+        return self._with_key(esapi, lambda handle: self._check_schemes(esapi, handle))
+
+    def _check_schemes(self, esapi: Any, handle: Any) -> list[SignatureScheme]:
         """Sign a random message with each candidate scheme; keep what verifies."""
-        handle = self._loaded(esapi, generation)
         algorithms = supported_algorithms(esapi)
         message = os.urandom(SELF_CHECK_BYTES)
         working: list[SignatureScheme] = []
         for scheme in candidate_schemes(self._blob, algorithms):
-            signature = sign_digest(esapi, handle, scheme, digest_for(scheme, message))
+            try:
+                signature = sign_digest(
+                    esapi, handle, scheme, digest_for(scheme, message)
+                )
+            except TSS2_Exception as error:
+                described = describe_tss_error(error, self._device.tcti)
+                if isinstance(described, (TPMUnavailable, TPMAuthError)):
+                    raise
+                # A TPM may list an algorithm that it rejects for this key
+                # (TPM_RC_SCHEME, TPM_RC_HASH); the other schemes may work.
+                logger.info(
+                    "TPM cannot sign with this scheme, not offered uri=%s "
+                    "scheme=%s error=%s",
+                    self.uri,
+                    scheme.name,
+                    error,
+                )
+                continue
             try:
                 verify_signature(self._blob.public_key, signature, message, scheme)
             except InvalidSignature:
@@ -242,17 +308,20 @@ class TPMSigner(BlockingSigner):
             working.append(scheme)
         return working
 
-    def _flush_and_release(self) -> None:
-        def flush(esapi: Any, generation: int) -> None:
-            if self._handle is not None and self._generation == generation:
-                esapi.flush_context(self._handle)
-            self._handle = None
-
-        try:
-            self._device.call_if_open(flush)
-        except TPMError as error:
-            logger.debug("Flushing the TPM key failed uri=%s: %s", self.uri, error)
-        self._release()
-
     def _release(self) -> None:
         devices.release_device(self._device)
+
+
+def no_scheme_message(reference: KeyReference, blob: KeyBlob) -> str:
+    """Say why a key offers no TLS scheme: its template or the TPM."""
+    fixed = fixed_scheme_name(blob)
+    if fixed is not None:
+        return (
+            f"the {blob.description} key's template allows only {fixed}, which "
+            "no TLS signature scheme uses; create a key without a fixed scheme "
+            "(`kmsproxy tpm create`)"
+        )
+    return (
+        f"the TPM at {reference.tcti} produced no signature with this "
+        f"{blob.description} key that verifies against its public key"
+    )

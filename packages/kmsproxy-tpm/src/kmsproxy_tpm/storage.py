@@ -22,7 +22,8 @@ CHAIN_SUFFIX = ".crt"
 # Key files hold wrapped private keys and the directory lists them.
 KEY_FILE_MODE = 0o600
 DIRECTORY_MODE = 0o700
-# Certificates are public; other tools that renew them may need to read them.
+# Certificates are public. Only the owner reaches them through the 0700
+# directory, but a copy keeps the usual certificate mode.
 CHAIN_FILE_MODE = 0o644
 
 # A name becomes a file name: letters, digits, `.`, `_` and `-`, not starting
@@ -57,6 +58,8 @@ def chain_path_for(key_path: Path) -> Path:
 def write_new_key(path: Path, pem: bytes) -> None:
     """Write a key file with mode 0600; raise `FileExistsError` if it exists."""
     path.parent.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+    # mkdir leaves an existing directory's mode as it was.
+    os.chmod(path.parent, DIRECTORY_MODE)
     # O_EXCL never replaces a key, and the mode applies from the first byte.
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_FILE_MODE)
     with os.fdopen(descriptor, "wb") as file:
