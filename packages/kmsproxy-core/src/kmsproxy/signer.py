@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import abc
 import enum
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TypeAlias, TypeVar
 
@@ -257,12 +259,42 @@ class SoftwareSigner(Signer):
         return sign_with_private_key(self._private_key, data, scheme)
 
 
+# How long a device call waits for an earlier call on the same device that
+# its caller abandoned after a timeout. Equal to the handshake's bound on one
+# signature (tls.config.SIGNATURE_TIMEOUT_SECONDS): the caller of the waiting
+# call has given up by then too, so waiting longer only holds a thread.
+ABANDONED_CALL_WAIT_SECONDS = 20.0
+
+# One lock per device limiter, held by the worker thread for the whole call.
+# The limiter alone cannot keep the device to one call: anyio releases it as
+# soon as a caller is cancelled, while the abandoned thread still runs.
+_device_locks: weakref.WeakKeyDictionary[anyio.CapacityLimiter, threading.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+_device_locks_guard = threading.Lock()
+
+
+def _device_lock(limiter: anyio.CapacityLimiter) -> threading.Lock:
+    with _device_locks_guard:
+        lock = _device_locks.get(limiter)
+        if lock is None:
+            lock = _device_locks[limiter] = threading.Lock()
+        return lock
+
+
 class BlockingSigner(Signer):
     """Base for backends whose library blocks (PKCS#11, TPM, cloud SDKs).
 
     Subclasses implement `sign_blocking`; `sign` runs it in a worker thread
     behind `limiter`, which backends share per device so one token sees one
     operation at a time while other tunnels keep flowing.
+
+    A caller that is cancelled (a handshake or mint timeout, the proxy
+    stopping) returns at once and abandons the worker thread, which keeps
+    running until the device answers. That thread still holds the device's
+    lock, so the next call on the device waits in its own thread for up to
+    `ABANDONED_CALL_WAIT_SECONDS` and then raises `SignerError`. A hung
+    device therefore gives 502 answers instead of hung tunnels.
     """
 
     def __init__(self, limiter: anyio.CapacityLimiter) -> None:
@@ -278,5 +310,24 @@ class BlockingSigner(Signer):
         return await self.run_blocking(self.sign_blocking, data, scheme)
 
     async def run_blocking(self, function: Callable[..., _T], *args: object) -> _T:
-        """Run a blocking device call in a worker thread behind the limiter."""
-        return await anyio.to_thread.run_sync(function, *args, limiter=self.limiter)
+        """Run a blocking device call in a worker thread behind the limiter.
+
+        Cancelling the caller abandons the thread (see the class docstring).
+        """
+        device_lock = _device_lock(self.limiter)
+
+        def call_holding_device() -> _T:
+            if not device_lock.acquire(timeout=ABANDONED_CALL_WAIT_SECONDS):
+                raise SignerError(
+                    f"{self.uri}: the device is still busy with a call that "
+                    f"timed out, after {ABANDONED_CALL_WAIT_SECONDS:g} s of "
+                    "waiting; check that the device responds"
+                )
+            try:
+                return function(*args)
+            finally:
+                device_lock.release()
+
+        return await anyio.to_thread.run_sync(
+            call_holding_device, limiter=self.limiter, abandon_on_cancel=True
+        )

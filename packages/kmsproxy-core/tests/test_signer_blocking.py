@@ -1,0 +1,169 @@
+"""A device whose signature never returns: timeouts fire, the proxy stops.
+
+`BlockingSigner` runs device calls in worker threads. A cancelled caller
+abandons its thread, and the device lock that the thread still holds keeps a
+second call off the device until the first one returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import anyio
+import pytest
+from peers import Peer, start_nginx
+from pki import generate_key
+from test_proxy import Site, curl, make_site
+
+from kmsproxy import Proxy, tls
+from kmsproxy import signer as signer_module
+from kmsproxy.signer import (
+    BlockingSigner,
+    PrivateKey,
+    PublicKey,
+    SignatureScheme,
+    SignerError,
+    schemes_for_public_key,
+    sign_with_private_key,
+)
+
+pytestmark = pytest.mark.anyio
+
+# Upper bound for a hung signature to be released at the end of a test; the
+# device is released explicitly long before, this only bounds a broken test.
+RELEASE_TIMEOUT_SECONDS = 60.0
+
+# The signature timeout the proxy test gives the TLS client, so that the 502
+# arrives in about a second instead of the default 20 s.
+SHORT_SIGNATURE_TIMEOUT_SECONDS = 1.0
+
+# Bound for the caller to return after cancellation or for the proxy to stop.
+# Both take milliseconds; the bound is far below the hung call's wait.
+PROMPT_SECONDS = 5.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class HungDevice(BlockingSigner):
+    """A software key behind a device that answers only when `release` is set."""
+
+    def __init__(self, private_key: PrivateKey, uri: str = "fake:name=hung") -> None:
+        super().__init__(anyio.CapacityLimiter(1))
+        self._private_key = private_key
+        self._uri = uri
+        self.release = threading.Event()
+        self.active = 0
+        self.max_active = 0
+        self.calls = 0
+        self._count_lock = threading.Lock()
+
+    @property
+    def uri(self) -> str:
+        return self._uri
+
+    def public_key(self) -> PublicKey:
+        return self._private_key.public_key()
+
+    @property
+    def schemes(self) -> Sequence[SignatureScheme]:
+        return schemes_for_public_key(self._private_key.public_key())
+
+    def sign_blocking(self, data: bytes, scheme: SignatureScheme) -> bytes:
+        with self._count_lock:
+            self.calls += 1
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            self.release.wait(RELEASE_TIMEOUT_SECONDS)
+            return sign_with_private_key(self._private_key, data, scheme)
+        finally:
+            with self._count_lock:
+                self.active -= 1
+
+
+@pytest.fixture
+def device() -> Iterator[HungDevice]:
+    hung = HungDevice(generate_key("p256"))
+    yield hung
+    hung.release.set()
+
+
+async def test_cancel_abandons_hung_call(device: HungDevice) -> None:
+    started = time.monotonic()
+    with anyio.move_on_after(0.2) as scope:
+        await device.sign(b"data", SignatureScheme.ecdsa_secp256r1_sha256)
+    assert scope.cancelled_caught
+    assert time.monotonic() - started < PROMPT_SECONDS
+
+
+async def test_abandoned_call_keeps_device(
+    device: HungDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(signer_module, "ABANDONED_CALL_WAIT_SECONDS", 0.2)
+    scheme = SignatureScheme.ecdsa_secp256r1_sha256
+    with anyio.move_on_after(0.2):
+        await device.sign(b"first", scheme)
+    with pytest.raises(SignerError, match="still busy with a call that timed out"):
+        await device.sign(b"second", scheme)
+    assert device.calls == 1
+    device.release.set()
+    with anyio.fail_after(PROMPT_SECONDS):
+        signature = await device.sign(b"third", scheme)
+    assert signature.startswith(b"\x30")
+    assert device.max_active == 1
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    return make_site(tmp_path)
+
+
+@pytest.fixture
+def nginx(site: Site) -> Iterator[Peer]:
+    with start_nginx(
+        site.directory,
+        site.path("server.crt"),
+        site.path("server.key"),
+        site.path("client-ca.crt"),
+    ) as peer:
+        yield peer
+
+
+@dataclasses.dataclass
+class ShortSignatureConfig(tls.TLSClientConfig):
+    signature_timeout: float = SHORT_SIGNATURE_TIMEOUT_SECONDS
+
+
+async def test_hung_client_key_gets_502(
+    site: Site, nginx: Peer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tls, "TLSClientConfig", ShortSignatureConfig)
+    device = HungDevice(site.client.key)
+    proxy = Proxy(site.config(client_keys=[device]))
+    try:
+        async with anyio.create_task_group() as group:
+            addresses = await group.start(proxy.serve)
+            started = time.monotonic()
+            result = await curl(
+                "--proxy", addresses.proxy_url,
+                "--cacert", str(site.path("ca.crt")),
+                "--write-out", "\nstatus=%{http_code}",
+                f"https://127.0.0.1:{nginx.port}/subject",
+            )  # fmt: skip
+            answered = time.monotonic() - started
+            stop_started = time.monotonic()
+            group.cancel_scope.cancel()
+        stopped = time.monotonic() - stop_started
+    finally:
+        device.release.set()
+    assert result.stdout.endswith(b"status=502")
+    assert answered < SHORT_SIGNATURE_TIMEOUT_SECONDS + PROMPT_SECONDS
+    assert stopped < PROMPT_SECONDS
+    assert device.calls == 1
