@@ -485,6 +485,7 @@ async def wait_until_signs(signer: Signer, data: bytes) -> bytes:
 async def test_removed_token_recovers(
     token: Token, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="kmsproxy.backoff")
     signer = open_signer(key_uri(token.hsm, TOKEN, KEY_IDS["p256"]))
     scheme = signer.schemes[0]
     try:
@@ -504,6 +505,8 @@ async def test_removed_token_recovers(
     back = [r for r in caplog.records if "store available again" in r.getMessage()]
     assert len(lost) == 1
     assert len(back) == 1
+    for record in caplog.records:
+        assert record.getMessage().count(signer.uri) <= 1
 
 
 async def test_changed_wrong_pin_is_not_resent(token: Token, tmp_path: Path) -> None:
@@ -567,6 +570,23 @@ def test_rejected_pin_is_kept_per_token(token: Token) -> None:
     other_key = key_uri(token.hsm, TOKEN, KEY_IDS["p384"], pin=False)
     with pytest.raises(SignerError, match="does not send it again"):
         open_signer(other_key + "?pin-value=424242")
+
+
+async def test_reload_after_pin_file_change(token: Token, tmp_path: Path) -> None:
+    # A reload opens the key again while the old signer is still logged in.
+    pin_file = tmp_path / "pin"
+    pin_file.write_text(USER_PIN)
+    uri = (
+        key_uri(token.hsm, TOKEN, KEY_IDS["p256"], pin=False)
+        + f"?pin-source={pin_file}"
+    )
+    signer = open_signer(uri)
+    try:
+        pin_file.write_text("102938")
+        reloaded = open_signer(uri)
+        await reloaded.aclose()
+    finally:
+        await signer.aclose()
 
 
 async def test_second_key_with_other_pin_fails(token: Token) -> None:

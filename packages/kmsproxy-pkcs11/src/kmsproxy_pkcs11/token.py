@@ -344,7 +344,9 @@ class TokenSession:
             self._close_session()
 
     def _check_same_pin(self, pin: PinSource) -> None:
-        if not pin.given or self._login_pin is None:
+        # The same pin-source file passes even when its content changed since
+        # the login, so a reload after a PIN change keeps working.
+        if not pin.given or self._login_pin is None or pin == self.pin:
             return
         text = read_pin(pin, self.uri)
         if text is not None and pin_fingerprint(text) != self._login_pin:
