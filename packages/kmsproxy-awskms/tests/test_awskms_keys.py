@@ -195,20 +195,20 @@ def test_missing_alias(moto_kms: MotoKMS) -> None:
 
 
 def test_missing_key_id() -> None:
-    with pytest.raises(ValueError, match="missing key-id="):
+    with pytest.raises(UserError, match="missing key-id="):
         Registry.load().open_signer("awskms:region=eu-west-1")
 
 
 def test_unknown_attribute_keeps_secret_out() -> None:
     uri = "awskms:key-id=k;secret-access-key=hunter2"
-    with pytest.raises(ValueError, match="unknown attribute") as raised:
+    with pytest.raises(UserError, match="unknown attribute") as raised:
         Registry.load().open_signer(uri)
     assert "unknown attribute secret-access-key" in str(raised.value)
     assert "hunter2" not in str(raised.value)
 
 
 def test_endpoint_must_be_url() -> None:
-    with pytest.raises(ValueError, match="is not an http"):
+    with pytest.raises(UserError, match="is not an http"):
         Registry.load().open_signer("awskms:key-id=k;endpoint=127.0.0.1:4566")
 
 
