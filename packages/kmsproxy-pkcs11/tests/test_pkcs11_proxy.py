@@ -281,12 +281,7 @@ async def test_cli_serve_recovers_after_removal(setup: Setup, tmp_path: Path) ->
                 recovered = (await curl(*arguments)).stdout
         back = wait_for_line(process, r"store available again").string
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=PROCESS_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=PROCESS_TIMEOUT_SECONDS)
+        stop_cli(process)
     assert first.stdout == b"subject=CN=token rsa2048\n\nstatus=200"
     assert b"token not present" in missing.stdout
     assert missing.stdout.endswith(b"status=502")
@@ -364,6 +359,16 @@ async def test_busy_token_holds_only_its_tunnels(setup: Setup, tmp_path: Path) -
     assert token_body == b"subject=CN=token p384\n\nstatus=200"
 
 
+def stop_cli(process: subprocess.Popen[str]) -> None:
+    """Stop a `kmsproxy serve` subprocess: SIGTERM, then SIGKILL (bounded)."""
+    process.terminate()
+    try:
+        process.wait(timeout=PROCESS_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=PROCESS_TIMEOUT_SECONDS)
+
+
 def wait_for_text(path: Path, text: str) -> None:
     """Wait until the file at `path` contains `text` (bounded)."""
     deadline = time.monotonic() + PROCESS_TIMEOUT_SECONDS
@@ -401,12 +406,7 @@ async def test_cli_serve_log_hides_pin(setup: Setup, tmp_path: Path) -> None:
         process.send_signal(signal.SIGHUP)
         wait_for_text(log, "Reloaded identities")
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=PROCESS_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=PROCESS_TIMEOUT_SECONDS)
+        stop_cli(process)
     output = log.read_text()
     assert result.stdout == b"subject=CN=token p256\n"
     assert "pin-value=***" in output

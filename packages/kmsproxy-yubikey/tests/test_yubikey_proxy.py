@@ -17,6 +17,7 @@ import pytest
 from peers import Peer, free_port, start_nginx
 from softhsm_token import SoftHSM, activate, create_softhsm
 from test_cli import wait_for_line
+from test_pkcs11_proxy import stop_cli
 from test_proxy import Site, curl, make_site
 from yubikey_standin import PIV_PIN, TOKEN, fill_slot, slot_uri
 
@@ -24,9 +25,6 @@ from kmsproxy import Proxy
 from kmsproxy_yubikey.slots import parse_slot
 
 pytestmark = [pytest.mark.anyio, pytest.mark.interop]
-
-# Bound for the CLI subprocess to stop.
-PROCESS_TIMEOUT_SECONDS = 30.0
 
 
 @pytest.fixture
@@ -98,11 +96,6 @@ async def test_go_form_serve_with_yubikey_uri(setup: Setup) -> None:
             f"https://localhost:{setup.nginx.port}/subject",
         )  # fmt: skip
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=PROCESS_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=PROCESS_TIMEOUT_SECONDS)
+        stop_cli(process)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == b"subject=CN=piv 9a\n"
