@@ -217,13 +217,22 @@ class IdentityStore:
         """Open every key and certificate argument through `registry`.
 
         When one argument fails, the keys already opened are closed before
-        the error propagates, so a device session is not left open.
+        the error propagates, so a device session is not left open. Backends
+        open keys with blocking device or network calls, so each one opens
+        in a worker thread and the event loop keeps serving meanwhile. The
+        thread is not abandoned on cancellation, so no signer it opens is
+        lost without being closed.
         """
         slots: list[KeySlot] = []
         try:
             for key in keys:
-                slots.append(open_key_slot(registry, key))
-            sources = [open_certificate_source(registry, c) for c in certificates]
+                slots.append(
+                    await anyio.to_thread.run_sync(open_key_slot, registry, key)
+                )
+            sources = [
+                await anyio.to_thread.run_sync(open_certificate_source, registry, c)
+                for c in certificates
+            ]
             return cls(slots, sources)
         except BaseException:
             await close_signers([slot.signer for slot in slots if slot.owned])
@@ -328,9 +337,10 @@ class IdentityStore:
         signers: list[Signer] = []
         try:
             for slot in self.keys:
-                signers.append(
-                    slot.reopen() if slot.reopen is not None else slot.signer
-                )
+                if slot.reopen is None:
+                    signers.append(slot.signer)
+                else:
+                    signers.append(await anyio.to_thread.run_sync(slot.reopen))
             chains = [(source.uri, await source.load()) for source in self.sources]
             pairing = pair_identities(signers, chains)
             if not pairing.identities:

@@ -391,18 +391,23 @@ async def _open_ca(
     """Open the CA key and certificate; push the key's close onto `keys`.
 
     A ready-made `Signer` in `config.ca_key` belongs to the caller, so only
-    a key that the registry opened is closed.
+    a key that the registry opened is closed. The registry's hooks block on
+    the device, so they run in a worker thread.
     """
     if isinstance(config.ca_key, Signer):
         signer = config.ca_key
     else:
-        signer = registry.open_signer(os.fspath(config.ca_key))
+        signer = await anyio.to_thread.run_sync(
+            registry.open_signer, os.fspath(config.ca_key)
+        )
         # Bounded in time and shielded from cancellation, like the store's.
         keys.push_async_callback(close_signers, [signer])
     if isinstance(config.ca_certificate, CertificateSource):
         source = config.ca_certificate
     else:
-        source = registry.open_certificates(os.fspath(config.ca_certificate))
+        source = await anyio.to_thread.run_sync(
+            registry.open_certificates, os.fspath(config.ca_certificate)
+        )
     chain = await source.load()
     try:
         return LocalCA(chain[0], signer)
