@@ -48,6 +48,11 @@ SRK_ATTRIBUTES = (
 PERSISTENT_PARENT = "0x81000001"
 
 
+# A P-256 key whose template fixes ECDSA with SHA-384, a pair that no TLS
+# signature scheme uses (TLS 1.3 pairs P-256 with SHA-256).
+FIXED_NON_TLS = "ecc256:ecdsa-sha384"
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
@@ -265,3 +270,14 @@ def test_missing_persistent_parent_is_named(
         Registry.load().open_signer(f"tpmkms:path={pem};tcti={swtpm_module.tcti}")
     assert "under its parent 0x81000002" in str(raised.value)
     assert transient_handles(swtpm_module) == []
+
+
+def test_fixed_scheme_without_tls_match_is_named(
+    swtpm_module: Swtpm, tmp_path: Path, srk_context: Path
+) -> None:
+    pem = encode_tools_key(swtpm_module, str(srk_context), tmp_path, FIXED_NON_TLS)
+    with pytest.raises(SignerError) as raised:
+        Registry.load().open_signer(f"tpmkms:path={pem};tcti={swtpm_module.tcti}")
+    message = str(raised.value)
+    assert "template allows only ecdsa with sha384" in message
+    assert "no TLS signature scheme uses" in message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import stat
 import threading
@@ -412,6 +413,16 @@ def test_missing_device_named_in_option_syntax(
     assert "no TPM found at /nonexistent/tpmrm0" in error
     assert "another TPM with --tcti TCTI (for example --tcti swtpm:" in error
     assert "tcti=" not in error
+
+
+def test_device_that_is_no_tpm_is_named(
+    key_directory: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    status = main(["tpm", "create", "client", "--device", str(fifo)])
+    assert status == 2
+    assert f"{fifo} is not a TPM character device" in capsys.readouterr().err
 
 
 def test_rsa_key_is_sign_only(swtpm_module: Swtpm, key_directory: Path) -> None:
