@@ -60,8 +60,8 @@ RSA_SIZES = (2048, 3072)
 # Shown by `kmsproxy tpm list` after the type of a key with an auth value.
 AUTH_MARK = "auth value"
 
-# Attributes of a new key: it signs only (no decrypt, so a TLS client key
-# cannot also do raw RSA decryption), never leaves this TPM, takes its auth
+# Attributes of a new key. It signs only: without decrypt, a TLS client key
+# cannot also do raw RSA decryption. It never leaves this TPM, takes its auth
 # value in a password session, and is exempt from dictionary-attack lockout
 # (noda), as tpm2-openssl's keys are.
 NEW_KEY_ATTRIBUTES = (

@@ -106,12 +106,12 @@ class TPMUnavailable(TPMError):
 
 
 class TPMBusy(TPMUnavailable):
-    """The TPM answered but cannot run the command now; the context stays."""
+    """The TPM responded but cannot run the command now; the context stays open."""
 
 
 @dataclass(frozen=True)
 class SettingSyntax:
-    """How the user chooses a TPM where an error shows: URI or options."""
+    """The syntax that names a TPM in an error's fix: URI attributes or options."""
 
     device_format: str
     tcti_format: str
@@ -279,7 +279,7 @@ class TPMDevice:
 
         Raise `TPMError`. After a `TPMUnavailable` other than `TPMBusy` the
         context is closed, so the next call opens a new one. A `TPMBusy` TPM
-        still holds what it loaded, so the context stays open.
+        keeps what it loaded, so the context stays open.
         """
         # NOTE: the device and swtpm TCTIs of tpm2-tss 3.2 wait for a response
         # without a timeout, so a TPM that stops responding but keeps the

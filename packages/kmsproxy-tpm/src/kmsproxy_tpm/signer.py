@@ -1,6 +1,6 @@
 """`TPMSigner`: a TLS `Signer` over a key loaded in a TPM.
 
-Opening a key (at startup, in the event loop's thread) reads its TSS2 PEM,
+Opening a key (at startup) reads its TSS2 PEM,
 loads it under its parent, and signs a test digest with every scheme the
 template and the TPM allow. Only the schemes whose signature verifies
 against the public key are offered. This catches a wrong auth value before
@@ -17,8 +17,8 @@ Without a resource manager (swtpm, /dev/tpm0) the TPM keeps a loaded object
 until someone flushes it, for every program, and it has few slots (3 in
 libtpms). So a key is loaded only for the length of one call and flushed
 before the call returns, on errors too. Between calls the signer keeps the
-key's saved context (TPM2_ContextSave), which TPM2_ContextLoad loads faster
-than the key file, which needs a new primary key each time.
+key's saved context (TPM2_ContextSave). TPM2_ContextLoad restores it faster
+than a load of the key file, which needs a new primary key each time.
 """
 
 from __future__ import annotations
