@@ -203,8 +203,21 @@ def test_verify_wrong_name() -> None:
 
 
 def test_verify_unknown_issuer() -> None:
-    with pytest.raises(CertificateVerifyFailed, match="unknown issuer") as caught:
+    with pytest.raises(CertificateVerifyFailed) as caught:
         TrustStore([OTHER_CA.cert]).verify_server([SERVER.cert], "server.test")
+    issuer = CA.cert.subject.rfc4514_string()
+    assert str(caught.value).startswith(
+        f"certificate not trusted: issuer {issuer!r} of 'CN=server' is not in "
+        "the trust store; add that CA's certificate with --trust FILE"
+    )
+    assert caught.value.description == AlertDescription.unknown_ca
+
+
+def test_verify_untrusted_root_sent() -> None:
+    with pytest.raises(CertificateVerifyFailed) as caught:
+        TrustStore([OTHER_CA.cert]).verify_server([SERVER.cert, CA.cert], "server.test")
+    subject = CA.cert.subject.rfc4514_string()
+    assert f"{subject!r} is self-signed and not in the trust store" in str(caught.value)
     assert caught.value.description == AlertDescription.unknown_ca
 
 

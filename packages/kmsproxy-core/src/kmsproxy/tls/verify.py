@@ -208,9 +208,38 @@ class TrustStore:
         try:
             return verifier.verify(chain[0], list(chain[1:]))
         except VerificationError as error:
-            raise _verification_failure(
-                str(error), chain[0], server_name, now
-            ) from None
+            failure = _verification_failure(str(error), chain[0], server_name, now)
+            untrusted = self._untrusted_top(chain)
+            if untrusted is not None and "does not match" not in str(failure):
+                failure = _not_trusted(untrusted)
+            raise failure from None
+
+    def _untrusted_top(
+        self, chain: Sequence[x509.Certificate]
+    ) -> x509.Certificate | None:
+        """Return the top of the presented chain when its issuer is untrusted.
+
+        Follow issuer names from the leaf through the certificates the server
+        sent. When the last one reached names an issuer that no trusted
+        certificate has as its subject, no path can exist, whatever reason
+        the path builder reports (cryptography 50 may report a max depth or
+        a missing extension on the untrusted CA instead). Return None when a
+        trusted certificate has that name, so the path builder's reason is
+        the real one.
+        """
+        trusted_names = {certificate.subject for certificate in self.certificates}
+        by_subject = {certificate.subject: certificate for certificate in chain[1:]}
+        current = chain[0]
+        # Each step removes a certificate from `by_subject`, so the chain's
+        # length bounds the walk even when issuer names form a loop.
+        for _ in range(len(chain)):
+            if current.issuer in trusted_names:
+                return None
+            issuer = by_subject.pop(current.issuer, None)
+            if issuer is None:
+                break
+            current = issuer
+        return current
 
 
 def _subject_for(server_name: str) -> x509.DNSName | x509.IPAddress:
@@ -288,6 +317,23 @@ def _san_names(leaf: x509.Certificate) -> list[str]:
     names = [str(name) for name in san.value.get_values_for_type(x509.DNSName)]
     names += [str(ip) for ip in san.value.get_values_for_type(x509.IPAddress)]
     return names
+
+
+def _not_trusted(top: x509.Certificate) -> CertificateVerifyFailed:
+    """Name the untrusted issuer (or self-signed certificate) and the fix."""
+    subject = top.subject.rfc4514_string()
+    if top.issuer == top.subject:
+        return CertificateVerifyFailed(
+            f"certificate not trusted: {subject!r} is self-signed and not in the "
+            "trust store; add it with --trust FILE",
+            AlertDescription.unknown_ca,
+        )
+    issuer = top.issuer.rfc4514_string()
+    return CertificateVerifyFailed(
+        f"certificate not trusted: issuer {issuer!r} of {subject!r} is not in "
+        "the trust store; add that CA's certificate with --trust FILE",
+        AlertDescription.unknown_ca,
+    )
 
 
 def _verification_failure(
