@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -27,6 +28,7 @@ from tpm_testkeys import (
     write_chain,
 )
 
+from kmsproxy.backoff import Backoff
 from kmsproxy.cli import main
 from kmsproxy.plugins.registry import Registry
 from kmsproxy.signer import (
@@ -226,9 +228,21 @@ def test_hung_tpm_wait_is_bounded(
     verify_signature(signer.public_key(), first[0], MESSAGE, scheme)
 
 
+class ManualClock:
+    """A monotonic clock for `Backoff` that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def test_sign_backs_off_while_tpm_is_gone(
     swtpm_module: Swtpm, key_directory: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    clock = ManualClock()
+    monkeypatch.setattr(devices, "Backoff", functools.partial(Backoff, clock=clock))
     uri = create_key(swtpm_module, "client")
     scheme = SignatureScheme.ecdsa_secp256r1_sha256
     async with open_signer(uri) as signer:
@@ -249,7 +263,8 @@ async def test_sign_backs_off_while_tpm_is_gone(
             calls_while_held = list(calls)
         finally:
             swtpm_module.restart()
-        signature = await sign_when_ready(signer, scheme)
+        clock.now += devices.RECONNECT_POLICY.initial
+        signature = await signer.sign(MESSAGE, scheme)
     assert str(lost.value).startswith("tpmkms:name=client;tcti=")
     assert "cannot talk to the TPM" in str(lost.value)
     assert "(backoff tpm-reconnect)" in str(held.value)
