@@ -144,7 +144,9 @@ def test_backends_missing_hint(
     assert tpm == [
         "tpmkms:\tnot installed\tkmsproxy-tpm provides it; it is on no package "
         "index, so install it from a checkout of the kmsproxy repository with "
-        "`pip install ./packages/kmsproxy-tpm`"
+        "`pipx inject kmsproxy-core ./packages/kmsproxy-tpm` (pipx) or "
+        "`pip install ./packages/kmsproxy-tpm` (in the environment that runs "
+        "kmsproxy)"
     ]
 
 

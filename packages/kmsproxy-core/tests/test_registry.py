@@ -272,3 +272,19 @@ def test_open_value_error_is_user_error() -> None:
     assert message.startswith("typo:regoin=x;pin-value=***: ")
     assert "unknown attribute 'regoin'" in message
     assert "1234" not in message
+
+
+def test_install_hint_names_pipx() -> None:
+    hint = install_hint("tpmkms")
+    assert hint is not None
+    assert "`pipx inject kmsproxy-core ./packages/kmsproxy-tpm` (pipx)" in hint
+    assert "`pip install ./packages/kmsproxy-tpm`" in hint
+
+
+def test_yubikey_hint_orders_pkcs11_first() -> None:
+    hint = install_hint("yubikey")
+    assert hint is not None
+    assert hint.endswith(
+        ", after kmsproxy-pkcs11 in the same way (else pip fetches "
+        "kmsproxy-pkcs11 from a package index)"
+    )

@@ -53,6 +53,11 @@ KNOWN_DISTRIBUTIONS = {
 # Folder of a repository checkout that contains each distribution above.
 PACKAGES_FOLDER = "packages"
 
+# Distributions above that depend on another one above. That one must be
+# installed first from the checkout, because pip resolves a missing
+# dependency by name from a package index, where anyone may own the name.
+REQUIRED_FIRST = {"kmsproxy-yubikey": "kmsproxy-pkcs11"}
+
 
 def install_hint(scheme: str) -> str | None:
     """Return how to install the backend for `scheme`, or None if unknown.
@@ -64,10 +69,26 @@ def install_hint(scheme: str) -> str | None:
     distribution = KNOWN_DISTRIBUTIONS.get(scheme)
     if distribution is None:
         return None
-    return (
+    hint = (
         f"{distribution} provides it; it is on no package index, so install "
         f"it from a checkout of the kmsproxy repository with "
-        f"`pip install ./{PACKAGES_FOLDER}/{distribution}`"
+        f"{_install_commands(distribution)}"
+    )
+    required = REQUIRED_FIRST.get(distribution)
+    if required is not None:
+        hint += (
+            f", after {required} in the same way (else pip fetches "
+            f"{required} from a package index)"
+        )
+    return hint
+
+
+def _install_commands(distribution: str) -> str:
+    """Name the pipx and the pip command that install `distribution`."""
+    folder = f"./{PACKAGES_FOLDER}/{distribution}"
+    return (
+        f"`pipx inject kmsproxy-core {folder}` (pipx) or `pip install {folder}` "
+        "(in the environment that runs kmsproxy)"
     )
 
 
