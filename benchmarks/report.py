@@ -128,12 +128,110 @@ def render(results: dict[str, Any]) -> str:
         lines.append("")
         lines += [f"- {row['label']}: {row['status']}, {row['note']}" for row in others]
         lines.append("")
+    lines += [
+        "Targets, for kmsproxy with a file key (`kmsproxy serve` as shipped):",
+        "",
+        render_targets(results),
+        "",
+    ]
     versions = [
         f"{name} {machine[name]}"
         for name in ("nginx", "curl", "openssl", "mitmproxy")
         if name in machine
     ]
     lines.append("Versions: " + "; ".join(versions) + ".")
+    return "\n".join(lines)
+
+
+# The issue's targets for kmsproxy, as ratios measured in one run.
+MIN_RATIO_TO_MITMPROXY = 2.0
+MIN_RATIO_TO_DIRECT = 0.4
+MAX_ADDED_P50_MS = 1.5
+MAX_SIGNER_CALLS_PER_UPSTREAM = 1
+MAX_KIB_PER_IDLE_TUNNEL = 64.0
+
+
+def render_targets(results: dict[str, Any], row_name: str = "kmsproxy-file") -> str:
+    """Render a table of the targets: the measured value, met or missed."""
+    rows = {row["name"]: row for row in results["rows"] if row["status"] == "measured"}
+    if row_name not in rows or "direct" not in rows:
+        return f"No measured `{row_name}` row in this run."
+
+    def median(name: str, key: str) -> float | None:
+        values = rows.get(name, {}).get("values", {}).get(key)
+        return statistics.median(values) if values else None
+
+    def verdict(ok: bool, miss: str) -> str:
+        return "met" if ok else f"missed: {miss}"
+
+    lines = ["| target | measured | result |", "| --- | --- | --- |"]
+    for key, name in (("download_mbps", "download"), ("upload_mbps", "upload")):
+        ours, direct = median(row_name, key), median("direct", key)
+        mitm = median("mitmproxy", key)
+        if ours is None or direct is None:
+            continue
+        if mitm:
+            ratio = ours / mitm
+            lines.append(
+                f"| {name} at least {MIN_RATIO_TO_MITMPROXY:g}× mitmproxy's | "
+                f"×{ratio:.2f} ({ours:,.0f} against {mitm:,.0f} MB/s) | "
+                + verdict(
+                    ratio >= MIN_RATIO_TO_MITMPROXY,
+                    f"{MIN_RATIO_TO_MITMPROXY * mitm - ours:,.0f} MB/s short",
+                )
+                + " |"
+            )
+        ratio = ours / direct
+        lines.append(
+            f"| {name} at least {MIN_RATIO_TO_DIRECT:.0%} of direct | "
+            f"{ratio:.0%} ({ours:,.0f} against {direct:,.0f} MB/s) | "
+            + verdict(
+                ratio >= MIN_RATIO_TO_DIRECT,
+                f"{MIN_RATIO_TO_DIRECT * direct - ours:,.0f} MB/s short",
+            )
+            + " |"
+        )
+    ours, direct = (
+        median(row_name, "latency_p50_ms_resumed"),
+        median("direct", "latency_p50_ms_resumed"),
+    )
+    if ours is not None and direct is not None:
+        added = ours - direct
+        lines.append(
+            f"| added p50 per fresh connection with resumption at most "
+            f"{MAX_ADDED_P50_MS:g} ms | {added:.2f} ms ({ours:.2f} against "
+            f"{direct:.2f} ms) | "
+            + verdict(
+                added <= MAX_ADDED_P50_MS,
+                f"{added - MAX_ADDED_P50_MS:.2f} ms over",
+            )
+            + " |"
+        )
+    per_1000 = median(row_name, "signer_calls_per_1000")
+    if per_1000 is not None:
+        connections = results["sizes"]["signer_connections"]
+        calls = round(per_1000 * connections / 1000)
+        lines.append(
+            f"| at most {MAX_SIGNER_CALLS_PER_UPSTREAM} signer call per upstream "
+            f"per ticket lifetime | {calls} in {connections:,} connections to one "
+            "upstream | "
+            + verdict(
+                calls <= MAX_SIGNER_CALLS_PER_UPSTREAM,
+                f"{calls - MAX_SIGNER_CALLS_PER_UPSTREAM:g} calls over",
+            )
+            + " |"
+        )
+    per_tunnel = median(row_name, "rss_per_tunnel_kib")
+    if per_tunnel is not None:
+        lines.append(
+            f"| at most {MAX_KIB_PER_IDLE_TUNNEL:g} KiB RSS per idle tunnel | "
+            f"{per_tunnel:.1f} KiB | "
+            + verdict(
+                per_tunnel <= MAX_KIB_PER_IDLE_TUNNEL,
+                f"{per_tunnel - MAX_KIB_PER_IDLE_TUNNEL:.1f} KiB over",
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 

@@ -51,8 +51,8 @@ PEER_REPLY_TIMEOUT_SECONDS = 10.0
 ECHO_JOIN_TIMEOUT_SECONDS = 10.0
 
 
-# `kmsproxy serve` runs on uvloop when the `speed` extra is installed and
-# on the standard asyncio loop otherwise, so every test here runs on both.
+# A program that embeds the proxy may run it on uvloop, so every test here
+# runs on the standard asyncio loop and on uvloop.
 @pytest.fixture(
     params=[
         pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio"),

@@ -306,29 +306,11 @@ def _run(args: argparse.Namespace, buffer: StartupLogBuffer) -> None:
     config = config_from_form(args, form)
     warn_about_setup(args, form)
     try:
-        anyio.run(
-            serve_until_signal,
-            config,
-            buffer.emit_held,
-            backend_options={"use_uvloop": uvloop_installed()},
-        )
+        anyio.run(serve_until_signal, config, buffer.emit_held)
     except Exception as error:
         if form.chain_from_key_uri is not None:
             _explain_missing_chain(error, form.chain_from_key_uri)
         raise
-
-
-def uvloop_installed() -> bool:
-    """Tell whether uvloop (the `speed` extra) can run the event loop.
-
-    The proxy behaves the same on uvloop and on the standard asyncio loop.
-    docs/benchmarks.md records the measured difference.
-    """
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class StartupLogBuffer(logging.Handler):
