@@ -54,10 +54,10 @@ def anyio_backend() -> str:
 class HungDevice(BlockingSigner):
     """A software key behind a device that answers only when `release` is set."""
 
-    def __init__(self, private_key: PrivateKey, uri: str = "fake:name=hung") -> None:
-        super().__init__(anyio.CapacityLimiter(1))
+    def __init__(self, private_key: PrivateKey, tokens: int = 1) -> None:
+        super().__init__(anyio.CapacityLimiter(tokens))
         self._private_key = private_key
-        self._uri = uri
+        self._uri = "fake:name=hung"
         self.release = threading.Event()
         self.active = 0
         self.max_active = 0
@@ -118,6 +118,24 @@ async def test_abandoned_call_keeps_device(
         signature = await device.sign(b"third", scheme)
     assert signature.startswith(b"\x30")
     assert device.max_active == 1
+
+
+async def test_device_slots_follow_limiter() -> None:
+    """A store that takes several requests at once (a cloud KMS) keeps them."""
+    device = HungDevice(generate_key("p256"), tokens=3)
+    try:
+        async with anyio.create_task_group() as group:
+            for _ in range(3):
+                group.start_soon(
+                    device.sign, b"data", SignatureScheme.ecdsa_secp256r1_sha256
+                )
+            with anyio.fail_after(PROMPT_SECONDS):
+                while device.calls < 3:
+                    await anyio.sleep(0.01)
+            device.release.set()
+    finally:
+        device.release.set()
+    assert device.max_active == 3
 
 
 @pytest.fixture

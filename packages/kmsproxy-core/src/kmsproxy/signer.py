@@ -265,21 +265,24 @@ class SoftwareSigner(Signer):
 # call has given up by then too, so waiting longer only holds a thread.
 ABANDONED_CALL_WAIT_SECONDS = 20.0
 
-# One lock per device limiter, held by the worker thread for the whole call.
-# The limiter alone cannot keep the device to one call: anyio releases it as
-# soon as a caller is cancelled, while the abandoned thread still runs.
-_device_locks: weakref.WeakKeyDictionary[anyio.CapacityLimiter, threading.Lock] = (
-    weakref.WeakKeyDictionary()
-)
-_device_locks_guard = threading.Lock()
+# One semaphore per device limiter, with as many slots as the limiter has
+# tokens, held by the worker thread for the whole call. The limiter alone
+# cannot bound the calls on the device: anyio releases its token as soon as
+# a caller is cancelled, while the abandoned thread still runs.
+_device_slots: weakref.WeakKeyDictionary[
+    anyio.CapacityLimiter, threading.BoundedSemaphore
+] = weakref.WeakKeyDictionary()
+_device_slots_guard = threading.Lock()
 
 
-def _device_lock(limiter: anyio.CapacityLimiter) -> threading.Lock:
-    with _device_locks_guard:
-        lock = _device_locks.get(limiter)
-        if lock is None:
-            lock = _device_locks[limiter] = threading.Lock()
-        return lock
+def _device_semaphore(limiter: anyio.CapacityLimiter) -> threading.BoundedSemaphore:
+    """Return the semaphore for `limiter`, sized by its tokens at first use."""
+    with _device_slots_guard:
+        slots = _device_slots.get(limiter)
+        if slots is None:
+            slots = threading.BoundedSemaphore(max(1, int(limiter.total_tokens)))
+            _device_slots[limiter] = slots
+        return slots
 
 
 class BlockingSigner(Signer):
@@ -291,10 +294,12 @@ class BlockingSigner(Signer):
 
     A caller that is cancelled (a handshake or mint timeout, the proxy
     stopping) returns at once and abandons the worker thread, which keeps
-    running until the device answers. That thread still holds the device's
-    lock, so the next call on the device waits in its own thread for up to
-    `ABANDONED_CALL_WAIT_SECONDS` and then raises `SignerError`. A hung
-    device therefore gives 502 answers instead of hung tunnels.
+    running until the device answers. That thread still holds its slot of
+    the device (one of `limiter.total_tokens`), so with all slots held the
+    next call waits in its own thread for up to `ABANDONED_CALL_WAIT_SECONDS`
+    and then raises `SignerError`. A hung device therefore gives 502 answers
+    instead of hung tunnels, and never sees more calls at once than the
+    limiter allows.
     """
 
     def __init__(self, limiter: anyio.CapacityLimiter) -> None:
@@ -314,10 +319,10 @@ class BlockingSigner(Signer):
 
         Cancelling the caller abandons the thread (see the class docstring).
         """
-        device_lock = _device_lock(self.limiter)
+        slots = _device_semaphore(self.limiter)
 
         def call_holding_device() -> _T:
-            if not device_lock.acquire(timeout=ABANDONED_CALL_WAIT_SECONDS):
+            if not slots.acquire(timeout=ABANDONED_CALL_WAIT_SECONDS):
                 raise SignerError(
                     f"{self.uri}: the device is still busy with a call that "
                     f"timed out, after {ABANDONED_CALL_WAIT_SECONDS:g} s of "
@@ -326,7 +331,7 @@ class BlockingSigner(Signer):
             try:
                 return function(*args)
             finally:
-                device_lock.release()
+                slots.release()
 
         return await anyio.to_thread.run_sync(
             call_holding_device, limiter=self.limiter, abandon_on_cancel=True
