@@ -309,6 +309,9 @@ def test_no_credentials(moto_kms: MotoKMS, no_credentials: list[str]) -> None:
     requests_before = len(no_credentials)
     message = open_error(uri)
     assert "no AWS credentials found" in message
+    # endpoint= keeps the whole chain, so the message lists every source.
+    assert "SSO, roles and instance metadata" in message
+    assert "no endpoint=" not in message
     # botocore walks the whole chain and finds no credentials before it
     # signs the first request, so nothing at all is sent: not to moto, and
     # not to the instance metadata service, which is disabled.

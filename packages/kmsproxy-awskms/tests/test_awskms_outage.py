@@ -11,6 +11,7 @@ moto's keys stay intact, so the recovery is real.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import socket
 import subprocess
@@ -35,9 +36,9 @@ from test_awskms_proxy import (
 )
 from test_proxy import Site
 
-from kmsproxy import Proxy
-from kmsproxy.backoff import BackoffPolicy
-from kmsproxy_awskms import service
+from kmsproxy import Proxy, Registry, SignatureScheme, SignerError
+from kmsproxy.backoff import Backoff, BackoffPolicy
+from kmsproxy_awskms import KMSSigner, service
 
 __all__ = ["anyio_backend", "aws_environment", "moto_kms", "site"]
 
@@ -48,11 +49,14 @@ pytestmark = [pytest.mark.anyio, pytest.mark.interop]
 # (at most 1 s before the second attempt).
 TEST_READ_TIMEOUT_SECONDS = 0.5
 TEST_MAX_ATTEMPTS = 2
-TEST_RECONNECT_POLICY = BackoffPolicy("awskms-reconnect", initial=0.5, maximum=1.0)
+# The backoff runs on a manual clock (`ManualClock`) that stands still during
+# the outage, so the second request always meets the hold, however slow the
+# machine. The test moves the clock past `maximum` before each recovery try.
+TEST_RECONNECT_POLICY = BackoffPolicy("awskms-reconnect", initial=5.0, maximum=10.0)
 
 # Requests through the proxy after moto resumes, before the test gives up.
-# The backoff lets an attempt through at most 1 s after the last failure,
-# and the requests are RECOVERY_POLL_SECONDS apart, so 20 leave a margin.
+# Each one finds the hold over; a try can still fail while moto's port comes
+# back, so a few are allowed, RECOVERY_POLL_SECONDS apart.
 RECOVERY_ATTEMPTS = 20
 RECOVERY_POLL_SECONDS = 0.5
 
@@ -102,12 +106,28 @@ class Forwarder:
         self.process.wait(timeout=FORWARDER_READY_TIMEOUT_SECONDS)
 
 
+class ManualClock:
+    """A monotonic clock for the backoff that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def pass_hold(self) -> None:
+        self.now += TEST_RECONNECT_POLICY.maximum
+
+
 @pytest.fixture
-def short_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+def short_limits(monkeypatch: pytest.MonkeyPatch) -> ManualClock:
+    clock = ManualClock()
     monkeypatch.setattr(service, "READ_TIMEOUT_SECONDS", TEST_READ_TIMEOUT_SECONDS)
     monkeypatch.setattr(service, "MAX_ATTEMPTS", TEST_MAX_ATTEMPTS)
     monkeypatch.setattr(service, "RECONNECT_POLICY", TEST_RECONNECT_POLICY)
+    monkeypatch.setattr(service, "Backoff", functools.partial(Backoff, clock=clock))
     monkeypatch.setattr(service, "_SERVICES", {})
+    return clock
 
 
 @dataclass
@@ -128,6 +148,7 @@ async def run_outage(
     monkeypatch: pytest.MonkeyPatch,
     stop: Callable[[], Awaitable[None]],
     restart: Callable[[], Awaitable[None]],
+    clock: ManualClock,
 ) -> OutageResult:
     """Fetch through the proxy, stop KMS, fetch twice, restart it, and fetch
     until a request works (bounded by RECOVERY_ATTEMPTS)."""
@@ -144,6 +165,7 @@ async def run_outage(
 
             statuses = []
             for _ in range(RECOVERY_ATTEMPTS):
+                clock.pass_hold()
                 after = await fetch_subject(site, addresses, nginx)
                 statuses.append(status_of(after.stdout))
                 if statuses[-1] == 200:
@@ -162,7 +184,7 @@ def check_outage(
     assert status_of(result.first_failure) == 502
     assert b"KMS unreachable: " + cause in result.first_failure
     assert status_of(result.held_back) == 502
-    assert b"(backoff awskms-reconnect)" in result.held_back
+    assert b"retrying in 5.0 s (backoff awskms-reconnect)" in result.held_back
     assert result.recovery_statuses[-1] == 200
     assert result.after == b"subject=CN=kms outage\nstatus=200"
     transitions = [r.getMessage() for r in caplog.records]
@@ -170,10 +192,10 @@ def check_outage(
     assert sum("store available again" in m for m in transitions) == 1
 
 
-@pytest.mark.usefixtures("short_limits")
 async def test_paused_kms_is_502_then_recovers(
     site: Site,
     moto_kms: MotoKMS,
+    short_limits: ManualClock,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -189,15 +211,15 @@ async def test_paused_kms_is_502_then_recovers(
         moto_kms.resume()
 
     result = await run_outage(
-        site, moto_kms.uri(key_id), cert, monkeypatch, pause, resume
+        site, moto_kms.uri(key_id), cert, monkeypatch, pause, resume, short_limits
     )
     check_outage(result, b"Read timeout", caplog)
 
 
-@pytest.mark.usefixtures("short_limits")
 async def test_refused_kms_is_502_then_recovers(
     site: Site,
     moto_kms: MotoKMS,
+    short_limits: ManualClock,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -217,7 +239,43 @@ async def test_refused_kms_is_502_then_recovers(
 
     forwarder.start()
     try:
-        result = await run_outage(site, uri, cert, monkeypatch, stop, restart)
+        result = await run_outage(
+            site, uri, cert, monkeypatch, stop, restart, short_limits
+        )
     finally:
         forwarder.stop()
     check_outage(result, b"Could not connect to the endpoint URL", caplog)
+
+
+# Tunnels in flight when KMS stops answering, as a browser opens at once.
+CONCURRENT_SIGNS = 10
+
+
+async def test_requests_in_flight_are_one_outage(
+    moto_kms: MotoKMS, short_limits: ManualClock
+) -> None:
+    """Every request that was already sent fails once KMS hangs; together
+    they count as one failure, so the delay stays at `initial`."""
+    key_id = moto_kms.create_key("ECC_NIST_P256")
+    signer = Registry.load().open_signer(moto_kms.uri(key_id))
+    assert isinstance(signer, KMSSigner)
+    errors: list[str] = []
+
+    async def sign_once() -> None:
+        try:
+            await signer.sign(b"in flight", SignatureScheme.ecdsa_secp256r1_sha256)
+        except SignerError as error:
+            errors.append(str(error))
+
+    moto_kms.pause()
+    try:
+        async with anyio.create_task_group() as group:
+            for _ in range(CONCURRENT_SIGNS):
+                group.start_soon(sign_once)
+    finally:
+        moto_kms.resume()
+    assert len(errors) == CONCURRENT_SIGNS
+    assert signer.service.backoff.failures == 1
+    assert signer.service.backoff.seconds_until_ready() == (
+        TEST_RECONNECT_POLICY.initial
+    )

@@ -49,7 +49,7 @@ class FailureDescription:
 
 
 def describe_error(error: Exception, key_id: str) -> FailureDescription:
-    """Describe a boto3/botocore exception from a call on `key_id`.
+    """Describe a botocore exception from a call on `key_id`.
 
     The text never contains credentials: botocore's messages name the
     profile or file at most, and a KMS error message names the caller's ARN
@@ -60,8 +60,8 @@ def describe_error(error: Exception, key_id: str) -> FailureDescription:
     if isinstance(error, botocore.exceptions.NoCredentialsError):
         return FailureDescription(
             "no AWS credentials found (environment variables, shared "
-            "credentials and config files, and with no endpoint= also SSO, "
-            "roles and instance metadata); set AWS_PROFILE, add profile= or "
+            "credentials and config files, SSO, roles and instance "
+            "metadata); set AWS_PROFILE, add profile= or "
             "credentials-file= to the URI, or run `aws configure`",
             transient=False,
         )

@@ -165,17 +165,19 @@ class KMSService:
 
 
 _SERVICES: dict[KMSLocation, KMSService] = {}
+_SERVICES_LOCK = threading.Lock()
 
 
 def service_for(location: KMSLocation) -> KMSService:
     """Return the one `KMSService` for `location`, creating it on first use.
 
-    Called from the event loop's thread only (the hooks run there).
+    The open hooks call this from worker threads, hence the lock.
     """
-    service = _SERVICES.get(location)
-    if service is None:
-        service = _SERVICES[location] = KMSService(location)
-    return service
+    with _SERVICES_LOCK:
+        service = _SERVICES.get(location)
+        if service is None:
+            service = _SERVICES[location] = KMSService(location)
+        return service
 
 
 def client_config() -> botocore.config.Config:
