@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from kmsproxy.certificates import CertificateError, CertificateSource
 from kmsproxy.config import CertificateSpec, KeySpec
 from kmsproxy.errors import UserError
+from kmsproxy.files import read_key_file
 from kmsproxy.plugins.registry import FILE_SCHEME, Registry
 from kmsproxy.signer import PublicKey, Signer, SignerError
 
@@ -556,8 +557,7 @@ def _fingerprint_files(paths: Sequence[Path]) -> tuple[FileFingerprint, ...]:
     for path in paths:
         resolved = os.path.realpath(path)
         try:
-            with open(resolved, "rb") as file:
-                digest = hashlib.file_digest(file, "sha256").hexdigest()
+            digest = hashlib.sha256(read_key_file(Path(resolved))).hexdigest()
         except OSError as error:
             digest = f"unreadable: {error.strerror}"
         fingerprints.append((str(path), resolved, digest))

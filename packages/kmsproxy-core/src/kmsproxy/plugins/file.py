@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from kmsproxy.certificates import CertificateError, CertificateSource
+from kmsproxy.files import MAX_SECRET_FILE_BYTES, read_key_file, read_small_file
 from kmsproxy.plugins.hookspecs import hookimpl
 from kmsproxy.signer import PrivateKey, Signer, SignerError, SoftwareSigner
 from kmsproxy.uri import KeyURI
@@ -60,7 +61,8 @@ def _read_password(uri: KeyURI) -> bytes | None:
     if password_file is None:
         return None
     try:
-        lines = Path(password_file).expanduser().read_bytes().splitlines()
+        path = Path(password_file).expanduser()
+        lines = read_small_file(path, MAX_SECRET_FILE_BYTES).splitlines()
     except OSError as error:
         raise SignerError(
             f"{uri.redacted()}: cannot read password-file {password_file}: "
@@ -72,7 +74,7 @@ def _read_password(uri: KeyURI) -> bytes | None:
 def load_private_key(path: Path, password: bytes | None = None) -> PrivateKey:
     """Read a PEM or DER private key; raise `SignerError` naming the file."""
     try:
-        data = path.read_bytes()
+        data = read_key_file(path)
     except OSError as error:
         raise SignerError(f"{path}: cannot read key: {error.strerror}") from None
     try:
@@ -120,7 +122,7 @@ def load_private_key(path: Path, password: bytes | None = None) -> PrivateKey:
 def load_certificates(path: Path) -> list[x509.Certificate]:
     """Read PEM certificates (leaf first) or one DER certificate."""
     try:
-        data = path.read_bytes()
+        data = read_key_file(path)
     except OSError as error:
         raise CertificateError(
             f"{path}: cannot read certificate: {error.strerror}"

@@ -1,0 +1,74 @@
+"""Key, certificate and password files that are not what they claim to be.
+
+A FIFO without a writer, /dev/zero and an oversized file each give an error
+at once, instead of a read that blocks or fills the memory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pki import make_ca
+
+from kmsproxy.certificates import CertificateError
+from kmsproxy.files import read_small_file
+from kmsproxy.identity import _fingerprint_files
+from kmsproxy.plugins.file import load_certificates
+from kmsproxy.plugins.registry import Registry
+from kmsproxy.signer import SignerError
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> Path:
+    path = tmp_path / "chain.crt"
+    os.mkfifo(path)
+    return path
+
+
+def test_fifo_is_not_regular(fifo: Path) -> None:
+    with pytest.raises(OSError, match="not a regular file"):
+        read_small_file(fifo, 100)
+
+
+def test_device_is_not_regular() -> None:
+    with pytest.raises(OSError, match="not a regular file"):
+        read_small_file("/dev/zero", 100)
+
+
+def test_file_over_limit(tmp_path: Path) -> None:
+    path = tmp_path / "big"
+    path.write_bytes(b"x" * 101)
+    with pytest.raises(OSError, match="larger than 100 bytes"):
+        read_small_file(path, 100)
+
+
+def test_file_at_limit(tmp_path: Path) -> None:
+    path = tmp_path / "exact"
+    path.write_bytes(b"x" * 100)
+    assert read_small_file(path, 100) == b"x" * 100
+
+
+def test_nul_in_path() -> None:
+    with pytest.raises(OSError, match="NUL byte"):
+        read_small_file("/tmp/a\x00b", 100)
+
+
+def test_fifo_chain_is_certificate_error(fifo: Path) -> None:
+    with pytest.raises(CertificateError, match=r"chain\.crt: cannot read certificate"):
+        load_certificates(fifo)
+
+
+def test_fifo_fingerprint_is_unreadable(fifo: Path) -> None:
+    ((_, _, digest),) = _fingerprint_files([fifo])
+    assert digest == "unreadable: not a regular file"
+
+
+def test_password_file_device(tmp_path: Path) -> None:
+    key, _ = make_ca().write(tmp_path, "ca")
+    with pytest.raises(SignerError) as raised:
+        Registry.load().open_signer(f"file:path={key};password-file=/dev/zero")
+    assert str(raised.value).endswith(
+        "cannot read password-file /dev/zero: not a regular file"
+    )
