@@ -83,7 +83,7 @@ def test_secret_locations_kept() -> None:
 
 
 def test_missing_value_names_attribute() -> None:
-    message = parse_error(f"yubikey:pin-value={SECRET};slot-id")
+    message = parse_error(f"yubikey:slot-id;pin-value={SECRET}")
     assert "'slot-id' has no value" in message
     assert SECRET not in message
 
@@ -91,3 +91,24 @@ def test_missing_value_names_attribute() -> None:
 def test_redacted_encodes_control_bytes() -> None:
     uri = KeyURI.parse("pkcs11:token=a%3Bb;id=%01%7f?pin-value=1234")
     assert uri.redacted() == "pkcs11:token=a%3Bb;id=%01%7F;pin-value=***"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "tpmkms:name=k;pin-value=ab;SECRETB",
+        "tpmkms:name=k;pin-value=ab?SECRETB",
+        "pkcs11:token=t?pin-value=ab&SECRETB",
+    ],
+)
+def test_split_secret_not_echoed(text: str) -> None:
+    with pytest.raises(URIError) as raised:
+        KeyURI.parse(text)
+    message = str(raised.value)
+    assert "secretb" not in message.lower()
+    assert "percent-encode ; ? and & inside a secret" in message
+
+
+def test_misspelt_value_attribute_redacted() -> None:
+    uri = KeyURI.parse("tpmkms:name=k;pni-value=SECRETD;auth-value=SECRETC")
+    assert uri.redacted() == "tpmkms:name=k;pni-value=***;auth-value=***"

@@ -68,12 +68,22 @@ class KeyURI:
         path, _, query = rest.partition("?")
         attributes: dict[str, str] = {}
         parts = [p for p in path.split(";") if p] + [p for p in query.split("&") if p]
+        after_secret = False
         for part in parts:
             name, sep, value = part.partition("=")
             name = unquote(name).strip().lower()
             if not sep or not name:
                 redacted = _redact_text(scheme, text)
+                if after_secret:
+                    # The part may be the rest of a secret that contains an
+                    # unencoded separator, so its text is not repeated.
+                    raise URIError(
+                        f"{redacted}: an attribute after a secret has no value; "
+                        "percent-encode ; ? and & inside a secret as %3B, %3F "
+                        "and %26"
+                    )
                 raise URIError(f"{redacted}: attribute {name or part!r} has no value")
+            after_secret = after_secret or is_secret_attribute(name)
             if name in attributes:
                 redacted = _redact_text(scheme, text)
                 raise URIError(f"{redacted}: attribute {name!r} is given twice")
@@ -122,6 +132,10 @@ def is_secret_attribute(name: str) -> bool:
     name = name.strip().lower()
     if name in SECRET_ATTRIBUTES:
         return True
+    # `pin-value`, `auth-value` and their misspellings (`pni-value`) carry
+    # the value itself, so any `-value` attribute is treated as a secret.
+    if name.endswith("-value"):
+        return True
     if name.endswith(SECRET_LOCATION_SUFFIXES):
         return False
     return any(part in name for part in SECRET_NAME_PARTS)
@@ -139,13 +153,13 @@ def _redact_text(scheme: str, text: str) -> str:
     redacted like `pin-value=1234`.
     """
 
-    def redact(match: re.Match[str]) -> str:
+    # Everything after a secret attribute is dropped: a secret that contains
+    # an unencoded `;`, `?` or `&` continues past the separator.
+    for match in _ATTRIBUTE_TEXT.finditer(text):
         name = match.group(1)
         if is_secret_attribute(unquote(name)):
-            return f"{name}=***"
-        return match.group(0)
-
-    return _ATTRIBUTE_TEXT.sub(redact, text)
+            return text[: match.start()] + f"{name}=***"
+    return text
 
 
 def looks_like_uri(text: str) -> bool:
