@@ -7,9 +7,13 @@ so the caller records them in its backoff) and which need the user to act.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import botocore.exceptions
+
+_V = TypeVar("_V")
 
 # KMS error codes for a service that is overloaded or briefly failing
 # (KMS API reference, "Common Errors" and the Sign errors). botocore's
@@ -48,6 +52,23 @@ class FailureDescription:
     transient: bool
 
 
+class MalformedResponse(botocore.exceptions.BotoCoreError):  # type: ignore[misc]
+    """A KMS response without a field the backend needs, or too large.
+
+    A `BotoCoreError`, so every handler of botocore failures catches it.
+    """
+
+    fmt = "KMS returned a malformed response: {detail}"
+
+
+def response_field(response: Any, name: str, kind: type[_V]) -> _V:
+    """Return `response[name]` when it is a `kind`; raise `MalformedResponse`."""
+    value = response.get(name) if isinstance(response, Mapping) else None
+    if not isinstance(value, kind):
+        raise MalformedResponse(detail=f"{name} is missing or not {kind.__name__}")
+    return value
+
+
 def describe_error(error: Exception, key_id: str) -> FailureDescription:
     """Describe a botocore exception from a call on `key_id`.
 
@@ -57,6 +78,10 @@ def describe_error(error: Exception, key_id: str) -> FailureDescription:
     """
     if isinstance(error, botocore.exceptions.ClientError):
         return _describe_client_error(error, key_id)
+    if isinstance(error, MalformedResponse):
+        return FailureDescription(
+            f"{error}; check that endpoint= names a KMS endpoint", transient=False
+        )
     if isinstance(error, botocore.exceptions.NoCredentialsError):
         return FailureDescription(
             "no AWS credentials found (environment variables, shared "

@@ -28,7 +28,7 @@ from kmsproxy_awskms.algorithms import (
     MessageType,
     sign_request,
 )
-from kmsproxy_awskms.errors import describe_error
+from kmsproxy_awskms.errors import describe_error, response_field
 from kmsproxy_awskms.service import KeyAddress
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,8 @@ def _check_one(
     """Sign `message` once; return why it failed, or None when it verified."""
     request = sign_request(address.key_id, message, scheme, message_type)
     try:
-        signature: bytes = client.sign(**request)["Signature"]
+        response = client.sign(**request)
+        signature = response_field(response, "Signature", bytes)
     except botocore.exceptions.ClientError as error:
         code = error.response.get("Error", {}).get("Code")
         if code in ("ValidationException", "UnsupportedOperationException"):

@@ -24,6 +24,7 @@ import botocore.session
 
 from kmsproxy.backoff import Backoff, BackoffPolicy
 from kmsproxy.uri import KeyURI
+from kmsproxy_awskms.errors import MalformedResponse
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,11 @@ MAX_ATTEMPTS = 3
 # quota for asymmetric Sign applies to the whole account in a region, so a
 # higher number would only move the waiting to the throttling retries.
 MAX_CONCURRENT_REQUESTS = 10
+
+# Largest KMS response body parsed. A Sign response is under 1 KiB and a
+# GetPublicKey response for RSA-4096 under 2 KiB; an error body is smaller.
+# 64 KiB leaves room for DescribeKey's metadata and any new fields.
+MAX_RESPONSE_BYTES = 64 * 1024
 
 # While KMS is unreachable, the proxy returns 502 at once and tries again
 # after these delays (seconds): first 1 s, doubling up to 30 s.
@@ -221,9 +227,25 @@ def create_client(session: botocore.session.Session, location: KMSLocation) -> A
     config = client_config()
     if location.endpoint is not None:
         config = config.merge(botocore.config.Config(defaults_mode="legacy"))
-    return session.create_client(
+    client = session.create_client(
         "kms",
         region_name=location.region,
         endpoint_url=location.endpoint,
         config=config,
     )
+    client.meta.events.register("before-parse.kms.*", reject_large_response)
+    return client
+
+
+def reject_large_response(response_dict: dict[str, Any], **_: Any) -> None:
+    """Raise `MalformedResponse` for a body over `MAX_RESPONSE_BYTES`.
+
+    NOTE: botocore 1.44 has read the whole body into memory when this runs,
+    and has no setting for a maximum size, so this stops the parsing (JSON,
+    then base64) of a huge body but not its download.
+    """
+    body = response_dict.get("body")
+    if isinstance(body, bytes) and len(body) > MAX_RESPONSE_BYTES:
+        raise MalformedResponse(
+            detail=f"{len(body)} bytes, more than {MAX_RESPONSE_BYTES}"
+        )

@@ -40,7 +40,7 @@ from kmsproxy_awskms.algorithms import (
     message_type_for,
     sign_request,
 )
-from kmsproxy_awskms.errors import describe_error
+from kmsproxy_awskms.errors import describe_error, response_field
 from kmsproxy_awskms.self_check import check_schemes
 from kmsproxy_awskms.service import (
     KeyAddress,
@@ -81,7 +81,8 @@ def _open_with_client(
 ) -> KMSSigner:
     # Step 2: the key's state, usage and spec.
     try:
-        metadata = client.describe_key(KeyId=address.key_id)["KeyMetadata"]
+        response = client.describe_key(KeyId=address.key_id)
+        metadata = response_field(response, "KeyMetadata", dict)
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
         raise _open_error(address, e) from None
     check_key_metadata(address, metadata)
@@ -90,10 +91,11 @@ def _open_with_client(
     # Step 3: the public key and the algorithms KMS offers for it.
     try:
         response = client.get_public_key(KeyId=address.key_id)
+        der = response_field(response, "PublicKey", bytes)
+        offered = set(response_field(response, "SigningAlgorithms", list))
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
         raise _open_error(address, e) from None
-    public_key = load_public_key(address, response["PublicKey"])
-    offered = set(response.get("SigningAlgorithms", ()))
+    public_key = load_public_key(address, der)
     candidates = [
         scheme
         for scheme in KEY_SPEC_SCHEMES[key_spec]
@@ -140,7 +142,7 @@ def check_key_metadata(address: KeyAddress, metadata: Mapping[str, Any]) -> None
             f"create a key with --key-usage {SIGN_VERIFY}"
         )
     key_spec = metadata.get("KeySpec")
-    if key_spec not in KEY_SPEC_SCHEMES:
+    if not isinstance(key_spec, str) or key_spec not in KEY_SPEC_SCHEMES:
         supported = ", ".join(KEY_SPEC_SCHEMES)
         raise SignerError(
             f"{address.uri}: key spec {key_spec} has no TLS signature scheme; "
@@ -234,7 +236,8 @@ class KMSSigner(BlockingSigner):
     def _send(self, request: Any, data: bytes, scheme: SignatureScheme) -> bytes:
         backoff = self.service.backoff
         try:
-            signature: bytes = self.client.sign(**request)["Signature"]
+            response = self.client.sign(**request)
+            signature = response_field(response, "Signature", bytes)
         except (
             botocore.exceptions.BotoCoreError,
             botocore.exceptions.ClientError,
