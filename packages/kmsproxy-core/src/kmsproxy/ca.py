@@ -28,7 +28,7 @@ import secrets
 import ssl
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import overload
@@ -175,24 +175,18 @@ class LocalCA:
         Raise `SignerError` when the signer fails or its signature does not
         verify against the CA certificate.
         """
-        # Step 1: a throwaway signature gives the TBS its AlgorithmIdentifier.
         builder = builder.issuer_name(self.certificate.subject)
-        template = self._sign_with_template_key(builder)
-        tbs = template.tbs_certificate_bytes
-        algorithm = der.signature_algorithm(template.public_bytes(_DER))
-        # Step 2: the CA key signs the TBS. Step 3: assemble the Certificate.
-        try:
-            with anyio.fail_after(CA_SIGN_TIMEOUT_SECONDS):
-                signature = await self.signer.sign(tbs, self.scheme)
-        except TimeoutError:
-            raise SignerError(
-                f"{self.signer.uri}: the CA key did not sign within "
-                f"{CA_SIGN_TIMEOUT_SECONDS:g} s; check that the device is "
-                "present and unlocked"
-            ) from None
-        certificate = x509.load_der_x509_certificate(
-            der.assemble_signed(tbs, algorithm, signature)
+        if self._template_key is None:
+            self._template_key = template_key_for(self.scheme)
+        signed = await sign_through_signer(
+            builder,
+            self.signer,
+            self.scheme,
+            timeout_seconds=CA_SIGN_TIMEOUT_SECONDS,
+            role="the CA key",
+            template_key=self._template_key,
         )
+        certificate = x509.load_der_x509_certificate(signed)
         try:
             certificate.verify_directly_issued_by(self.certificate)
         except (InvalidSignature, ValueError, TypeError) as error:
@@ -202,14 +196,6 @@ class LocalCA:
             ) from error
         self.signed_count += 1
         return certificate
-
-    def _sign_with_template_key(
-        self, builder: x509.CertificateBuilder
-    ) -> x509.Certificate:
-        key = self._template_key
-        if key is None:
-            key = self._template_key = template_key_for(self.scheme)
-        return sign_with_template_key(builder, key, self.scheme)
 
     async def mint_leaf(
         self,
@@ -740,6 +726,55 @@ def sign_with_template_key(
         pss = padding.PSS(padding.MGF1(digest), padding.PSS.DIGEST_LENGTH)
         return builder.sign(key, digest, rsa_padding=pss)
     return builder.sign(key, digest)
+
+
+async def sign_through_signer(
+    builder: x509.CertificateBuilder | x509.CertificateSigningRequestBuilder,
+    signer: Signer,
+    scheme: SignatureScheme,
+    *,
+    timeout_seconds: float,
+    role: str,
+    template_key: PrivateKey | None = None,
+    rewrite: Callable[[bytes], bytes] | None = None,
+) -> bytes:
+    """Sign `builder`'s content with a key that stays in `signer`'s store.
+
+    Return the DER Certificate or CertificationRequest; the caller checks
+    its signature. `cryptography` can sign only with a key it holds, so:
+
+    1. A throwaway key of the same algorithm (`template_key`, or a new one)
+       signs `builder`, so that `cryptography` encodes the to-be-signed part
+       and the signatureAlgorithm. `rewrite`, if given, then changes the
+       to-be-signed DER (a CSR puts the signer's subjectPKInfo in it).
+    2. `signer` signs the to-be-signed DER within `timeout_seconds`; `role`
+       names the key in the timeout message ("the CA key").
+    3. The signed object is assembled around that signature: SEQUENCE
+       { toBeSigned, signatureAlgorithm, signature } (RFC 5280 section 4.1,
+       RFC 2986 section 4.2).
+
+    Raise `SignerError` when the signer fails or times out.
+    """
+    key = template_key if template_key is not None else template_key_for(scheme)
+    template = sign_with_template_key(builder, key, scheme)
+    if isinstance(template, x509.Certificate):
+        to_be_signed = template.tbs_certificate_bytes
+    else:
+        to_be_signed = template.tbs_certrequest_bytes
+    algorithm = der.signature_algorithm(template.public_bytes(_DER))
+    if rewrite is not None:
+        to_be_signed = rewrite(to_be_signed)
+
+    try:
+        with anyio.fail_after(timeout_seconds):
+            signature = await signer.sign(to_be_signed, scheme)
+    except TimeoutError:
+        raise SignerError(
+            f"{signer.uri}: {role} did not sign within {timeout_seconds:g} s; "
+            "check that the device is present and unlocked"
+        ) from None
+
+    return der.assemble_signed(to_be_signed, algorithm, signature)
 
 
 _DER = serialization.Encoding.DER

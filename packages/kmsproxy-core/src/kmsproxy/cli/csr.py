@@ -1,16 +1,13 @@
 """`kmsproxy csr`: a PKCS#10 certificate request signed by any backend's key.
 
 The key never leaves its store, so `cryptography`'s CSR builder cannot sign
-with it. The request is built in three steps, as `LocalCA.sign` builds a
-certificate:
-
-1. A throwaway key of the same algorithm signs the request, so that
-   `cryptography` encodes the subject, the extensionRequest attribute and
-   the signatureAlgorithm (RFC 2986 section 4).
-2. The throwaway key's subjectPKInfo in the CertificationRequestInfo is
-   replaced with the `Signer`'s public key.
-3. The `Signer` signs that CertificationRequestInfo, and the
-   CertificationRequest is assembled around its signature (section 4.2).
+with it. `ca.sign_through_signer` builds the request as `LocalCA.sign`
+builds a certificate: a throwaway key of the same algorithm encodes the
+subject, the extensionRequest attribute and the signatureAlgorithm (RFC 2986
+section 4). Here the throwaway key's subjectPKInfo in the
+CertificationRequestInfo is replaced with the `Signer`'s public key before
+the `Signer` signs it, and the CertificationRequest is assembled around that
+signature (section 4.2).
 """
 
 from __future__ import annotations
@@ -32,8 +29,7 @@ from kmsproxy import der
 from kmsproxy.ca import (
     choose_ca_scheme,
     dns_name_for_san,
-    sign_with_template_key,
-    template_key_for,
+    sign_through_signer,
 )
 from kmsproxy.errors import UserError
 from kmsproxy.plugins.registry import Registry
@@ -230,32 +226,26 @@ async def sign_request(
     signature that does not verify.
     """
     scheme = choose_ca_scheme(signer, role="key")
-
-    # Step 1: a throwaway key encodes the request and its signatureAlgorithm.
-    template = sign_with_template_key(builder, template_key_for(scheme), scheme)
-    algorithm = der.signature_algorithm(template.public_bytes(_DER))
-
-    # Step 2: CertificationRequestInfo is SEQUENCE { version, subject,
-    # subjectPKInfo, attributes }; put the signer's key in subjectPKInfo.
-    info = der.sequence_elements(template.tbs_certrequest_bytes)
-    info[2] = signer.public_key().public_bytes(
+    public_key_info = signer.public_key().public_bytes(
         _DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    request_info = der.encode_sequence(b"".join(info))
 
-    # Step 3: the signer signs the CertificationRequestInfo.
-    try:
-        with anyio.fail_after(CSR_SIGN_TIMEOUT_SECONDS):
-            signature = await signer.sign(request_info, scheme)
-    except TimeoutError:
-        raise SignerError(
-            f"{signer.uri}: the key did not sign within "
-            f"{CSR_SIGN_TIMEOUT_SECONDS:g} s; check that the device is present "
-            "and unlocked"
-        ) from None
-    request = x509.load_der_x509_csr(
-        der.assemble_signed(request_info, algorithm, signature)
+    def use_signer_key(request_info: bytes) -> bytes:
+        # CertificationRequestInfo is SEQUENCE { version, subject,
+        # subjectPKInfo, attributes }; put the signer's key in subjectPKInfo.
+        info = der.sequence_elements(request_info)
+        info[2] = public_key_info
+        return der.encode_sequence(b"".join(info))
+
+    signed = await sign_through_signer(
+        builder,
+        signer,
+        scheme,
+        timeout_seconds=CSR_SIGN_TIMEOUT_SECONDS,
+        role="the key",
+        rewrite=use_signer_key,
     )
+    request = x509.load_der_x509_csr(signed)
     if not request.is_signature_valid:
         raise SignerError(
             f"{signer.uri}: the key produced a {scheme.name} signature that does "

@@ -2,14 +2,11 @@
 
 By default the CA key is a new EC P-256 key in `ca.key`. With `--key`, the
 key stays in its backend (a TPM, a token, a cloud KMS, or a file), and only
-`ca.crt` is written. Its signature is made in three steps, as `LocalCA.sign`
-makes a leaf's:
-
-1. A throwaway key of the same algorithm signs the certificate, so that
-   `cryptography` encodes the TBSCertificate and its signatureAlgorithm.
-2. The CA key signs that TBSCertificate through its `Signer`.
-3. The Certificate is assembled around that signature (RFC 5280 section
-   4.1) and verified against its own public key.
+`ca.crt` is written. `ca.sign_through_signer` makes its signature as
+`LocalCA.sign` makes a leaf's: a throwaway key of the same algorithm encodes
+the TBSCertificate, the CA key signs it through its `Signer`, and the
+Certificate is assembled around that signature (RFC 5280 section 4.1). The
+result is then verified against its own public key.
 """
 
 from __future__ import annotations
@@ -27,13 +24,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from kmsproxy import der
 from kmsproxy.ca import (
     ca_certificate_builder,
     choose_ca_scheme,
     create_ca_certificate,
-    sign_with_template_key,
-    template_key_for,
+    sign_through_signer,
 )
 from kmsproxy.cli.serve import CA_CERTIFICATE_NAME, CA_KEY_NAME, config_directory
 from kmsproxy.errors import UserError
@@ -131,28 +126,14 @@ async def sign_ca_certificate(signer: Signer, name: str) -> x509.Certificate:
     builder = ca_certificate_builder(signer.public_key(), name)
     scheme = choose_ca_scheme(signer)
 
-    # Step 1: a throwaway key encodes the TBSCertificate and its algorithm.
-    template = sign_with_template_key(builder, template_key_for(scheme), scheme)
-    tbs = template.tbs_certificate_bytes
-    algorithm = der.signature_algorithm(
-        template.public_bytes(serialization.Encoding.DER)
+    signed = await sign_through_signer(
+        builder,
+        signer,
+        scheme,
+        timeout_seconds=CA_CERTIFICATE_SIGN_TIMEOUT_SECONDS,
+        role="the CA key",
     )
-
-    # Step 2: the CA key signs the TBSCertificate.
-    try:
-        with anyio.fail_after(CA_CERTIFICATE_SIGN_TIMEOUT_SECONDS):
-            signature = await signer.sign(tbs, scheme)
-    except TimeoutError:
-        raise SignerError(
-            f"{signer.uri}: the CA key did not sign within "
-            f"{CA_CERTIFICATE_SIGN_TIMEOUT_SECONDS:g} s; check that the device "
-            "is present and unlocked"
-        ) from None
-
-    # Step 3: assemble the Certificate and check the signature.
-    certificate = x509.load_der_x509_certificate(
-        der.assemble_signed(tbs, algorithm, signature)
-    )
+    certificate = x509.load_der_x509_certificate(signed)
     try:
         certificate.verify_directly_issued_by(certificate)
     except (InvalidSignature, ValueError, TypeError) as error:
