@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kmsproxy.uri import KeyURI, URIError
+from kmsproxy.uri import KeyURI, URIError, reject_unknown_attributes
 
 SECRET = "1234"
 
@@ -82,9 +82,28 @@ def test_secret_locations_kept() -> None:
     assert "pin-source=/run/pin" in uri.redacted()
 
 
-def test_missing_value_names_attribute() -> None:
+def test_missing_equals_names_position() -> None:
     message = parse_error(f"yubikey:slot-id;pin-value={SECRET}")
-    assert "'slot-id' has no value" in message
+    assert "attribute 1 of 2 is not of the form name=value" in message
+    assert "slot-id" not in message
+    assert SECRET not in message
+
+
+def test_value_without_name_hidden() -> None:
+    message = parse_error(f"yubikey:slot-id=9a;{SECRET}")
+    assert message.startswith("yubikey:slot-id=9a;***: attribute 2 of 2 ")
+    assert SECRET not in message
+
+
+def test_empty_name_hidden() -> None:
+    message = parse_error(f"yubikey:slot-id=9a?={SECRET}")
+    assert "attribute 2 of 2 is not of the form name=value" in message
+    assert SECRET not in message
+
+
+def test_not_a_uri_redacted() -> None:
+    message = parse_error(f"1yubikey:pin-value={SECRET}")
+    assert "is not a URI of the form scheme:name=value" in message
     assert SECRET not in message
 
 
@@ -102,13 +121,59 @@ def test_redacted_encodes_control_bytes() -> None:
     ],
 )
 def test_split_secret_not_echoed(text: str) -> None:
-    with pytest.raises(URIError) as raised:
-        KeyURI.parse(text)
-    message = str(raised.value)
+    message = parse_error(text)
     assert "secretb" not in message.lower()
-    assert "percent-encode ; ? and & inside a secret" in message
+    assert "attribute 3 of 3 (after pin-value=)" in message
+    assert "percent-encode ; ? & and % inside a value as %3B" in message
+
+
+def test_split_secret_repeat_not_echoed() -> None:
+    # The PIN "ab;SECRETB=1;SECRETB=2" splits into a name given twice.
+    message = parse_error("tpmkms:name=k;pin-value=ab;SECRETB=1;SECRETB=2")
+    assert "secretb" not in message.lower()
+    assert "attribute 4 of 4 (after pin-value=) is given twice" in message
 
 
 def test_misspelt_value_attribute_redacted() -> None:
     uri = KeyURI.parse("tpmkms:name=k;pni-value=SECRETD;auth-value=SECRETC")
     assert uri.redacted() == "tpmkms:name=k;pni-value=***;auth-value=***"
+
+
+KNOWN = frozenset({"name", "pin-value"})
+
+
+def unknown_error(text: str) -> str:
+    with pytest.raises(URIError) as raised:
+        reject_unknown_attributes(KeyURI.parse(text), KNOWN)
+    return str(raised.value)
+
+
+def test_known_attributes_pass() -> None:
+    reject_unknown_attributes(KeyURI.parse(f"tpmkms:name=k;pin-value={SECRET}"), KNOWN)
+
+
+@pytest.mark.parametrize("name", ["auth-value", "management-key", "pn-valeu"])
+def test_unknown_attribute_value_hidden(name: str) -> None:
+    message = unknown_error(f"tpmkms:name=k;{name}={SECRET}")
+    assert f"unknown attribute {name} (tpmkms: URIs take name, pin-value)" in message
+    assert message.startswith(f"tpmkms:name=k;{name}=***: ")
+    assert SECRET not in message
+
+
+def test_unknown_after_secret_hidden() -> None:
+    # The PIN "ab&SECRETB=x" splits into pin-value=ab and secretb=x.
+    message = unknown_error("tpmkms:name=k?pin-value=ab&SECRETB=x")
+    assert "secretb" not in message.lower()
+    assert "1 unknown attribute is not shown because it follows pin-value=" in message
+    assert message.startswith("tpmkms:name=k;pin-value=***: ")
+
+
+def test_unknown_before_secret_named() -> None:
+    message = unknown_error(f"tpmkms:name=k;nmae=x?pin-value={SECRET}&other=y")
+    assert "unknown attribute nmae; 1 unknown attribute is not shown" in message
+    assert SECRET not in message
+
+
+def test_redacted_with_known_hides_unknown() -> None:
+    uri = KeyURI.parse("tpmkms:name=k;typo=a?pin-value=b&tail=c")
+    assert uri.redacted(KNOWN) == "tpmkms:name=k;typo=***;pin-value=***"

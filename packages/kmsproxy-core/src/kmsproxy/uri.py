@@ -11,6 +11,7 @@ is an error, so a typo cannot silently shadow a value.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
@@ -46,6 +47,11 @@ _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*):")
 _DRIVE = re.compile(r"^[a-zA-Z]:[\\/]")
 
 
+# Appended to errors about a malformed or unknown attribute, because the
+# usual cause is a value (often a PIN) that contains a separator.
+ENCODING_HINT = "percent-encode ; ? & and % inside a value as %3B, %3F, %26 and %25"
+
+
 class URIError(ValueError):
     """A key or certificate URI is malformed; the message names it, redacted."""
 
@@ -60,45 +66,62 @@ class KeyURI:
 
     @classmethod
     def parse(cls, text: str) -> KeyURI:
+        """Parse `text`; raise `URIError` naming the malformed attribute.
+
+        An error names an attribute by its position, not its text, when the
+        attribute has no `=` or comes after a secret attribute. A secret that
+        contains an unencoded `;`, `?` or `&` continues past the separator,
+        and a part without `=` may be a secret typed without its name.
+        """
         match = _SCHEME.match(text)
         if match is None or _DRIVE.match(text):
-            raise URIError(f"{text!r} is not a URI of the form scheme:name=value")
+            raise URIError(
+                f"{_redact_text(text)!r} is not a URI of the form scheme:name=value"
+            )
         scheme = match.group(1).lower()
-        rest = text[match.end() :]
-        path, _, query = rest.partition("?")
+        parts = _split_attributes(text[match.end() :])
         attributes: dict[str, str] = {}
-        parts = [p for p in path.split(";") if p] + [p for p in query.split("&") if p]
-        after_secret = False
-        for part in parts:
+        first_secret: str | None = None
+        for index, part in enumerate(parts, start=1):
             name, sep, value = part.partition("=")
             name = unquote(name).strip().lower()
+            position = _position(index, len(parts), first_secret)
             if not sep or not name:
-                redacted = _redact_text(scheme, text)
-                if after_secret:
-                    # The part may be the rest of a secret that contains an
-                    # unencoded separator, so its text is not repeated.
-                    raise URIError(
-                        f"{redacted}: an attribute after a secret has no value; "
-                        "percent-encode ; ? and & inside a secret as %3B, %3F "
-                        "and %26"
-                    )
-                raise URIError(f"{redacted}: attribute {name or part!r} has no value")
-            after_secret = after_secret or is_secret_attribute(name)
+                raise URIError(
+                    f"{_redact_text(text)}: {position} is not of the form "
+                    f"name=value; {ENCODING_HINT}"
+                )
             if name in attributes:
-                redacted = _redact_text(scheme, text)
-                raise URIError(f"{redacted}: attribute {name!r} is given twice")
+                shown = position if first_secret else f"attribute {_quote(name)!r}"
+                raise URIError(f"{_redact_text(text)}: {shown} is given twice")
+            if first_secret is None and is_secret_attribute(name):
+                first_secret = name
             attributes[name] = unquote(value)
         return cls(scheme=scheme, attributes=attributes, raw=text)
 
     def get(self, name: str, default: str | None = None) -> str | None:
         return self.attributes.get(name, default)
 
-    def redacted(self) -> str:
-        """The URI with every secret attribute's value replaced by `***`."""
-        parts = [
-            f"{name}=***" if is_secret_attribute(name) else f"{name}={_quote(value)}"
-            for name, value in self.attributes.items()
-        ]
+    def redacted(self, known: Collection[str] | None = None) -> str:
+        """The URI with every secret attribute's value replaced by `***`.
+
+        With `known`, the attribute names a backend reads, an unknown
+        attribute shows as `name=***`, because it may be a misspelt secret
+        such as `pim-value=`. An unknown attribute after a secret attribute
+        is left out, because it may be the tail of a secret that contains an
+        unencoded separator.
+        """
+        parts = []
+        after_secret = False
+        for name, value in self.attributes.items():
+            unknown = known is not None and name not in known
+            if unknown and after_secret:
+                continue
+            if unknown or is_secret_attribute(name):
+                parts.append(f"{_quote(name)}=***")
+            else:
+                parts.append(f"{_quote(name)}={_quote(value)}")
+            after_secret = after_secret or is_secret_attribute(name)
         return f"{self.scheme}:" + ";".join(parts)
 
     def __str__(self) -> str:
@@ -141,25 +164,76 @@ def is_secret_attribute(name: str) -> bool:
     return any(part in name for part in SECRET_NAME_PARTS)
 
 
-# One `name=value` attribute of a URI that may not parse: the name runs to
-# `=` and the value to the next separator.
-_ATTRIBUTE_TEXT = re.compile(r"([^;&?:=]+)=([^;&?]*)")
+def reject_unknown_attributes(uri: KeyURI, known: Collection[str]) -> None:
+    """Raise `URIError` if `uri` has an attribute whose name is not in `known`.
 
-
-def _redact_text(scheme: str, text: str) -> str:
-    """Redact secrets from a URI that failed to parse.
-
-    Names are percent-decoded before the check, so `pin%2Dvalue=1234` is
-    redacted like `pin-value=1234`.
+    The message shows no value of an unknown attribute, and not even the
+    name of one that comes after a secret attribute (see `redacted`).
     """
+    names = list(uri.attributes)
+    unknown = [name for name in names if name not in known]
+    if not unknown:
+        return
+    first_secret = next((name for name in names if is_secret_attribute(name)), None)
+    last_shown = names.index(first_secret) if first_secret else len(names)
+    shown = [name for name in unknown if names.index(name) <= last_shown]
+    problems = []
+    if shown:
+        problems.append(f"unknown attribute {', '.join(map(_quote, shown))}")
+    hidden = len(unknown) - len(shown)
+    if hidden:
+        what = "attribute is" if hidden == 1 else "attributes are"
+        it = "it follows" if hidden == 1 else "they follow"
+        problems.append(
+            f"{hidden} unknown {what} not shown because {it} {first_secret}= "
+            f"and may be part of its value; {ENCODING_HINT}"
+        )
+    raise URIError(
+        f"{uri.redacted(known)}: {'; '.join(problems)} "
+        f"({uri.scheme}: URIs take {', '.join(sorted(known))})"
+    )
 
-    # Everything after a secret attribute is dropped: a secret that contains
-    # an unencoded `;`, `?` or `&` continues past the separator.
-    for match in _ATTRIBUTE_TEXT.finditer(text):
-        name = match.group(1)
-        if is_secret_attribute(unquote(name)):
-            return text[: match.start()] + f"{name}=***"
-    return text
+
+def _split_attributes(rest: str) -> list[str]:
+    """Split the text after `scheme:` into its `name=value` parts."""
+    path, _, query = rest.partition("?")
+    return [p for p in path.split(";") if p] + [p for p in query.split("&") if p]
+
+
+def _position(index: int, count: int, first_secret: str | None) -> str:
+    """Name the attribute at `index` (from 1) without quoting its text."""
+    if first_secret is None:
+        return f"attribute {index} of {count}"
+    return f"attribute {index} of {count} (after {_quote(first_secret)}=)"
+
+
+def _redact_text(text: str) -> str:
+    """Redact a URI that failed to parse, for an error message.
+
+    A secret attribute's value and all text after it become `***`, because
+    a secret with an unencoded `;`, `?` or `&` continues past the separator.
+    A part without a name or `=` becomes `***`, because it may be a secret
+    typed without its name. Names are percent-decoded before the check, so
+    `pin%2Dvalue=1234` is redacted like `pin-value=1234`.
+    """
+    match = _SCHEME.match(text)
+    shown = match.group(0) if match else ""
+    path, question, query = text[len(shown) :].partition("?")
+    groups = [("", path.split(";"), ";")]
+    if question:
+        groups.append(("?", query.split("&"), "&"))
+    for opener, parts, separator in groups:
+        shown += opener
+        for position, part in enumerate(parts):
+            if position:
+                shown += separator
+            name, sep, _ = part.partition("=")
+            if sep and is_secret_attribute(unquote(name)):
+                return f"{shown}{name}=***"
+            if part and not (sep and unquote(name).strip()):
+                part = "***"
+            shown += part
+    return shown
 
 
 def looks_like_uri(text: str) -> bool:
