@@ -6,6 +6,8 @@ call as a device key. The backend packages test their own keys.
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import anyio
@@ -180,3 +182,28 @@ class WrongSigner(SoftwareSigner):
 def test_wrong_signature_is_error() -> None:
     with pytest.raises(SignerError, match="does not verify"):
         anyio.run(sign_ca_certificate, WrongSigner(), "CA")
+
+
+@pytest.mark.parametrize(("name", "length"), [("", 0), ("x" * 65, 65)])
+def test_init_name_length_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, length: int
+) -> None:
+    assert main(["init", "--dir", str(tmp_path), "--name", name]) == 2
+    error = capsys.readouterr().err
+    assert error == (
+        f"kmsproxy: error: --name has {length} characters: a certificate's "
+        "common name takes 1 to 64 (RFC 5280 ub-common-name); choose a "
+        "shorter or non-empty name\n"
+    )
+    assert not (tmp_path / "ca.key").exists()
+
+
+def test_init_directories_private_under_umask_000(tmp_path: Path) -> None:
+    directory = tmp_path / "xdg" / "kmsproxy"
+    previous = os.umask(0)
+    try:
+        assert main(["init", "--dir", str(directory)]) == 0
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "xdg").stat().st_mode) == 0o700
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import shlex
+import stat
 import tempfile
 from pathlib import Path
 
@@ -42,6 +44,8 @@ DEFAULT_CA_NAME = "kmsproxy local CA"
 # hardware key can wait for a touch or a PIN, so this leaves a person time
 # to act, as `kmsproxy csr` does, and a hung device still ends the command.
 CA_CERTIFICATE_SIGN_TIMEOUT_SECONDS = 120.0
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -75,6 +79,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.set_defaults(handler=run)
 
 
+# Mode of the directories init creates: the owner's only, as the XDG Base
+# Directory Specification asks for its directories. Another user who can
+# write to the CA's directory can rename ca.key and put their own in place.
+PRIVATE_DIRECTORY_MODE = 0o700
+
+
+def make_private_directory(directory: Path) -> None:
+    """Create `directory` and its missing parents with mode 0700.
+
+    `Path.mkdir(parents=True)` gives the parents the umask's mode, 0777
+    under umask 000. An existing directory is left as it is, with a warning
+    when other users can write to it.
+    """
+    missing: list[Path] = []
+    current = directory
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        path.mkdir(mode=PRIVATE_DIRECTORY_MODE, exist_ok=True)
+    mode = directory.stat().st_mode
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        logger.warning(
+            "The CA directory is writable by other users path=%s mode=%o; "
+            "run chmod 700 on it",
+            directory,
+            stat.S_IMODE(mode),
+        )
+
+
 def create_ca(directory: Path, name: str, *, force: bool = False) -> tuple[Path, Path]:
     """Write a new CA key and certificate into `directory`; return both paths.
 
@@ -87,7 +121,7 @@ def create_ca(directory: Path, name: str, *, force: bool = False) -> tuple[Path,
     certificate_path = directory / CA_CERTIFICATE_NAME
     try:
         check_replaceable(directory, force=force)
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_directory(directory)
         key = ec.generate_private_key(ec.SECP256R1())
         certificate = create_ca_certificate(key, name)
         key_pem = key.private_bytes(
@@ -176,7 +210,7 @@ def write_ca_certificate(
     certificate_path = directory / CA_CERTIFICATE_NAME
     try:
         check_replaceable(directory, force=force, keep_key=keep_key)
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_directory(directory)
         pem = certificate.public_bytes(serialization.Encoding.PEM)
         os.replace(_write_temporary(directory, pem, 0o644), certificate_path)
         if not keep_key:
@@ -287,7 +321,23 @@ Tools with their own store need it too, e.g. curl --cacert {path}.
 """
 
 
+# Length limits of a commonName: RFC 5280 appendix A, ub-common-name.
+MIN_COMMON_NAME_LENGTH = 1
+MAX_COMMON_NAME_LENGTH = 64
+
+
+def check_common_name(name: str) -> None:
+    """Raise `UserError` for a --name that X.509 cannot encode as a CN."""
+    if not MIN_COMMON_NAME_LENGTH <= len(name) <= MAX_COMMON_NAME_LENGTH:
+        raise UserError(
+            f"--name has {len(name)} characters: a certificate's common name "
+            f"takes {MIN_COMMON_NAME_LENGTH} to {MAX_COMMON_NAME_LENGTH} "
+            "(RFC 5280 ub-common-name); choose a shorter or non-empty name"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
+    check_common_name(args.name)
     directory = args.dir or config_directory()
     if args.key is None:
         key_path, certificate_path = create_ca(directory, args.name, force=args.force)
