@@ -8,6 +8,8 @@ second call off the device until the first one returns.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -185,3 +187,62 @@ async def test_hung_client_key_gets_502(
     assert answered < SHORT_SIGNATURE_TIMEOUT_SECONDS + PROMPT_SECONDS
     assert stopped < PROMPT_SECONDS
     assert device.calls == 1
+
+
+# A `kmsproxy csr` run whose key never signs: a plugin with a hung device,
+# and a CSR timeout short enough for a test.
+HUNG_CSR_SCRIPT = """
+import sys, threading, types
+import anyio
+from cryptography.hazmat.primitives.asymmetric import ec
+from kmsproxy.cli import csr, run
+from kmsproxy.plugins.hookspecs import hookimpl
+from kmsproxy.plugins.registry import Registry
+from kmsproxy.signer import BlockingSigner, schemes_for_public_key
+
+class Hung(BlockingSigner):
+    def __init__(self):
+        super().__init__(anyio.CapacityLimiter(1))
+        self.key = ec.generate_private_key(ec.SECP256R1())
+    uri = "hung:name=k"
+    def public_key(self):
+        return self.key.public_key()
+    @property
+    def schemes(self):
+        return schemes_for_public_key(self.key.public_key())
+    def sign_blocking(self, data, scheme):
+        threading.Event().wait(HANG_SECONDS)
+        raise RuntimeError("the hung call returned")
+
+module = types.ModuleType("hung")
+module.kmsproxy_schemes = hookimpl(lambda: ["hung"])
+module.kmsproxy_open_signer = hookimpl(lambda uri: Hung())
+load = Registry.load.__func__
+Registry.load = classmethod(
+    lambda cls, plugins=(), **options: load(cls, [module, *plugins], **options)
+)
+csr.CSR_SIGN_TIMEOUT_SECONDS = 0.5
+sys.argv = ["kmsproxy", "csr", "hung:name=k", "--subject", "CN=x"]
+run()
+"""
+
+# How long the hung call blocks; the process must exit long before.
+HANG_SECONDS = 60
+
+
+def test_cli_exits_past_hung_call(tmp_path: Path) -> None:
+    script = tmp_path / "hung_csr.py"
+    script.write_text(f"HANG_SECONDS = {HANG_SECONDS}\n{HUNG_CSR_SCRIPT}")
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=HANG_SECONDS - 10,
+        check=False,
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stderr
+    assert "the key did not sign within 0.5 s" in result.stderr
+    assert "Exiting without waiting for device calls" in result.stderr
+    assert elapsed < HANG_SECONDS / 2

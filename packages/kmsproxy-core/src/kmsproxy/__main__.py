@@ -1,8 +1,6 @@
 """`python -m kmsproxy`: the same command line as `kmsproxy`."""
 
-import sys
-
-from kmsproxy.cli import main
+from kmsproxy.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
+import time
 from collections.abc import Sequence
+from typing import NoReturn
 
 import kmsproxy
 from kmsproxy.certificates import CertificateError
@@ -124,6 +128,46 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"kmsproxy: error: {user_error}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+# Name anyio 4 gives its worker threads.
+ANYIO_WORKER_THREAD_NAME = "AnyIO worker thread"
+
+# How long idle worker threads get to exit after the event loop has stopped.
+# anyio tells each idle worker to stop when the loop ends, and it does so in
+# milliseconds; a worker still alive after this runs an abandoned call.
+WORKER_EXIT_SECONDS = 1.0
+
+
+def run() -> NoReturn:
+    """Run `main` as the `kmsproxy` program and exit with its status.
+
+    A device call abandoned after a timeout (see `BlockingSigner`) keeps its
+    worker thread, and Python waits for every such thread before it exits.
+    A hung TPM would then keep `kmsproxy` alive after SIGTERM or after a
+    timeout error. So when a worker is still busy, the program logs it and
+    exits without waiting.
+    """
+    status = main()
+    workers = [
+        thread
+        for thread in threading.enumerate()
+        if thread.name == ANYIO_WORKER_THREAD_NAME
+    ]
+    deadline = time.monotonic() + WORKER_EXIT_SECONDS
+    for worker in workers:
+        worker.join(timeout=max(0.0, deadline - time.monotonic()))
+    busy = [worker for worker in workers if worker.is_alive()]
+    if not busy:
+        sys.exit(status)
+    logger.warning(
+        "Exiting without waiting for device calls that did not return calls=%d",
+        len(busy),
+    )
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _single_user_error(error: BaseException) -> BaseException | None:
