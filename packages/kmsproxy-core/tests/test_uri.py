@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kmsproxy.errors import UserError
 from kmsproxy.uri import KeyURI, URIError, reject_unknown_attributes
 
 SECRET = "1234"
@@ -20,6 +21,11 @@ def test_parses_path_and_query() -> None:
     assert uri.scheme == "pkcs11"
     assert uri.get("id") == "\x01"
     assert uri.get("pin-source") == "/run/pin"
+
+
+def test_error_is_user_error() -> None:
+    with pytest.raises(UserError):
+        KeyURI.parse("pkcs11:token")
 
 
 def test_duplicate_name_rejected() -> None:

@@ -25,6 +25,12 @@ from softhsm_token import (
     create_softhsm,
     key_uri,
 )
+from special_files import (
+    SPECIAL_CASES,
+    SPECIAL_FILE_TIMEOUT_SECONDS,
+    special_file,
+    uri_value,
+)
 
 from kmsproxy.certificates import CertificateError
 from kmsproxy.plugins.registry import Registry
@@ -35,12 +41,12 @@ from kmsproxy.signer import (
     SignerError,
     verify_signature,
 )
-from kmsproxy.uri import KeyURI
+from kmsproxy.uri import KeyURI, URIError
 from kmsproxy_pkcs11 import token as token_module
-from kmsproxy_pkcs11.address import parse_key_uri
+from kmsproxy_pkcs11.address import PinSource, parse_key_uri
 from kmsproxy_pkcs11.mechanisms import fits_key_size, plan_signing
 from kmsproxy_pkcs11.objects import build_chain
-from kmsproxy_pkcs11.pin import describe_pin_state
+from kmsproxy_pkcs11.pin import describe_pin_state, read_pin
 from kmsproxy_pkcs11.signer import Pkcs11Signer
 
 pytestmark = pytest.mark.anyio
@@ -334,6 +340,27 @@ def test_pin_source_file_is_read(token: Token, tmp_path: Path) -> None:
     anyio.run(signer.aclose)
 
 
+@pytest.mark.timeout(SPECIAL_FILE_TIMEOUT_SECONDS)
+@pytest.mark.parametrize("case", sorted(SPECIAL_CASES))
+def test_pin_source_special_file(token: Token, tmp_path: Path, case: str) -> None:
+    source = uri_value(special_file(case, tmp_path))
+    uri = key_uri(token.hsm, TOKEN, KEY_IDS["p256"], pin=False)
+    with pytest.raises(SignerError) as raised:
+        open_signer(f"{uri}?pin-source={source}")
+    message = str(raised.value)
+    assert message.startswith(f"{uri};pin-source=")
+    assert "cannot read pin-source" in message
+    assert message.endswith(f": {SPECIAL_CASES[case]}")
+
+
+def test_pin_source_not_utf8(token: Token, tmp_path: Path) -> None:
+    pin_file = tmp_path / "pin"
+    pin_file.write_bytes(b"\xff\xfe\n")
+    pin_file.chmod(0o600)
+    with pytest.raises(SignerError, match="is not UTF-8 text"):
+        read_pin(PinSource(path=pin_file), "pkcs11:token=dev")
+
+
 @pytest.mark.parametrize(("mode", "warnings"), [(0o600, 0), (0o640, 1), (0o604, 1)])
 async def test_readable_pin_source_warns_once(
     token: Token,
@@ -432,8 +459,25 @@ def test_id_keeps_non_utf8_bytes() -> None:
 
 
 def test_unknown_attribute_is_named() -> None:
-    with pytest.raises(ValueError, match="unknown attribute 'tokn'"):
+    with pytest.raises(ValueError, match="unknown attribute tokn ") as raised:
         parse_key_uri(KeyURI.parse("pkcs11:tokn=a;id=%01"))
+    assert "tokn=***" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "pkcs11:token=a;id=%01?pni-value=SECRETD",
+        "pkcs11:token=a;id=%01?so-pin=SECRETD",
+        # The PIN "ab&SECRETD=1" is split at its unencoded `&`.
+        "pkcs11:token=a;id=%01?pin-value=ab&SECRETD=1",
+    ],
+    ids=["misspelt", "unsupported", "split"],
+)
+def test_unknown_secret_not_shown(text: str) -> None:
+    with pytest.raises(URIError, match="unknown attribute") as raised:
+        Registry.load().open_signer(text)
+    assert "secretd" not in str(raised.value).lower()
 
 
 def test_pin_value_and_source_conflict() -> None:

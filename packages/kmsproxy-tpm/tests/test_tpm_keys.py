@@ -494,6 +494,22 @@ def test_invalid_uri_is_named(key_directory: Path, uri: str, message: str) -> No
     assert "pin-value=1" not in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "tpmkms:name=client;auth-value=SECRETD",
+        "tpmkms:name=client;pnivalue=SECRETD",
+        # The auth value "ab&SECRETD=1" is split at its unencoded `&`.
+        "tpmkms:name=client?pin-value=ab&SECRETD=1",
+    ],
+    ids=["auth-value", "misspelt", "split"],
+)
+def test_unknown_secret_not_shown(key_directory: Path, uri: str) -> None:
+    with pytest.raises(SignerError, match="unknown attribute") as raised:
+        Registry.load().open_signer(uri)
+    assert "secretd" not in str(raised.value).lower()
+
+
 def test_empty_list_says_how_to_create(
     key_directory: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -23,7 +23,7 @@ from yubikey_standin import PIV_PIN, SERIAL, TOKEN, fill_slot, slot_uri
 from kmsproxy.certificates import CertificateError
 from kmsproxy.plugins.registry import Registry
 from kmsproxy.signer import PublicKey, SignerError, verify_signature
-from kmsproxy.uri import KeyURI
+from kmsproxy.uri import KeyURI, URIError
 from kmsproxy_pkcs11.modules import find_known_module
 from kmsproxy_pkcs11.signer import Pkcs11Signer
 from kmsproxy_yubikey.address import parse_yubikey_uri
@@ -98,6 +98,22 @@ def test_every_slot_has_its_own_id() -> None:
 def test_invalid_slot_is_named(text: str) -> None:
     with pytest.raises(ValueError, match=r"not a PIV key slot|missing slot-id"):
         parse_yubikey_uri(KeyURI.parse(f"yubikey:slot-id={text};serial=1"))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "yubikey:slot-id=9a?pni-value=SECRETD",
+        "yubikey:slot-id=9a;management-key=SECRETD",
+        # The PIN "ab&SECRETD=1" is split at its unencoded `&`.
+        "yubikey:slot-id=9a?pin-value=ab&SECRETD=1",
+    ],
+    ids=["misspelt", "unsupported", "split"],
+)
+def test_unknown_secret_not_shown(text: str) -> None:
+    with pytest.raises(URIError, match="unknown attribute") as raised:
+        Registry.load().open_signer(text)
+    assert "secretd" not in str(raised.value).lower()
 
 
 def test_uri_selects_token_by_serial() -> None:

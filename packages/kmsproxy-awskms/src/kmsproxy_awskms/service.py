@@ -23,7 +23,7 @@ import botocore.exceptions
 import botocore.session
 
 from kmsproxy.backoff import Backoff, BackoffPolicy
-from kmsproxy.uri import KeyURI
+from kmsproxy.uri import KeyURI, reject_unknown_attributes
 from kmsproxy_awskms.errors import MalformedResponse
 
 logger = logging.getLogger(__name__)
@@ -96,13 +96,9 @@ class KeyAddress:
 
 def parse_uri(uri: KeyURI) -> KeyAddress:
     """Read an `awskms:` URI; raise `ValueError` naming a wrong attribute."""
+    # An unknown attribute may be a misspelt secret: the message omits values.
+    reject_unknown_attributes(uri, KNOWN_ATTRIBUTES)
     redacted = uri.redacted()
-    unknown = sorted(set(uri.attributes) - set(KNOWN_ATTRIBUTES))
-    if unknown:
-        raise ValueError(
-            f"{redacted}: unknown attribute {', '.join(unknown)} "
-            f"(an awskms: URI takes {', '.join(KNOWN_ATTRIBUTES)})"
-        )
     key_id = uri.get("key-id")
     if not key_id:
         raise ValueError(

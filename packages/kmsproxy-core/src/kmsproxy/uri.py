@@ -15,6 +15,8 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
+from kmsproxy.errors import UserError
+
 # Attributes whose values are secrets: never logged, never in an error message.
 SECRET_ATTRIBUTES = frozenset(
     {"pin-value", "pin", "password", "secret", "auth", "token-value"}
@@ -52,8 +54,12 @@ _DRIVE = re.compile(r"^[a-zA-Z]:[\\/]")
 ENCODING_HINT = "percent-encode ; ? & and % inside a value as %3B, %3F, %26 and %25"
 
 
-class URIError(ValueError):
-    """A key or certificate URI is malformed; the message names it, redacted."""
+class URIError(ValueError, UserError):
+    """A key or certificate URI is malformed; the message names it, redacted.
+
+    It is a `ValueError`, which a backend hook may raise for a URI it cannot
+    use, and a `UserError`, which callers of the registry catch for bad input.
+    """
 
 
 @dataclass(frozen=True)

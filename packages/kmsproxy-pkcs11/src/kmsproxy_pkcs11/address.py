@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote_to_bytes
 
-from kmsproxy.uri import KeyURI, is_secret_attribute
+from kmsproxy.uri import KeyURI, is_secret_attribute, reject_unknown_attributes
 
 SCHEME = "pkcs11"
 
@@ -119,13 +119,12 @@ def format_id(object_id: bytes) -> str:
 
 
 def check_attributes(uri: KeyURI, known: frozenset[str]) -> None:
-    """Raise `ValueError` naming the first attribute of `uri` not in `known`."""
-    unknown = sorted(set(uri.attributes) - known)
-    if unknown:
-        raise ValueError(
-            f"{uri.redacted()}: unknown attribute {unknown[0]!r}; a {uri.scheme}: "
-            f"URI takes {', '.join(sorted(known))}"
-        )
+    """Raise `URIError` naming the attributes of `uri` not in `known`.
+
+    The message shows no value of an unknown attribute, which may be a
+    misspelt `pin-value`.
+    """
+    reject_unknown_attributes(uri, known)
 
 
 def pin_source(uri: KeyURI) -> PinSource:

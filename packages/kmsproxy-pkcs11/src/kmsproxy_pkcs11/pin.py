@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pkcs11 import TokenFlag
 
+from kmsproxy.secrets import SecretFileError, read_secret_file
 from kmsproxy.signer import SignerError
 
 from .address import PinSource
@@ -37,21 +38,21 @@ def read_pin(source: PinSource, uri: str) -> str | None:
     if source.path is None:
         return None
     try:
-        lines = source.path.read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise SignerError(
-            f"{uri}: cannot read pin-source {source.path}: {error.strerror}"
-        ) from None
+        line = read_secret_file(source.path, "pin-source")
+    except SecretFileError as error:
+        raise SignerError(f"{uri}: {error}") from None
+    try:
+        pin = line.decode("utf-8")
     except UnicodeDecodeError:
         raise SignerError(
             f"{uri}: pin-source {source.path} is not UTF-8 text"
         ) from None
     _warn_if_readable(source.path)
-    if not lines or not lines[0]:
+    if not pin:
         raise SignerError(
             f"{uri}: pin-source {source.path} is empty; write the PIN on its first line"
         )
-    return lines[0]
+    return pin
 
 
 def _warn_if_readable(path: Path) -> None:

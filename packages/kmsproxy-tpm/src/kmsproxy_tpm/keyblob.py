@@ -23,6 +23,7 @@ from tpm2_pytss.constants import TPM2_ALG, TPM2_CAP, TPM2_ECC, TPMA_OBJECT
 from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.types import TPMS_SCHEME_HASH, TPMT_SIG_SCHEME, TPMU_SIG_SCHEME
 
+from kmsproxy import files
 from kmsproxy.signer import PublicKey, SignatureScheme
 
 PEM_LABEL = b"-----BEGIN TSS2 PRIVATE KEY-----"
@@ -99,7 +100,9 @@ class KeyBlob:
 def read_key_file(path: Path) -> KeyBlob:
     """Read a TSS2 PRIVATE KEY PEM; raise `KeyFileError` naming the file."""
     try:
-        data = path.read_bytes()
+        # Bounded and non-blocking, because a reload re-reads the file and a
+        # FIFO or /dev/zero at its path must not hang the reload.
+        data = files.read_key_file(path)
     except FileNotFoundError:
         raise KeyFileError(f"key file {path} not found") from None
     except OSError as error:

@@ -20,8 +20,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kmsproxy.secrets import SecretFileError, read_secret_file
 from kmsproxy.signer import SignerError
-from kmsproxy.uri import KeyURI
+from kmsproxy.uri import KeyURI, URIError, reject_unknown_attributes
 from kmsproxy_tpm import storage
 from kmsproxy_tpm.device import DEFAULT_RESOURCE_MANAGER
 
@@ -69,13 +70,11 @@ def default_tcti() -> str:
 
 def parse_reference(uri: KeyURI) -> KeyReference:
     """Read a `tpmkms:` URI; raise `SignerError` naming it and the fix."""
+    try:
+        reject_unknown_attributes(uri, KNOWN_ATTRIBUTES)
+    except URIError as error:
+        raise SignerError(str(error)) from None
     redacted = uri.redacted()
-    unknown = sorted(set(uri.attributes) - KNOWN_ATTRIBUTES)
-    if unknown:
-        known = ", ".join(f"{name}=" for name in sorted(KNOWN_ATTRIBUTES))
-        raise SignerError(
-            f"{redacted}: unknown attribute {', '.join(unknown)} (known: {known})"
-        )
     name = uri.get("name")
     path_text = uri.get("path")
     if name and path_text:
@@ -133,11 +132,12 @@ def _read_auth(uri: KeyURI) -> bytes | None:
 
 
 def read_auth_file(path: Path, subject: str) -> bytes:
-    """Return the first line of an auth value file, without its line break."""
+    """Return the first line of an auth value file, without its line break.
+
+    Raise `SignerError` naming `subject` and the path for a file that is
+    missing, not a regular file or too large (see `read_secret_file`).
+    """
     try:
-        lines = path.read_bytes().splitlines()
-    except OSError as error:
-        raise SignerError(
-            f"{subject}: cannot read the auth value file {path}: {error.strerror}"
-        ) from None
-    return lines[0] if lines else b""
+        return read_secret_file(path, "the auth value file")
+    except SecretFileError as error:
+        raise SignerError(f"{subject}: {error}") from None

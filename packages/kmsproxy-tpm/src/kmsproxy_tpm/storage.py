@@ -28,7 +28,8 @@ CHAIN_FILE_MODE = 0o644
 
 # A name becomes a file name: letters, digits, `.`, `_` and `-`, not starting
 # with `.` (no hidden files, no `..`), and short enough for any file system.
-_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+# Always applied with fullmatch, because `$` would also accept a final "\n".
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
 def key_directory() -> Path:
@@ -38,7 +39,7 @@ def key_directory() -> Path:
 
 def check_name(name: str) -> str:
     """Return `name` if it can be a key name; raise `ValueError` otherwise."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise ValueError(
             f"invalid key name {name!r}: use up to 128 letters, digits, '.', '_' "
             "or '-', not starting with '.'"
@@ -85,5 +86,5 @@ def key_names() -> list[str]:
     return sorted(
         path.stem
         for path in directory.glob(f"*{KEY_SUFFIX}")
-        if _NAME.match(path.stem) and path.is_file()
+        if _NAME.fullmatch(path.stem) and path.is_file()
     )

@@ -20,8 +20,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from kmsproxy.certificates import CertificateError, CertificateSource
-from kmsproxy.files import MAX_SECRET_FILE_BYTES, read_key_file, read_small_file
+from kmsproxy.files import read_key_file
 from kmsproxy.plugins.hookspecs import hookimpl
+from kmsproxy.secrets import SecretFileError, read_secret_file
 from kmsproxy.signer import PrivateKey, Signer, SignerError, SoftwareSigner
 from kmsproxy.uri import KeyURI
 
@@ -61,14 +62,9 @@ def _read_password(uri: KeyURI) -> bytes | None:
     if password_file is None:
         return None
     try:
-        path = Path(password_file).expanduser()
-        lines = read_small_file(path, MAX_SECRET_FILE_BYTES).splitlines()
-    except OSError as error:
-        raise SignerError(
-            f"{uri.redacted()}: cannot read password-file {password_file}: "
-            f"{error.strerror}"
-        ) from None
-    return lines[0] if lines else b""
+        return read_secret_file(Path(password_file).expanduser(), "password-file")
+    except SecretFileError as error:
+        raise SignerError(f"{uri.redacted()}: {error}") from None
 
 
 def load_private_key(path: Path, password: bytes | None = None) -> PrivateKey:
