@@ -109,7 +109,7 @@ class KeyURI:
         return self.attributes.get(name, default)
 
     def redacted(self, known: Collection[str] | None = None) -> str:
-        """The URI with every secret attribute's value replaced by `***`.
+        """Return the URI with every secret attribute's value replaced by `***`.
 
         With `known`, the attribute names a backend reads, an unknown
         attribute shows as `name=***`, because it may be a misspelt secret
