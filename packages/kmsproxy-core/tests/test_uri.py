@@ -107,6 +107,12 @@ def test_empty_name_hidden() -> None:
     assert SECRET not in message
 
 
+def test_drive_path_not_a_uri() -> None:
+    path = "C:\\keys\\client.pem"
+    message = parse_error(path)
+    assert message == f"{path!r} is not a URI of the form scheme:name=value"
+
+
 def test_not_a_uri_redacted() -> None:
     message = parse_error(f"1yubikey:pin-value={SECRET}")
     assert "is not a URI of the form scheme:name=value" in message

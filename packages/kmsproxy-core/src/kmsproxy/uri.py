@@ -81,9 +81,9 @@ class KeyURI:
         """
         match = _SCHEME.match(text)
         if match is None or _DRIVE.match(text):
-            raise URIError(
-                f"{_redact_text(text)!r} is not a URI of the form scheme:name=value"
-            )
+            # Text without a scheme has no attributes, so only secrets go.
+            shown = _redact_text(text, hide_bare_parts=False)
+            raise URIError(f"{shown!r} is not a URI of the form scheme:name=value")
         scheme = match.group(1).lower()
         parts = _split_attributes(text[match.end() :])
         attributes: dict[str, str] = {}
@@ -213,14 +213,15 @@ def _position(index: int, count: int, first_secret: str | None) -> str:
     return f"attribute {index} of {count} (after {_quote(first_secret)}=)"
 
 
-def _redact_text(text: str) -> str:
+def _redact_text(text: str, *, hide_bare_parts: bool = True) -> str:
     """Redact a URI that failed to parse, for an error message.
 
     A secret attribute's value and all text after it become `***`, because
     a secret with an unencoded `;`, `?` or `&` continues past the separator.
-    A part without a name or `=` becomes `***`, because it may be a secret
-    typed without its name. Names are percent-decoded before the check, so
-    `pin%2Dvalue=1234` is redacted like `pin-value=1234`.
+    With `hide_bare_parts`, a part without a name or `=` becomes `***`,
+    because it may be a secret typed without its name. Names are
+    percent-decoded before the check, so `pin%2Dvalue=1234` is redacted like
+    `pin-value=1234`.
     """
     match = _SCHEME.match(text)
     shown = match.group(0) if match else ""
@@ -236,7 +237,7 @@ def _redact_text(text: str) -> str:
             name, sep, _ = part.partition("=")
             if sep and is_secret_attribute(unquote(name)):
                 return f"{shown}{name}=***"
-            if part and not (sep and unquote(name).strip()):
+            if hide_bare_parts and part and not (sep and unquote(name).strip()):
                 part = "***"
             shown += part
     return shown
