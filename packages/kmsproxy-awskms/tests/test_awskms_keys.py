@@ -34,6 +34,7 @@ from peers import free_port
 from pki import certify, make_ca
 
 from kmsproxy import Registry, SignatureScheme, SignerError, UserError
+from kmsproxy.signer import verify_signature
 from kmsproxy_awskms import KMSSigner, service
 from kmsproxy_awskms.algorithms import MessageType
 
@@ -100,10 +101,13 @@ def test_alias_opens(moto_kms: MotoKMS) -> None:
 
 @pytest.mark.anyio
 async def test_sign_verifies(moto_kms: MotoKMS, sign_calls: list[SignCall]) -> None:
-    signer = open_key(moto_kms.uri(moto_kms.create_key("ECC_NIST_P256")))
+    key_id = moto_kms.create_key("ECC_NIST_P256")
+    signer = open_key(moto_kms.uri(key_id))
     scheme = SignatureScheme.ecdsa_secp256r1_sha256
     signature = await signer.sign(b"x" * 4096, scheme)
     assert signature[0] == 0x30  # DER SEQUENCE, as KMS returns it
+    # Checked here against moto's public key, not only by the signer itself.
+    verify_signature(moto_kms.public_key(key_id), signature, b"x" * 4096, scheme)
     assert sign_calls[-1].message_type == "RAW"
     assert sign_calls[-1].message == b"x" * 4096
 

@@ -145,7 +145,6 @@ async def run_outage(
     site: Site,
     uri: str,
     cert: Path,
-    monkeypatch: pytest.MonkeyPatch,
     stop: Callable[[], Awaitable[None]],
     restart: Callable[[], Awaitable[None]],
     clock: ManualClock,
@@ -153,7 +152,7 @@ async def run_outage(
     """Fetch through the proxy, stop KMS, fetch twice, restart it, and fetch
     until a request works (bounded by RECOVERY_ATTEMPTS)."""
     config = site.config(client_keys=[uri], client_certificates=[cert])
-    with nginx_for(site, TLS13, monkeypatch) as nginx:
+    with nginx_for(site, TLS13) as nginx:
         async with serving(Proxy(config)) as addresses:
             before = await fetch_subject(site, addresses, nginx)
             await stop()
@@ -196,7 +195,6 @@ async def test_paused_kms_is_502_then_recovers(
     site: Site,
     moto_kms: MotoKMS,
     short_limits: ManualClock,
-    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """moto stops (SIGSTOP): connections open but no response comes."""
@@ -211,7 +209,7 @@ async def test_paused_kms_is_502_then_recovers(
         moto_kms.resume()
 
     result = await run_outage(
-        site, moto_kms.uri(key_id), cert, monkeypatch, pause, resume, short_limits
+        site, moto_kms.uri(key_id), cert, pause, resume, short_limits
     )
     check_outage(result, b"Read timeout", caplog)
 
@@ -220,7 +218,6 @@ async def test_refused_kms_is_502_then_recovers(
     site: Site,
     moto_kms: MotoKMS,
     short_limits: ManualClock,
-    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The endpoint goes away (connection refused) and comes back on the
@@ -239,9 +236,7 @@ async def test_refused_kms_is_502_then_recovers(
 
     forwarder.start()
     try:
-        result = await run_outage(
-            site, uri, cert, monkeypatch, stop, restart, short_limits
-        )
+        result = await run_outage(site, uri, cert, stop, restart, short_limits)
     finally:
         forwarder.stop()
     check_outage(result, b"Could not connect to the endpoint URL", caplog)

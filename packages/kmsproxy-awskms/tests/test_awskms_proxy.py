@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
-import peers
 import pytest
 from awskms_moto import (
     MotoKMS,
@@ -67,30 +66,19 @@ def certify_kms_key(site: Site, moto_kms: MotoKMS, key_id: str, name: str) -> Pa
     return path
 
 
-def nginx_for(
-    site: Site,
-    version: str,
-    monkeypatch: pytest.MonkeyPatch,
-    cert: Path | None = None,
-) -> Peer:
+def nginx_for(site: Site, version: str, cert: Path | None = None) -> Peer:
     """Start nginx accepting only `version`, requiring a client certificate.
 
     Session tickets and the session cache are off, so every connection is
     a full handshake with a CertificateVerify.
     """
-    template = peers._NGINX_CONFIG
-    assert "ssl_protocols TLSv1.3;" in template
-    monkeypatch.setattr(
-        peers,
-        "_NGINX_CONFIG",
-        template.replace("ssl_protocols TLSv1.3;", f"ssl_protocols {version};"),
-    )
     return start_nginx(
         site.directory,
         cert or site.path("server.crt"),
         site.path("server.key"),
         site.path("client-ca.crt"),
         extra="ssl_session_tickets off; ssl_session_cache off;",
+        protocols=version,
     )
 
 
@@ -122,6 +110,8 @@ KEY_SPECS_TLS = [
     ("ECC_NIST_P256", TLS12, "ECDSA_SHA_256"),
     ("ECC_NIST_P384", TLS13, "ECDSA_SHA_384"),
     ("ECC_NIST_P384", TLS12, "ECDSA_SHA_384"),
+    ("ECC_NIST_P521", TLS13, "ECDSA_SHA_512"),
+    ("ECC_NIST_P521", TLS12, "ECDSA_SHA_512"),
     # moto's RSASSA_PSS fails the self-check, so RSA keys sign with
     # PKCS#1 v1.5, which TLS allows in TLS 1.2 only.
     ("RSA_2048", TLS12, "RSASSA_PKCS1_V1_5_SHA_256"),
@@ -135,7 +125,6 @@ async def test_key_spec_reaches_nginx(
     site: Site,
     moto_kms: MotoKMS,
     sign_calls: list[SignCall],
-    monkeypatch: pytest.MonkeyPatch,
     key_spec: str,
     version: str,
     algorithm: str,
@@ -144,7 +133,7 @@ async def test_key_spec_reaches_nginx(
     name = f"kms {key_spec}"
     cert = certify_kms_key(site, moto_kms, key_id, name)
     config = site.config(client_keys=[moto_kms.uri(key_id)], client_certificates=[cert])
-    with nginx_for(site, version, monkeypatch) as nginx:
+    with nginx_for(site, version) as nginx:
         async with serving(Proxy(config)) as addresses:
             calls_at_start = len(sign_calls)
             result = await fetch_subject(site, addresses, nginx)
@@ -158,14 +147,14 @@ async def test_key_spec_reaches_nginx(
 
 
 async def test_rsa_key_without_pss_fails_tls13_only(
-    site: Site, moto_kms: MotoKMS, monkeypatch: pytest.MonkeyPatch
+    site: Site, moto_kms: MotoKMS
 ) -> None:
     """The self-check leaves the RSA key PKCS#1 v1.5 only, which TLS 1.3
     forbids in CertificateVerify: the proxy returns a 502 page that says so."""
     key_id = moto_kms.create_key("RSA_2048")
     cert = certify_kms_key(site, moto_kms, key_id, "kms rsa tls13")
     config = site.config(client_keys=[moto_kms.uri(key_id)], client_certificates=[cert])
-    with nginx_for(site, TLS13, monkeypatch) as nginx:
+    with nginx_for(site, TLS13) as nginx:
         async with serving(Proxy(config)) as addresses:
             result = await fetch_subject(site, addresses, nginx)
     assert result.returncode == 0, result.stderr.decode()
@@ -194,7 +183,6 @@ async def test_long_tls12_transcript_needs_digest(
     site: Site,
     moto_kms: MotoKMS,
     sign_calls: list[SignCall],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A transcript over 4096 bytes needs MessageType DIGEST. moto gets
     DIGEST wrong, the self-check saw that at load, so the proxy returns 502
@@ -202,7 +190,7 @@ async def test_long_tls12_transcript_needs_digest(
     key_id = moto_kms.create_key("ECC_NIST_P256")
     cert = certify_kms_key(site, moto_kms, key_id, "kms long transcript")
     config = site.config(client_keys=[moto_kms.uri(key_id)], client_certificates=[cert])
-    with nginx_for(site, TLS12, monkeypatch, write_long_chain(site)) as nginx:
+    with nginx_for(site, TLS12, write_long_chain(site)) as nginx:
         async with serving(Proxy(config)) as addresses:
             calls_at_start = len(sign_calls)
             result = await fetch_subject(site, addresses, nginx)
@@ -221,7 +209,6 @@ async def test_ca_key_in_kms_mints_leaves(
     site: Site,
     moto_kms: MotoKMS,
     sign_calls: list[SignCall],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ca_key_id = moto_kms.create_key("ECC_NIST_P256")
     ca_uri = moto_kms.uri(ca_key_id)
@@ -229,7 +216,7 @@ async def test_ca_key_in_kms_mints_leaves(
     ca_path = site.path("kms-ca.crt")
     ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     config = site.config(ca_key=ca_uri, ca_certificate=ca_path)
-    with nginx_for(site, TLS13, monkeypatch) as nginx:
+    with nginx_for(site, TLS13) as nginx:
         async with serving(Proxy(config)) as addresses:
             calls_at_start = len(sign_calls)
             result = await curl(
@@ -245,9 +232,7 @@ async def test_ca_key_in_kms_mints_leaves(
     assert [c.signing_algorithm for c in minted] == ["ECDSA_SHA_256"]
 
 
-async def test_cli_serve_with_kms_key(
-    site: Site, moto_kms: MotoKMS, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_cli_serve_with_kms_key(site: Site, moto_kms: MotoKMS) -> None:
     key_id = moto_kms.create_key("ECC_NIST_P256")
     cert = certify_kms_key(site, moto_kms, key_id, "kms cli")
     process = subprocess.Popen(
@@ -264,7 +249,7 @@ async def test_cli_serve_with_kms_key(
     )  # fmt: skip
     try:
         match = wait_for_line(process, r"Proxy listening addresses=(127\.0\.0\.1:\d+)")
-        with nginx_for(site, TLS13, monkeypatch) as nginx:
+        with nginx_for(site, TLS13) as nginx:
             result = await curl(
                 "--proxy",
                 f"http://{match.group(1)}",

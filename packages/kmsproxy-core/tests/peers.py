@@ -273,7 +273,7 @@ http {{
     server {{
         listen {host}:{port} ssl{listen_options};
         server_name {server_name};
-        ssl_protocols TLSv1.3;
+        ssl_protocols {protocols};
         ssl_certificate {cert};
         ssl_certificate_key {key};
         ssl_client_certificate {client_ca};
@@ -304,8 +304,12 @@ def start_nginx(
     server_name: str = "localhost",
     name: str = "nginx",
     http2: bool = False,
+    protocols: str = "TLSv1.3",
 ) -> Peer:
-    """Start nginx (TLS 1.3 only) on a free loopback port.
+    """Start nginx (TLS 1.3 only, unless `protocols` says otherwise) on a
+    free loopback port.
+
+    `protocols` is nginx's `ssl_protocols` value, such as `TLSv1.2`.
 
     `http2=True` adds HTTP/2 to the listener, so ALPN offers h2 before
     http/1.1 (nginx 1.22, Debian 12, takes it as a `listen` option).
@@ -333,6 +337,7 @@ def start_nginx(
             client_ca=client_ca,
             verify_client=verify_client,
             listen_options=" http2" if http2 else "",
+            protocols=protocols,
             body=body.replace("\n", "\\n"),
             extra=extra,
         )

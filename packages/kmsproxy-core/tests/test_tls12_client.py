@@ -172,7 +172,7 @@ def test_client_hello_shape() -> None:
     groups = m.pull_uint16_list_extension(
         server.client_extension(E.supported_groups) or b"", "groups", 2
     )
-    assert groups == [0x001D, 0x0017, 0x0018]
+    assert groups == [0x001D, 0x0017, 0x0018, 0x0019]
     schemes = m.pull_uint16_list_extension(
         server.client_extension(E.signature_algorithms) or b"", "schemes", 2
     )
@@ -575,7 +575,7 @@ def test_key_exchange_group_not_offered() -> None:
     wire = server.server_hello() + server.certificate()
     message = server.server_key_exchange_message()
     exchange = m12.pull_server_key_exchange(message[4:])
-    exchange.named_curve = 0x0019  # secp521r1
+    exchange.named_curve = 0x001E  # x448
     wire += server.handshake(m12.push_server_key_exchange(exchange))
     expect_alert(client, wire, alerts.IllegalParameter)
 

@@ -203,6 +203,16 @@ async def test_s_server_hello_retry_request(pki: Files) -> None:
     assert response.startswith(b"HTTP/1.0 200 ok")
 
 
+async def test_s_server_p521_key_share(pki: Files) -> None:
+    cert, key = pki.server()
+    with start_openssl_server(
+        pki.directory, cert, key, pki.ca_path, groups="P-521"
+    ) as peer:
+        stream, response = await s_server_get(peer, config(pki, [pki.client()]))
+    assert stream.connection.hello_retry_requested
+    assert response.startswith(b"HTTP/1.0 200 ok")
+
+
 async def test_s_server_rev_echo(pki: Files) -> None:
     cert, key = pki.server("rsa2048")
     with start_openssl_server(

@@ -52,7 +52,7 @@ def test_hybrid_share_offered_first() -> None:
     # ML-KEM-768 encapsulation key (1184 bytes), then X25519 (32 bytes).
     assert len(shares[0].key_exchange) == 1184 + 32
     assert len(shares[1].key_exchange) == 32
-    assert groups == [0x11EC, G.x25519, G.secp256r1, G.secp384r1]
+    assert groups == [0x11EC, G.x25519, G.secp256r1, G.secp384r1, G.secp521r1]
 
 
 def test_hybrid_share_halves_are_keys() -> None:

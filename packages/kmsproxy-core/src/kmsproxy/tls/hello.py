@@ -22,12 +22,15 @@ CIPHER_SUITES = (
 )
 
 # Groups in our preference order: the post-quantum hybrid first, so a
-# recorded session stays safe against a future quantum computer.
+# recorded session stays safe against a future quantum computer. secp521r1
+# comes last: OpenSSL 3.0 as a TLS 1.2 server accepts a client certificate
+# on P-521 only when the client lists that curve here.
 SUPPORTED_GROUPS = (
     m.NamedGroup.X25519MLKEM768,
     m.NamedGroup.x25519,
     m.NamedGroup.secp256r1,
     m.NamedGroup.secp384r1,
+    m.NamedGroup.secp521r1,
 )
 
 # Groups we send a share for in the first ClientHello: the hybrid (1216

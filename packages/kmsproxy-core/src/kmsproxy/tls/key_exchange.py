@@ -34,11 +34,16 @@ KeySharePrivateKey = (
 _CURVES: dict[NamedGroup, ec.EllipticCurve] = {
     NamedGroup.secp256r1: ec.SECP256R1(),
     NamedGroup.secp384r1: ec.SECP384R1(),
+    NamedGroup.secp521r1: ec.SECP521R1(),
 }
 
 # Length of an UncompressedPointRepresentation (0x04 || X || Y), the only
 # encoding TLS 1.3 allows for ECDHE shares (RFC 8446 section 4.2.8.2).
-_UNCOMPRESSED_POINT_LENGTHS = {NamedGroup.secp256r1: 65, NamedGroup.secp384r1: 97}
+_UNCOMPRESSED_POINT_LENGTHS = {
+    NamedGroup.secp256r1: 65,
+    NamedGroup.secp384r1: 97,
+    NamedGroup.secp521r1: 133,
+}
 
 
 def generate_private_key(group: NamedGroup) -> KeySharePrivateKey:

@@ -66,6 +66,7 @@ class NamedGroup(enum.IntEnum):
 
     secp256r1 = 0x0017
     secp384r1 = 0x0018
+    secp521r1 = 0x0019
     x25519 = 0x001D
     # ML-KEM-768 combined with X25519 (draft-ietf-tls-ecdhe-mlkem).
     X25519MLKEM768 = 0x11EC

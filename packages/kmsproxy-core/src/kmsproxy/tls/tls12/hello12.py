@@ -35,7 +35,13 @@ E12 = ExtensionType12
 
 # Groups a TLS 1.2 ServerKeyExchange may use (RFC 8422 section 5.1.1):
 # x25519 first, then the NIST curves. The hybrid group is TLS 1.3 only.
-GROUPS12 = (m.NamedGroup.x25519, m.NamedGroup.secp256r1, m.NamedGroup.secp384r1)
+# secp521r1 is listed for the same reason as in hello.SUPPORTED_GROUPS.
+GROUPS12 = (
+    m.NamedGroup.x25519,
+    m.NamedGroup.secp256r1,
+    m.NamedGroup.secp384r1,
+    m.NamedGroup.secp521r1,
+)
 
 # signature_algorithms we offer when only TLS 1.2 is offered. Unlike TLS 1.3,
 # TLS 1.2 lets the server sign ServerKeyExchange with RSASSA-PKCS1-v1_5.
