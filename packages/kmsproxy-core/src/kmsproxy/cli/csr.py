@@ -262,7 +262,7 @@ async def create_request(
 ) -> x509.CertificateSigningRequest:
     """Open `key` through `registry`, sign the request with it, close it."""
     builder = request_builder(subject, names)
-    signer = registry.open_signer(key)
+    signer = await anyio.to_thread.run_sync(registry.open_signer, key)
     try:
         return await sign_request(builder, signer)
     finally:

@@ -182,7 +182,7 @@ async def create_certificate_for_key(
     registry: Registry, key: str, name: str
 ) -> x509.Certificate:
     """Open `key` through `registry`, sign its CA certificate, close it."""
-    signer = registry.open_signer(key)
+    signer = await anyio.to_thread.run_sync(registry.open_signer, key)
     try:
         return await sign_ca_certificate(signer, name)
     finally:
