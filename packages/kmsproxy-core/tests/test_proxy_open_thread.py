@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import threading
 import types
-from pathlib import Path
 
 import anyio
 import pytest
-from test_proxy import Site, exchange, make_site
+from test_proxy import Site, anyio_backend, exchange, site
 
 from kmsproxy import Proxy
 from kmsproxy.plugins.hookspecs import hookimpl
 from kmsproxy.signer import Signer, SoftwareSigner
 from kmsproxy.uri import KeyURI
+
+__all__ = ["anyio_backend", "site"]
 
 pytestmark = pytest.mark.anyio
 
@@ -29,16 +30,6 @@ HOOK_RELEASE_TIMEOUT_SECONDS = 10.0
 
 # Bound for each step that waits on the other proxy or on the hook.
 STEP_TIMEOUT_SECONDS = 10.0
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Site:
-    return make_site(tmp_path)
 
 
 def slow_backend(

@@ -15,24 +15,16 @@ import anyio
 import pytest
 from peers import Peer, start_openssl_server
 from pki import issue, make_ca
-from test_proxy import Site, curl, make_site
+from test_proxy import Site, anyio_backend, curl, site
 
 from kmsproxy import Proxy
+
+__all__ = ["anyio_backend", "site"]
 
 pytestmark = [pytest.mark.anyio, pytest.mark.interop]
 
 # Bound for `openssl req` to write a key and certificate.
 OPENSSL_TIMEOUT_SECONDS = 30.0
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Site:
-    return make_site(tmp_path)
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import anyio
 import pytest
-from peers import Peer, start_nginx
+from peers import Peer
 from pki import generate_key
-from test_proxy import Site, curl, make_site
+from test_proxy import Site, anyio_backend, curl, nginx, site
 
 from kmsproxy import Proxy, tls
 from kmsproxy import signer as signer_module
@@ -32,6 +32,8 @@ from kmsproxy.signer import (
     schemes_for_public_key,
     sign_with_private_key,
 )
+
+__all__ = ["anyio_backend", "nginx", "site"]
 
 pytestmark = pytest.mark.anyio
 
@@ -46,11 +48,6 @@ SHORT_SIGNATURE_TIMEOUT_SECONDS = 1.0
 # Bound for the caller to return after cancellation or for the proxy to stop.
 # Both take milliseconds; the bound is far below the hung call's wait.
 PROMPT_SECONDS = 5.0
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 class HungDevice(BlockingSigner):
@@ -138,22 +135,6 @@ async def test_device_slots_follow_limiter() -> None:
     finally:
         device.release.set()
     assert device.max_active == 3
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Site:
-    return make_site(tmp_path)
-
-
-@pytest.fixture
-def nginx(site: Site) -> Iterator[Peer]:
-    with start_nginx(
-        site.directory,
-        site.path("server.crt"),
-        site.path("server.key"),
-        site.path("client-ca.crt"),
-    ) as peer:
-        yield peer
 
 
 @dataclasses.dataclass
