@@ -81,7 +81,7 @@ class KeyURI:
         """
         match = _SCHEME.match(text)
         if match is None or _DRIVE.match(text):
-            # Text without a scheme has no attributes, so only secrets go.
+            # Text without a scheme has no attributes to hide, only secrets.
             shown = _redact_text(text, hide_bare_parts=False)
             raise URIError(f"{shown!r} is not a URI of the form scheme:name=value")
         scheme = match.group(1).lower()
