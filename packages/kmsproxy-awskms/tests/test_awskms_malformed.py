@@ -1,4 +1,4 @@
-"""A KMS endpoint that answers with a malformed or oversized response.
+"""A KMS endpoint that responds with a malformed or oversized response.
 
 A small HTTP server on loopback stands in for a hostile or broken endpoint:
 it answers each KMS operation with the JSON body the test gives it. Each
@@ -25,7 +25,7 @@ from kmsproxy_awskms import service
 
 __all__ = ["aws_environment"]
 
-# moto's answer shapes, trimmed to the fields the backend reads.
+# moto's response shapes, trimmed to the fields the backend reads.
 PUBLIC_KEY = ec.generate_private_key(ec.SECP256R1()).public_key()
 PUBLIC_DER = PUBLIC_KEY.public_bytes(
     serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -47,7 +47,7 @@ GET_PUBLIC_KEY = {
 
 
 class FakeKMS(ThreadingHTTPServer):
-    """Answers `TrentService.OPERATION` with `answers[OPERATION]` as JSON."""
+    """Respond to `TrentService.OPERATION` with `answers[OPERATION]` as JSON."""
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)

@@ -49,7 +49,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.interop]
 # (at most 1 s before the second attempt).
 TEST_READ_TIMEOUT_SECONDS = 0.5
 TEST_MAX_ATTEMPTS = 2
-# The backoff runs on a manual clock (`ManualClock`) that stands still during
+# The backoff runs on a manual clock (`ManualClock`) that does not move during
 # the outage, so the second request always meets the hold, however slow the
 # machine. The test moves the clock past `maximum` before each recovery try.
 TEST_RECONNECT_POLICY = BackoffPolicy("awskms-reconnect", initial=5.0, maximum=10.0)
@@ -107,7 +107,7 @@ class Forwarder:
 
 
 class ManualClock:
-    """A monotonic clock for the backoff that moves only when told to."""
+    """A monotonic clock for the backoff that moves only when the test moves it."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -242,7 +242,7 @@ async def test_refused_kms_is_502_then_recovers(
     check_outage(result, b"Could not connect to the endpoint URL", caplog)
 
 
-# Tunnels in flight when KMS stops answering, as a browser opens at once.
+# Tunnels in flight when KMS stops responding, as a browser opens at once.
 CONCURRENT_SIGNS = 10
 
 

@@ -2,7 +2,7 @@
 
 A backend's open hook blocks while it reaches the device (a TPM, a token, a
 KMS endpoint). An application that embeds `Proxy` keeps its event loop,
-and here another proxy's PAC listener, answering during that time.
+and here another proxy's PAC listener, serving requests during that time.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ __all__ = ["anyio_backend", "site"]
 pytestmark = pytest.mark.anyio
 
 # Bound for the blocked hook. The test releases it once the other proxy has
-# answered; a hook that blocks the event loop waits this long instead, and the
+# responded; a hook that blocks the event loop waits this long instead, and the
 # test fails on that timeout.
 HOOK_RELEASE_TIMEOUT_SECONDS = 10.0
 

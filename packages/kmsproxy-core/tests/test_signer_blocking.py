@@ -37,8 +37,8 @@ __all__ = ["anyio_backend", "nginx", "site"]
 
 pytestmark = pytest.mark.anyio
 
-# Upper bound for a hung signature to be released at the end of a test; the
-# device is released explicitly long before, this only bounds a broken test.
+# Upper bound for a hung signature to wait for its release. Each test releases
+# the device long before, so this only bounds a broken test.
 RELEASE_TIMEOUT_SECONDS = 60.0
 
 # The signature timeout the proxy test gives the TLS client, so that the 502
@@ -51,7 +51,7 @@ PROMPT_SECONDS = 5.0
 
 
 class HungDevice(BlockingSigner):
-    """A software key behind a device that answers only when `release` is set."""
+    """A software key behind a device that signs only once `release` is set."""
 
     def __init__(self, private_key: PrivateKey, tokens: int = 1) -> None:
         super().__init__(anyio.CapacityLimiter(tokens))

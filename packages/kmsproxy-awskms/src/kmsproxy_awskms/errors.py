@@ -62,7 +62,7 @@ class MalformedResponse(botocore.exceptions.BotoCoreError):  # type: ignore[misc
 
 
 def response_field(response: Any, name: str, kind: type[_V]) -> _V:
-    """Return `response[name]` when it is a `kind`; raise `MalformedResponse`."""
+    """Return `response[name]` if it is a `kind`, else raise `MalformedResponse`."""
     value = response.get(name) if isinstance(response, Mapping) else None
     if not isinstance(value, kind):
         raise MalformedResponse(detail=f"{name} is missing or not {kind.__name__}")

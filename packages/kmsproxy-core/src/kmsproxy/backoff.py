@@ -96,10 +96,10 @@ class Backoff:
         """Note a failed attempt and return the delay before the next one.
 
         A failure reported while an earlier failure's hold is still in effect
-        belongs to the same outage: requests that were already in flight when
-        the store went away fail one after another, and counting each of them
-        would reach `maximum` after a single short outage. Such a failure
-        changes neither the count nor the deadline.
+        belongs to the same outage, so it changes neither the count nor the
+        deadline. Requests already in flight when the store went away fail
+        one after another. Counting each of them would reach `maximum` after
+        a single short outage.
 
         Logs a warning on the first failure only; later ones log at DEBUG.
         """

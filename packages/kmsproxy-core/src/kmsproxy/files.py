@@ -31,7 +31,7 @@ _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY
 def read_small_file(path: str | os.PathLike[str], limit: int) -> bytes:
     """Return the content of the regular file `path`, at most `limit` bytes.
 
-    Raise `OSError` whose `strerror` says what is wrong: the file is missing
+    Raise `OSError` whose `strerror` names the problem: the file is missing
     or unreadable, is not a regular file (a FIFO, a device, a directory), is
     larger than `limit` bytes, or its path contains a NUL byte.
     """

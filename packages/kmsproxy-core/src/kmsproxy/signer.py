@@ -262,7 +262,7 @@ class SoftwareSigner(Signer):
 # How long a device call waits for an earlier call on the same device that
 # its caller abandoned after a timeout. Equal to the handshake's bound on one
 # signature (tls.config.SIGNATURE_TIMEOUT_SECONDS): the caller of the waiting
-# call has given up by then too, so waiting longer only holds a thread.
+# call has given up by then too, so waiting longer only occupies a thread.
 ABANDONED_CALL_WAIT_SECONDS = 20.0
 
 # One semaphore per device limiter, with as many slots as the limiter has
@@ -294,11 +294,11 @@ class BlockingSigner(Signer):
 
     A caller that is cancelled (a handshake or mint timeout, the proxy
     stopping) returns at once and abandons the worker thread, which keeps
-    running until the device answers. That thread still holds its slot of
+    running until the device returns. That thread still occupies its slot of
     the device (one of `limiter.total_tokens`), so with all slots held the
     next call waits in its own thread for up to `ABANDONED_CALL_WAIT_SECONDS`
     and then raises `SignerError`. A hung device therefore gives 502 answers
-    instead of hung tunnels, and never sees more calls at once than the
+    instead of hung tunnels, and never receives more calls at once than the
     limiter allows.
     """
 

@@ -134,8 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 ANYIO_WORKER_THREAD_NAME = "AnyIO worker thread"
 
 # How long idle worker threads get to exit after the event loop has stopped.
-# anyio tells each idle worker to stop when the loop ends, and it does so in
-# milliseconds; a worker still alive after this runs an abandoned call.
+# anyio stops each idle worker when the loop ends, which takes milliseconds.
+# A worker still alive after this runs an abandoned call.
 WORKER_EXIT_SECONDS = 1.0
 
 

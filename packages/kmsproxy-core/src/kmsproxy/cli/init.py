@@ -80,7 +80,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
 
 
 # Mode of the directories init creates: the owner's only, as the XDG Base
-# Directory Specification asks for its directories. Another user who can
+# Directory Specification requires for its directories. Another user who can
 # write to the CA's directory can rename ca.key and put their own in place.
 PRIVATE_DIRECTORY_MODE = 0o700
 

@@ -221,9 +221,9 @@ class TrustStore:
 
         Follow issuer names from the leaf through the certificates the server
         sent. When the last one reached names an issuer that no trusted
-        certificate has as its subject, no path can exist, whatever reason
-        the path builder reports (cryptography 50 may report a max depth or
-        a missing extension on the untrusted CA instead). Return None when a
+        certificate has as its subject, no path can exist. The path builder
+        of cryptography 50 may then report another reason, such as a max
+        depth or a missing extension on the untrusted CA. Return None when a
         trusted certificate has that name, so the path builder's reason is
         the real one.
         """
