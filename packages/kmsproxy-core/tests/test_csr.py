@@ -26,6 +26,7 @@ from kmsproxy.cli.demo import (
     serve_mtls_upstream,
     upstream_context,
 )
+from kmsproxy.errors import UserError
 from kmsproxy.plugins.hookspecs import hookimpl
 from kmsproxy.plugins.registry import Registry
 from kmsproxy.signer import (
@@ -362,3 +363,29 @@ def test_csr_help_documents_san_syntax() -> None:
     assert result.returncode == 0
     for prefix in ("dns:", "ip:", "email:", "uri:"):
         assert prefix in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("010.0.0.1", "ambiguous IPv4 address"),
+        ("ip:fe80::1%eth0", "an IPv6 zone (%eth0) cannot be in a certificate"),
+        ("fe80::1%eth0", "an IPv6 zone (%eth0) cannot be in a certificate"),
+        ("email:a\x07@example.com", "invalid e-mail address"),
+        ("uri:https://example.com/\x01", "invalid URI"),
+    ],
+)
+def test_san_hostile_values(value: str, reason: str) -> None:
+    with pytest.raises(UserError) as raised:
+        parse_san(value)
+    assert reason in str(raised.value)
+
+
+def test_subject_control_character() -> None:
+    with pytest.raises(UserError, match="contains a control character"):
+        parse_subject("CN=a\x01b")
+
+
+def test_subject_unknown_type_named() -> None:
+    with pytest.raises(UserError, match=r"\(unknown attribute type\)"):
+        parse_subject("FOO=bar")

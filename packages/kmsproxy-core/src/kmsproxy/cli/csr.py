@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import sys
 import urllib.parse
 from collections.abc import Sequence
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 import anyio
@@ -99,10 +101,19 @@ def parse_subject(text: str) -> x509.Name:
         # a country name longer than two letters.
         name.public_bytes()
     except ValueError as error:
+        # cryptography 44 raises an empty ValueError for an unknown type.
+        reason = str(error) or "unknown attribute type"
         raise UserError(
-            f"--subject {text!r}: invalid RFC 4514 name ({error}); write it "
+            f"--subject {text!r}: invalid RFC 4514 name ({reason}); write it "
             "like 'CN=me,O=Example'"
         ) from None
+    for attribute in name:
+        value = attribute.value
+        if isinstance(value, str) and not value.isprintable():
+            raise UserError(
+                f"--subject {text!r}: the value of {attribute.rfc4514_string()!r} "
+                "contains a control character; remove it"
+            )
     return name
 
 
@@ -120,7 +131,7 @@ def parse_san(text: str) -> x509.GeneralName:
     if lowered.startswith(SAN_PREFIX_IP):
         address = text[len(SAN_PREFIX_IP) :]
         try:
-            return x509.IPAddress(ipaddress.ip_address(address))
+            return _ip_name(text, ipaddress.ip_address(address))
         except ValueError:
             raise UserError(
                 f"--san {text!r}: {address!r} is not an IPv4 or IPv6 address"
@@ -128,9 +139,15 @@ def parse_san(text: str) -> x509.GeneralName:
     if lowered.startswith(SAN_PREFIX_DNS):
         return _dns_name(text, text[len(SAN_PREFIX_DNS) :])
     try:
-        return x509.IPAddress(ipaddress.ip_address(text))
+        return _ip_name(text, ipaddress.ip_address(text))
     except ValueError:
         pass
+    if _DOTTED_DIGITS.fullmatch(text):
+        # Python 3.11 rejects leading zeros, which some tools read as octal.
+        raise UserError(
+            f"--san {text!r}: ambiguous IPv4 address (a part has a leading "
+            "zero, which some tools read as octal); write it without"
+        )
     if "@" in text:
         raise UserError(
             f"--san {text!r}: not a DNS name; write email:{text} for an e-mail address"
@@ -138,6 +155,26 @@ def parse_san(text: str) -> x509.GeneralName:
     if "://" in text:
         raise UserError(f"--san {text!r}: not a DNS name; write uri:{text} for a URI")
     return _dns_name(text, text)
+
+
+# Four dot-separated decimal numbers: an IPv4 address, even where
+# `ipaddress` rejects it.
+_DOTTED_DIGITS = re.compile(r"[0-9]+(\.[0-9]+){3}")
+
+
+def _ip_name(text: str, address: IPv4Address | IPv6Address) -> x509.IPAddress:
+    """Wrap `address`, rejecting an IPv6 zone, which X.509 cannot encode."""
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+        raise UserError(
+            f"--san {text!r}: an IPv6 zone (%{address.scope_id}) cannot be in a "
+            "certificate; drop it"
+        )
+    return x509.IPAddress(address)
+
+
+def _is_ia5_text(text: str) -> bool:
+    """Tell whether `text` is printable ASCII without spaces (IA5String)."""
+    return all("!" <= char <= "~" for char in text)
 
 
 def _dns_name(text: str, name: str) -> x509.DNSName:
@@ -153,7 +190,7 @@ def _dns_name(text: str, name: str) -> x509.DNSName:
 def _email_name(text: str, address: str) -> x509.RFC822Name:
     local_part, at, domain = address.rpartition("@")
     # RFC 5280 section 4.2.1.6: an rfc822Name is an IA5String Mailbox.
-    valid_local = bool(local_part) and local_part.isascii() and " " not in local_part
+    valid_local = bool(local_part) and _is_ia5_text(local_part)
     if not at or not valid_local or dns_name_for_san(domain) is None:
         raise UserError(
             f"--san {text!r}: invalid e-mail address; write it like "
@@ -165,7 +202,7 @@ def _email_name(text: str, address: str) -> x509.RFC822Name:
 def _uri_name(text: str, uri: str) -> x509.UniformResourceIdentifier:
     parsed = urllib.parse.urlsplit(uri)
     # RFC 5280 section 4.2.1.6: a URI SAN is absolute, in an IA5String.
-    if not parsed.scheme or not uri.isascii() or any(c.isspace() for c in uri):
+    if not parsed.scheme or not _is_ia5_text(uri):
         raise UserError(
             f"--san {text!r}: invalid URI; write an absolute URI like "
             "uri:spiffe://example.org/workload"
