@@ -6,6 +6,7 @@ call as a device key. The backend packages test their own keys.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from pathlib import Path
@@ -84,15 +85,20 @@ def test_init_key_keeps_existing_ca(
     assert certificate_path.read_bytes() == before
 
 
-def test_init_key_force_replaces_ca(tmp_path: Path) -> None:
+def test_init_key_force_replaces_ca(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     old_key_path, certificate_path = create_ca(tmp_path, "old CA")
     key = generate_key("p256")
     key_path = write_key(tmp_path / "device.key", key)
     arguments = ["init", "--key", str(key_path), "--dir", str(tmp_path), "--force"]
-    assert main(arguments) == 0
+    with caplog.at_level(logging.WARNING, logger="kmsproxy.cli.init"):
+        assert main(arguments) == 0
     assert read_certificate(certificate_path).public_key() == key.public_key()
     # The old key would not match the new certificate, so it is gone.
     assert not old_key_path.exists()
+    messages = [record.getMessage() for record in caplog.records]
+    assert f"Deleted the previous CA key path={old_key_path}" in messages
 
 
 @pytest.mark.parametrize("form", ["path", "file-uri"])

@@ -213,8 +213,10 @@ def write_ca_certificate(
         make_private_directory(directory)
         pem = certificate.public_bytes(serialization.Encoding.PEM)
         os.replace(_write_temporary(directory, pem, 0o644), certificate_path)
-        if not keep_key:
-            key_path.unlink(missing_ok=True)
+        if not keep_key and key_path.exists():
+            key_path.unlink()
+            # The old key cannot be recovered, so say which file went.
+            logger.warning("Deleted the previous CA key path=%s", key_path)
     except OSError as error:
         failed = error.filename or directory
         raise UserError(
