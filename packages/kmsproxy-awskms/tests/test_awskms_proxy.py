@@ -32,8 +32,10 @@ from pki import certify, make_ca
 from test_cli import wait_for_line
 from test_proxy import Site, curl, make_site
 
-from kmsproxy import Proxy, ProxyAddresses, Registry
+from kmsproxy import Proxy, ProxyAddresses, Registry, SignatureScheme
 from kmsproxy.cli.init import create_certificate_for_key
+from kmsproxy_awskms import KMSSigner
+from kmsproxy_awskms.algorithms import MAX_RAW_MESSAGE_BYTES, MessageType
 from kmsproxy_awskms.self_check import LONG_MESSAGE
 
 __all__ = ["aws_environment", "moto_kms", "sign_calls"]
@@ -203,6 +205,47 @@ async def test_long_tls12_transcript_needs_digest(
     assert b"needs MessageType DIGEST" in result.stdout
     assert b"failed the self-check" in result.stdout
     assert sign_calls[calls_at_start:] == []
+
+
+async def test_forced_digest_signs_transcript_hash(
+    site: Site,
+    moto_kms: MotoKMS,
+    sign_calls: list[SignCall],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Forced onto DIGEST, the handshake's Sign request carries the SHA-256
+    of the transcript that CertificateVerify signs. moto signs that digest
+    wrongly, so the local check turns the response into a 502."""
+    key_id = moto_kms.create_key("ECC_NIST_P256")
+    cert = certify_kms_key(site, moto_kms, key_id, "kms forced digest")
+    signer = Registry.load().open_signer(moto_kms.uri(key_id))
+    assert isinstance(signer, KMSSigner)
+    scheme = SignatureScheme.ecdsa_secp256r1_sha256
+    signer.message_types[scheme] = frozenset(MessageType)
+    signed: list[bytes] = []
+    sign_blocking = KMSSigner.sign_blocking
+
+    def record(self: KMSSigner, data: bytes, scheme: SignatureScheme) -> bytes:
+        signed.append(data)
+        return sign_blocking(self, data, scheme)
+
+    monkeypatch.setattr(KMSSigner, "sign_blocking", record)
+    config = site.config(client_keys=[signer], client_certificates=[cert])
+    try:
+        with nginx_for(site, TLS12, write_long_chain(site)) as nginx:
+            async with serving(Proxy(config)) as addresses:
+                calls_at_start = len(sign_calls)
+                result = await fetch_subject(site, addresses, nginx)
+    finally:
+        await signer.aclose()
+    handshake_calls = sign_calls[calls_at_start:]
+    assert len(signed) == 1
+    assert len(signed[0]) > MAX_RAW_MESSAGE_BYTES
+    assert [c.message_type for c in handshake_calls] == ["DIGEST"]
+    assert handshake_calls[0].message == hashlib.sha256(signed[0]).digest()
+    assert handshake_calls[0].signing_algorithm == "ECDSA_SHA_256"
+    assert result.stdout.endswith(b"status=502")
+    assert b"does not verify" in result.stdout
 
 
 async def test_ca_key_in_kms_mints_leaves(
