@@ -193,20 +193,11 @@ async def test_s_server_skips_expired_identity(pki: Files) -> None:
     assert b"Subject: CN=client p256\n" in response
 
 
-async def test_s_server_hello_retry_request(pki: Files) -> None:
+@pytest.mark.parametrize("group", ["P-384", "P-521"])
+async def test_s_server_hello_retry_request(pki: Files, group: str) -> None:
     cert, key = pki.server()
     with start_openssl_server(
-        pki.directory, cert, key, pki.ca_path, groups="P-384"
-    ) as peer:
-        stream, response = await s_server_get(peer, config(pki, [pki.client()]))
-    assert stream.connection.hello_retry_requested
-    assert response.startswith(b"HTTP/1.0 200 ok")
-
-
-async def test_s_server_p521_key_share(pki: Files) -> None:
-    cert, key = pki.server()
-    with start_openssl_server(
-        pki.directory, cert, key, pki.ca_path, groups="P-521"
+        pki.directory, cert, key, pki.ca_path, groups=group
     ) as peer:
         stream, response = await s_server_get(peer, config(pki, [pki.client()]))
     assert stream.connection.hello_retry_requested
