@@ -241,6 +241,24 @@ async def test_s_server_suite(files: Files, suite: str, tls12_only: bool) -> Non
     assert signer.signed == [SignatureScheme.ecdsa_secp256r1_sha256]
 
 
+# OpenSSL's names for the NamedGroup code points (RFC 8422 section 5.1.1).
+GROUP_CODES = {"P-384": 0x0018, "P-521": 0x0019}
+
+
+@pytest.mark.parametrize("group", sorted(GROUP_CODES))
+async def test_s_server_ecdhe_group(files: Files, group: str) -> None:
+    """s_server prefers `group` for ECDHE. OpenSSL 3.0 checks the P-256
+    certificates against the same list, so P-256 stays in it, second."""
+    identity, _ = files.client("p256")
+    groups = f"{group}:P-256"
+    with start_s_server12(files, "p256", "-groups", groups, "-serverpref") as peer:
+        stream, response = await www_get(peer, files.config([identity]))
+    assert stream.version == "TLSv1.2"
+    assert isinstance(stream.connection, ClientConnection12)
+    assert stream.connection.key_exchange_group == GROUP_CODES[group]
+    assert response.startswith(b"HTTP/1.0 200 ok")
+
+
 @pytest.mark.parametrize("server_key", ["p256", "p384", "rsa2048"])
 @pytest.mark.parametrize(
     ("client_key", "scheme"),
