@@ -143,7 +143,7 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# The targets for kmsproxy, as ratios measured in one run.
+# kmsproxy's performance targets, checked against figures from one run.
 MIN_RATIO_TO_MITMPROXY = 2.0
 MIN_RATIO_TO_DIRECT = 0.4
 MAX_ADDED_P50_MS = 1.5

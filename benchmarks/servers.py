@@ -395,7 +395,7 @@ def kmsproxy_argv(
 def mitmproxy_argv(mitmdump: Path, keys: Keys, port: int, confdir: Path) -> list[str]:
     """Return a mitmdump command line in regular mode with our client cert.
 
-    Bodies over 1 MiB are streamed; without it mitmproxy holds a whole
+    Bodies over 1 MiB are streamed; without it mitmproxy keeps a whole
     1 GiB response in memory before it passes any of it on.
     """
     return [
