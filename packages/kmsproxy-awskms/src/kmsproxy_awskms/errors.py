@@ -15,12 +15,11 @@ import botocore.exceptions
 
 _V = TypeVar("_V")
 
-# KMS error codes for a service that is overloaded or briefly failing
+# KMS error codes, besides throttling, for a service that is briefly failing
 # (KMS API reference, "Common Errors" and the Sign errors). botocore's
 # standard retry mode has already retried them when they reach this module.
 TRANSIENT_CODES = frozenset(
     {
-        "ThrottlingException",
         "KMSInternalException",
         "DependencyTimeoutException",
         "InternalFailure",
@@ -30,6 +29,9 @@ TRANSIENT_CODES = frozenset(
         "RequestTimeoutException",
     }
 )
+
+# The code KMS returns when a request exceeds the account's request quota.
+THROTTLING_CODE = "ThrottlingException"
 
 # Codes for credentials that AWS rejected (wrong, expired or revoked).
 CREDENTIAL_CODES = frozenset(
@@ -130,15 +132,20 @@ def _describe_client_error(
     code = str(details.get("Code", "Unknown"))
     message = str(details.get("Message", "")).rstrip(".")
     summary = f"{code}: {message}" if message else code
-    if code in TRANSIENT_CODES:
-        return FailureDescription(f"KMS failed the request ({summary})", True)
-    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    if isinstance(status, int) and status >= 500:
-        return FailureDescription(f"KMS failed the request ({summary})", True)
-    # NOTE: moto 5.2.5 signs with disabled and pending-deletion keys, so the
-    # tests reach these states only through DescribeKey at load. The Sign
-    # branches for DisabledException and KMSInvalidStateException follow
-    # the KMS API reference and are not exercised by a test.
+    metadata = error.response.get("ResponseMetadata", {})
+    attempts = _attempts(metadata)
+    if code == THROTTLING_CODE:
+        return FailureDescription(
+            f"KMS throttled the request ({summary}) after {attempts} in "
+            "botocore's standard retry mode; lower the request rate or ask "
+            "AWS for a higher KMS request quota",
+            transient=True,
+        )
+    status = metadata.get("HTTPStatusCode")
+    if code in TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
+        return FailureDescription(
+            f"KMS failed the request ({summary}) after {attempts}", True
+        )
     if code == "AccessDeniedException":
         fix = (
             "allow kms:Sign, kms:GetPublicKey and kms:DescribeKey on this key "
@@ -160,3 +167,11 @@ def _describe_client_error(
     else:
         fix = "see the KMS API reference for this error code"
     return FailureDescription(f"{summary}; {fix}", transient=False)
+
+
+def _attempts(metadata: Mapping[str, Any]) -> str:
+    """Name the attempts botocore made, from its `RetryAttempts` count."""
+    retries = metadata.get("RetryAttempts")
+    if not isinstance(retries, int):
+        return "botocore's retries"
+    return "1 attempt" if retries == 0 else f"{retries + 1} attempts"

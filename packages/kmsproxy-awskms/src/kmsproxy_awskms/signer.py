@@ -243,11 +243,11 @@ class KMSSigner(BlockingSigner):
             botocore.exceptions.ClientError,
         ) as error:
             description = describe_error(error, self.address.key_id)
+            reason = description.reason
             if description.transient:
-                backoff.record_failure(description.reason)
-            raise SignerError(
-                f"{self.uri}: KMS Sign failed: {description.reason}"
-            ) from None
+                backoff.record_failure(reason)
+                reason = f"{reason}; {backoff.waiting_message()}"
+            raise SignerError(f"{self.uri}: KMS Sign failed: {reason}") from None
         backoff.record_success()
         try:
             verify_signature(self._public_key, signature, data, scheme)
