@@ -33,6 +33,7 @@ from kmsproxy.ca import (
     dns_name_for_san,
     sign_through_signer,
 )
+from kmsproxy.cli.keys import open_signer_within
 from kmsproxy.errors import UserError
 from kmsproxy.plugins.registry import Registry
 from kmsproxy.signer import Signer, SignerError
@@ -297,9 +298,13 @@ async def create_request(
     subject: x509.Name,
     names: Sequence[x509.GeneralName],
 ) -> x509.CertificateSigningRequest:
-    """Open `key` through `registry`, sign the request with it, close it."""
+    """Open `key` through `registry`, sign the request with it, close it.
+
+    Raise `SignerError` when the key does not open within
+    `KEY_OPEN_TIMEOUT_SECONDS` or cannot sign.
+    """
     builder = request_builder(subject, names)
-    signer = await anyio.to_thread.run_sync(registry.open_signer, key)
+    signer = await open_signer_within(registry, key)
     try:
         return await sign_request(builder, signer)
     finally:

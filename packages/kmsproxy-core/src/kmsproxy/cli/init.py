@@ -32,11 +32,12 @@ from kmsproxy.ca import (
     create_ca_certificate,
     sign_through_signer,
 )
+from kmsproxy.cli.keys import open_signer_within, shown_key
 from kmsproxy.cli.serve import CA_CERTIFICATE_NAME, CA_KEY_NAME, config_directory
 from kmsproxy.errors import UserError
 from kmsproxy.plugins.registry import Registry
 from kmsproxy.signer import Signer, SignerError
-from kmsproxy.uri import KeyURI, URIError, is_secret_attribute, looks_like_uri
+from kmsproxy.uri import KeyURI, URIError, looks_like_uri
 
 DEFAULT_CA_NAME = "kmsproxy local CA"
 
@@ -181,8 +182,12 @@ async def sign_ca_certificate(signer: Signer, name: str) -> x509.Certificate:
 async def create_certificate_for_key(
     registry: Registry, key: str, name: str
 ) -> x509.Certificate:
-    """Open `key` through `registry`, sign its CA certificate, close it."""
-    signer = await anyio.to_thread.run_sync(registry.open_signer, key)
+    """Open `key` through `registry`, sign its CA certificate, close it.
+
+    Raise `SignerError` when the key does not open within
+    `KEY_OPEN_TIMEOUT_SECONDS` or cannot sign.
+    """
+    signer = await open_signer_within(registry, key)
     try:
         return await sign_ca_certificate(signer, name)
     finally:
@@ -256,19 +261,6 @@ def serve_command(key: str, certificate_path: Path) -> str:
         f"kmsproxy serve {shlex.quote(shown_key(key))} "
         f"{shlex.quote(str(certificate_path))} --clientkey KEY --clientcert CERT"
     )
-
-
-def shown_key(key: str) -> str:
-    """Return `key` as it may be printed: a URI's secrets become `***`."""
-    if not looks_like_uri(key):
-        return key
-    try:
-        uri = KeyURI.parse(key)
-    except URIError:
-        return key
-    if any(is_secret_attribute(name) for name in uri.attributes):
-        return uri.redacted()
-    return key
 
 
 def check_replaceable(directory: Path, *, force: bool, keep_key: bool = False) -> None:
