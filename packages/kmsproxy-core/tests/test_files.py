@@ -13,7 +13,7 @@ import pytest
 from pki import make_ca
 
 from kmsproxy.certificates import CertificateError
-from kmsproxy.files import read_small_file
+from kmsproxy.files import read_file_head, read_small_file
 from kmsproxy.identity import _fingerprint_files
 from kmsproxy.plugins.file import load_certificates
 from kmsproxy.plugins.registry import Registry
@@ -72,3 +72,35 @@ def test_password_file_device(tmp_path: Path) -> None:
     assert str(raised.value).endswith(
         "cannot read password-file /dev/zero: not a regular file"
     )
+
+
+def test_head_of_larger_file(tmp_path: Path) -> None:
+    path = tmp_path / "big"
+    path.write_bytes(b"x" * 101)
+    assert read_file_head(path, 100) == b"x" * 100
+
+
+def test_head_of_fifo_is_not_regular(fifo: Path) -> None:
+    with pytest.raises(OSError, match="not a regular file"):
+        read_file_head(fifo, 100)
+
+
+def test_open_without_controlling_tty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A terminal named by mistake must not become the proxy's controlling
+    terminal, so every open passes O_NOCTTY."""
+    flags: list[int] = []
+    real_open = os.open
+
+    def recording_open(path: str, mode: int, *args: int) -> int:
+        flags.append(mode)
+        return real_open(path, mode, *args)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    path = tmp_path / "small"
+    path.write_bytes(b"x")
+    read_small_file(path, 100)
+    read_file_head(path, 100)
+    assert len(flags) == 2
+    assert all(mode & os.O_NOCTTY for mode in flags)

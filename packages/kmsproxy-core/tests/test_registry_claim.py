@@ -8,6 +8,7 @@ backend, with its errors unchanged.
 from __future__ import annotations
 
 import logging
+import os
 import types
 from pathlib import Path
 from urllib.parse import quote
@@ -15,6 +16,7 @@ from urllib.parse import quote
 import pytest
 from cryptography import x509
 from pki import generate_key, issue, make_ca
+from special_files import SPECIAL_FILE_TIMEOUT_SECONDS
 
 from kmsproxy.certificates import CertificateSource
 from kmsproxy.plugins import file as file_backend
@@ -230,3 +232,18 @@ def test_claimed_uri_redacts_secret(
     assert uri.get("pin-value") == "1234"
     assert "Key file claimed backend=returning" in caplog.text
     assert "1234" not in caplog.text
+
+
+@pytest.mark.timeout(SPECIAL_FILE_TIMEOUT_SECONDS)
+def test_fifo_swapped_in_is_not_offered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A path checked as a regular file and then replaced by a FIFO without
+    a writer: `is_file` returning True plays the check that came first."""
+    backend = FakeBackend()
+    fifo = tmp_path / "client.pem"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(Path, "is_file", lambda self: True)
+    with pytest.raises(SignerError, match="not a regular file"):
+        registry_with(backend).open_signer(str(fifo))
+    assert backend.heads == []

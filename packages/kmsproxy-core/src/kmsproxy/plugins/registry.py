@@ -27,6 +27,7 @@ import pluggy
 
 from kmsproxy.certificates import CertificateSource
 from kmsproxy.errors import UserError
+from kmsproxy.files import read_file_head
 from kmsproxy.plugins import hookspecs
 from kmsproxy.signer import Signer
 from kmsproxy.uri import KeyURI, URIError, looks_like_uri
@@ -321,11 +322,8 @@ def _read_head(path: Path) -> bytes | None:
     A directory, a FIFO or an unreadable file returns None, and the file
     backend then reports the problem with the path.
     """
-    if not path.is_file():
-        return None
     try:
-        with path.open("rb") as file:
-            return file.read(KEY_FILE_HEAD_BYTES)
+        return read_file_head(path, KEY_FILE_HEAD_BYTES)
     except OSError:
         return None
 
