@@ -6,8 +6,9 @@ AccessDenied. `ScriptedKMS` speaks the JSON 1.1 protocol as botocore sends
 it (POST /, `X-Amz-Target: TrentService.<Operation>`, content type
 `application/x-amz-json-1.1`). It responds to DescribeKey, GetPublicKey and
 Sign for one ECC_NIST_P256 key, and a test can make it fail the next N Sign
-requests with a given error code. It counts every request by operation, so a
-test can tell how often botocore retried.
+requests with a given error code, or send a fixed body for an operation.
+It counts every request by operation, so a test can tell how often botocore
+retried.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class ScriptedError:
 
 
 class ScriptedKMS(ThreadingHTTPServer):
-    """The fake endpoint; `fail_next_signs` scripts Sign failures."""
+    """The fake endpoint, with Sign failures scripted by `fail_next_signs`."""
 
     def __init__(self) -> None:
         super().__init__((LOOPBACK, 0), _Handler)
@@ -62,6 +63,8 @@ class ScriptedKMS(ThreadingHTTPServer):
         self.requests: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._sign_failures: list[ScriptedError] = []
+        # Response bodies, by operation, sent in place of the key's own.
+        self.answers: dict[str, Any] = {}
 
     @property
     def endpoint(self) -> str:
@@ -87,11 +90,14 @@ class ScriptedKMS(ThreadingHTTPServer):
             return self.requests[operation]
 
     def respond(self, operation: str, request: dict[str, Any]) -> Any:
-        """Return the response body for `operation`, or a `ScriptedError`."""
+        """Return the response for `operation`: a JSON value, raw bytes, or
+        a `ScriptedError`."""
         with self._lock:
             self.requests[operation] += 1
             if operation == "Sign" and self._sign_failures:
                 return self._sign_failures.pop(0)
+        if operation in self.answers:
+            return self.answers[operation]
         if operation == "DescribeKey":
             return {"KeyMetadata": _key_metadata()}
         if operation == "GetPublicKey":
@@ -153,7 +159,7 @@ class _Handler(BaseHTTPRequestHandler):
         if isinstance(answer, ScriptedError):
             status = answer.status
             answer = {"__type": answer.code, "message": answer.message}
-        body = json.dumps(answer).encode()
+        body = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/x-amz-json-1.1")
         self.send_header("Content-Length", str(len(body)))
