@@ -485,6 +485,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     )
     started = time.monotonic()
     load_at_start = os.getloadavg()[0]
+    # Key sources point XDG_CONFIG_HOME and SOFTHSM2_CONF into the work
+    # directory for the proxies they start; nothing after the run may use it.
+    environment = dict(os.environ)
     try:
         keys = servers.make_keys(work)
         content = work / "content"
@@ -521,6 +524,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             process.stop()
         for stop in stops:
             stop()
+        os.environ.clear()
+        os.environ.update(environment)
         shutil.rmtree(work, ignore_errors=True)
     meta = machine()
     meta["duration"] = f"{(time.monotonic() - started) / 60:.1f} min"
