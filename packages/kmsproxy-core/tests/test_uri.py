@@ -189,3 +189,94 @@ def test_unknown_before_secret_named() -> None:
 def test_redacted_with_known_hides_unknown() -> None:
     uri = KeyURI.parse("tpmkms:name=k;typo=a?pin-value=b&tail=c")
     assert uri.redacted(KNOWN) == "tpmkms:name=k;typo=***;pin-value=***"
+
+
+# A secret typed after `&` in the path part, as in an HTTP URL. RFC 7512
+# allows `&` in a path value, so only `&` before a secret name is rejected.
+@pytest.mark.parametrize(
+    ("text", "position"),
+    [
+        (
+            "pkcs11:module-path=softhsm2;token=dev;object=client&pin-value=654321",
+            "attribute 3 of 3",
+        ),
+        (
+            "pkcs11:module-path=softhsm2;token=dev;id=%01&pin-value=654321",
+            "attribute 3 of 3",
+        ),
+        (
+            "tpmkms:name=mykey-pin;tcti=swtpm:host=127.0.0.1,port=24321&pin-value=654321",
+            "attribute 2 of 2",
+        ),
+        (
+            "tpmkms:name=mykey-pin&pin-value=654321;tcti=swtpm:port=24321",
+            "attribute 1 of 2",
+        ),
+        ("yubikey:slot-id=9a&pin-value=654321", "attribute 1 of 1"),
+        (
+            "awskms:key-id=alias/x;region=eu-west-1&session-token=654321",
+            "attribute 2 of 2",
+        ),
+    ],
+)
+def test_secret_after_ampersand_rejected(text: str, position: str) -> None:
+    message = parse_error(text)
+    assert "654321" not in message
+    assert f"{position} contains '&" in message
+    assert "start query attributes with '?'" in message
+
+
+def test_ampersand_secret_rejected_once() -> None:
+    message = parse_error("pkcs11:object=a&pin-value=654321")
+    assert message.count("\n") == 0
+    assert message.count("pin-value") == 2
+
+
+def test_ampersand_without_secret_kept() -> None:
+    uri = KeyURI.parse("pkcs11:object=a&b;token=x&y=z")
+    assert uri.get("object") == "a&b"
+    assert uri.get("token") == "x&y=z"
+
+
+def test_encoded_ampersand_secret_cut() -> None:
+    # `%26` is a deliberate `&`, so it parses, but redaction still cuts.
+    uri = KeyURI.parse("pkcs11:token=dev;object=a%26pin-value=654321")
+    assert uri.get("object") == "a&pin-value=654321"
+    assert "654321" not in uri.redacted()
+    assert "654321" not in repr(uri)
+    assert uri.redacted() == "pkcs11:token=dev;object=a%26pin-value=***"
+
+
+# RFC 7512 allows no bare `;` in the query part. A PIN that continues past
+# one would reach the token whole and use up one PIN try.
+@pytest.mark.parametrize(
+    ("text", "position"),
+    [
+        (
+            "pkcs11:module-path=softhsm2;token=dev;id=%01?pin-value=654321;foo",
+            "attribute 4 of 4",
+        ),
+        ("yubikey:slot-id=9a?pin-value=654321;foo", "attribute 2 of 2"),
+        (
+            "tpmkms:name=mykey-pin;tcti=swtpm:port=24321?pin-value=654321;21",
+            "attribute 3 of 3",
+        ),
+        ("awskms:key-id=alias/x?session-token=654321;foo", "attribute 2 of 2"),
+    ],
+)
+def test_semicolon_in_query_rejected(text: str, position: str) -> None:
+    message = parse_error(text)
+    assert "654321" not in message
+    assert f"{position} contains an unencoded ';'" in message
+    assert "percent-encode ; ? & and %" in message
+
+
+def test_semicolon_in_query_value_hidden() -> None:
+    message = parse_error("pkcs11:token=dev?module-path=654321;x")
+    assert "654321" not in message
+
+
+def test_question_mark_in_query_kept() -> None:
+    # RFC 7512 allows `?` in a query value.
+    uri = KeyURI.parse("pkcs11:token=dev?pin-value=1234?5")
+    assert uri.get("pin-value") == "1234?5"

@@ -77,7 +77,10 @@ class KeyURI:
         An error names an attribute by its position, not its text, when the
         attribute has no `=` or comes after a secret attribute. A secret that
         contains an unencoded `;`, `?` or `&` continues past the separator,
-        and a part without `=` may be a secret typed without its name.
+        and a part without `=` may be a secret typed without its name. A
+        query part that contains `;` (RFC 7512 allows none there) and a value
+        that contains `&pin-value=` or another secret's name after `&` or `?`
+        are rejected, because the next secret would be read as part of it.
         """
         match = _SCHEME.match(text)
         if match is None or _DRIVE.match(text):
@@ -85,13 +88,31 @@ class KeyURI:
             shown = _redact_text(text, hide_bare_parts=False)
             raise URIError(f"{shown!r} is not a URI of the form scheme:name=value")
         scheme = match.group(1).lower()
-        parts = _split_attributes(text[match.end() :])
+        path_parts, query_parts = _split_attributes(text[match.end() :])
+        parts = path_parts + query_parts
         attributes: dict[str, str] = {}
         first_secret: str | None = None
         for index, part in enumerate(parts, start=1):
             name, sep, value = part.partition("=")
             name = unquote(name).strip().lower()
             position = _position(index, len(parts), first_secret)
+            if index > len(path_parts) and ";" in part:
+                # RFC 7512 allows no bare `;` in the query part. Sending the
+                # whole value would spend one PIN try on a mistyped PIN.
+                raise URIError(
+                    f"{_redact_text(text)}: {position} contains an unencoded "
+                    f"';', which RFC 7512 does not allow in the query part; "
+                    f"{ENCODING_HINT}"
+                )
+            embedded = _embedded_secret(value)
+            if embedded is not None:
+                # RFC 7512 allows `&` in a path value, but `&pin-value=` is
+                # almost surely a query typed as in an HTTP URL.
+                raise URIError(
+                    f"{_redact_text(text)}: {position} contains "
+                    f"{_embedded_marker(value, embedded)!r}: start query "
+                    f"attributes with '?' ({ENCODING_HINT})"
+                )
             if not sep or not name:
                 raise URIError(
                     f"{_redact_text(text)}: {position} is not of the form "
@@ -126,7 +147,7 @@ class KeyURI:
             if unknown or is_secret_attribute(name):
                 parts.append(f"{_quote(name)}=***")
             else:
-                parts.append(f"{_quote(name)}={_quote(value)}")
+                parts.append(f"{_quote(name)}={_redact_value(value)}")
             after_secret = after_secret or is_secret_attribute(name)
         return f"{self.scheme}:" + ";".join(parts)
 
@@ -154,6 +175,34 @@ def _quote(value: str) -> str:
         else char
         for char in value
     )
+
+
+# `&` or `?`, a name and `=` inside one value: an attribute typed into the
+# value before it, such as `object=client&pin-value=1234`.
+_EMBEDDED_ATTRIBUTE = re.compile(r"[&?]([^=;&?]*)=")
+
+
+def _embedded_secret(value: str) -> int | None:
+    """Find a secret attribute typed inside `value`; return where it starts."""
+    for match in _EMBEDDED_ATTRIBUTE.finditer(value):
+        if is_secret_attribute(unquote(match.group(1))):
+            return match.start()
+    return None
+
+
+def _embedded_marker(value: str, start: int) -> str:
+    """Return the separator and name at `start`, as in `&pin-value=`."""
+    name = value[start + 1 :].partition("=")[0]
+    return f"{value[start]}{unquote(name).strip().lower()}="
+
+
+def _redact_value(value: str) -> str:
+    """Quote a value for printing, cutting it at a secret typed inside it."""
+    embedded = _embedded_secret(value)
+    if embedded is None:
+        return _quote(value)
+    head = value[:embedded]
+    return f"{_quote(head)}{_quote(_embedded_marker(value, embedded))}***"
 
 
 def is_secret_attribute(name: str) -> bool:
@@ -200,10 +249,10 @@ def reject_unknown_attributes(uri: KeyURI, known: Collection[str]) -> None:
     )
 
 
-def _split_attributes(rest: str) -> list[str]:
-    """Split the text after `scheme:` into its `name=value` parts."""
+def _split_attributes(rest: str) -> tuple[list[str], list[str]]:
+    """Split the text after `scheme:` into its path and query parts."""
     path, _, query = rest.partition("?")
-    return [p for p in path.split(";") if p] + [p for p in query.split("&") if p]
+    return [p for p in path.split(";") if p], [p for p in query.split("&") if p]
 
 
 def _position(index: int, count: int, first_secret: str | None) -> str:
@@ -234,9 +283,17 @@ def _redact_text(text: str, *, hide_bare_parts: bool = True) -> str:
         for position, part in enumerate(parts):
             if position:
                 shown += separator
-            name, sep, _ = part.partition("=")
+            name, sep, value = part.partition("=")
             if sep and is_secret_attribute(unquote(name)):
                 return f"{shown}{name}=***"
+            embedded = _embedded_secret(value) if sep else None
+            if embedded is not None:
+                marker = _embedded_marker(value, embedded)
+                return f"{shown}{name}={value[:embedded]}{marker}***"
+            if opener and ";" in part:
+                # The query part allows no `;`, so the value may be a
+                # secret's tail after a mistyped separator.
+                return f"{shown}{name if sep else ''}=***"
             if hide_bare_parts and part and not (sep and unquote(name).strip()):
                 part = "***"
             shown += part
