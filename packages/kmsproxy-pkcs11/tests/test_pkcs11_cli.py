@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from pkcs11 import TokenFlag
 from pki import certify, make_ca
 from softhsm_token import USER_PIN, SoftHSM, activate, create_softhsm, key_uri
 
@@ -18,6 +19,7 @@ from kmsproxy.plugins.registry import Registry
 from kmsproxy.signer import PublicKey
 from kmsproxy.uri import KeyURI
 from kmsproxy_pkcs11.address import parse_key_uri
+from kmsproxy_pkcs11.modules import load_module
 
 TOKEN = "cli"
 # A label and an object label with characters that a pkcs11: URI must
@@ -130,6 +132,47 @@ def test_csr_wrong_pin_is_hidden(token: Token, tmp_path: Path) -> None:
     assert "wrong PIN" in result.stderr
     assert "918273" not in result.stderr
     assert "918273" not in result.stdout
+
+
+def user_pin_count_low(hsm: SoftHSM, label: str) -> bool:
+    """Tell whether the token records a wrong PIN since its last login."""
+    hsm.rescan()
+    token = load_module(hsm.module).library.get_token(token_label=label)
+    return bool(token.flags & TokenFlag.USER_PIN_COUNT_LOW)
+
+
+# The right PIN followed by a mistyped separator: kmsproxy must reject the
+# URI before it logs in, so the token counts no wrong PIN.
+PIN_TYPOS = [
+    ("id=%0C?pin-value={pin};foo", "attribute 4 of 4 contains an unencoded ';'"),
+    ("object=tries&pin-value={pin}", "attribute 3 of 3 contains '&pin-value='"),
+    ("id=%0C&pin-value={pin}", "attribute 3 of 3 contains '&pin-value='"),
+]
+
+
+def test_pin_typo_uses_no_try(token: Token, tmp_path: Path) -> None:
+    label = "tries"
+    token.hsm.init_token(label)
+    token.hsm.generate_key(label, "p256", b"\x0c", "tries")
+    base = f"pkcs11:module-path=softhsm2;token={label}"
+    for typo, expected in PIN_TYPOS:
+        uri = f"{base};{typo.format(pin=USER_PIN)}"
+        result = run_cli(
+            token.hsm, "csr", uri, "--subject", "CN=x",
+            "--out", str(tmp_path / "request.csr"),
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert expected in result.stderr
+        assert USER_PIN not in result.stderr
+    assert not user_pin_count_low(token.hsm, label)
+    # A wrong PIN does set the flag, so the check above can fail.
+    wrong = run_cli(
+        token.hsm, "csr", f"{base};id=%0C?pin-value=918273", "--subject", "CN=x",
+        "--out", str(tmp_path / "request.csr"),
+    )  # fmt: skip
+    assert "wrong PIN" in wrong.stderr
+    assert user_pin_count_low(token.hsm, label)
 
 
 async def test_listed_uri_round_trips(token: Token) -> None:

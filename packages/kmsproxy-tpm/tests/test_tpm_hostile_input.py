@@ -117,3 +117,33 @@ def test_list_skips_name_with_newline(key_directory: Path) -> None:
     (key_directory / "evil\n.pem").write_bytes(b"")
     (key_directory / "good.pem").write_bytes(b"")
     assert storage.key_names() == ["good"]
+
+
+# An auth value after `&` where `?` belongs, or followed by a bare `;` in the
+# query part: the URI is rejected before the TPM sees the value.
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            f"tpmkms:name=mykey-pin;tcti={CLOSED_TCTI}&pin-value=654321",
+            "attribute 2 of 2 contains '&pin-value='",
+        ),
+        (
+            f"tpmkms:name=mykey-pin&pin-value=654321;tcti={CLOSED_TCTI}",
+            "attribute 1 of 2 contains '&pin-value='",
+        ),
+        (
+            f"tpmkms:name=mykey-pin;tcti={CLOSED_TCTI}?pin-value=654321;21",
+            "attribute 3 of 3 contains an unencoded ';'",
+        ),
+    ],
+)
+def test_auth_value_typo_hidden(
+    key_directory: Path, capsys: pytest.CaptureFixture[str], text: str, expected: str
+) -> None:
+    status = main(["csr", text, "--subject", "CN=x"])
+    error = capsys.readouterr().err
+    assert status == 2
+    assert expected in error
+    assert "654321" not in error
+    assert error.count("\n") == 1

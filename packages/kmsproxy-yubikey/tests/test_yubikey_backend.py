@@ -291,3 +291,18 @@ async def test_physical_yubikey_signs() -> None:
         verify_signature(signer.public_key(), signature, b"physical", scheme)
     finally:
         await signer.aclose()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("yubikey:slot-id=9a&pin-value=654321", "attribute 1 of 1 contains '&pin-"),
+        ("yubikey:slot-id=9a?pin-value=654321;foo", "contains an unencoded ';'"),
+    ],
+)
+def test_pin_typo_not_shown(text: str, expected: str) -> None:
+    with pytest.raises(URIError) as raised:
+        Registry.load().open_signer(text)
+    message = str(raised.value)
+    assert expected in message
+    assert "654321" not in message
