@@ -123,12 +123,14 @@ def fuzz(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmark kmsproxy against direct, mitmproxy and nginx on loopback.
 
+    Also times `Signer.sign` per key source (file, swtpm, SoftHSM2, moto).
     Writes benchmarks/results.json, the results section of
     docs/benchmarks.md and docs/benchmarks.png. mitmproxy's pins conflict
     with requirements-dev.lock, so it runs from a virtualenv of its own in
     .nox/bench-mitmproxy, built from the hashed benchmarks/mitmproxy.lock
     and rebuilt when that file changes. Linux only (it reads /proc). Extra
-    arguments go to benchmarks/bench.py (`nox -s bench -- --quick`).
+    arguments go to benchmarks/bench.py (`nox -s bench -- --quick`, or
+    `-- --only signers` for the signature latency section alone).
     """
     lock = ROOT / "benchmarks" / "mitmproxy.lock"
     venv = ROOT / ".nox" / "bench-mitmproxy"

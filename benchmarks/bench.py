@@ -7,7 +7,9 @@ on ::1), and every process is stopped by its PID when the run ends.
     python benchmarks/bench.py --mitmdump .nox/bench-mitmproxy/bin/mitmdump
 
 The run writes benchmarks/results.json, then `report.py` turns it into the
-results section of docs/benchmarks.md and docs/benchmarks.png.
+results section of docs/benchmarks.md and docs/benchmarks.png. The signer
+latency section (`signers.py`) runs after the contenders; `--only signers`
+runs it alone and replaces only its part of an existing results.json.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import clients
 import keysources
 import report
 import servers
+import signers
 from clients import Route
 from keysources import KeySetup
 from servers import Keys, Process, Upstream
@@ -54,6 +57,9 @@ IDLE_TUNNELS = 1000
 # signer count and the idle RSS are measured once: the first is a count,
 # and the second varies by a few percent between runs.
 REPEAT = 3
+
+# The `--only` name of the signer latency section.
+SIGNERS = "signers"
 
 # Open files this process and its children may need: 1,000 idle tunnels
 # take two descriptors each in a proxy and one each here.
@@ -422,7 +428,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         nargs="+",
-        help="measure only these contenders (direct is always measured)",
+        help="measure only these contenders (direct is always measured); "
+        f"`{SIGNERS}` names the signer latency section",
     )
     parser.add_argument(
         "--profile",
@@ -541,6 +548,33 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def run_signers(args: argparse.Namespace) -> dict[str, object]:
+    """Run the signer latency section; return its part of results.json."""
+    signatures, rounds = signers.SIGNATURES, signers.ROUNDS
+    if args.quick:
+        signatures, rounds = signatures // 10, 1
+    started = time.monotonic()
+    load_at_start = os.getloadavg()[0]
+    work = Path(tempfile.mkdtemp(prefix="kmsproxy-bench-signers-"))
+    try:
+        rows = signers.measure(work, signatures, rounds, log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    meta = machine()
+    meta.update(signers.versions())
+    meta["duration"] = f"{(time.monotonic() - started) / 60:.1f} min"
+    meta["load"] = (
+        f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    )
+    return {
+        "machine": meta,
+        "signatures": signatures,
+        "rounds": rounds,
+        "quick": args.quick,
+        "rows": [row.__dict__ for row in rows],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.profile:
@@ -548,9 +582,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.mitmdump:
         # Processes run in the work directory, so relative paths would break.
         args.mitmdump = str(Path(args.mitmdump).resolve())
-    results = run(args)
-    if args.mitmdump:
-        results["machine"]["mitmproxy"] = mitmproxy_version(args.mitmdump)  # type: ignore[index]
+    signers_only = args.only is not None and set(args.only) == {SIGNERS}
+    if signers_only:
+        # Keep the contenders' figures of the last full run.
+        if not args.results.exists():
+            raise SystemExit(
+                f"{args.results} not found: `--only {SIGNERS}` adds its section to "
+                "the results of an earlier run (run without --only first)"
+            )
+        results = json.loads(args.results.read_text())
+    else:
+        results = run(args)
+        if args.mitmdump:
+            results["machine"]["mitmproxy"] = mitmproxy_version(args.mitmdump)  # type: ignore[index]
+    if args.only is None or SIGNERS in args.only:
+        results["signers"] = run_signers(args)
     args.results.write_text(json.dumps(results, indent=2) + "\n")
     log(f"wrote {args.results}")
     if not args.no_report:

@@ -140,6 +140,74 @@ def render(results: dict[str, Any]) -> str:
         if name in machine
     ]
     lines.append("Versions: " + "; ".join(versions) + ".")
+    if "signers" in results:
+        lines += ["", render_signers(results["signers"])]
+    return "\n".join(lines)
+
+
+def render_signers(section: dict[str, Any]) -> str:
+    """Render the signer latency table, one row per key source and key type."""
+    machine = section["machine"]
+    lines = ["### Signature latency per key source", ""]
+    if section.get("quick"):
+        lines += [
+            "**These figures come from a `--quick` trial run and are not "
+            "comparable with a full run.**",
+            "",
+        ]
+    lines += [
+        f"Measured {machine['date']} in {machine['duration']} on {machine['cores']} "
+        f"cores of an {machine['cpu']}, Python {machine['python']}, kmsproxy at "
+        f"commit {machine['kmsproxy commit']}, swtpm {machine['swtpm']}, "
+        f"SoftHSM2 {machine['softhsm2']}, moto {machine['moto']}. Load average "
+        f"(1 min): {machine['load']}.",
+        "",
+        f"Each round times {section['signatures']} calls of `Signer.sign` and "
+        f"keeps their median. Each cell is the median, (min–max) over "
+        f"{section['rounds']} rounds, and ×ratio to the software key of the same "
+        "type in the same run.",
+        "",
+        "| key source | key | scheme | ms per signature |",
+        "| --- | --- | --- | --- |",
+    ]
+    rows: list[dict[str, Any]] = section["rows"]
+    baselines = {
+        row["key_type"]: row["values"]
+        for row in rows
+        if row["source"] == "software" and row["status"] == "measured"
+    }
+    for row in rows:
+        if row["status"] != "measured":
+            continue
+        metric = Metric("ms_per_signature", "ms per signature", False, 3)
+        cell = format_cell(row["values"], baselines.get(row["key_type"]), metric)
+        lines.append(
+            f"| {row['label']} | {row['key_type']} | `{row['scheme']}` | {cell} |"
+        )
+    baseline_schemes = {
+        row["key_type"]: row["scheme"] for row in rows if row["source"] == "software"
+    }
+    differing = [
+        row
+        for row in rows
+        if row["status"] == "measured"
+        and row["scheme"] != baseline_schemes.get(row["key_type"])
+    ]
+    if differing:
+        lines += [
+            "",
+            "Rows whose scheme differs from the software key's, because the key "
+            "does not offer that scheme, compare different algorithms: "
+            + ", ".join(f"{row['label']} {row['key_type']}" for row in differing)
+            + ".",
+        ]
+    others = [row for row in rows if row["status"] != "measured"]
+    if others:
+        lines += ["", "Not measured in this run:", ""]
+        lines += [
+            f"- {row['label']}, {row['key_type']}: {row['status']}, {row['note']}"
+            for row in others
+        ]
     return "\n".join(lines)
 
 
