@@ -184,6 +184,19 @@ def render_signers(section: dict[str, Any]) -> str:
         lines.append(
             f"| {row['label']} | {row['key_type']} | `{row['scheme']}` | {cell} |"
         )
+    lines += _scheme_note(rows)
+    others = [row for row in rows if row["status"] != "measured"]
+    if others:
+        lines += ["", "Not measured in this run:", ""]
+        lines += [
+            f"- {row['label']}, {row['key_type']}: {row['status']}, {row['note']}"
+            for row in others
+        ]
+    return "\n".join(lines)
+
+
+def _scheme_note(rows: list[dict[str, Any]]) -> list[str]:
+    """List the rows that sign with another scheme than their software key."""
     baseline_schemes = {
         row["key_type"]: row["scheme"] for row in rows if row["source"] == "software"
     }
@@ -193,22 +206,15 @@ def render_signers(section: dict[str, Any]) -> str:
         if row["status"] == "measured"
         and row["scheme"] != baseline_schemes.get(row["key_type"])
     ]
-    if differing:
-        lines += [
-            "",
-            "Rows whose scheme differs from the software key's, because the key "
-            "does not offer that scheme, compare different algorithms: "
-            + ", ".join(f"{row['label']} {row['key_type']}" for row in differing)
-            + ".",
-        ]
-    others = [row for row in rows if row["status"] != "measured"]
-    if others:
-        lines += ["", "Not measured in this run:", ""]
-        lines += [
-            f"- {row['label']}, {row['key_type']}: {row['status']}, {row['note']}"
-            for row in others
-        ]
-    return "\n".join(lines)
+    if not differing:
+        return []
+    return [
+        "",
+        "Rows whose scheme differs from the software key's, because the key "
+        "does not offer that scheme, compare different algorithms: "
+        + ", ".join(f"{row['label']} {row['key_type']}" for row in differing)
+        + ".",
+    ]
 
 
 # kmsproxy's performance targets, checked against figures from one run.

@@ -1,6 +1,6 @@
 """Time `Signer.sign` for each key source against a software key.
 
-Each key source holds a P-256 and an RSA-2048 key: a PEM file (the
+Each key source contains a P-256 and an RSA-2048 key: a PEM file (the
 baseline), swtpm, a SoftHSM2 token and moto's KMS server. The stores are
 started by the backends' own test helpers, listen on 127.0.0.1 only, and
 are stopped by PID when the section ends. The moto rows run with dummy
@@ -38,9 +38,9 @@ import pki  # noqa: E402  (the core tests' helper, found through sys.path)
 from kmsproxy.plugins.registry import Registry  # noqa: E402
 from kmsproxy.signer import SignatureScheme  # noqa: E402
 
-# Signatures per round and rounds per key. 50 signatures give a median
-# that moves by a few percent between rounds on swtpm; five rounds give a
-# min and a max, and the section takes under a minute on 2 cores.
+# Signatures per round and rounds per key. Five rounds give a min and a
+# max besides the median, and the whole section took 11 s on 2 cores of an
+# AMD EPYC (the run on docs/benchmarks.md).
 SIGNATURES = 50
 ROUNDS = 5
 
@@ -56,7 +56,7 @@ MESSAGE_BYTES = 130
 
 @dataclass(frozen=True)
 class KeyType:
-    """One key type that every source holds, and the scheme it signs with."""
+    """A key type that every source contains, and the scheme it signs with."""
 
     name: pki.KeyType
     label: str
