@@ -76,6 +76,15 @@ def test_each_transition_is_logged_once(caplog: pytest.LogCaptureFixture) -> Non
     assert messages[1] == "store available again: tpmkms:name=k after 5 failed attempts"
 
 
+def test_one_failure_is_singular(caplog: pytest.LogCaptureFixture) -> None:
+    backoff = Backoff(BackoffPolicy("p"), "tpmkms:name=k", FakeClock())
+    with caplog.at_level(logging.INFO, logger="kmsproxy.backoff"):
+        backoff.record_failure("connection refused")
+        backoff.record_success()
+    message = caplog.records[-1].getMessage()
+    assert message == "store available again: tpmkms:name=k after 1 failed attempt"
+
+
 def test_failures_during_hold_are_one_outage() -> None:
     clock = FakeClock()
     backoff = Backoff(BackoffPolicy("p", initial=1.0, maximum=30.0), "dev", clock)

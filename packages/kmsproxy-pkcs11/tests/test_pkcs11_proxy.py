@@ -237,6 +237,7 @@ async def test_removed_token_is_502_then_recovers(setup: Setup) -> None:
                 await anyio.sleep(0.2)
                 recovered = await fetch_subject(setup, addresses)
     assert b"token not present" in missing
+    assert missing.count(b"pkcs11:") == 1
     assert missing.endswith(b"status=502")
     assert recovered == b"subject=CN=token p256\n\nstatus=200"
 

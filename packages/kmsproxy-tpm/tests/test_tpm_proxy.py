@@ -232,6 +232,7 @@ async def test_proxy_recovers_after_swtpm_restart(
     assert before.stdout.endswith(b"status=200")
     assert during.stdout.endswith(b"status=502")
     assert b"cannot talk to the TPM" in during.stdout
+    assert during.stdout.count(b"tpmkms:") == 1
     assert b"tpm-reconnect" in during.stdout
     assert after.stdout == b"subject=CN=tpm client\n\nstatus=200"
     assert caplog.text.count("store unavailable: TPM swtpm:") == 1

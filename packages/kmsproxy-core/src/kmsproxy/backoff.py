@@ -146,9 +146,10 @@ class Backoff:
             self._not_before = 0.0
         if failures:
             logger.warning(
-                "store available again: %s after %d failed attempts",
+                "store available again: %s after %d failed %s",
                 self.subject,
                 failures,
+                "attempt" if failures == 1 else "attempts",
             )
 
     def waiting_message(self) -> str:

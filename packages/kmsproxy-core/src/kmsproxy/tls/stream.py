@@ -279,9 +279,12 @@ class TLSClientStream(anyio.abc.ByteStream):
             reason = f"timed out after {timeout} s"
             cause: BaseException = error
         except Exception as error:
-            reason = f"failed: {error}"
+            # A backend's message names the key URI, as the message below
+            # does, so the URI is left out here to name it once.
+            detail = str(error).removeprefix(f"{signer.uri}: ")
+            reason = f"failed: {detail}"
             if not isinstance(error, SignerError | ValueError):
-                reason = f"failed: {type(error).__name__}: {error}"
+                reason = f"failed: {type(error).__name__}: {detail}"
             cause = error
         else:
             logger.debug(
