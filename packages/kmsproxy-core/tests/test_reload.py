@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import signal
 from collections.abc import Sequence
@@ -82,6 +83,28 @@ async def test_rename_replace_twice(tmp_path: Path) -> None:
         await wait_for_subject(store, "CN=third")
         group.cancel_scope.cancel()
     assert store.reload_count >= 2
+
+
+async def test_reload_log_names_watched_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ca = make_ca()
+    first = issue(ca, "first", client=True)
+    key_path, cert_path = first.write(tmp_path, "client")
+    store = await IdentityStore.open(Registry.load(), [key_path], [cert_path])
+    await store.load()
+    temporary = tmp_path / f".{cert_path.name}.tmp"
+    renewed = reissue(ca, first, "second")
+    with caplog.at_level(logging.INFO, logger="kmsproxy.identity"):
+        async with anyio.create_task_group() as group:
+            await group.start(store.watch)
+            # A renewal tool's write: a hidden temporary file, then a rename.
+            temporary.write_bytes(renewed.public_bytes(serialization.Encoding.PEM))
+            os.replace(temporary, cert_path)
+            await wait_for_subject(store, "CN=second")
+            group.cancel_scope.cancel()
+    reloads = [m for m in caplog.messages if m.startswith("Reloaded identities")]
+    assert reloads == [f"Reloaded identities reason=file changed ({cert_path}) count=1"]
 
 
 async def test_bad_replace_keeps_identity(tmp_path: Path) -> None:

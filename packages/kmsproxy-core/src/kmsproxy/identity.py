@@ -284,16 +284,19 @@ class IdentityStore:
     async def reload_if_changed(self, reason: str) -> bool:
         """Reload when a watched file's resolved path or content changed.
 
-        A watched directory also reports changes to unrelated files, and
-        a Kubernetes volume reports only its `..data` symlink, so the
-        content decides. Return whether a reload ran and succeeded.
+        A watched directory also reports changes to unrelated files, such
+        as a renewal tool's temporary file, and a Kubernetes volume reports
+        only its `..data` symlink, so the content decides. The logged reason
+        names the watched files that changed. Return whether a reload ran
+        and succeeded.
         """
         async with self._reload_lock:
             fingerprints = await self._fingerprint_files()
             if fingerprints == self._fingerprints:
                 return False
+            changed = _changed_paths(self._fingerprints, fingerprints)
             self._fingerprints = fingerprints
-            return await self._reload_locked(reason)
+            return await self._reload_locked(f"{reason} ({','.join(changed)})")
 
     async def aclose(self) -> None:
         """Close the signers that this store opened, for shutdown."""
@@ -489,8 +492,7 @@ class IdentityStore:
                             # files' fingerprints on every timeout as well.
                             await self.reload_if_changed("periodic check")
                             continue
-                        names = ",".join(sorted({path for _, path in changes}))
-                        await self.reload_if_changed(f"file changed ({names})")
+                        await self.reload_if_changed("file changed")
 
     async def _watch_sighup(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -562,6 +564,15 @@ def _fingerprint_files(paths: Sequence[Path]) -> tuple[FileFingerprint, ...]:
             digest = f"unreadable: {error.strerror}"
         fingerprints.append((str(path), resolved, digest))
     return tuple(fingerprints)
+
+
+def _changed_paths(
+    before: Sequence[FileFingerprint], after: Sequence[FileFingerprint]
+) -> list[str]:
+    """Return the watched paths whose fingerprint differs, in watch order."""
+    old = {fingerprint[0]: fingerprint for fingerprint in before}
+    new = {fingerprint[0]: fingerprint for fingerprint in after}
+    return [path for path in {**new, **old} if old.get(path) != new.get(path)]
 
 
 async def close_signers(signers: Sequence[Signer]) -> None:
