@@ -105,6 +105,7 @@ def test_list_missing_module_is_one_line(tmp_path: Path, token: Token) -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert f"PKCS#11 module {missing} not found" in result.stderr
+    assert result.stderr.endswith(" as --module-path\n")
 
 
 def test_csr_is_signed_on_token(token: Token, tmp_path: Path) -> None:

@@ -150,8 +150,12 @@ def test_no_yubikey_found_with_ykcs11() -> None:
     with pytest.raises(SignerError) as raised:
         Registry.load().open_signer("yubikey:slot-id=9a?pin-value=123456")
     message = str(raised.value)
-    assert message.startswith("yubikey:slot-id=9a;pin-value=***: no YubiKey found")
-    assert "pcscd" in message
+    assert message.startswith(
+        "yubikey:slot-id=9a;pin-value=***: no YubiKey found: module "
+    )
+    assert "lists no slots (CKR_" in message
+    assert "pcscd is installed and running (`apt-get install pcscd`" in message
+    assert message.endswith("with serial=, check the number")
     assert "123456" not in message
 
 
@@ -166,7 +170,10 @@ def test_cli_list_says_no_yubikey() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
-    assert "no YubiKey found" in result.stderr
+    assert result.stderr.startswith("kmsproxy: error: no YubiKey found: module /")
+    assert "lists no slots (CKR_" in result.stderr
+    assert "pcscd is installed and running (`apt-get install pcscd`" in result.stderr
+    assert result.stderr.endswith("with --serial, check the number\n")
 
 
 async def test_standin_slot_signs(standin: StandIn) -> None:

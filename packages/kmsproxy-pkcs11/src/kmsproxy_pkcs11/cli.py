@@ -68,7 +68,7 @@ def run_list(arguments: argparse.Namespace) -> int:
     pin = PinSource(path=arguments.pin_source) if arguments.pin_source else PinSource()
     if arguments.module_path:
         try:
-            paths = [resolve_module_path(arguments.module_path)]
+            paths = [resolve_module_path(arguments.module_path, "--module-path")]
         except ModuleError as error:
             raise UserError(str(error)) from None
     else:

@@ -113,10 +113,12 @@ def find_known_module(name: str) -> Path | None:
     return None
 
 
-def resolve_module_path(text: str) -> Path:
+def resolve_module_path(text: str, setting: str = "module-path=") -> Path:
     """Turn a `module-path=` value (a path or a known name) into a path.
 
     Raise `ModuleError` naming the places searched when nothing is there.
+    `setting` is how the user gave the value (`--module-path` on a command
+    line), which the message names.
     """
     if text in KNOWN_MODULES:
         found = find_known_module(text)
@@ -124,7 +126,7 @@ def resolve_module_path(text: str) -> Path:
             searched = ", ".join(candidate_paths(text)) or "no known location"
             raise ModuleError(
                 f"PKCS#11 module {text} not found (searched {searched}); "
-                "install it or give its file as module-path="
+                f"install it or give its file as {setting}"
             )
         return found
     # Absolute, so that dlopen loads this file rather than searching the
@@ -134,7 +136,7 @@ def resolve_module_path(text: str) -> Path:
         known = ", ".join(KNOWN_MODULES)
         raise ModuleError(
             f"PKCS#11 module {path} not found; give the module's file or "
-            f"one of {known} as module-path="
+            f"one of {known} as {setting}"
         )
     return path
 

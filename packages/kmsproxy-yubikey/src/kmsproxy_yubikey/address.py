@@ -25,11 +25,19 @@ SCHEME = "yubikey"
 # The name of Yubico's module in `kmsproxy_pkcs11.modules.KNOWN_MODULES`.
 YKCS11 = "ykcs11"
 
-# Appended to "no YubiKey found": the usual reasons, in the order to check.
-NOT_FOUND_HINT = (
-    "plug in the YubiKey and check that pcscd is running (`ykman list` "
-    "shows the YubiKey when it is); with serial=, check the number"
-)
+
+def not_found_hint(serial_setting: str) -> str:
+    """Return the usual reasons for "no YubiKey found", in the order to check.
+
+    `serial_setting` is how the serial number was given: `serial=` in a
+    URI or `--serial` on the command line.
+    """
+    return (
+        "plug in the YubiKey and check that pcscd is installed and running "
+        "(`apt-get install pcscd`; `ykman list` shows the YubiKey when it "
+        f"is); with {serial_setting}, check the number"
+    )
+
 
 KNOWN_ATTRIBUTES = frozenset(
     {"slot-id", "serial", "module-path", "pin-value", "pin-source"}

@@ -17,11 +17,16 @@ from pkcs11 import exceptions as p11
 
 from kmsproxy.errors import UserError
 from kmsproxy_pkcs11.address import TokenSelector, quote_value
-from kmsproxy_pkcs11.modules import ModuleError, load_module, resolve_module_path
+from kmsproxy_pkcs11.modules import (
+    Module,
+    ModuleError,
+    load_module,
+    resolve_module_path,
+)
 from kmsproxy_pkcs11.objects import attribute_or_none
 from kmsproxy_pkcs11.token import TOKEN_GONE_ERRORS, return_value_name
 
-from .address import NOT_FOUND_HINT, YKCS11, default_module
+from .address import YKCS11, default_module, not_found_hint
 from .slots import PIV_SLOTS, YUBIKEY_LABEL_PREFIX, PivSlot
 
 
@@ -48,29 +53,35 @@ def run_list(arguments: argparse.Namespace) -> int:
     """Print the PIV slots of every YubiKey found (`kmsproxy yubikey list`)."""
     module_text = arguments.module_path or default_module()
     try:
-        module = load_module(resolve_module_path(module_text))
+        module = load_module(resolve_module_path(module_text, "--module-path"))
     except ModuleError as error:
         raise UserError(f"{error}") from None
     selector = TokenSelector(
         label=f"{YUBIKEY_LABEL_PREFIX}{arguments.serial}" if arguments.serial else None,
         label_prefix=None if arguments.serial else YUBIKEY_LABEL_PREFIX,
     )
-    tokens = list(_yubikeys(module.library, selector))
+    tokens = list(_yubikeys(module, selector))
     if not tokens:
-        raise UserError(f"no YubiKey found by {module.path}; {NOT_FOUND_HINT}")
+        wanted = f"YubiKey {arguments.serial}" if arguments.serial else "YubiKey"
+        raise UserError(
+            f"no YubiKey found: module {module.path} lists no {wanted}; "
+            f"{not_found_hint('--serial')}"
+        )
     for token in tokens:
         for line in _list_token(token, module_text if arguments.module_path else None):
             print(line)
     return 0
 
 
-def _yubikeys(library: Any, selector: TokenSelector) -> Iterator[Any]:
+def _yubikeys(module: Module, selector: TokenSelector) -> Iterator[Any]:
     try:
-        slots = library.get_slots(token_present=True)
+        slots = module.library.get_slots(token_present=True)
     except TOKEN_GONE_ERRORS as error:
+        # The same words as the pkcs11 backend's TokenMissing, which the
+        # other commands print, so that both read alike.
         raise UserError(
-            "no YubiKey found: the module lists no slots "
-            f"({return_value_name(error)}); {NOT_FOUND_HINT}"
+            f"no YubiKey found: module {module.path} lists no slots "
+            f"({return_value_name(error)}); {not_found_hint('--serial')}"
         ) from None
     for slot in slots:
         try:

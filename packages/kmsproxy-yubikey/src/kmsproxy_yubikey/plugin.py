@@ -18,7 +18,7 @@ from kmsproxy_pkcs11.opening import open_certificates, open_signer
 from kmsproxy_pkcs11.token import TokenMissing
 
 from . import cli
-from .address import NOT_FOUND_HINT, SCHEME, parse_yubikey_uri
+from .address import SCHEME, not_found_hint, parse_yubikey_uri
 
 
 @hookimpl
@@ -52,4 +52,4 @@ def kmsproxy_add_commands(subparsers: argparse._SubParsersAction) -> None:  # ty
 def no_yubikey_message(address: KeyAddress, error: Exception) -> str:
     """Say that no YubiKey was found, why the module thinks so, and what to do."""
     detail = str(error).removeprefix(address.uri).lstrip(": ")
-    return f"{address.uri}: no YubiKey found ({detail}); {NOT_FOUND_HINT}"
+    return f"{address.uri}: no YubiKey found: {detail}; {not_found_hint('serial=')}"
