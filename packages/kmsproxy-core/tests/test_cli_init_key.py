@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -19,8 +20,11 @@ from pki import KeyType, generate_key
 from test_csr import write_key
 
 from kmsproxy.ca import LeafRequest, LocalCA
-from kmsproxy.cli import main
+from kmsproxy.cli import build_parser, main
 from kmsproxy.cli.init import create_ca, serve_command, sign_ca_certificate
+from kmsproxy.cli.serve import config_from_args
+from kmsproxy.config import ProxyConfig
+from kmsproxy.errors import UserError
 from kmsproxy.signer import SignatureScheme, SignerError, SoftwareSigner
 
 
@@ -213,3 +217,109 @@ def test_init_directories_private_under_umask_000(tmp_path: Path) -> None:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "xdg").stat().st_mode) == 0o700
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+
+
+def serve_config(*args: str) -> ProxyConfig:
+    return config_from_args(build_parser(None).parse_args(["serve", *args]))
+
+
+CLIENT_ARGUMENTS = ("--clientkey", "client.key", "--clientcert", "client.crt")
+
+
+def test_init_key_records_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key_path = write_key(tmp_path / "device.key", generate_key("p256"))
+    directory = tmp_path / "ca"
+    assert main(["init", "--key", str(key_path), "--dir", str(directory)]) == 0
+    assert (directory / "ca.key-uri").read_text() == f"{key_path}\n"
+    assert f"Recorded the CA key in {directory / 'ca.key-uri'}" in (
+        capsys.readouterr().out
+    )
+
+
+def test_init_key_records_uri_with_pin_source(tmp_path: Path) -> None:
+    key_path = write_key(tmp_path / "device.key", generate_key("p256"))
+    key = f"file:path={key_path}?pin-source={tmp_path / 'pin'}"
+    assert main(["init", "--key", key, "--dir", str(tmp_path / "ca")]) == 0
+    assert (tmp_path / "ca" / "ca.key-uri").read_text() == f"{key}\n"
+
+
+def test_init_key_pin_value_not_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key_path = write_key(tmp_path / "device.key", generate_key("p256"))
+    key = f"file:path={key_path};pin-value=secret-4711"
+    assert main(["init", "--key", key, "--dir", str(tmp_path / "ca")]) == 0
+    assert not (tmp_path / "ca" / "ca.key-uri").exists()
+    assert "not recorded in ca.key-uri" in capsys.readouterr().out
+
+
+def test_serve_uses_recorded_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    key_path = write_key(tmp_path / "device.key", generate_key("p256"))
+    assert main(["init", "--key", str(key_path)]) == 0
+    config = serve_config(*CLIENT_ARGUMENTS)
+    assert config.ca_key == str(key_path)
+    assert config.ca_certificate == tmp_path / "kmsproxy" / "ca.crt"
+
+
+def test_serve_names_missing_ca_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ca.crt from `init --key` without ca.key-uri: the error names where the
+    key is and how to pass it."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    key_path = write_key(tmp_path / "device.key", generate_key("p256"))
+    assert main(["init", "--key", str(key_path)]) == 0
+    (tmp_path / "kmsproxy" / "ca.key-uri").unlink()
+    with pytest.raises(UserError) as raised:
+        serve_config(*CLIENT_ARGUMENTS)
+    message = str(raised.value)
+    certificate_path = tmp_path / "kmsproxy" / "ca.crt"
+    assert f"{certificate_path} has no ca.key beside it" in message
+    assert f"`kmsproxy serve 'URI' {certificate_path} --clientkey" in message
+    assert "run `kmsproxy init` first" not in message
+
+
+def test_serve_names_missing_ca_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    key_path, certificate_path = create_ca(tmp_path / "kmsproxy", "CA")
+    certificate_path.unlink()
+    with pytest.raises(UserError, match=re.escape(f"{key_path} has no ca.crt")):
+        serve_config(*CLIENT_ARGUMENTS)
+
+
+def test_serve_rejects_two_ca_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    create_ca(tmp_path / "kmsproxy", "CA")
+    (tmp_path / "kmsproxy" / "ca.key-uri").write_text("tpmkms:name=ca\n")
+    with pytest.raises(UserError, match=re.escape("has both ca.key and ca.key-uri")):
+        serve_config(*CLIENT_ARGUMENTS)
+
+
+def test_serve_rejects_empty_key_uri_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    key_path = write_key(tmp_path / "device.key", generate_key("p256"))
+    assert main(["init", "--key", str(key_path)]) == 0
+    (tmp_path / "kmsproxy" / "ca.key-uri").write_text("\n")
+    with pytest.raises(UserError, match="must contain one line"):
+        serve_config(*CLIENT_ARGUMENTS)
+
+
+def test_init_force_drops_key_uri(tmp_path: Path) -> None:
+    """A new ca.key replaces the recorded key of an earlier `init --key`."""
+    key_path = write_key(tmp_path / "device.key", generate_key("p256"))
+    assert main(["init", "--key", str(key_path), "--dir", str(tmp_path)]) == 0
+    assert main(["init", "--dir", str(tmp_path)]) == 2
+    assert main(["init", "--dir", str(tmp_path), "--force"]) == 0
+    assert (tmp_path / "ca.key").exists()
+    assert not (tmp_path / "ca.key-uri").exists()

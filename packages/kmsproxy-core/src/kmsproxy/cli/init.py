@@ -33,11 +33,16 @@ from kmsproxy.ca import (
     sign_through_signer,
 )
 from kmsproxy.cli.keys import open_signer_within, shown_key
-from kmsproxy.cli.serve import CA_CERTIFICATE_NAME, CA_KEY_NAME, config_directory
+from kmsproxy.cli.serve import (
+    CA_CERTIFICATE_NAME,
+    CA_KEY_NAME,
+    CA_KEY_URI_NAME,
+    config_directory,
+)
 from kmsproxy.errors import UserError
 from kmsproxy.plugins.registry import Registry
 from kmsproxy.signer import Signer, SignerError
-from kmsproxy.uri import KeyURI, URIError, looks_like_uri
+from kmsproxy.uri import KeyURI, URIError, is_secret_attribute, looks_like_uri
 
 DEFAULT_CA_NAME = "kmsproxy local CA"
 
@@ -141,6 +146,8 @@ def create_ca(directory: Path, name: str, *, force: bool = False) -> tuple[Path,
         # certificate beside a new key, which `serve` rejects as mismatched.
         os.replace(new_key, key_path)
         os.replace(new_certificate, certificate_path)
+        # A key URI left by `init --key` would name the old CA's key.
+        (directory / CA_KEY_URI_NAME).unlink(missing_ok=True)
     except OSError as error:
         failed = error.filename or directory
         raise UserError(
@@ -208,7 +215,7 @@ def write_ca_certificate(
     that a later `kmsproxy serve` without positional arguments fails with
     "missing ca.key" instead of pairing the old key with the new certificate.
     With `keep_key`, `ca.key` is the key that signed `certificate`, so it
-    needs no `force` and stays. Raise `UserError` for an existing CA
+    needs no `force` and stays, and a `ca.key-uri` is deleted. Raise `UserError` for an existing CA
     without `force`, and for any file system error.
     """
     key_path = directory / CA_KEY_NAME
@@ -222,6 +229,8 @@ def write_ca_certificate(
             key_path.unlink()
             # The old key cannot be recovered, so say which file went.
             logger.warning("Deleted the previous CA key path=%s", key_path)
+        if keep_key:
+            (directory / CA_KEY_URI_NAME).unlink(missing_ok=True)
     except OSError as error:
         failed = error.filename or directory
         raise UserError(
@@ -229,6 +238,44 @@ def write_ca_certificate(
             "choose another directory with --dir"
         ) from None
     return certificate_path
+
+
+def recordable_key(key: str) -> str | None:
+    """Return `key` as `ca.key-uri` records it, or None if it has a secret.
+
+    A path becomes absolute, so `serve` finds it from any directory. A URI
+    is kept as given. A URI with a secret attribute (such as `pin-value=`)
+    is not recorded, because the file would then hold the secret.
+    """
+    path = Path(key).expanduser()
+    if path.exists() or not looks_like_uri(key):
+        return str(path.resolve())
+    try:
+        uri = KeyURI.parse(key)
+    except URIError:
+        return None
+    if any(is_secret_attribute(name) for name in uri.attributes):
+        return None
+    return key
+
+
+def write_key_uri(directory: Path, key: str | None) -> Path:
+    """Write `key` into `ca.key-uri` in `directory`, or delete that file if
+    `key` is None; return its path. Raise `UserError` for a file system error.
+    """
+    path = directory / CA_KEY_URI_NAME
+    try:
+        if key is None:
+            path.unlink(missing_ok=True)
+        else:
+            data = f"{key}\n".encode()
+            os.replace(_write_temporary(directory, data, 0o644), path)
+    except OSError as error:
+        raise UserError(
+            f"{error.filename or path}: cannot write the CA key URI: "
+            f"{error.strerror or error}; choose another directory with --dir"
+        ) from None
+    return path
 
 
 def is_ca_key_file(key: str, directory: Path) -> bool:
@@ -269,7 +316,9 @@ def check_replaceable(directory: Path, *, force: bool, keep_key: bool = False) -
     With `keep_key`, an existing `ca.key` does not count, because it is the
     key of the new CA.
     """
-    names = (CA_CERTIFICATE_NAME,) if keep_key else (CA_KEY_NAME, CA_CERTIFICATE_NAME)
+    names: tuple[str, ...] = (CA_CERTIFICATE_NAME,)
+    if not keep_key:
+        names = (CA_KEY_NAME, CA_CERTIFICATE_NAME, CA_KEY_URI_NAME)
     for existing in (directory / name for name in names):
         if existing.exists() and not force:
             raise UserError(
@@ -352,10 +401,27 @@ def _run_with_key(args: argparse.Namespace, directory: Path) -> int:
     certificate_path = write_ca_certificate(
         directory, certificate, force=args.force, keep_key=keep_key
     )
+
     print(f"Created {certificate_path}, signed by the CA key {shown_key(args.key)}.\n")
     print(trust_instructions(certificate_path))
-    print("Run the proxy with this CA key and certificate:\n")
+
+    # ca.key-uri lets a later `serve` without CAKEY CACERT find the key.
+    recorded = None if keep_key else recordable_key(args.key)
+    if not keep_key:
+        key_uri_path = write_key_uri(directory, recorded)
+        if recorded is not None:
+            print(f"Recorded the CA key in {key_uri_path}.")
+    if recorded is not None and directory == config_directory():
+        print("Run the proxy with:\n")
+        print("  kmsproxy serve --clientkey KEY --clientcert CERT\n")
+        print("or name the CA key and certificate:\n")
+    else:
+        print("Run the proxy with this CA key and certificate:\n")
+
     print(f"  {serve_command(args.key, certificate_path)}")
     if shown_key(args.key) != args.key:
-        print("\nThe key's secret is shown as ***; give it with pin-source=FILE.")
+        print(
+            f"\nThe key's secret is shown as *** and not recorded in "
+            f"{CA_KEY_URI_NAME}; give it with pin-source=FILE."
+        )
     return 0

@@ -41,6 +41,14 @@ CA_KEY_NAME = "ca.key"
 MAX_KEY_SNIFF_BYTES = 64 * 1024
 CA_CERTIFICATE_NAME = "ca.crt"
 
+# File that `kmsproxy init --key` writes beside ca.crt: one line with the
+# CA key's URI or path, without secrets, which `serve` uses as the default
+# CA key when there is no ca.key.
+CA_KEY_URI_NAME = "ca.key-uri"
+
+# Largest ca.key-uri read: one key URI, which is well under 1 KiB.
+MAX_KEY_URI_FILE_BYTES = 8 * 1024
+
 # Names of the two positional forms, as logged and shown in errors.
 FORM_KMSPROXY = "CAKEY CACERT"
 FORM_GO_TOOL = "KMSURI CERT KEY"
@@ -76,7 +84,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         ),
         description=(
             "Listen for HTTP CONNECT (plain or TLS) and open each tunnel with "
-            "the client certificate. CAKEY and CACERT default to ca.key and "
+            "the client certificate. CAKEY and CACERT default to ca.key (or "
+            "the key URI in ca.key-uri, written by `kmsproxy init --key`) and "
             f"ca.crt in {config_directory()} (see `kmsproxy init`). Three "
             "positionals are step-kmsproxy-plugin's form: the client key URI, "
             "whose certificate chain is read from the same URI, then the CA "
@@ -215,9 +224,10 @@ def read_positional_form(args: argparse.Namespace) -> PositionalForm:
         raise UserError(
             "missing --clientcert: give the certificate chain of each --clientkey"
         )
+    ca_key: str | Path
+    ca_certificate: str | Path
     if positionals:
-        ca_key: str | Path = positionals[0]
-        ca_certificate: str | Path = positionals[1]
+        ca_key, ca_certificate = positionals[0], positionals[1]
     else:
         ca_key, ca_certificate = default_ca_paths()
     return PositionalForm(
@@ -229,17 +239,66 @@ def read_positional_form(args: argparse.Namespace) -> PositionalForm:
     )
 
 
-def default_ca_paths() -> tuple[Path, Path]:
-    """Return the CA key and certificate that `kmsproxy init` wrote."""
+def default_ca_paths() -> tuple[str | Path, Path]:
+    """Return the CA key and certificate that `kmsproxy init` wrote.
+
+    The key is `ca.key`, or else the URI recorded in `ca.key-uri` by
+    `kmsproxy init --key`. Raise `UserError` naming the missing file and
+    the command to run.
+    """
     directory = config_directory()
     ca_key = directory / CA_KEY_NAME
     ca_certificate = directory / CA_CERTIFICATE_NAME
-    if not ca_key.exists() or not ca_certificate.exists():
+    key_uri_path = directory / CA_KEY_URI_NAME
+    if not ca_certificate.exists():
+        if ca_key.exists():
+            raise UserError(
+                f"{ca_key} has no {CA_CERTIFICATE_NAME} beside it: run `kmsproxy "
+                "init --force` to create a new CA, or pass CAKEY and CACERT"
+            )
         raise UserError(
             f"no local CA in {directory}: run `kmsproxy init` first, "
             "or pass CAKEY and CACERT"
         )
-    return ca_key, ca_certificate
+    if ca_key.exists():
+        if key_uri_path.exists():
+            raise UserError(
+                f"{directory} has both {CA_KEY_NAME} and {CA_KEY_URI_NAME}: delete "
+                f"the one that is not the key of {CA_CERTIFICATE_NAME}, or pass "
+                "CAKEY and CACERT"
+            )
+        return ca_key, ca_certificate
+    if key_uri_path.exists():
+        return read_key_uri_file(key_uri_path), ca_certificate
+    raise UserError(
+        f"{ca_certificate} has no {CA_KEY_NAME} beside it, so its key is in a "
+        f"backend (`kmsproxy init --key` writes only {CA_CERTIFICATE_NAME}): "
+        f"pass that key and the certificate, as in `kmsproxy serve 'URI' "
+        f"{ca_certificate} --clientkey KEY --clientcert CERT`"
+    )
+
+
+def read_key_uri_file(path: Path) -> str:
+    """Read the CA key URI from `path` (a `ca.key-uri` file).
+
+    Raise `UserError` for a file that cannot be read or is not one line.
+    """
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_KEY_URI_FILE_BYTES + 1)
+    except OSError as error:
+        raise UserError(
+            f"{path}: cannot read the CA key URI: {error.strerror or error}; "
+            "fix its permissions, or pass CAKEY and CACERT"
+        ) from None
+    lines = data.decode("utf-8", errors="replace").strip().splitlines()
+    if len(data) > MAX_KEY_URI_FILE_BYTES or len(lines) != 1:
+        raise UserError(
+            f"{path} must contain one line, the CA key's URI or path; run "
+            "`kmsproxy init --key URI --force` again, or pass CAKEY and CACERT"
+        )
+    logger.info("CA key from file path=%s", path)
+    return lines[0].strip()
 
 
 def check_listen_scheme(option: str, address: str) -> None:
