@@ -91,6 +91,19 @@ def test_list_shows_key_uris(token: Token) -> None:
     assert "CKM_ECDSA" in result.stdout
 
 
+def test_list_with_pin_names_pin_source(token: Token) -> None:
+    result = run_cli(
+        token.hsm, "pkcs11", "list", "--module-path", "softhsm2",
+        "--pin-source", str(token.pin_file),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    hint = f"append ?pin-source={token.pin_file} to a key URI above"
+    # Once per token, and SoftHSM2 tokens all require login.
+    assert hint in result.stdout
+    assert result.stdout.count(hint) == result.stdout.count(" login-required\n")
+    assert USER_PIN not in result.stdout
+
+
 def test_list_without_pin_hides_private_keys(token: Token) -> None:
     result = run_cli(token.hsm, "pkcs11", "list", "--module-path", "softhsm2")
     assert result.returncode == 0, result.stderr

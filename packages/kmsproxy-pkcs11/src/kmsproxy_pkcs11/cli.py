@@ -8,6 +8,7 @@ Each key and certificate is printed with the URI that names it, ready for
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -134,8 +135,13 @@ def _list_token(path: Path, token: Any, pin: PinSource) -> Iterator[str]:
         yield from _list_objects(session, base, logged_in=pin_text is not None)
     finally:
         session.close()
-    if pin_text is None and flags & TokenFlag.LOGIN_REQUIRED:
-        yield "    (private keys are hidden until login: add --pin-source FILE)"
+    if flags & TokenFlag.LOGIN_REQUIRED:
+        if pin_text is None:
+            yield "    (private keys are hidden until login: add --pin-source FILE)"
+        elif pin.path is not None:
+            # The URIs above name no PIN, and signing needs one.
+            source = quote_value(os.path.abspath(pin.path), path=True)
+            yield f"    (append ?pin-source={source} to a key URI above to sign)"
 
 
 def _open(token: Any, pin: str | None) -> pkcs11.Session:
