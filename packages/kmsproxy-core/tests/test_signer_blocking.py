@@ -8,6 +8,7 @@ second call off the device until the first one returns.
 from __future__ import annotations
 
 import dataclasses
+import math
 import subprocess
 import sys
 import threading
@@ -53,7 +54,7 @@ PROMPT_SECONDS = 5.0
 class HungDevice(BlockingSigner):
     """A software key behind a device that signs only once `release` is set."""
 
-    def __init__(self, private_key: PrivateKey, tokens: int = 1) -> None:
+    def __init__(self, private_key: PrivateKey, tokens: float = 1) -> None:
         super().__init__(anyio.CapacityLimiter(tokens))
         self._private_key = private_key
         self._uri = "fake:name=hung"
@@ -114,9 +115,23 @@ async def test_abandoned_call_keeps_device(
     assert device.calls == 1
     device.release.set()
     with anyio.fail_after(PROMPT_SECONDS):
-        signature = await device.sign(b"third", scheme)
+        signature = await _sign_once_free(device, b"third", scheme)
     assert signature.startswith(b"\x30")
     assert device.max_active == 1
+
+
+async def _sign_once_free(
+    device: HungDevice, data: bytes, scheme: SignatureScheme
+) -> bytes:
+    """Sign, retrying while an abandoned call still holds the device slot.
+
+    The caller bounds the time.
+    """
+    while True:
+        try:
+            return await device.sign(data, scheme)
+        except SignerError:
+            await anyio.sleep(0.01)
 
 
 async def test_device_slots_follow_limiter() -> None:
@@ -135,6 +150,83 @@ async def test_device_slots_follow_limiter() -> None:
     finally:
         device.release.set()
     assert device.max_active == 3
+
+
+async def test_cancelled_waiters_skip_device() -> None:
+    """Calls cancelled while waiting for the device never reach it.
+
+    With two slots, one held by an abandoned call and one by a live call, a
+    new call waits in its worker thread for a slot.
+    """
+    device = HungDevice(generate_key("p256"), tokens=2)
+    scheme = SignatureScheme.ecdsa_secp256r1_sha256
+    try:
+        with anyio.move_on_after(0.1):
+            await device.sign(b"abandoned", scheme)
+        async with anyio.create_task_group() as group:
+            group.start_soon(device.sign, b"live", scheme)
+            with anyio.fail_after(PROMPT_SECONDS):
+                while device.calls < 2:
+                    await anyio.sleep(0.01)
+            for index in range(4):
+                with anyio.move_on_after(0.1) as scope:
+                    await device.sign(b"waiter %d" % index, scheme)
+                assert scope.cancelled_caught
+            device.release.set()
+        with anyio.fail_after(PROMPT_SECONDS):
+            signature = await device.sign(b"after", scheme)
+        # Give a waiter that wrongly goes on to the device the time to reach it.
+        await anyio.sleep(0.5)
+    finally:
+        device.release.set()
+    assert signature.startswith(b"\x30")
+    assert device.calls == 3
+
+
+async def test_abandoned_device_fails_fast(device: HungDevice) -> None:
+    scheme = SignatureScheme.ecdsa_secp256r1_sha256
+    with anyio.move_on_after(0.1):
+        await device.sign(b"abandoned", scheme)
+    started = time.monotonic()
+    for index in range(3):
+        with pytest.raises(SignerError, match="still busy with a call that timed out"):
+            await device.sign(b"next %d" % index, scheme)
+    assert time.monotonic() - started < PROMPT_SECONDS
+    assert device.calls == 1
+
+
+async def test_infinite_limiter_signs() -> None:
+    device = HungDevice(generate_key("p256"), tokens=math.inf)
+    device.release.set()
+    signature = await device.sign(b"data", SignatureScheme.ecdsa_secp256r1_sha256)
+    assert signature.startswith(b"\x30")
+
+
+async def test_device_slots_follow_resize() -> None:
+    device = HungDevice(generate_key("p256"))
+    scheme = SignatureScheme.ecdsa_secp256r1_sha256
+    device.release.set()
+    await device.sign(b"first", scheme)
+    device.release.clear()
+    device.limiter.total_tokens = 2
+    try:
+        async with anyio.create_task_group() as group:
+            for _ in range(2):
+                group.start_soon(device.sign, b"data", scheme)
+            with anyio.fail_after(PROMPT_SECONDS):
+                while device.active < 2:
+                    await anyio.sleep(0.01)
+            device.release.set()
+    finally:
+        device.release.set()
+    assert device.max_active == 2
+
+
+def test_timeout_constants_match() -> None:
+    """The wait for an abandoned call ends when its handshake would."""
+    assert tls.config.SIGNATURE_TIMEOUT_SECONDS == (
+        signer_module.ABANDONED_CALL_WAIT_SECONDS
+    )
 
 
 @dataclasses.dataclass

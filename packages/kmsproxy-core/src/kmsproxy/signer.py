@@ -12,11 +12,13 @@ from __future__ import annotations
 import abc
 import enum
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TypeAlias, TypeVar
 
 import anyio
+import anyio.from_thread
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 
@@ -259,28 +261,101 @@ class SoftwareSigner(Signer):
         return sign_with_private_key(self._private_key, data, scheme)
 
 
-# How long a device call waits for an earlier call on the same device that
-# its caller abandoned after a timeout. Equal to the handshake's bound on one
-# signature (tls.config.SIGNATURE_TIMEOUT_SECONDS): the caller of the waiting
-# call has given up by then too, so waiting longer only occupies a thread.
+# How long a device call waits for an earlier call on the same device.
+# Equal to the handshake's bound on one signature
+# (tls.config.SIGNATURE_TIMEOUT_SECONDS, which a test keeps equal): the
+# caller of the waiting call has given up by then too, so waiting longer only
+# occupies a thread.
 ABANDONED_CALL_WAIT_SECONDS = 20.0
 
-# One semaphore per device limiter, with as many slots as the limiter has
-# tokens, held by the worker thread for the whole call. The limiter alone
-# cannot bound the calls on the device: anyio releases its token as soon as
-# a caller is cancelled, while the abandoned thread still runs.
-_device_slots: weakref.WeakKeyDictionary[
-    anyio.CapacityLimiter, threading.BoundedSemaphore
-] = weakref.WeakKeyDictionary()
+# How often a call waiting for the device checks whether its caller was
+# cancelled, so that an abandoned waiter frees its thread within this time.
+_CANCEL_CHECK_SECONDS = 0.1
+
+
+class _DeviceSlots:
+    """The calls on one device, counted by the worker threads that make them.
+
+    The limiter alone cannot bound the calls on the device: anyio releases a
+    token as soon as its caller is cancelled, while the abandoned thread still
+    runs. So each thread takes a slot here for the whole device call, and the
+    number of slots follows `limiter.total_tokens` at each call (unbounded for
+    `math.inf`).
+    """
+
+    def __init__(self, limiter: anyio.CapacityLimiter) -> None:
+        self._limiter = limiter
+        self._condition = threading.Condition()
+        self._held = 0
+        self._abandoned = 0
+
+    def acquire(self, call: _DeviceCall, uri: str) -> None:
+        """Take a slot for `call`, or raise if the call should not run.
+
+        Raises the cancellation exception if the caller was cancelled while
+        waiting, and `SignerError` when every slot is held by an abandoned
+        call (which may never return) or after `ABANDONED_CALL_WAIT_SECONDS`.
+        """
+        deadline = time.monotonic() + ABANDONED_CALL_WAIT_SECONDS
+        with self._condition:
+            while True:
+                anyio.from_thread.check_cancelled()
+                if call.abandoned:
+                    raise SignerError(f"{uri}: the caller was cancelled")
+                if self._held < self._limiter.total_tokens:
+                    self._held += 1
+                    call.holding = True
+                    return
+                if self._abandoned >= self._held:
+                    raise SignerError(
+                        f"{uri}: the device is still busy with a call that "
+                        "timed out; check that the device responds"
+                    )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise SignerError(
+                        f"{uri}: timed out after {ABANDONED_CALL_WAIT_SECONDS:g} s "
+                        "waiting for other calls on the device; check that the "
+                        "device responds"
+                    )
+                self._condition.wait(min(remaining, _CANCEL_CHECK_SECONDS))
+
+    def release(self, call: _DeviceCall) -> None:
+        with self._condition:
+            self._held -= 1
+            if call.abandoned:
+                self._abandoned -= 1
+            call.holding = False
+            self._condition.notify_all()
+
+    def abandon(self, call: _DeviceCall) -> None:
+        """Record that the caller of `call` was cancelled."""
+        with self._condition:
+            call.abandoned = True
+            if call.holding:
+                self._abandoned += 1
+            self._condition.notify_all()
+
+
+class _DeviceCall:
+    """The state of one device call, guarded by its `_DeviceSlots`."""
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.abandoned = False
+
+
+_device_slots: weakref.WeakKeyDictionary[anyio.CapacityLimiter, _DeviceSlots] = (
+    weakref.WeakKeyDictionary()
+)
 _device_slots_guard = threading.Lock()
 
 
-def _device_semaphore(limiter: anyio.CapacityLimiter) -> threading.BoundedSemaphore:
-    """Return the semaphore for `limiter`, sized by its tokens at first use."""
+def _slots_for(limiter: anyio.CapacityLimiter) -> _DeviceSlots:
     with _device_slots_guard:
         slots = _device_slots.get(limiter)
         if slots is None:
-            slots = threading.BoundedSemaphore(max(1, int(limiter.total_tokens)))
+            slots = _DeviceSlots(limiter)
             _device_slots[limiter] = slots
         return slots
 
@@ -294,12 +369,19 @@ class BlockingSigner(Signer):
 
     A caller that is cancelled (a handshake or mint timeout, the proxy
     stopping) returns at once and abandons the worker thread, which keeps
-    running until the device returns. That thread still occupies its slot of
-    the device (one of `limiter.total_tokens`), so with all slots held the
-    next call waits in its own thread for up to `ABANDONED_CALL_WAIT_SECONDS`
-    and then raises `SignerError`. A hung device therefore gives 502 answers
-    instead of hung tunnels, and never receives more calls at once than the
-    limiter allows.
+    running until the device returns. That thread still holds its slot of
+    the device (one of `limiter.total_tokens`). When every slot is held by
+    an abandoned call, the next call raises `SignerError` at once. When a
+    live call holds the slot, the next call waits in its own thread for up
+    to `ABANDONED_CALL_WAIT_SECONDS`, and does not run if its caller was
+    cancelled meanwhile. A hung device therefore gives 502 answers instead
+    of hung tunnels.
+
+    Every call made through `sign` or `run_blocking` counts against the
+    limiter, and the device never sees more of those calls at once than the
+    limiter has tokens. The open hooks (also run when a reload reopens a key
+    file) run outside the limiter, so a backend whose device cannot overlap
+    them with a signature must guard the device with its own lock.
     """
 
     def __init__(self, limiter: anyio.CapacityLimiter) -> None:
@@ -319,20 +401,20 @@ class BlockingSigner(Signer):
 
         Cancelling the caller abandons the thread (see the class docstring).
         """
-        slots = _device_semaphore(self.limiter)
+        slots = _slots_for(self.limiter)
+        call = _DeviceCall()
 
         def call_holding_device() -> _T:
-            if not slots.acquire(timeout=ABANDONED_CALL_WAIT_SECONDS):
-                raise SignerError(
-                    f"{self.uri}: the device is still busy with a call that "
-                    f"timed out, after {ABANDONED_CALL_WAIT_SECONDS:g} s of "
-                    "waiting; check that the device responds"
-                )
+            slots.acquire(call, self.uri)
             try:
                 return function(*args)
             finally:
-                slots.release()
+                slots.release(call)
 
-        return await anyio.to_thread.run_sync(
-            call_holding_device, limiter=self.limiter, abandon_on_cancel=True
-        )
+        try:
+            return await anyio.to_thread.run_sync(
+                call_holding_device, limiter=self.limiter, abandon_on_cancel=True
+            )
+        except anyio.get_cancelled_exc_class():
+            slots.abandon(call)
+            raise

@@ -19,13 +19,16 @@ backend claims goes to the file backend. Anything else is parsed as a
 `KeyURI` (`scheme:name=value;...`), and the backend that lists that scheme
 in `kmsproxy_schemes` receives it.
 
-`kmsproxy_open_signer` and `kmsproxy_open_certificates` may block (open a
-device, log in, call a cloud API): `Proxy`, `kmsproxy csr` and `kmsproxy
-init --key` call them in a worker thread, and a backend command may call
-them with no event loop running. So they must not need a running event
-loop (`anyio.lowlevel.current_token()` fails there), though they may
-create an `anyio.CapacityLimiter`. The other hooks are called
-from the main or event loop thread and must not block. A `Signer.sign`
+`kmsproxy_open_signer`, `kmsproxy_open_certificates` and
+`kmsproxy_claim_key_file` may block (open a device, log in, call a cloud
+API): `Proxy`, `kmsproxy csr` and `kmsproxy init --key` call them in a
+worker thread, and a backend command may call them with no event loop
+running. So they must not need a running event loop
+(`anyio.lowlevel.current_token()` fails there), though they may create an
+`anyio.CapacityLimiter`. They run outside that limiter, so a backend whose
+device cannot overlap an open with a signature must take its own device
+lock. The other hooks are called from the main or event loop thread and must
+not block. A `Signer.sign`
 that blocks must run in a worker thread (derive from
 `kmsproxy.signer.BlockingSigner`).
 """
