@@ -121,6 +121,14 @@ def test_missing_file_is_user_error(tmp_path: Path) -> None:
         Registry.load().open_signer(str(tmp_path / "missing.key"))
 
 
+def test_missing_file_hides_secret() -> None:
+    """An argument that is neither a file nor a URI may still contain a PIN."""
+    with pytest.raises(UserError, match="no such file") as caught:
+        Registry.load().open_signer("token=x;pin-value=1234")
+    assert "1234" not in str(caught.value)
+    assert "token=x" in str(caught.value)
+
+
 def test_third_party_backend_found() -> None:
     registry = Registry.load([fake_backend("kmsproxy_fake", "fakekms")])
     signer = registry.open_signer("fakekms:name=a")
