@@ -124,8 +124,11 @@ async def test_bad_signature_raises() -> None:
 
 def test_mismatched_key_raises() -> None:
     ca = make_ca()
-    with pytest.raises(SignerError, match="does not match"):
+    with pytest.raises(SignerError, match="does not match") as raised:
         LocalCA(ca.cert, SoftwareSigner(generate_key("p256"), "other.key"))
+    assert str(raised.value).endswith(
+        "; give the key that `kmsproxy init` used (the URI or file it printed)"
+    )
 
 
 async def test_leaf_names_and_usage() -> None:

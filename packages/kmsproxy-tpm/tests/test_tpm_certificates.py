@@ -139,6 +139,25 @@ def test_import_cert_writes_pem_chain(
     assert stored == leaf.public_bytes(serialization.Encoding.PEM)
 
 
+def test_import_cert_private_key_named(
+    swtpm_module: Swtpm,
+    key_directory: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    create_key(swtpm_module, "client")
+    site = make_site(tmp_path)
+    capsys.readouterr()
+    ca_key = site.path("ca.key")
+    assert main(["tpm", "import-cert", "client", str(ca_key)]) == 2
+    error = capsys.readouterr().err
+    assert error == (
+        f"kmsproxy: error: {ca_key}: no certificate found (it looks like a "
+        "private key); give the certificate chain, leaf first\n"
+    )
+    assert not (key_directory / "client.crt").exists()
+
+
 def test_init_key_self_signs_in_tpm(
     swtpm_module: Swtpm,
     key_directory: Path,

@@ -151,7 +151,8 @@ class LocalCA:
         if certificate.public_key() != signer.public_key():
             raise SignerError(
                 f"{signer.uri}: the CA key does not match the CA certificate "
-                f"{certificate.subject.rfc4514_string()!r}"
+                f"{certificate.subject.rfc4514_string()!r}; give the key that "
+                "`kmsproxy init` used (the URI or file it printed)"
             )
         _check_ca_certificate(certificate)
         self.certificate = certificate

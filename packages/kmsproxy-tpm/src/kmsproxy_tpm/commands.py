@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from tpm2_pytss import TSS2_Exception
 from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
@@ -27,7 +28,9 @@ from tpm2_pytss.types import (
     TPMU_PUBLIC_PARMS,
 )
 
+from kmsproxy.certificates import CertificateError
 from kmsproxy.errors import UserError
+from kmsproxy.files import read_file_head
 from kmsproxy.plugins.file import load_certificates
 from kmsproxy.signer import SignerError
 from kmsproxy_tpm import storage
@@ -353,7 +356,7 @@ def run_import_cert(args: argparse.Namespace) -> int:
         blob = read_key_file(path)
     except KeyFileError as error:
         raise UserError(f"{error} (`kmsproxy tpm list` shows the keys)") from None
-    chain = load_certificates(args.file)
+    chain = _load_chain(Path(args.file))
     if chain[0].public_key() != blob.public_key:
         raise UserError(
             f"{args.file}: the first certificate "
@@ -365,3 +368,25 @@ def run_import_cert(args: argparse.Namespace) -> int:
     storage.replace_chain(target, pem)
     print(f"stored {len(chain)} certificate(s) in {target}")
     return 0
+
+
+# Bytes read from a file that is not a certificate chain, to tell a private
+# key from other input: a PEM header line fits well within them.
+FILE_HEAD_BYTES = 4096
+
+
+def _load_chain(path: Path) -> list[x509.Certificate]:
+    """Read a certificate chain for `import-cert`, naming a key given instead."""
+    try:
+        return load_certificates(path)
+    except CertificateError as error:
+        try:
+            head = read_file_head(path, FILE_HEAD_BYTES)
+        except OSError:
+            raise error from None
+        if b"PRIVATE KEY-----" not in head:
+            raise
+    raise UserError(
+        f"{path}: no certificate found (it looks like a private key); "
+        "give the certificate chain, leaf first"
+    )
