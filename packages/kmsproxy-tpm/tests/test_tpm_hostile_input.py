@@ -120,7 +120,7 @@ def test_list_skips_name_with_newline(key_directory: Path) -> None:
 
 
 # An auth value after `&` where `?` belongs, or followed by a bare `;` in the
-# query part: the URI is rejected before the TPM sees the value.
+# query part: the URI is rejected before the value reaches the TPM.
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -62,9 +62,9 @@ def run_list(arguments: argparse.Namespace) -> int:
     )
     tokens = list(_yubikeys(module, selector))
     if not tokens:
-        wanted = f"YubiKey {arguments.serial}" if arguments.serial else "YubiKey"
+        expected = f"YubiKey {arguments.serial}" if arguments.serial else "YubiKey"
         raise UserError(
-            f"no YubiKey found: module {module.path} lists no {wanted}; "
+            f"no YubiKey found: module {module.path} lists no {expected}; "
             f"{not_found_hint('--serial')}"
         )
     for token in tokens:
