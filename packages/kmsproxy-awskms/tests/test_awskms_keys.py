@@ -414,3 +414,107 @@ def test_cli_disabled_key_is_one_line(moto_kms: MotoKMS, tmp_path: Path) -> None
     assert result.stderr.count("\n") == 1, result.stderr
     assert "the key is disabled" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def refused_endpoint() -> str:
+    """Return an http URL on 127.0.0.1 where nothing listens."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def test_missing_credentials_file(no_credentials: list[str], tmp_path: Path) -> None:
+    """A credentials-file= that does not exist fails before any request, and
+    botocore does not fall back to other credentials."""
+    missing = tmp_path / "none-such"
+    uri = (
+        f"awskms:key-id=k;region={REGION};credentials-file={missing};"
+        f"endpoint={refused_endpoint()}"
+    )
+    with pytest.raises(UserError) as raised:
+        Registry.load().open_signer(uri)
+    message = str(raised.value)
+    assert f"credentials-file {missing}: No such file or directory" in message
+    assert no_credentials == []
+
+
+def test_credentials_file_is_directory(tmp_path: Path) -> None:
+    uri = (
+        f"awskms:key-id=k;region={REGION};credentials-file={tmp_path};"
+        f"endpoint={refused_endpoint()}"
+    )
+    with pytest.raises(UserError, match="is not a file"):
+        Registry.load().open_signer(uri)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "expected"),
+    [
+        ("http://127.0.0.1:1&x=y", "has an invalid port"),
+        ("http://127.0.0.1:99999", "has an invalid port"),
+        ("http://[127.0.0.1", "is not a valid URL"),
+        ("ftp://127.0.0.1:1", "is not an http(s) URL"),
+        ("127.0.0.1:4566", "is not an http(s) URL"),
+    ],
+)
+def test_invalid_endpoint_is_one_line(endpoint: str, expected: str) -> None:
+    uri = f"awskms:key-id=k;region={REGION};endpoint={endpoint}"
+    with pytest.raises(UserError) as raised:
+        Registry.load().open_signer(uri)
+    message = str(raised.value)
+    assert expected in message
+    assert "for example endpoint=https://" in message
+    assert "\n" not in message
+
+
+def test_refused_endpoint_names_next_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service, "MAX_ATTEMPTS", 1)
+    message = open_error(
+        f"awskms:key-id=k;region={REGION};endpoint={refused_endpoint()}"
+    )
+    assert "KMS unreachable" in message
+    assert "check that endpoint= names a running KMS endpoint" in message
+
+
+def test_cli_error_without_botocore_info() -> None:
+    """botocore logs which credentials it found at INFO; a failing command
+    prints only its own error line."""
+    uri = f"awskms:key-id=k;region={REGION};endpoint={refused_endpoint()}"
+    result = subprocess.run(
+        [sys.executable, "-m", "kmsproxy", "csr", uri, "--subject", "CN=x"],
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "botocore" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "KMS unreachable" in result.stderr
+
+
+def test_credentials_source_logged(
+    moto_kms: MotoKMS, caplog: pytest.LogCaptureFixture
+) -> None:
+    """botocore's own INFO line is quiet; ours names the source at DEBUG."""
+    with caplog.at_level(logging.DEBUG, logger="kmsproxy_awskms"):
+        open_key(moto_kms.uri(moto_kms.create_key("ECC_NIST_P256")))
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(m.startswith("AWS credentials ") for m in messages), messages
+    assert any(m.endswith("source=env") for m in messages), messages
+    assert not any(r.name == "botocore.credentials" for r in caplog.records)
+
+
+def test_environment_shadows_credentials_file(
+    moto_kms: MotoKMS, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """botocore reads the environment before credentials-file=: warn."""
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        "[default]\n"
+        f"aws_access_key_id = {DUMMY_ACCESS_KEY_ID}\n"
+        f"aws_secret_access_key = {DUMMY_SECRET_ACCESS_KEY}\n"
+    )
+    key_id = moto_kms.create_key("ECC_NIST_P256")
+    with caplog.at_level(logging.WARNING, logger="kmsproxy_awskms"):
+        open_key(moto_kms.uri(key_id, credentials_file=str(credentials)))
+    assert "not from credentials-file=" in caplog.text
+    assert DUMMY_SECRET_ACCESS_KEY not in caplog.text

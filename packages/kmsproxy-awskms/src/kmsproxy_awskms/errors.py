@@ -71,8 +71,11 @@ def response_field(response: Any, name: str, kind: type[_V]) -> _V:
     return value
 
 
-def describe_error(error: Exception, key_id: str) -> FailureDescription:
-    """Describe a botocore exception from a call on `key_id`.
+def describe_error(
+    error: Exception, key_id: str, endpoint: str | None = None
+) -> FailureDescription:
+    """Describe a botocore exception from a call on `key_id` at `endpoint`
+    (the URI's `endpoint=`, None for botocore's regional endpoint).
 
     The text never contains credentials: botocore's messages name the
     profile or file at most, and a KMS error message names the caller's ARN
@@ -121,7 +124,11 @@ def describe_error(error: Exception, key_id: str) -> FailureDescription:
         error,
         botocore.exceptions.ConnectionError | botocore.exceptions.HTTPClientError,
     ):
-        return FailureDescription(f"KMS unreachable: {error}", transient=True)
+        if endpoint is not None:
+            fix = "check that endpoint= names a running KMS endpoint (host and port)"
+        else:
+            fix = "check the network connection, any proxy settings, and region="
+        return FailureDescription(f"KMS unreachable: {error}; {fix}", transient=True)
     return FailureDescription(f"{type(error).__name__}: {error}", transient=False)
 
 

@@ -105,7 +105,7 @@ def _check_one(
 
 
 def _self_check_error(address: KeyAddress, error: Exception) -> SignerError:
-    description = describe_error(error, address.key_id)
+    description = describe_error(error, address.key_id, address.location.endpoint)
     return SignerError(
         f"{address.uri}: the self-check Sign at {address.location.describe()} "
         f"failed: {description.reason}"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +65,18 @@ MAX_CONCURRENT_REQUESTS = 10
 # 64 KiB leaves room for DescribeKey's metadata and any new fields.
 MAX_RESPONSE_BYTES = 64 * 1024
 
+# An endpoint= example for error messages: a VPC endpoint of KMS.
+ENDPOINT_EXAMPLE = "endpoint=https://vpce-0123.kms.eu-west-1.vpce.amazonaws.com"
+
+# botocore (1.44) logs at INFO which credential source it used, for example
+# "Found credentials in environment variables.", once per client. That line
+# would precede every awskms command's own output. So this logger is raised
+# to WARNING unless the program set its level, and `create_client` logs the
+# source at DEBUG instead.
+CREDENTIALS_LOGGER = logging.getLogger("botocore.credentials")
+if CREDENTIALS_LOGGER.level == logging.NOTSET:
+    CREDENTIALS_LOGGER.setLevel(logging.WARNING)
+
 # While KMS is unreachable, the proxy returns 502 at once and tries again
 # after these delays (seconds): first 1 s, doubling up to 30 s.
 RECONNECT_POLICY = BackoffPolicy("awskms-reconnect", initial=1.0, maximum=30.0)
@@ -106,28 +120,71 @@ def parse_uri(uri: KeyURI) -> KeyAddress:
             "for example awskms:key-id=alias/dev-mtls;region=eu-west-1)"
         )
     credentials_file = uri.get("credentials-file")
+    credentials_path = Path(credentials_file).expanduser() if credentials_file else None
+    if credentials_path is not None:
+        check_credentials_file(credentials_path, redacted)
     endpoint = uri.get("endpoint")
     if endpoint is not None:
         check_endpoint(endpoint, redacted)
     location = KMSLocation(
         region=uri.get("region") or None,
         profile=uri.get("profile") or None,
-        credentials_file=Path(credentials_file).expanduser()
-        if credentials_file
-        else None,
+        credentials_file=credentials_path,
         endpoint=endpoint,
     )
     return KeyAddress(key_id=key_id, location=location, uri=redacted)
 
 
+def check_credentials_file(path: Path, uri: str) -> None:
+    """Raise `ValueError` unless `path` is a readable regular file.
+
+    botocore skips a shared credentials file that it cannot read and goes
+    on with the rest of its credential chain, so a typo in the path would
+    sign with other credentials. `stat` is used, not `open`, so that a FIFO
+    does not block.
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        raise ValueError(
+            f"{uri}: credentials-file {path}: {error.strerror or error}; give the "
+            "path of an AWS shared credentials file (`aws configure` writes "
+            "~/.aws/credentials)"
+        ) from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(
+            f"{uri}: credentials-file {path} is not a file; give the path of an "
+            "AWS shared credentials file"
+        )
+    if not os.access(path, os.R_OK):
+        raise ValueError(
+            f"{uri}: credentials-file {path}: permission denied; make it "
+            "readable by this user (chmod 600 as its owner)"
+        )
+
+
 def check_endpoint(endpoint: str, uri: str) -> None:
-    """Reject an endpoint that is not an http(s) URL with a host."""
-    parts = urlsplit(endpoint)
+    """Reject an endpoint that is not an http(s) URL with a host and a valid port."""
+    try:
+        parts = urlsplit(endpoint)
+    except ValueError as error:
+        raise ValueError(
+            f"{uri}: endpoint={endpoint} is not a valid URL ({error}); write it as "
+            f"https://HOST[:PORT], for example {ENDPOINT_EXAMPLE}"
+        ) from None
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ValueError(
             f"{uri}: endpoint={endpoint} is not an http(s) URL with a host "
-            "(for example endpoint=https://vpce-0123.kms.eu-west-1.vpce.amazonaws.com)"
+            f"(for example {ENDPOINT_EXAMPLE})"
         )
+    try:
+        # `port` parses the digits after the host and checks the range.
+        _ = parts.port
+    except ValueError as error:
+        raise ValueError(
+            f"{uri}: endpoint={endpoint} has an invalid port ({error}); give a "
+            f"port number up to 65535 or none, for example {ENDPOINT_EXAMPLE}"
+        ) from None
     if parts.scheme == "http" and not _is_loopback(parts.hostname):
         logger.warning(
             "KMS endpoint without TLS: messages and signatures travel in clear "
@@ -230,6 +287,25 @@ def create_client(session: botocore.session.Session, location: KMSLocation) -> A
         config=config,
     )
     client.meta.events.register("before-parse.kms.*", reject_large_response)
+    # The credentials are resolved and cached by now; `method` names their
+    # source (such as "env" or "shared-credentials-file"), never a secret.
+    credentials = session.get_credentials()
+    source = getattr(credentials, "method", None)
+    logger.debug(
+        "AWS credentials location=%r source=%s",
+        location.describe(),
+        source or "none found",
+    )
+    if source == "env" and location.credentials_file is not None:
+        # botocore tries the environment before the shared credentials
+        # file, unless a profile is named (botocore 1.44 credentials.py).
+        logger.warning(
+            "AWS credentials come from AWS_ACCESS_KEY_ID in the environment, "
+            "not from credentials-file=; unset AWS_ACCESS_KEY_ID or add "
+            "profile= to the URI location=%r credentials_file=%s",
+            location.describe(),
+            location.credentials_file,
+        )
     return client
 
 

@@ -167,7 +167,7 @@ def load_public_key(address: KeyAddress, der: bytes) -> PublicKey:
 
 
 def _open_error(address: KeyAddress, error: Exception) -> SignerError:
-    description = describe_error(error, address.key_id)
+    description = describe_error(error, address.key_id, address.location.endpoint)
     return SignerError(
         f"{address.uri}: cannot open the key at {address.location.describe()}: "
         f"{description.reason}"
@@ -242,7 +242,9 @@ class KMSSigner(BlockingSigner):
             botocore.exceptions.BotoCoreError,
             botocore.exceptions.ClientError,
         ) as error:
-            description = describe_error(error, self.address.key_id)
+            description = describe_error(
+                error, self.address.key_id, self.address.location.endpoint
+            )
             reason = description.reason
             if description.transient:
                 backoff.record_failure(reason)
