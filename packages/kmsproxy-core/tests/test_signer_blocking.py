@@ -319,3 +319,42 @@ def test_cli_exits_past_hung_call(tmp_path: Path) -> None:
     assert "the key did not sign within 0.5 s" in result.stderr
     assert "Exiting without waiting for device calls" in result.stderr
     assert elapsed < HANG_SECONDS / 2
+
+
+# A bug that raises after a device call was abandoned: `run` must still exit
+# without waiting for the hung call, after printing the traceback.
+BUGGY_MAIN_SCRIPT = """
+import anyio
+import kmsproxy.cli
+from kmsproxy.signer import SignatureScheme
+
+async def abandon_call():
+    with anyio.move_on_after(0.2):
+        await Hung().sign(b"data", SignatureScheme.ecdsa_secp256r1_sha256)
+
+def buggy_main():
+    anyio.run(abandon_call)
+    raise ValueError("a bug after the abandoned call")
+
+kmsproxy.cli.main = buggy_main
+kmsproxy.cli.run()
+"""
+
+
+def test_cli_exits_past_bug(tmp_path: Path) -> None:
+    hung_class = HUNG_CSR_SCRIPT.split("module = types.ModuleType")[0]
+    script = tmp_path / "buggy_main.py"
+    script.write_text(f"HANG_SECONDS = {HANG_SECONDS}\n{hung_class}{BUGGY_MAIN_SCRIPT}")
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=HANG_SECONDS - 10,
+        check=False,
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1, result.stderr
+    assert "ValueError: a bug after the abandoned call" in result.stderr
+    assert "Exiting without waiting for device calls" in result.stderr
+    assert elapsed < HANG_SECONDS / 2

@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -130,9 +131,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
 
 
-# Name anyio 4 gives its worker threads.
-ANYIO_WORKER_THREAD_NAME = "AnyIO worker thread"
-
 # How long idle worker threads get to exit after the event loop has stopped.
 # anyio stops each idle worker when the loop ends, which takes milliseconds.
 # A worker still alive after this runs an abandoned call.
@@ -146,13 +144,22 @@ def run() -> NoReturn:
     worker thread, and Python waits for every such thread before it exits.
     A hung TPM would then keep `kmsproxy` alive after SIGTERM or after a
     timeout error. So when a worker is still busy, the program logs it and
-    exits without waiting.
+    exits without waiting, also after an unexpected exception (whose
+    traceback it prints first). `os._exit` skips atexit handlers and library
+    finalizers (PKCS#11 `C_Finalize`, ESYS), which is right while a call is
+    hung inside them. Logs and output are flushed first.
     """
-    status = main()
+    try:
+        status = main()
+    except SystemExit as exit_request:
+        status = _exit_status(exit_request)
+    except BaseException:
+        traceback.print_exc()
+        status = 1
     workers = [
         thread
         for thread in threading.enumerate()
-        if thread.name == ANYIO_WORKER_THREAD_NAME
+        if not thread.daemon and thread is not threading.main_thread()
     ]
     deadline = time.monotonic() + WORKER_EXIT_SECONDS
     for worker in workers:
@@ -168,6 +175,17 @@ def run() -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+def _exit_status(exit_request: SystemExit) -> int:
+    """Return the process status that `sys.exit(code)` would give."""
+    code = exit_request.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
 
 
 def _single_user_error(error: BaseException) -> BaseException | None:
