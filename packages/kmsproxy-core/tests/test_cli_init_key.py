@@ -9,14 +9,18 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import anyio
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from pki import KeyType, generate_key
+from pki import KeyType, generate_key, issue, make_ca
+from test_cli import PROCESS_TIMEOUT_SECONDS, wait_for_line
 from test_csr import write_key
 
 from kmsproxy.ca import LeafRequest, LocalCA
@@ -255,25 +259,26 @@ def test_init_key_pin_value_not_recorded(
     assert "not recorded in ca.key-uri" in capsys.readouterr().out
 
 
-def test_serve_uses_recorded_key(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def recorded_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run `init --key` with a file key in the config directory under
+    `tmp_path`; return the key's path."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     key_path = write_key(tmp_path / "device.key", generate_key("p256"))
     assert main(["init", "--key", str(key_path)]) == 0
+    return key_path
+
+
+def test_serve_uses_recorded_key(tmp_path: Path, recorded_key: Path) -> None:
     config = serve_config(*CLIENT_ARGUMENTS)
-    assert config.ca_key == str(key_path)
+    assert config.ca_key == str(recorded_key)
     assert config.ca_certificate == tmp_path / "kmsproxy" / "ca.crt"
 
 
-def test_serve_names_missing_ca_key(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("recorded_key")
+def test_serve_names_missing_ca_key(tmp_path: Path) -> None:
     """ca.crt from `init --key` without ca.key-uri: the error names where the
     key is and how to pass it."""
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
-    key_path = write_key(tmp_path / "device.key", generate_key("p256"))
-    assert main(["init", "--key", str(key_path)]) == 0
     (tmp_path / "kmsproxy" / "ca.key-uri").unlink()
     with pytest.raises(UserError) as raised:
         serve_config(*CLIENT_ARGUMENTS)
@@ -304,12 +309,8 @@ def test_serve_rejects_two_ca_keys(
         serve_config(*CLIENT_ARGUMENTS)
 
 
-def test_serve_rejects_empty_key_uri_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
-    key_path = write_key(tmp_path / "device.key", generate_key("p256"))
-    assert main(["init", "--key", str(key_path)]) == 0
+@pytest.mark.usefixtures("recorded_key")
+def test_serve_rejects_empty_key_uri_file(tmp_path: Path) -> None:
     (tmp_path / "kmsproxy" / "ca.key-uri").write_text("\n")
     with pytest.raises(UserError, match="must contain one line"):
         serve_config(*CLIENT_ARGUMENTS)
@@ -323,3 +324,27 @@ def test_init_force_drops_key_uri(tmp_path: Path) -> None:
     assert main(["init", "--dir", str(tmp_path), "--force"]) == 0
     assert (tmp_path / "ca.key").exists()
     assert not (tmp_path / "ca.key-uri").exists()
+
+
+def test_serve_cli_starts_with_recorded_key(tmp_path: Path, recorded_key: Path) -> None:
+    """The real `serve` opens the recorded CA key, which must match ca.crt,
+    before it listens."""
+    issue(make_ca(), "client", client=True).write(tmp_path, "client")
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "kmsproxy", "serve",
+            "--clientkey", str(tmp_path / "client.key"),
+            "--clientcert", str(tmp_path / "client.crt"),
+            "--listen", "127.0.0.1:0", "--pac-listen", "127.0.0.1:0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        wait_for_line(process, r"Proxy listening addresses=127\.0\.0\.1:\d+")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=PROCESS_TIMEOUT_SECONDS) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=PROCESS_TIMEOUT_SECONDS)
