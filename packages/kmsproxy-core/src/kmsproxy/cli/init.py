@@ -212,11 +212,11 @@ def write_ca_certificate(
 
     An existing `ca.key` or `ca.crt` needs `force`. With `force`, the new
     certificate replaces `ca.crt` and then the old `ca.key` is deleted, so
-    that a later `kmsproxy serve` without positional arguments fails with
-    "missing ca.key" instead of pairing the old key with the new certificate.
-    With `keep_key`, `ca.key` is the key that signed `certificate`, so it
-    needs no `force` and stays, and a `ca.key-uri` is deleted. Raise `UserError` for an existing CA
-    without `force`, and for any file system error.
+    that a later `kmsproxy serve` without positional arguments never pairs
+    the old key with the new certificate. With `keep_key`, `ca.key` is the
+    key that signed `certificate`, so it needs no `force` and stays, and a
+    `ca.key-uri` is deleted. Raise `UserError` for an existing CA without
+    `force`, and for any file system error.
     """
     key_path = directory / CA_KEY_NAME
     certificate_path = directory / CA_CERTIFICATE_NAME
@@ -245,7 +245,10 @@ def recordable_key(key: str) -> str | None:
 
     A path becomes absolute, so `serve` finds it from any directory. A URI
     is kept as given. A URI with a secret attribute (such as `pin-value=`)
-    is not recorded, because the file would then hold the secret.
+    is not recorded, because the file would then contain the secret.
+
+    NOTE: a relative `path=` or `pin-source=` inside a URI is kept as
+    given, so `serve` resolves it against its own working directory.
     """
     path = Path(key).expanduser()
     if path.exists() or not looks_like_uri(key):
