@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -22,17 +23,22 @@ from peers import Peer
 from pki import generate_key
 from test_proxy import Site, anyio_backend, curl, nginx, site
 
-from kmsproxy import Proxy, tls
+from kmsproxy import Proxy, identity, tls
 from kmsproxy import signer as signer_module
+from kmsproxy.plugins.hookspecs import hookimpl
+from kmsproxy.plugins.registry import Registry
 from kmsproxy.signer import (
     BlockingSigner,
     PrivateKey,
     PublicKey,
     SignatureScheme,
+    Signer,
     SignerError,
+    SoftwareSigner,
     schemes_for_public_key,
     sign_with_private_key,
 )
+from kmsproxy.uri import KeyURI
 
 __all__ = ["anyio_backend", "nginx", "site"]
 
@@ -358,3 +364,80 @@ def test_cli_exits_past_bug(tmp_path: Path) -> None:
     assert "ValueError: a bug after the abandoned call" in result.stderr
     assert "Exiting without waiting for device calls" in result.stderr
     assert elapsed < HANG_SECONDS / 2
+
+
+class LateSigner(SoftwareSigner):
+    """A software key whose `aclose` is recorded."""
+
+    def __init__(self, private_key: PrivateKey) -> None:
+        super().__init__(private_key, "hungopen:name=k")
+        self.closed = threading.Event()
+
+    async def aclose(self) -> None:
+        self.closed.set()
+
+
+def hung_open_backend(
+    key: PrivateKey, entered: threading.Event, release: threading.Event
+) -> tuple[types.ModuleType, list[LateSigner]]:
+    """A backend whose open hook blocks until `release`, and its signers."""
+    opened: list[LateSigner] = []
+    module = types.ModuleType("hung_open")
+
+    @hookimpl
+    def kmsproxy_schemes() -> list[str]:
+        return ["hungopen"]
+
+    @hookimpl
+    def kmsproxy_open_signer(uri: KeyURI) -> Signer:
+        entered.set()
+        release.wait(RELEASE_TIMEOUT_SECONDS)
+        opened.append(LateSigner(key))
+        return opened[-1]
+
+    module.kmsproxy_schemes = kmsproxy_schemes  # type: ignore[attr-defined]
+    module.kmsproxy_open_signer = kmsproxy_open_signer  # type: ignore[attr-defined]
+    return module, opened
+
+
+async def test_stop_during_hung_open(site: Site) -> None:
+    entered = threading.Event()
+    release = threading.Event()
+    module, opened = hung_open_backend(site.client.key, entered, release)
+    config = site.config(client_keys=["hungopen:name=k"], plugins=[module])
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(Proxy(config).serve)
+            with anyio.fail_after(PROMPT_SECONDS):
+                while not entered.is_set():
+                    await anyio.sleep(0.01)
+            stop_started = time.monotonic()
+            group.cancel_scope.cancel()
+        stopped = time.monotonic() - stop_started
+        release.set()
+        with anyio.fail_after(PROMPT_SECONDS):
+            while not (opened and opened[0].closed.is_set()):
+                await anyio.sleep(0.01)
+    finally:
+        release.set()
+    assert stopped < PROMPT_SECONDS
+    assert opened[0].closed.is_set()
+
+
+async def test_key_open_times_out(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(identity, "KEY_OPEN_TIMEOUT_SECONDS", 0.2)
+    entered = threading.Event()
+    release = threading.Event()
+    module, opened = hung_open_backend(site.client.key, entered, release)
+    registry = Registry.load([module])
+    try:
+        with anyio.fail_after(PROMPT_SECONDS):
+            with pytest.raises(SignerError, match="opening the key timed out"):
+                await identity.IdentityStore.open(registry, ["hungopen:name=k"], [])
+        release.set()
+        with anyio.fail_after(PROMPT_SECONDS):
+            while not (opened and opened[0].closed.is_set()):
+                await anyio.sleep(0.01)
+    finally:
+        release.set()
+    assert opened[0].closed.is_set()

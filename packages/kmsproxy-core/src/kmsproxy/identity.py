@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import hashlib
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 import anyio.abc
+import anyio.from_thread
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -32,8 +36,11 @@ from kmsproxy.errors import UserError
 from kmsproxy.files import read_key_file
 from kmsproxy.plugins.registry import FILE_SCHEME, Registry
 from kmsproxy.signer import PublicKey, Signer, SignerError
+from kmsproxy.uri import _redact_text
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 # Seconds between reload attempts while the earliest certificate stays
 # expired: often enough to pick up a renewal soon, rare enough to keep the
@@ -61,6 +68,12 @@ WATCH_RETRY_SECONDS = 1.0
 # Seconds allowed for closing one replaced `Signer`; a hung device must not
 # stall the reload that replaced it.
 SIGNER_CLOSE_TIMEOUT_SECONDS = 5.0
+
+# Maximum seconds a backend may take to open or reopen one key, as in
+# `kmsproxy.cli.keys`. Opening reads a file, logs in to a token or calls a KMS
+# API a few times, which takes seconds at most (an estimate). A hung device
+# then fails startup or the reload instead of blocking it.
+KEY_OPEN_TIMEOUT_SECONDS = 60.0
 
 # Fingerprint of one watched file: its resolved path, and the SHA-256 of its
 # content or the error that prevented reading it.
@@ -220,15 +233,22 @@ class IdentityStore:
         When one argument fails, the keys already opened are closed before
         the error propagates, so a device session is not left open. Backends
         open keys with blocking device or network calls, so each one opens
-        in a worker thread and the event loop keeps serving meanwhile. The
-        thread is not abandoned on cancellation, so no signer it opens is
-        lost without being closed.
+        in a worker thread and the event loop keeps serving meanwhile (see
+        `_open_within` for cancellation and the time limit).
         """
         slots: list[KeySlot] = []
         try:
             for key in keys:
+                if isinstance(key, Signer):
+                    shown = key.uri
+                else:
+                    shown = _redact_text(os.fspath(key), hide_bare_parts=False)
                 slots.append(
-                    await anyio.to_thread.run_sync(open_key_slot, registry, key)
+                    await _open_within(
+                        functools.partial(open_key_slot, registry, key),
+                        lambda slot: [slot.signer] if slot.owned else [],
+                        shown,
+                    )
                 )
             sources = [
                 await anyio.to_thread.run_sync(open_certificate_source, registry, c)
@@ -344,7 +364,11 @@ class IdentityStore:
                 if slot.reopen is None:
                     signers.append(slot.signer)
                 else:
-                    signers.append(await anyio.to_thread.run_sync(slot.reopen))
+                    signers.append(
+                        await _open_within(
+                            slot.reopen, lambda signer: [signer], slot.signer.uri
+                        )
+                    )
             chains = [(source.uri, await source.load()) for source in self.sources]
             pairing = pair_identities(signers, chains)
             if not pairing.identities:
@@ -573,6 +597,65 @@ def _changed_paths(
     old = {fingerprint[0]: fingerprint for fingerprint in before}
     new = {fingerprint[0]: fingerprint for fingerprint in after}
     return [path for path in {**new, **old} if old.get(path) != new.get(path)]
+
+
+async def _open_within(
+    open_key: Callable[[], _T], signers_of: Callable[[_T], list[Signer]], shown: str
+) -> _T:
+    """Run `open_key` in a worker thread within `KEY_OPEN_TIMEOUT_SECONDS`.
+
+    Cancellation and the time limit abandon the thread, so stopping the proxy
+    or a reload does not wait for a hung open hook. The signers that
+    `open_key` returns after that (`signers_of` lists them) are closed
+    through the event loop. NOTE: once the event loop has ended, they stay
+    open, and a warning is logged.
+    """
+    guard = threading.Lock()
+    abandoned = False
+    late: list[_T] = []
+
+    def open_and_keep() -> _T:
+        result = open_key()
+        with guard:
+            late.append(result)
+            close_now = abandoned
+        if close_now:
+            _close_from_thread(signers_of(result))
+        return result
+
+    async def abandon() -> None:
+        nonlocal abandoned
+        with guard:
+            abandoned = True
+            opened = list(late)
+        if opened:
+            await close_signers(signers_of(opened[0]))
+
+    try:
+        with anyio.move_on_after(KEY_OPEN_TIMEOUT_SECONDS):
+            return await anyio.to_thread.run_sync(open_and_keep, abandon_on_cancel=True)
+    except BaseException:
+        await abandon()
+        raise
+    await abandon()
+    raise SignerError(
+        f"{shown}: opening the key timed out after {KEY_OPEN_TIMEOUT_SECONDS:g} s; "
+        "check that the device or service responds"
+    )
+
+
+def _close_from_thread(signers: list[Signer]) -> None:
+    """Close signers opened after their caller gave up, from its worker thread."""
+    try:
+        anyio.from_thread.run(close_signers, signers)
+    except Exception as error:
+        logger.warning(
+            "Closing a key opened after its caller gave up failed keys=%s "
+            "error_type=%s error=%s",
+            ",".join(signer.uri for signer in signers),
+            type(error).__name__,
+            error,
+        )
 
 
 async def close_signers(signers: Sequence[Signer]) -> None:
