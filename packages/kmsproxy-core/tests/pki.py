@@ -19,7 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kmsproxy.signer import PrivateKey, PublicKey
 
-KeyType = Literal["p256", "p384", "rsa2048", "rsa3072", "ed25519"]
+KeyType = Literal["p256", "p384", "p521", "rsa2048", "rsa3072", "ed25519"]
 
 
 def generate_key(key_type: KeyType) -> PrivateKey:
@@ -27,6 +27,8 @@ def generate_key(key_type: KeyType) -> PrivateKey:
         return ec.generate_private_key(ec.SECP256R1())
     if key_type == "p384":
         return ec.generate_private_key(ec.SECP384R1())
+    if key_type == "p521":
+        return ec.generate_private_key(ec.SECP521R1())
     if key_type == "rsa2048":
         return rsa.generate_private_key(public_exponent=65537, key_size=2048)
     if key_type == "rsa3072":

@@ -265,6 +265,7 @@ async def test_s_server_ecdhe_group(files: Files, group: str) -> None:
     [
         ("p256", SignatureScheme.ecdsa_secp256r1_sha256),
         ("p384", SignatureScheme.ecdsa_secp384r1_sha384),
+        ("p521", SignatureScheme.ecdsa_secp521r1_sha512),
         ("rsa2048", SignatureScheme.rsa_pss_rsae_sha256),
         ("rsa2048", SignatureScheme.rsa_pkcs1_sha256),
     ],

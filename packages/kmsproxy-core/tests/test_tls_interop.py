@@ -158,7 +158,7 @@ async def test_s_server_cipher_suite(pki: Files, suite: str) -> None:
 
 
 @pytest.mark.parametrize("server_key", ["rsa2048", "p256", "p384", "ed25519"])
-@pytest.mark.parametrize("client_key", ["p256", "p384", "rsa2048", "ed25519"])
+@pytest.mark.parametrize("client_key", ["p256", "p384", "p521", "rsa2048", "ed25519"])
 async def test_s_server_client_key(
     pki: Files, server_key: KeyType, client_key: KeyType
 ) -> None:
@@ -193,7 +193,12 @@ async def test_s_server_skips_expired_identity(pki: Files) -> None:
     assert b"Subject: CN=client p256\n" in response
 
 
-@pytest.mark.parametrize("group", ["P-384", "P-521"])
+# Code points (RFC 8446 section 4.2.7) of the groups that s_server is limited
+# to, which the client offers only after a HelloRetryRequest.
+HRR_GROUP_CODES = {"P-384": 0x0018, "P-521": 0x0019}
+
+
+@pytest.mark.parametrize("group", sorted(HRR_GROUP_CODES))
 async def test_s_server_hello_retry_request(pki: Files, group: str) -> None:
     cert, key = pki.server()
     with start_openssl_server(
@@ -201,6 +206,7 @@ async def test_s_server_hello_retry_request(pki: Files, group: str) -> None:
     ) as peer:
         stream, response = await s_server_get(peer, config(pki, [pki.client()]))
     assert stream.connection.hello_retry_requested
+    assert stream.connection.key_exchange_group == HRR_GROUP_CODES[group]
     assert response.startswith(b"HTTP/1.0 200 ok")
 
 
