@@ -221,6 +221,14 @@ def test_verify_untrusted_root_sent() -> None:
     assert caught.value.description == AlertDescription.unknown_ca
 
 
+def test_self_signed_shows_fingerprint() -> None:
+    """The message names the SHA-256 fingerprint to check before trusting."""
+    with pytest.raises(CertificateVerifyFailed) as caught:
+        TrustStore([OTHER_CA.cert]).verify_server([SERVER.cert, CA.cert], "server.test")
+    fingerprint = CA.cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    assert f"SHA-256 fingerprint {fingerprint}" in str(caught.value)
+
+
 def test_verify_not_yet_valid() -> None:
     now = datetime.datetime.now(datetime.UTC)
     leaf = issue(

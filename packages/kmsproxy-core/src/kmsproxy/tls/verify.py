@@ -323,9 +323,14 @@ def _not_trusted(top: x509.Certificate) -> CertificateVerifyFailed:
     """Name the untrusted issuer (or self-signed certificate) and the fix."""
     subject = top.subject.rfc4514_string()
     if top.issuer == top.subject:
+        # A man in the middle can present a self-signed certificate too, so
+        # the message names what to compare before trusting it.
+        fingerprint = top.fingerprint(hashes.SHA256()).hex(":").upper()
         return CertificateVerifyFailed(
             f"certificate not trusted: {subject!r} is self-signed and not in the "
-            "trust store; add it with --trust FILE",
+            "trust store; if you expect this certificate, check that its SHA-256 "
+            f"fingerprint {fingerprint} is the server's, then add it with "
+            "--trust FILE",
             AlertDescription.unknown_ca,
         )
     issuer = top.issuer.rfc4514_string()
