@@ -309,9 +309,11 @@ run()
 HANG_SECONDS = 60
 
 
-def test_cli_exits_past_hung_call(tmp_path: Path) -> None:
-    script = tmp_path / "hung_csr.py"
-    script.write_text(f"HANG_SECONDS = {HANG_SECONDS}\n{HUNG_CSR_SCRIPT}")
+def run_script(
+    script: Path, text: str
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run `text` as a Python script; return its result and seconds taken."""
+    script.write_text(f"HANG_SECONDS = {HANG_SECONDS}\n{text}")
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, str(script)],
@@ -320,7 +322,11 @@ def test_cli_exits_past_hung_call(tmp_path: Path) -> None:
         timeout=HANG_SECONDS - 10,
         check=False,
     )
-    elapsed = time.monotonic() - started
+    return result, time.monotonic() - started
+
+
+def test_cli_exits_past_hung_call(tmp_path: Path) -> None:
+    result, elapsed = run_script(tmp_path / "hung_csr.py", HUNG_CSR_SCRIPT)
     assert result.returncode == 2, result.stderr
     assert "the key did not sign within 0.5 s" in result.stderr
     assert "Exiting without waiting for device calls" in result.stderr
@@ -349,17 +355,9 @@ kmsproxy.cli.run()
 
 def test_cli_exits_past_bug(tmp_path: Path) -> None:
     hung_class = HUNG_CSR_SCRIPT.split("module = types.ModuleType")[0]
-    script = tmp_path / "buggy_main.py"
-    script.write_text(f"HANG_SECONDS = {HANG_SECONDS}\n{hung_class}{BUGGY_MAIN_SCRIPT}")
-    started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=HANG_SECONDS - 10,
-        check=False,
+    result, elapsed = run_script(
+        tmp_path / "buggy_main.py", hung_class + BUGGY_MAIN_SCRIPT
     )
-    elapsed = time.monotonic() - started
     assert result.returncode == 1, result.stderr
     assert "ValueError: a bug after the abandoned call" in result.stderr
     assert "Exiting without waiting for device calls" in result.stderr
