@@ -69,10 +69,12 @@ WATCH_RETRY_SECONDS = 1.0
 # stall the reload that replaced it.
 SIGNER_CLOSE_TIMEOUT_SECONDS = 5.0
 
-# Maximum seconds a backend may take to open or reopen one key, as in
-# `kmsproxy.cli.keys`. Opening reads a file, logs in to a token or calls a KMS
-# API a few times, which takes seconds at most (an estimate). A hung device
-# then fails startup or the reload instead of blocking it.
+# Maximum seconds a backend may take to open or reopen one key, here and in
+# `kmsproxy csr` and `kmsproxy init --key`. Opening reads a file, logs in to a
+# token or calls a KMS API a few times, which takes seconds at most (an
+# estimate). A KMS endpoint that fails each call still ends botocore's retries
+# (3 attempts with 8 s timeouts each) well within this. A hung device then
+# fails startup or the reload instead of blocking it.
 KEY_OPEN_TIMEOUT_SECONDS = 60.0
 
 # Fingerprint of one watched file: its resolved path, and the SHA-256 of its

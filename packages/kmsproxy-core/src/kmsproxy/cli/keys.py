@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import anyio
 
+from kmsproxy.identity import KEY_OPEN_TIMEOUT_SECONDS
 from kmsproxy.plugins.registry import Registry
 from kmsproxy.signer import Signer, SignerError
 from kmsproxy.uri import KeyURI, URIError, is_secret_attribute, looks_like_uri
-
-# Maximum seconds a backend may take to open the key. Opening reads a file,
-# logs in to a token or calls a KMS API a few times, which takes seconds at
-# most (an estimate). A KMS endpoint that fails each call still ends
-# botocore's retries (3 attempts with 8 s timeouts each) well within this.
-KEY_OPEN_TIMEOUT_SECONDS = 60.0
 
 # Placeholder that `shown_key` prints after the scheme of a URI that does not
 # parse. Such text may contain a secret, so none of it is shown.
