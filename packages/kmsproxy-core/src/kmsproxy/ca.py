@@ -79,6 +79,20 @@ CA_SIGN_TIMEOUT_SECONDS = 30.0
 # names (RFC 6125 clients match SANs only).
 MAX_COMMON_NAME_BYTES = 64
 
+# Key usage of every end-entity certificate kmsproxy mints or requests: the
+# key signs handshakes (TLS 1.3 and ECDHE in TLS 1.2) and nothing else.
+SIGNING_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+
 # RFC 1035 section 2.3.4: at most 253 characters in a name written without
 # the trailing dot, and at most 63 in each label.
 MAX_DNS_NAME_LENGTH = 253
@@ -250,17 +264,7 @@ class LocalCA:
                 x509.BasicConstraints(ca=False, path_length=None), critical=True
             )
             .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
+                SIGNING_KEY_USAGE,
                 critical=True,
             )
             .add_extension(

@@ -29,6 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from kmsproxy import der
 from kmsproxy.ca import (
+    SIGNING_KEY_USAGE,
     choose_ca_scheme,
     dns_name_for_san,
     sign_through_signer,
@@ -227,17 +228,7 @@ def request_builder(
         x509.CertificateSigningRequestBuilder()
         .subject_name(subject)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            SIGNING_KEY_USAGE,
             critical=True,
         )
         .add_extension(
