@@ -228,13 +228,6 @@ async def test_device_slots_follow_resize() -> None:
     assert device.max_active == 2
 
 
-def test_timeout_constants_match() -> None:
-    """The wait for an abandoned call ends when its handshake would."""
-    assert tls.config.SIGNATURE_TIMEOUT_SECONDS == (
-        signer_module.ABANDONED_CALL_WAIT_SECONDS
-    )
-
-
 @dataclasses.dataclass
 class ShortSignatureConfig(tls.TLSClientConfig):
     signature_timeout: float = SHORT_SIGNATURE_TIMEOUT_SECONDS

@@ -261,12 +261,18 @@ class SoftwareSigner(Signer):
         return sign_with_private_key(self._private_key, data, scheme)
 
 
-# How long a device call waits for an earlier call on the same device.
-# Equal to the handshake's bound on one signature
-# (tls.config.SIGNATURE_TIMEOUT_SECONDS, which a test keeps equal): the
-# caller of the waiting call has given up by then too, so waiting longer only
-# occupies a thread.
-ABANDONED_CALL_WAIT_SECONDS = 20.0
+# Time one Signer call may take, in the handshake or for a post-handshake
+# CertificateRequest, before it fails with `SignatureFailed` (the TLS client
+# reads it from here). A token that waits for a touch must finish within it.
+# Like the handshake bound, 20 s is an estimate for a slow token, not a
+# measurement.
+SIGNATURE_TIMEOUT_SECONDS = 20.0
+
+# How long a device call waits for an earlier call on the same device: as
+# long as the handshake waits for one signature, because the caller of the
+# waiting call has given up by then too, so waiting longer only occupies a
+# thread.
+ABANDONED_CALL_WAIT_SECONDS = SIGNATURE_TIMEOUT_SECONDS
 
 # How often a call waiting for the device checks whether its caller was
 # cancelled, so that an abandoned waiter frees its thread within this time.

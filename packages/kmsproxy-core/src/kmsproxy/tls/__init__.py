@@ -6,6 +6,7 @@
 see the module list for records, messages, key schedule and verification.
 """
 
+from ..signer import SIGNATURE_TIMEOUT_SECONDS
 from .alerts import (
     Alert,
     AlertDescription,
@@ -32,7 +33,6 @@ from .alerts import (
 )
 from .config import (
     HANDSHAKE_TIMEOUT_SECONDS,
-    SIGNATURE_TIMEOUT_SECONDS,
     ClientIdentity,
     TLSClientConfig,
 )

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from cryptography import x509
 
-from ..signer import Signer
+from ..signer import SIGNATURE_TIMEOUT_SECONDS, Signer
 from .verify import TrustStore
 
 if TYPE_CHECKING:
@@ -21,12 +21,6 @@ if TYPE_CHECKING:
 # signer (TPM, PKCS#11 token, cloud KMS) may take seconds per signature. The
 # 30 s value is an estimate with room for a slow token, not a measurement.
 HANDSHAKE_TIMEOUT_SECONDS = 30.0
-
-# Time one Signer call may take, in the handshake or for a post-handshake
-# CertificateRequest, before it fails with `SignatureFailed`. A token that
-# waits for a touch must finish within it. Like the handshake bound, 20 s is
-# an estimate for a slow token, not a measurement.
-SIGNATURE_TIMEOUT_SECONDS = 20.0
 
 
 @dataclass(frozen=True)
