@@ -36,7 +36,7 @@ from kmsproxy.errors import UserError
 from kmsproxy.files import read_key_file
 from kmsproxy.plugins.registry import FILE_SCHEME, Registry
 from kmsproxy.signer import PublicKey, Signer, SignerError
-from kmsproxy.uri import _redact_text
+from kmsproxy.uri import redact_text
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ class IdentityStore:
                 if isinstance(key, Signer):
                     shown = key.uri
                 else:
-                    shown = _redact_text(os.fspath(key), hide_bare_parts=False)
+                    shown = redact_text(os.fspath(key), hide_bare_parts=False)
                 slots.append(
                     await _open_within(
                         functools.partial(open_key_slot, registry, key),

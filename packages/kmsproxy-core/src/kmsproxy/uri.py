@@ -85,7 +85,7 @@ class KeyURI:
         match = _SCHEME.match(text)
         if match is None or _DRIVE.match(text):
             # Text without a scheme has no attributes to hide, only secrets.
-            shown = _redact_text(text, hide_bare_parts=False)
+            shown = redact_text(text, hide_bare_parts=False)
             raise URIError(f"{shown!r} is not a URI of the form scheme:name=value")
         scheme = match.group(1).lower()
         path_parts, query_parts = _split_attributes(text[match.end() :])
@@ -100,7 +100,7 @@ class KeyURI:
                 # RFC 7512 allows no bare `;` in the query part. Sending the
                 # whole value would spend one PIN try on a mistyped PIN.
                 raise URIError(
-                    f"{_redact_text(text)}: {position} contains an unencoded "
+                    f"{redact_text(text)}: {position} contains an unencoded "
                     f"';', which RFC 7512 does not allow in the query part; "
                     f"{ENCODING_HINT}"
                 )
@@ -109,18 +109,18 @@ class KeyURI:
                 # RFC 7512 allows `&` in a path value, but `&pin-value=` is
                 # almost surely a query typed as in an HTTP URL.
                 raise URIError(
-                    f"{_redact_text(text)}: {position} contains "
+                    f"{redact_text(text)}: {position} contains "
                     f"{_embedded_marker(value, embedded)!r}: start query "
                     f"attributes with '?' ({ENCODING_HINT})"
                 )
             if not sep or not name:
                 raise URIError(
-                    f"{_redact_text(text)}: {position} is not of the form "
+                    f"{redact_text(text)}: {position} is not of the form "
                     f"name=value; {ENCODING_HINT}"
                 )
             if name in attributes:
                 shown = position if first_secret else f"attribute {_quote(name)!r}"
-                raise URIError(f"{_redact_text(text)}: {shown} is given twice")
+                raise URIError(f"{redact_text(text)}: {shown} is given twice")
             if first_secret is None and is_secret_attribute(name):
                 first_secret = name
             attributes[name] = unquote(value)
@@ -262,8 +262,8 @@ def _position(index: int, count: int, first_secret: str | None) -> str:
     return f"attribute {index} of {count} (after {_quote(first_secret)}=)"
 
 
-def _redact_text(text: str, *, hide_bare_parts: bool = True) -> str:
-    """Redact a URI that failed to parse, for an error message.
+def redact_text(text: str, *, hide_bare_parts: bool = True) -> str:
+    """Redact a URI, or text that may be one, for an error message.
 
     A secret attribute's value and all text after it become `***`, because
     a secret with an unencoded `;`, `?` or `&` continues past the separator.

@@ -30,7 +30,7 @@ from kmsproxy.errors import UserError
 from kmsproxy.files import read_file_head
 from kmsproxy.plugins import hookspecs
 from kmsproxy.signer import Signer
-from kmsproxy.uri import KeyURI, URIError, _redact_text, looks_like_uri
+from kmsproxy.uri import KeyURI, URIError, looks_like_uri, redact_text
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class Registry:
         if not looks_like_uri(argument):
             # The text may still be a URI with its scheme mistyped, so its
             # secret attributes (a PIN) are hidden as KeyURI.parse does.
-            shown = _redact_text(argument, hide_bare_parts=False)
+            shown = redact_text(argument, hide_bare_parts=False)
             raise UserError(
                 f"{shown}: no such file, and not a URI of the form scheme:name=value"
             )
