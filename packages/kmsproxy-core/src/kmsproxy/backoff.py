@@ -48,7 +48,7 @@ class BackoffPolicy:
             )
 
     def delay_after(self, failures: int) -> float:
-        """The wait after `failures` consecutive failures (at least 1)."""
+        """Return the wait after `failures` consecutive failures (at least 1)."""
         exponent = max(failures, 1) - 1
         # Cap the exponent so a long outage cannot overflow the float.
         delay = self.initial * self.multiplier ** min(exponent, 64)
@@ -85,7 +85,7 @@ class Backoff:
         return self._failures > 0
 
     def seconds_until_ready(self) -> float:
-        """How long until the next attempt may run; 0 when it may run now."""
+        """Return the seconds until the next attempt may run, or 0 if it may run now."""
         with self._lock:
             return max(0.0, self._not_before - self._clock())
 
@@ -153,7 +153,7 @@ class Backoff:
             )
 
     def waiting_message(self) -> str:
-        """A sentence for an error raised while attempts are held back."""
+        """Return a sentence for an error raised while attempts are held back."""
         return (
             f"retrying in {self.seconds_until_ready():.1f} s "
             f"(backoff {self.policy.name})"
