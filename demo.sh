@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 set -euo pipefail
 # The demo command: install kmsproxy-core into a virtual environment of its
-# own (.venv-demo, beside this script) and run `kmsproxy demo`, which starts
-# an mTLS server and the proxy on 127.0.0.1, fetches a page through the
-# proxy, prints the client certificate subject the server saw, and stops.
-# Nothing is installed outside .venv-demo, except python3-venv on a Debian
-# machine whose python3 cannot make a virtual environment yet.
+# own (.venv-demo, beside this script) and run `kmsproxy demo`. The demo
+# starts an mTLS server and the proxy on 127.0.0.1 and fetches a page
+# through the proxy. It prints the client certificate subject the server
+# received, then stops both. Nothing is installed outside .venv-demo, except
+# python3-venv on a Debian machine whose python3 cannot create a virtual
+# environment yet.
 
 cd "$(dirname -- "${BASH_SOURCE[0]}")"
 
