@@ -25,6 +25,7 @@ import anyio
 import pytest
 from awskms_moto import MotoKMS, aws_environment, moto_kms
 from peers import LOOPBACK, free_port
+from proxy_site import Site
 from test_awskms_proxy import (
     TLS13,
     anyio_backend,
@@ -34,7 +35,6 @@ from test_awskms_proxy import (
     serving,
     site,
 )
-from test_proxy import Site
 
 from kmsproxy import Proxy, Registry, SignatureScheme, SignerError
 from kmsproxy.backoff import Backoff, BackoffPolicy

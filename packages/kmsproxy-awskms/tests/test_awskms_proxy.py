@@ -29,8 +29,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from peers import Peer, start_nginx
 from pki import certify, make_ca
+from proxy_site import Site, curl, make_site
 from test_cli import wait_for_line
-from test_proxy import Site, curl, make_site
 
 from kmsproxy import Proxy, ProxyAddresses, Registry, SignatureScheme
 from kmsproxy.cli.init import create_certificate_for_key

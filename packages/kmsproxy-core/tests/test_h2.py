@@ -5,8 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import ssl
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import anyio
 import anyio.abc
@@ -18,7 +17,15 @@ from anyio.streams.tls import TLSAttribute, TLSStream
 from cryptography import x509
 from peers import Peer, start_nginx
 from pki import issue, make_ca
-from test_proxy import REQUEST_TIMEOUT_SECONDS, Site, curl, make_site, proxy_address
+from proxy_site import (
+    REQUEST_TIMEOUT_SECONDS,
+    Site,
+    curl,
+    nginx_for,
+    proxy_address,
+    running,
+    site,
+)
 
 from kmsproxy import Proxy, ProxyAddresses
 from kmsproxy.proxy import tunnel
@@ -28,6 +35,9 @@ from kmsproxy.tls import AlertDescription
 
 pytestmark = [pytest.mark.anyio, pytest.mark.interop]
 
+# Fixtures shared through proxy_site.
+__all__ = ["running", "site"]
+
 # Receives from one connection before a test gives up waiting for its end.
 MAX_H2_READS = 100
 
@@ -35,20 +45,6 @@ MAX_H2_READS = 100
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Site:
-    return make_site(tmp_path)
-
-
-@pytest.fixture
-async def running(site: Site) -> AsyncIterator[tuple[Proxy, ProxyAddresses]]:
-    proxy = Proxy(site.config())
-    async with anyio.create_task_group() as group:
-        addresses = await group.start(proxy.serve)
-        yield proxy, addresses
-        group.cancel_scope.cancel()
 
 
 async def read_to_end(stream: anyio.abc.ByteStream) -> bytes:
@@ -64,14 +60,7 @@ async def read_to_end(stream: anyio.abc.ByteStream) -> bytes:
 
 @pytest.fixture
 def nginx_h2(site: Site) -> Iterator[Peer]:
-    with start_nginx(
-        site.directory,
-        site.path("server.crt"),
-        site.path("server.key"),
-        site.path("client-ca.crt"),
-        http2=True,
-        name="nginx-h2",
-    ) as peer:
+    with nginx_for(site, http2=True, name="nginx-h2") as peer:
         yield peer
 
 

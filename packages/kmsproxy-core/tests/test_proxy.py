@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import contextlib
-import datetime
-import os
-import shutil
 import socket
-import subprocess
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import NameOID
 from peers import Peer, free_port, start_nginx, start_openssl_server
-from pki import Issued, issue, make_ca
+from pki import issue, make_ca
+from proxy_site import (
+    REQUEST_TIMEOUT_SECONDS,
+    Site,
+    curl,
+    exchange,
+    nginx,
+    proxy_address,
+    renew,
+    running,
+    serving,
+    site,
+    status_of,
+    wait_for_identity,
+)
 
 from kmsproxy import Proxy, ProxyAddresses, ProxyConfig
 from kmsproxy.cli.demo import (
@@ -32,116 +38,14 @@ from kmsproxy.proxy.pac import PAC_MEDIA_TYPE
 
 pytestmark = [pytest.mark.anyio, pytest.mark.interop]
 
-# Upper bound for one request through the proxy; loopback takes milliseconds.
-REQUEST_TIMEOUT_SECONDS = 20.0
+# The fixtures come from proxy_site; other test modules import them and the
+# helpers from here too.
+__all__ = ["nginx", "running", "site"]
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@dataclass
-class Site:
-    """Files for one proxy setup: local CA, client identity, upstream CA."""
-
-    directory: Path
-    local_ca: Issued
-    upstream_ca: Issued
-    client_ca: Issued
-    client: Issued
-
-    def path(self, name: str) -> Path:
-        return self.directory / name
-
-    def config(self, **overrides: object) -> ProxyConfig:
-        settings: dict[str, object] = {
-            "ca_key": self.path("ca.key"),
-            "ca_certificate": self.path("ca.crt"),
-            "client_keys": [self.path("client.key")],
-            "client_certificates": [self.path("client.crt")],
-            "trust": [self.path("upstream-ca.crt")],
-            "include_system_trust": False,
-            "listen": "127.0.0.1:0",
-            "pac_listen": None,
-            "handle_signals": False,
-        }
-        settings.update(overrides)
-        return ProxyConfig(**settings)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Site:
-    return make_site(tmp_path)
-
-
-def make_site(tmp_path: Path) -> Site:
-    """Write a local CA, a client identity and an upstream server leaf."""
-    local_ca = make_ca("kmsproxy test local CA")
-    upstream_ca = make_ca("upstream CA")
-    client_ca = make_ca("client CA")
-    client = issue(client_ca, "proxy client", client=True)
-    local_ca.write(tmp_path, "ca")
-    client.write(tmp_path, "client")
-    (tmp_path / "upstream-ca.crt").write_bytes(upstream_ca.chain_pem())
-    (tmp_path / "client-ca.crt").write_bytes(client_ca.chain_pem())
-    server = issue(
-        upstream_ca, "localhost", dns_names=("localhost",), ip_addresses=("127.0.0.1",)
-    )
-    server.write(tmp_path, "server")
-    return Site(tmp_path, local_ca, upstream_ca, client_ca, client)
-
-
-@pytest.fixture
-def nginx(site: Site) -> Iterator[Peer]:
-    with start_nginx(
-        site.directory,
-        site.path("server.crt"),
-        site.path("server.key"),
-        site.path("client-ca.crt"),
-    ) as peer:
-        yield peer
-
-
-@pytest.fixture
-async def running(site: Site) -> AsyncIterator[tuple[Proxy, ProxyAddresses]]:
-    proxy = Proxy(site.config())
-    async with anyio.create_task_group() as group:
-        addresses = await group.start(proxy.serve)
-        yield proxy, addresses
-        group.cancel_scope.cancel()
-
-
-async def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
-    if shutil.which("curl") is None:
-        pytest.fail("curl not found on PATH (install the Debian package curl)")
-    with anyio.fail_after(REQUEST_TIMEOUT_SECONDS):
-        return await anyio.run_process(
-            ["curl", "--silent", "--show-error", "--max-time", "10", *args],
-            check=False,
-        )
-
-
-async def exchange(address: tuple[str, int], data: bytes) -> bytes:
-    """Send `data` to the proxy and read until it closes the connection."""
-    with anyio.fail_after(REQUEST_TIMEOUT_SECONDS):
-        async with await anyio.connect_tcp(*address) as stream:
-            await stream.send(data)
-            chunks = []
-            while True:
-                try:
-                    chunks.append(await stream.receive())
-                except (anyio.EndOfStream, anyio.BrokenResourceError):
-                    break
-    return b"".join(chunks)
-
-
-def status_of(response: bytes) -> int:
-    return int(response.split(b" ", 2)[1])
-
-
-def proxy_address(addresses: ProxyAddresses) -> tuple[str, int]:
-    return addresses.proxy[0].host, addresses.proxy[0].port
 
 
 async def test_curl_http_proxy_reaches_nginx(
@@ -176,37 +80,6 @@ async def test_curl_https_proxy_reaches_nginx(
     )
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == b"subject=CN=proxy client\n"
-
-
-def renew(site: Site, common_name: str) -> None:
-    """Rename-replace client.crt with a new certificate for the same key."""
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(site.client_ca.cert.subject)
-        .public_key(site.client.key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                site.client_ca.key.public_key()
-            ),
-            critical=False,
-        )
-        .sign(site.client_ca.key, hashes.SHA256())
-    )
-    temporary = site.path("client.crt.new")
-    temporary.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    os.replace(temporary, site.path("client.crt"))
-
-
-async def wait_for_identity(proxy: Proxy, subject: str) -> None:
-    assert proxy.identity_store is not None
-    with anyio.fail_after(REQUEST_TIMEOUT_SECONDS):
-        while proxy.identity_store.identities[0].subject != subject:
-            await anyio.sleep(0.02)
 
 
 async def test_renewed_certificate_reaches_nginx_twice(
@@ -309,8 +182,7 @@ async def test_insecure_mode_reaches_untrusted_upstream(
     with start_nginx(
         site.directory, cert, key, site.path("client-ca.crt"), name="stranger"
     ) as peer:
-        async with anyio.create_task_group() as group:
-            addresses = await group.start(proxy.serve)
+        async with serving(proxy) as addresses:
             result = await curl(
                 "--proxy",
                 addresses.proxy_url,
@@ -318,7 +190,6 @@ async def test_insecure_mode_reaches_untrusted_upstream(
                 str(site.path("ca.crt")),
                 f"https://localhost:{peer.port}/subject",
             )
-            group.cancel_scope.cancel()
     assert result.stdout == b"subject=CN=proxy client\n"
     assert "NOT verified" in caplog.text
 
@@ -422,10 +293,8 @@ async def test_curl_ipv6_literal_upstream(tmp_path: Path) -> None:
 @contextlib.asynccontextmanager
 async def pac_proxy(site: Site, pac_file: Path | None) -> AsyncIterator[int]:
     proxy = Proxy(site.config(pac_listen="127.0.0.1:0", pac_file=pac_file))
-    async with anyio.create_task_group() as group:
-        addresses = await group.start(proxy.serve)
+    async with serving(proxy) as addresses:
         yield addresses.pac[0].port
-        group.cancel_scope.cancel()
 
 
 async def test_pac_served_over_tls(site: Site) -> None:

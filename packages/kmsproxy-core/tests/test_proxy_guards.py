@@ -12,7 +12,7 @@ import anyio
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from test_proxy import Site, exchange, make_site, status_of
+from proxy_site import Site, exchange, make_site, status_of
 
 from kmsproxy import Proxy, ProxyAddresses
 from kmsproxy.proxy.listener import ListenAddress

@@ -6,20 +6,22 @@ import contextlib
 import logging
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import anyio
 import anyio.abc
 import pytest
-from peers import Peer, start_nginx
-from test_proxy import REQUEST_TIMEOUT_SECONDS, Site, curl, make_site
+from peers import Peer
+from proxy_site import REQUEST_TIMEOUT_SECONDS, Site, curl, nginx, serving, site
 
 from kmsproxy import Proxy, ProxyAddresses
 from kmsproxy.proxy import tunnel
 from kmsproxy.signer import SignatureScheme, SoftwareSigner
 
 pytestmark = [pytest.mark.anyio, pytest.mark.interop]
+
+# Fixtures shared through proxy_site.
+__all__ = ["nginx", "site"]
 
 # Seconds a hanging Signer waits; far beyond the test's mint timeout.
 HANG_SECONDS = 3600.0
@@ -53,31 +55,13 @@ class BrokenCASigner(SoftwareSigner):
         return await super().sign(data, scheme)
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Site:
-    return make_site(tmp_path)
-
-
-@pytest.fixture
-def nginx(site: Site) -> Iterator[Peer]:
-    with start_nginx(
-        site.directory,
-        site.path("server.crt"),
-        site.path("server.key"),
-        site.path("client-ca.crt"),
-    ) as peer:
-        yield peer
-
-
 @contextlib.asynccontextmanager
 async def serve_with(
     site: Site, mode: str
 ) -> AsyncIterator[tuple[Proxy, ProxyAddresses]]:
     proxy = Proxy(site.config(ca_key=BrokenCASigner(site, mode)))
-    async with anyio.create_task_group() as group:
-        addresses = await group.start(proxy.serve)
+    async with serving(proxy) as addresses:
         yield proxy, addresses
-        group.cancel_scope.cancel()
 
 
 async def fetch(site: Site, addresses: ProxyAddresses, port: int) -> bytes:
@@ -187,10 +171,8 @@ async def test_client_signer_error_is_502(
     caplog.set_level(logging.DEBUG)
     signer = BrokenClientSigner(site.client.key, "broken-client")
     proxy = Proxy(site.config(client_keys=[signer]))
-    async with anyio.create_task_group() as group:
-        addresses = await group.start(proxy.serve)
+    async with serving(proxy) as addresses:
         output = await fetch(site, addresses, nginx.port)
-        group.cancel_scope.cancel()
     assert output.endswith(b"status=502")
     assert b"client key unplugged" in output
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

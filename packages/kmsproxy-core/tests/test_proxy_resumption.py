@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import anyio
 import pytest
@@ -14,16 +13,17 @@ from peers import (
     build_go_server,
     free_port,
     start_go_server,
-    start_nginx,
     start_openssl_server,
 )
-from test_proxy import (
+from proxy_site import (
     REQUEST_TIMEOUT_SECONDS,
     Site,
     curl,
-    make_site,
+    nginx,
     proxy_address,
     renew,
+    serving,
+    site,
     wait_for_identity,
 )
 
@@ -33,6 +33,9 @@ from kmsproxy.metrics import metrics
 from kmsproxy.proxy.prometheus import METRICS_MEDIA_TYPE
 
 pytestmark = [pytest.mark.anyio, pytest.mark.interop]
+
+# Fixtures shared through proxy_site.
+__all__ = ["nginx", "site"]
 
 # Sequential tunnels to one upstream in the resumption test.
 TUNNEL_COUNT = 50
@@ -45,22 +48,6 @@ MAX_READS = 100
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Site:
-    return make_site(tmp_path)
-
-
-@pytest.fixture
-def nginx(site: Site) -> Iterator[Peer]:
-    with start_nginx(
-        site.directory,
-        site.path("server.crt"),
-        site.path("server.key"),
-        site.path("client-ca.crt"),
-    ) as peer:
-        yield peer
 
 
 @pytest.fixture
@@ -93,10 +80,8 @@ def go_server(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 @pytest.fixture
 async def running(site: Site) -> AsyncIterator[tuple[Proxy, ProxyAddresses]]:
     proxy = Proxy(site.config(pac_listen="127.0.0.1:0"))
-    async with anyio.create_task_group() as group:
-        addresses = await group.start(proxy.serve)
+    async with serving(proxy) as addresses:
         yield proxy, addresses
-        group.cancel_scope.cancel()
 
 
 async def fetch(addresses: ProxyAddresses, site: Site, port: int) -> bytes:

@@ -12,19 +12,20 @@ from __future__ import annotations
 import logging
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
-import anyio
 import peers
 import pytest
-from peers import LOOPBACK, Peer, start_nginx
-from test_proxy import Site, curl, make_site
+from peers import LOOPBACK, Peer
+from proxy_site import Site, curl, nginx, serving, site
 
 from kmsproxy import Proxy
 from kmsproxy.signer import PrivateKey, SignatureScheme, SignerError, SoftwareSigner
 from kmsproxy.uri import KeyURI
 
 pytestmark = [pytest.mark.anyio, pytest.mark.interop]
+
+# Fixtures shared through proxy_site.
+__all__ = ["nginx", "site"]
 
 # A URI with a PIN, as a PKCS#11 user might give it; the PIN must not leak.
 CLIENT_KEY_URI = "pkcs11:token=dev;object=client?pin-value=123456"
@@ -54,22 +55,6 @@ class RemovableTokenSigner(SoftwareSigner):
         if not self.present:
             raise SignerError(f"{self.uri}: token not present; insert it")
         return await super().sign(data, scheme)
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Site:
-    return make_site(tmp_path)
-
-
-@pytest.fixture
-def nginx(site: Site) -> Iterator[Peer]:
-    with start_nginx(
-        site.directory,
-        site.path("server.crt"),
-        site.path("server.key"),
-        site.path("client-ca.crt"),
-    ) as peer:
-        yield peer
 
 
 @pytest.fixture
@@ -126,12 +111,10 @@ async def test_client_token_removed_then_back(
     redacted = KeyURI.parse(CLIENT_KEY_URI).redacted()
     signer = RemovableTokenSigner(site.client.key, redacted)
     proxy = Proxy(site.config(client_keys=[signer]))
-    async with anyio.create_task_group() as group:
-        addresses = await group.start(proxy.serve)
+    async with serving(proxy) as addresses:
         failed_status, failed = await fetch(site, addresses.proxy_url, nginx.port)
         signer.present = True
         status, output = await fetch(site, addresses.proxy_url, nginx.port)
-        group.cancel_scope.cancel()
 
     assert failed_status == 0
     assert failed.endswith(b"status=502")
@@ -154,12 +137,10 @@ async def test_client_token_back_tls12(site: Site, s_server12: Peer) -> None:
     redacted = KeyURI.parse(CLIENT_KEY_URI).redacted()
     signer = RemovableTokenSigner(site.client.key, redacted)
     proxy = Proxy(site.config(client_keys=[signer]))
-    async with anyio.create_task_group() as group:
-        addresses = await group.start(proxy.serve)
+    async with serving(proxy) as addresses:
         failed_status, failed = await fetch(site, addresses.proxy_url, s_server12.port)
         signer.present = True
         status, output = await fetch(site, addresses.proxy_url, s_server12.port)
-        group.cancel_scope.cancel()
 
     assert failed_status == 0
     assert failed.endswith(b"status=502")
@@ -179,12 +160,10 @@ async def test_ca_token_removed_then_back(
     caplog.set_level(logging.INFO)
     ca_signer = RemovableTokenSigner(site.local_ca.key, CA_KEY_URI)
     proxy = Proxy(site.config(ca_key=ca_signer))
-    async with anyio.create_task_group() as group:
-        addresses = await group.start(proxy.serve)
+    async with serving(proxy) as addresses:
         failed_status, _ = await fetch(site, addresses.proxy_url, nginx.port)
         ca_signer.present = True
         status, output = await fetch(site, addresses.proxy_url, nginx.port)
-        group.cancel_scope.cancel()
 
     assert failed_status == CURL_SSL_CONNECT_ERROR
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -205,15 +184,13 @@ async def test_ca_token_removed_listener_tls(
     caplog.set_level(logging.INFO)
     ca_signer = RemovableTokenSigner(site.local_ca.key, CA_KEY_URI)
     proxy = Proxy(site.config(ca_key=ca_signer))
-    async with anyio.create_task_group() as group:
-        addresses = await group.start(proxy.serve)
+    async with serving(proxy) as addresses:
         address = addresses.proxy[0]
         proxy_url = f"https://{address.host}:{address.port}"
         arguments = ["--proxy-cacert", str(site.path("ca.crt"))]
         failed = await fetch(site, proxy_url, nginx.port, *arguments)
         ca_signer.present = True
         status, output = await fetch(site, proxy_url, nginx.port, *arguments)
-        group.cancel_scope.cancel()
 
     assert failed[0] != 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from peers import Peer, free_port, start_nginx
 from pkcs11 import Mechanism
 from pki import certify, issue, make_ca
+from proxy_site import Site, curl, make_site
 from softhsm_token import (
     USER_PIN,
     SoftHSM,
@@ -36,7 +37,6 @@ from softhsm_token import (
     self_signed_ca,
 )
 from test_cli import wait_for_line
-from test_proxy import Site, curl, make_site
 
 from kmsproxy import Proxy, ProxyAddresses
 from kmsproxy.cli.demo import serve_mtls_upstream

@@ -10,8 +10,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from peers import start_nginx
 from pki import certify
+from proxy_site import REQUEST_TIMEOUT_SECONDS, Site, curl, make_site, wait_for_identity
 from swtpm_emulator import Swtpm, swtpm_module
-from test_proxy import REQUEST_TIMEOUT_SECONDS, Site, curl, make_site, wait_for_identity
 from tpm_testkeys import create_key, key_directory, write_chain
 
 from kmsproxy import Proxy

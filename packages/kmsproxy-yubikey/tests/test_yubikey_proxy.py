@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import anyio
 import pytest
 from peers import Peer, free_port, start_nginx
+from proxy_site import Site, curl, make_site
 from softhsm_token import SoftHSM, activate, create_softhsm
 from test_cli import wait_for_line
 from test_pkcs11_proxy import stop_cli
-from test_proxy import Site, curl, make_site
 from yubikey_standin import PIV_PIN, TOKEN, fill_slot, slot_uri
 
 from kmsproxy import Proxy
