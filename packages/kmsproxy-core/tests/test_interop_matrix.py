@@ -18,13 +18,20 @@ Peers and what "1 MiB both ways" means for each:
 
 from __future__ import annotations
 
-import base64
-import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from interop_matrix import (
+    MIB,
+    Matrix,
+    cached,
+    echo_through,
+    make_matrix,
+    peer_cache,
+    random_bytes,
+    reverse_lines,
+    text_lines,
+)
 from peers import (
     Peer,
     serve_python_tls,
@@ -37,23 +44,16 @@ from peers import (
 )
 from pki import KeyType
 from test_interop_peers import (
-    Files,
-    exchange,
     go_server_binary,
     http_exchange,
     http_request,
-    make_files,
     open_tls,
     split_header,
 )
 
-from kmsproxy.tls import ClientIdentity
-
 pytestmark = [pytest.mark.interop, pytest.mark.anyio]
 
-__all__ = ["go_server_binary"]
-
-MIB = 1 << 20
+__all__ = ["go_server_binary", "peer_cache"]
 
 KEY_TYPES: list[KeyType] = ["rsa2048", "rsa3072", "p256", "p384", "ed25519"]
 
@@ -73,62 +73,9 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def random_bytes(size: int) -> bytes:
-    return os.urandom(size)
-
-
-def text_lines(size: int) -> bytes:
-    """Return `size` bytes of base64 lines of 76 characters each.
-
-    gnutls-serv's echo and s_server's `-rev` work on text, so these peers
-    get bytes without NUL, and s_server gets whole lines.
-    """
-    encoded = base64.encodebytes(os.urandom(size))
-    return encoded[:size].rsplit(b"\n", 1)[0] + b"\n"
-
-
-def reverse_lines(data: bytes) -> bytes:
-    return b"".join(line[::-1] + b"\n" for line in data.split(b"\n")[:-1])
-
-
-@dataclass
-class Matrix:
-    """The module's PKI: one CA, one server certificate, one client per key."""
-
-    files: Files
-    cert: Path
-    key: Path
-    identities: dict[KeyType, ClientIdentity]
-
-
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory: pytest.TempPathFactory) -> Matrix:
-    files = make_files(tmp_path_factory.mktemp("matrix"), "matrix CA")
-    cert, key = files.server("p256")
-    identities = {key_type: files.client(key_type) for key_type in KEY_TYPES}
-    return Matrix(files, cert, key, identities)
-
-
-@pytest.fixture(scope="module")
-def peer_cache() -> Iterator[dict[object, Peer]]:
-    """Servers started on first use by a case, keyed by their settings, and
-    stopped by PID when the module ends."""
-    cache: dict[object, Peer] = {}
-    yield cache
-    for peer in cache.values():
-        peer.stop()
-
-
-def cached(
-    cache: dict[object, Peer], settings: object, start: Callable[[], Peer]
-) -> Peer:
-    """Return the server for `settings`, starting it if this is its first use
-    or if it exited."""
-    peer = cache.get(settings)
-    if peer is None or peer.process.poll() is not None:
-        peer = start()
-        cache[settings] = peer
-    return peer
+    return make_matrix(tmp_path_factory.mktemp("matrix"), "matrix CA", KEY_TYPES)
 
 
 # openssl s_server
@@ -163,9 +110,7 @@ async def test_s_server(
     )
     identity = matrix.identities[key_type]
     payload = text_lines(MIB)
-    stream = await open_tls(peer.port, matrix.files.config(identity))
-    async with stream:
-        reply = await exchange(stream, payload)
+    stream, reply = await echo_through(peer.port, matrix, identity, payload)
     assert stream.cipher_suite == suite
     assert stream.connection.hello_retry_requested == retry
     assert stream.client_identity == identity
@@ -194,9 +139,7 @@ async def test_gnutls(
     )
     identity = matrix.identities[key_type]
     payload = text_lines(MIB)
-    stream = await open_tls(peer.port, matrix.files.config(identity))
-    async with stream:
-        reply = await exchange(stream, payload)
+    stream, reply = await echo_through(peer.port, matrix, identity, payload)
     assert stream.client_identity == identity
     assert len(reply) == len(payload)
     assert reply == payload
@@ -228,9 +171,7 @@ async def test_go(
     )
     identity = matrix.identities[key_type]
     payload = random_bytes(MIB)
-    stream = await open_tls(peer.port, matrix.files.config(identity))
-    async with stream:
-        reply = await exchange(stream, payload)
+    stream, reply = await echo_through(peer.port, matrix, identity, payload)
     fields, echoed = split_header(reply)
     assert fields["subject"] == f"CN=client {key_type}"
     assert fields["suite"] == stream.cipher_suite
@@ -254,9 +195,7 @@ async def test_node(
     )
     identity = matrix.identities[key_type]
     payload = random_bytes(MIB)
-    stream = await open_tls(peer.port, matrix.files.config(identity))
-    async with stream:
-        reply = await exchange(stream, payload)
+    stream, reply = await echo_through(peer.port, matrix, identity, payload)
     fields, echoed = split_header(reply)
     assert fields["subject"] == f"CN=client {key_type}"
     assert fields["suite"] == stream.cipher_suite
@@ -345,9 +284,7 @@ async def test_python_ssl(matrix: Matrix, key_type: KeyType) -> None:
     identity = matrix.identities[key_type]
     payload = random_bytes(MIB)
     async with serve_python_tls(matrix.cert, matrix.key, matrix.files.ca_path) as peer:
-        stream = await open_tls(peer.port, matrix.files.config(identity))
-        async with stream:
-            reply = await exchange(stream, payload)
+        _, reply = await echo_through(peer.port, matrix, identity, payload)
     assert peer.client_subjects == [((("commonName", f"client {key_type}"),),)]
     assert len(reply) == len(payload)
     assert reply == payload

@@ -11,30 +11,29 @@ module and started on first use.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from interop_matrix import (
+    MIB,
+    Matrix,
+    cached,
+    echo_through,
+    make_matrix,
+    peer_cache,
+    random_bytes,
+    text_lines,
+)
 from peers import Peer, start_gnutls_server, start_go_server, start_node_server
 from pki import KeyType
-from test_interop_matrix import cached, random_bytes, text_lines
 from test_interop_peers import (
-    Files,
-    exchange,
     go_server_binary,
-    make_files,
-    open_tls,
     split_header,
 )
 
-from kmsproxy.tls import ClientIdentity
-
 pytestmark = [pytest.mark.interop, pytest.mark.anyio]
 
-__all__ = ["go_server_binary"]
-
-MIB = 1 << 20
+__all__ = ["go_server_binary", "peer_cache"]
 
 KEY_TYPES: list[KeyType] = ["p256", "p384", "rsa2048", "rsa3072", "ed25519"]
 
@@ -47,31 +46,10 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@dataclass
-class Matrix:
-    """The module's PKI: one CA, one server certificate, one client per key."""
-
-    files: Files
-    cert: Path
-    key: Path
-    identities: dict[KeyType, ClientIdentity]
-
-
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory: pytest.TempPathFactory) -> Matrix:
-    files = make_files(tmp_path_factory.mktemp("tls12-matrix"), "tls12 matrix CA")
-    cert, key = files.server("p256")
-    identities = {key_type: files.client(key_type) for key_type in KEY_TYPES}
-    return Matrix(files, cert, key, identities)
-
-
-@pytest.fixture(scope="module")
-def peer_cache() -> Iterator[dict[object, Peer]]:
-    """Servers started on first use, stopped by PID when the module ends."""
-    cache: dict[object, Peer] = {}
-    yield cache
-    for peer in cache.values():
-        peer.stop()
+    directory = tmp_path_factory.mktemp("tls12-matrix")
+    return make_matrix(directory, "tls12 matrix CA", KEY_TYPES)
 
 
 @pytest.mark.parametrize("key_type", KEY_TYPES)
@@ -91,9 +69,7 @@ async def test_gnutls(
     )
     identity = matrix.identities[key_type]
     payload = text_lines(MIB)
-    stream = await open_tls(peer.port, matrix.files.config(identity))
-    async with stream:
-        reply = await exchange(stream, payload)
+    stream, reply = await echo_through(peer.port, matrix, identity, payload)
     assert stream.version == "TLSv1.2"
     assert stream.client_identity == identity
     assert len(reply) == len(payload)
@@ -121,9 +97,7 @@ async def test_go(
     )
     identity = matrix.identities[key_type]
     payload = random_bytes(MIB)
-    stream = await open_tls(peer.port, matrix.files.config(identity))
-    async with stream:
-        reply = await exchange(stream, payload)
+    stream, reply = await echo_through(peer.port, matrix, identity, payload)
     fields, echoed = split_header(reply)
     assert stream.version == "TLSv1.2"
     assert fields["version"] == "TLS 1.2"
@@ -150,9 +124,7 @@ async def test_node(
     )
     identity = matrix.identities[key_type]
     payload = random_bytes(MIB)
-    stream = await open_tls(peer.port, matrix.files.config(identity))
-    async with stream:
-        reply = await exchange(stream, payload)
+    stream, reply = await echo_through(peer.port, matrix, identity, payload)
     fields, echoed = split_header(reply)
     assert stream.version == "TLSv1.2"
     assert fields["version"] == "TLSv1.2"
