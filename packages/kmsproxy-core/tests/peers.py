@@ -400,6 +400,8 @@ async def serve_python_tls(
     alpn_protocols: Sequence[str] = (),
     echo_limit: int = 10_000,
     close_notify: bool = True,
+    maximum_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
+    num_tickets: int = 2,
 ) -> AsyncIterator[PythonPeer]:
     """Run an echo server on a free loopback port for the `async with` body.
 
@@ -408,9 +410,13 @@ async def serve_python_tls(
     chunks, then closes, sending close_notify first unless `close_notify` is
     False (a truncation, as a crashed server would leave it). Failed
     handshakes are logged by anyio's listener and do not stop the server.
+    `maximum_version` TLSv1_2 makes it a TLS 1.2 server; `num_tickets` is
+    how many TLS 1.3 session tickets it sends after each handshake.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.minimum_version = min(ssl.TLSVersion.TLSv1_3, maximum_version)
+    context.maximum_version = maximum_version
+    context.num_tickets = num_tickets
     context.load_cert_chain(cert, key)
     if client_ca is not None:
         context.verify_mode = ssl.CERT_REQUIRED

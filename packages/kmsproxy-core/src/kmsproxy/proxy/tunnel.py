@@ -5,8 +5,9 @@ response to the CONNECT itself, so curl names it in its error message.
 Step 2 sends 200 and reads the client's ClientHello without consuming it,
 to learn its SNI and ALPN offers. Step 3 runs the upstream TLS handshake
 with that SNI (the CONNECT host when absent), that ALPN list and the
-current client identities, verifies the upstream, then waits briefly for
-the server to reject our certificate. Step 4 mints (or reuses) a
+current client identities, verifies the upstream, then, after a full TLS
+1.3 handshake that sent a certificate, waits for the server's first ticket
+or data, or briefly for its rejection. Step 4 mints (or reuses) a
 certificate for the upstream and completes the client's handshake,
 selecting the protocol the upstream selected. Step 5 relays bytes both
 ways until both sides finish, one fails, or the tunnel sits idle.
@@ -88,10 +89,14 @@ _CERTIFICATE_ALERTS = frozenset(
 
 # In TLS 1.3 the client finishes its handshake before the server has checked
 # the client certificate, so a rejection (certificate_required, unknown_ca,
-# ...) arrives about one round trip later. The proxy waits twice the TCP
-# connect time for it, within these bounds, before it answers the client.
-# NOTE: this adds that wait to every new tunnel; the bounds are estimates.
-REJECTION_WAIT_MIN_SECONDS = 0.02
+# ...) arrives about one round trip later. After a full handshake in which
+# the server requested a certificate, the proxy waits for the first thing
+# the server sends: a NewSessionTicket or data ends the wait at once, an
+# alert is the rejection. A server that sends nothing is waited for twice
+# the TCP connect time, within these bounds. A rejection that comes later
+# still reaches an HTTP/1.1 client as a 502 (see `_RejectionGuard`).
+# NOTE: the bounds are estimates: the minimum covers a loaded loopback.
+REJECTION_WAIT_MIN_SECONDS = 0.005
 REJECTION_WAIT_MAX_SECONDS = 0.5
 
 # Maximum seconds for minting one leaf, including the wait for another
@@ -318,10 +323,11 @@ async def open_upstream(
         raise UpstreamError(
             f"TLS handshake failed: {type(error).__name__}: {error}"
         ) from error
-    if stream.resumed:
-        # A resumed handshake authenticates with the PSK and sends no client
-        # certificate (RFC 8446 section 4.3.2, RFC 5246 section 7.3), so
-        # there is nothing for the server to reject.
+    if not stream.client_certificate_pending:
+        # TLS 1.2 (the server's Finished came after our certificate), a
+        # resumed handshake (no certificate, RFC 8446 section 4.3.2), a
+        # server that requested none, or one that already sent a ticket:
+        # there is nothing left for the server to reject.
         return Upstream(stream)
     wait = min(
         max(2 * connect_seconds, REJECTION_WAIT_MIN_SECONDS),
@@ -345,11 +351,11 @@ async def _wait_for_rejection(stream: tls.TLSClientStream, wait: float) -> bytes
     """Wait up to `wait` seconds for a post-handshake alert.
 
     Return the application data that arrived instead (a server that speaks
-    first), or b"" when the server stayed silent.
+    first), or b"" when the server sent a ticket or stayed silent.
     """
     try:
         with anyio.move_on_after(wait):
-            return await stream.receive(RELAY_CHUNK_BYTES)
+            return await stream.receive_after_handshake(RELAY_CHUNK_BYTES)
     except tls.AlertReceived as error:
         raise UpstreamError(_describe_alert(error), error.description) from None
     except (tls.TLSError, anyio.EndOfStream) as error:
@@ -483,7 +489,11 @@ async def _serve_client(
     except (ssl.SSLError, OSError, anyio.BrokenResourceError) as error:
         logger.debug("Client left before the tunnel opened error=%r", error)
         return True
-    sent, received = await relay(downstream, upstream, settings.idle_timeout, target)
+    relayed: anyio.abc.ByteStream = upstream
+    if upstream.client_certificate_pending:
+        page = upstream.alpn_protocol in (None, HTTP_1_1)
+        relayed = _RejectionGuard(upstream, target, page)
+    sent, received = await relay(downstream, relayed, settings.idle_timeout, target)
     logger.debug(
         "Tunnel closed target=%s sent_bytes=%d received_bytes=%d",
         target,
@@ -491,6 +501,52 @@ async def _serve_client(
         received,
     )
     return True
+
+
+class _RejectionGuard(anyio.abc.ByteStream):
+    """The upstream of a tunnel whose server stayed silent through the wait.
+
+    When the server rejects our certificate before sending anything else,
+    an HTTP/1.1 client (`page`) reads a 502 response naming the alert in
+    place of the upstream's response, the same one a rejection within
+    the wait gets. Other protocols only get the warning in the log.
+    """
+
+    def __init__(self, stream: tls.TLSClientStream, target: str, page: bool) -> None:
+        self._stream = stream
+        self._target = target
+        self._page = page
+        self._page_sent = False
+        self._confirmed = False
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self._page_sent:
+            raise anyio.EndOfStream
+        if self._confirmed or not self._stream.client_certificate_pending:
+            self._confirmed = True
+            return await self._stream.receive(max_bytes)
+        try:
+            return await self._stream.receive(max_bytes)
+        except tls.AlertReceived as error:
+            if error.description not in _CERTIFICATE_ALERTS:
+                raise
+            reason = _describe_alert(error)
+            logger.warning(
+                "Upstream failed target=%s reason=%s", self._target, printable(reason)
+            )
+            if not self._page:
+                raise
+            self._page_sent = True
+            return text_response(502, f"{self._target}: {reason}")
+
+    async def send(self, item: bytes) -> None:
+        await self._stream.send(item)
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 async def _accept_client_tls(

@@ -197,6 +197,8 @@ class ClientConnection:
         self._server_secret = b""
         self._application_client_secret = b""
         self._certificate_request: m.CertificateRequest | None = None
+        self._main_certificate_requested = False
+        self._post_handshake_messages = 0
         self._pending_signature: SignatureRequested | None = None
         # Why we sent an empty Certificate, appended to the message of a
         # later alert. It stays None while every request found an identity.
@@ -241,6 +243,19 @@ class ClientConnection:
     @property
     def handshake_complete(self) -> bool:
         return self.state == State.CONNECTED
+
+    @property
+    def certificate_requested(self) -> bool:
+        """True when the server sent a CertificateRequest in the main
+        handshake, so it may still reject our certificate with an alert after
+        its Finished (RFC 8446 section 4.4.2.4)."""
+        return self._main_certificate_requested
+
+    @property
+    def post_handshake_messages(self) -> int:
+        """How many handshake messages (NewSessionTicket, KeyUpdate,
+        CertificateRequest) the server sent after the handshake."""
+        return self._post_handshake_messages
 
     @property
     def tls12(self) -> ClientConnection12 | None:
@@ -437,6 +452,8 @@ class ClientConnection:
                 f"{_message_name(message_type)} is not allowed in state "
                 f"{state.name}; expected {' or '.join(map(_message_name, expected))}"
             )
+        if state == State.CONNECTED:
+            self._post_handshake_messages += 1
 
         if message_type == m.HandshakeType.server_hello:
             self._receive_server_hello(m.pull_server_hello(body), message)
@@ -651,6 +668,7 @@ class ClientConnection:
         request = m.pull_certificate_request(body)
         parse_certificate_request(request)
         self._certificate_request = request
+        self._main_certificate_requested = True
         self._transcript.add(message)
         self.state = State.WAIT_CERTIFICATE
 

@@ -105,6 +105,9 @@ class TLSClientStream(anyio.abc.ByteStream):
         self._received = bytearray()
         self._close_notify_received = False
         self._write_interrupted = False
+        # Whether the server sent application data or close_notify after
+        # the handshake; see `client_certificate_pending`.
+        self._server_spoke = False
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
@@ -143,6 +146,49 @@ class TLSClientStream(anyio.abc.ByteStream):
     @property
     def client_identity(self) -> ClientIdentity | None:
         return self._connection.client_identity
+
+    @property
+    def client_certificate_pending(self) -> bool:
+        """True while the server may still reject our client certificate.
+
+        In TLS 1.3 the server reads our Certificate after sending its
+        Finished, so a rejection arrives as an alert after the handshake
+        (RFC 8446 section 4.4.2.4). Anything else the server sends after
+        its Finished (a NewSessionTicket, application data) means it
+        processed our Finished, and with it our certificate. In TLS 1.2
+        the server's Finished follows our certificate, and a resumed
+        handshake sends none, so neither is ever pending.
+        """
+        connection = self._connection
+        return (
+            isinstance(connection, ClientConnection)
+            and connection.certificate_requested
+            and connection.post_handshake_messages == 0
+            and not self._server_spoke
+        )
+
+    async def receive_after_handshake(self, max_bytes: int = 65536) -> bytes:
+        """Wait until the server sends anything after the handshake.
+
+        Return up to `max_bytes` of application data, or b"" when the server
+        sent a post-handshake message instead (a NewSessionTicket). Raise
+        as `receive` does: `AlertReceived` for a rejection, `anyio.EndOfStream`
+        after a close_notify with no data before it.
+        """
+        async with self._receive_lock:
+            while self.client_certificate_pending:
+                event = self._connection.next_event()
+                if event is None:
+                    await self._feed(await self._read_transport("after the handshake"))
+                elif isinstance(event, SignatureRequested):
+                    await self._respond_to_post_handshake_request(event)
+                else:
+                    self._take(event)
+            if self._received:
+                return self._take_received(max_bytes)
+            if self._close_notify_received:
+                raise anyio.EndOfStream
+            return b""
 
     async def _flush(self) -> None:
         """Send what the connection has queued, unless another task is sending.
@@ -305,8 +351,10 @@ class TLSClientStream(anyio.abc.ByteStream):
     def _take(self, event: object) -> None:
         if isinstance(event, ApplicationData):
             self._received += event.data
+            self._server_spoke = True
         elif isinstance(event, CloseNotifyReceived):
             self._close_notify_received = True
+            self._server_spoke = True
 
     async def _respond_to_post_handshake_request(
         self, event: SignatureRequested
