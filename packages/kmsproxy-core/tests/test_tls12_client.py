@@ -8,6 +8,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from pki import Issued, issue, make_ca
 from scripted_server12 import ClientFlight, ScriptedServer12, plaintext_record
+from tls_harness import events
 
 from kmsproxy.signer import (
     PrivateKey,
@@ -23,7 +24,6 @@ from kmsproxy.tls.config import ClientIdentity, TLSClientConfig
 from kmsproxy.tls.events import (
     ApplicationData,
     CloseNotifyReceived,
-    Event,
     HandshakeComplete,
     SignatureRequested,
 )
@@ -97,16 +97,6 @@ def started(
     client.start()
     server.read_client_hello(client.data_to_send())
     return client, server
-
-
-def events(client: ClientConnection12) -> list[Event]:
-    found: list[Event] = []
-    for _ in range(100):
-        event = client.next_event()
-        if event is None:
-            break
-        found.append(event)
-    return found
 
 
 def handshake(

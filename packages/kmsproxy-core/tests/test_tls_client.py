@@ -12,6 +12,7 @@ from peers import start_openssl_server
 from pki import Issued, issue, make_ca
 from scripted_server import ScriptedServer, complete_handshake, plaintext_record
 from test_interop_peers import make_files, open_tls
+from tls_harness import events
 
 from kmsproxy.signer import (
     SignatureScheme,
@@ -86,16 +87,6 @@ def started(**settings: object) -> tuple[ClientConnection, ScriptedServer]:
     client.start()
     server.read_client_hello(client.data_to_send())
     return client, server
-
-
-def events(client: ClientConnection) -> list[Event]:
-    found: list[Event] = []
-    for _ in range(100):
-        event = client.next_event()
-        if event is None:
-            break
-        found.append(event)
-    return found
 
 
 def expect_alert(

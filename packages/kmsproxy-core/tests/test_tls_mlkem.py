@@ -17,7 +17,8 @@ from peers import (
 )
 from scripted_server import ScriptedServer, encapsulate_hybrid
 from test_interop_peers import Files, exchange, make_files, open_tls, split_header
-from test_tls_client import events, expect_alert, new_client, started
+from test_tls_client import expect_alert, new_client, started
+from tls_harness import events
 
 from kmsproxy.tls import alerts
 from kmsproxy.tls import messages as m

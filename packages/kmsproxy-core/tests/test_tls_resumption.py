@@ -23,9 +23,9 @@ from test_interop_peers import Files as PeerFiles
 from test_interop_peers import exchange, split_header
 from test_interop_peers import make_files as make_peer_files
 from test_interop_peers import open_tls as open_peer_tls
-from test_tls_client import events as client_events
 from test_tls_client import identity as scripted_identity
 from test_tls_interop import Files, config, make_files, open_tls, s_server_get
+from tls_harness import events as client_events
 
 from kmsproxy.metrics import metrics
 from kmsproxy.signer import PublicKey, SignatureScheme, Signer
@@ -255,13 +255,14 @@ async def test_s_server_sha384_session(pki: Files) -> None:
 @pytest.mark.interop
 async def test_s_server_hello_retry_resumes(pki: Files) -> None:
     cert, key = pki.server()
-    settings = config(
-        pki, [pki.client()], session_cache=SessionCache(), session_key="k"
-    )
+    cache = SessionCache()
+    settings = config(pki, [pki.client()], session_cache=cache, session_key="k")
     with start_openssl_server(
         pki.directory, cert, key, pki.ca_path, groups="P-384"
     ) as peer:
         await s_server_get(peer, settings)
+        # Replace the learned P-384 hint, so the server asks for P-384 again.
+        cache.put_key_share_group("k", G.x25519)
         second, response = await s_server_get(peer, settings)
     assert second.connection.hello_retry_requested
     assert second.resumed
