@@ -84,11 +84,15 @@ async def serving(proxy: Proxy) -> AsyncIterator[ProxyAddresses]:
     """Run `proxy` in a task group, yield its bound addresses, then stop it."""
     async with anyio.create_task_group() as group:
         addresses = await group.start(proxy.serve)
-        yield addresses
-        group.cancel_scope.cancel()
+        try:
+            yield addresses
+        finally:
+            group.cancel_scope.cancel()
 
 
-def nginx_for(site: Site, *, http2: bool = False, name: str = "nginx") -> Peer:
+def nginx_for(
+    site: Site, *, http2: bool = False, name: str = "nginx", extra: str = ""
+) -> Peer:
     """Start nginx with the site's upstream leaf, requiring its client CA.
 
     The returned `Peer` is a context manager that stops nginx by PID.
@@ -100,6 +104,7 @@ def nginx_for(site: Site, *, http2: bool = False, name: str = "nginx") -> Peer:
         site.path("client-ca.crt"),
         http2=http2,
         name=name,
+        extra=extra,
     )
 
 

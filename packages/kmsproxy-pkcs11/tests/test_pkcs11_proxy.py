@@ -23,10 +23,11 @@ import anyio
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from peers import Peer, free_port, start_nginx
+from peers import Peer, free_port
 from pkcs11 import Mechanism
 from pki import certify, issue, make_ca
-from proxy_site import Site, curl, make_site
+from proxy_site import Site, curl, make_site, nginx_for
+from proxy_site import serving as serve_proxy
 from softhsm_token import (
     USER_PIN,
     SoftHSM,
@@ -94,26 +95,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         leaf = certify(site.client_ca, "token pkcs1", public_key, client=True)
         active.import_certificate(TOKEN, leaf, PKCS1_ONLY_ID, "pkcs1")
         active.generate_key(TOKEN, "p256", CA_ID, "ca")
-        with start_nginx(
-            site.directory,
-            site.path("server.crt"),
-            site.path("server.key"),
-            site.path("client-ca.crt"),
-            # Without tickets every handshake signs, so a removed token shows.
-            extra="ssl_session_tickets off;",
-        ) as nginx:
+        # Without tickets every handshake signs, so a removed token shows.
+        with nginx_for(site, extra="ssl_session_tickets off;") as nginx:
             yield Setup(active, site, nginx, certificates)
 
 
 @contextlib.asynccontextmanager
 async def serving(site: Site, **overrides: object) -> AsyncIterator[ProxyAddresses]:
-    proxy = Proxy(site.config(**overrides))
-    async with anyio.create_task_group() as group:
-        addresses = await group.start(proxy.serve)
-        try:
-            yield addresses
-        finally:
-            group.cancel_scope.cancel()
+    async with serve_proxy(Proxy(site.config(**overrides))) as addresses:
+        yield addresses
 
 
 @contextlib.asynccontextmanager

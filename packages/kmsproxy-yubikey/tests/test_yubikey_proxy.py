@@ -12,10 +12,9 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import anyio
 import pytest
-from peers import Peer, free_port, start_nginx
-from proxy_site import Site, curl, make_site
+from peers import Peer, free_port
+from proxy_site import Site, curl, make_site, nginx_for, serving
 from softhsm_token import SoftHSM, activate, create_softhsm
 from test_cli import wait_for_line
 from test_pkcs11_proxy import stop_cli
@@ -47,12 +46,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         active.init_token(TOKEN, PIV_PIN)
         fill_slot(active, parse_slot("9a"), "p256", site.client_ca, "piv 9a")
         fill_slot(active, parse_slot("9c"), "rsa2048", site.client_ca, "piv 9c")
-        with start_nginx(
-            site.directory,
-            site.path("server.crt"),
-            site.path("server.key"),
-            site.path("client-ca.crt"),
-        ) as nginx:
+        with nginx_for(site) as nginx:
             yield Setup(active, site, nginx)
 
 
@@ -60,14 +54,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
 async def test_slot_key_and_certificate_reach_nginx(setup: Setup, slot: str) -> None:
     key = slot_uri(setup.hsm, slot)
     proxy = Proxy(setup.site.config(client_keys=[key], client_certificates=[key]))
-    async with anyio.create_task_group() as group:
-        addresses = await group.start(proxy.serve)
+    async with serving(proxy) as addresses:
         result = await curl(
             "--proxy", addresses.proxy_url,
             "--cacert", str(setup.site.path("ca.crt")),
             f"https://localhost:{setup.nginx.port}/subject",
         )  # fmt: skip
-        group.cancel_scope.cancel()
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == f"subject=CN=piv {slot}\n".encode()
 
