@@ -136,6 +136,14 @@ async def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
         )
 
 
+async def curl_through(
+    proxy_url: str, site: Site, *args: str
+) -> subprocess.CompletedProcess[bytes]:
+    """Run curl through the proxy at `proxy_url`, trusting the site's local CA
+    for the minted upstream leaf. `args` follow, ending with the URL."""
+    return await curl("--proxy", proxy_url, "--cacert", str(site.path("ca.crt")), *args)
+
+
 async def exchange(address: tuple[str, int], data: bytes) -> bytes:
     """Send `data` to the proxy and read until it closes the connection."""
     with anyio.fail_after(REQUEST_TIMEOUT_SECONDS):

@@ -15,6 +15,7 @@ from proxy_site import (
     REQUEST_TIMEOUT_SECONDS,
     Site,
     curl,
+    curl_through,
     exchange,
     nginx,
     proxy_address,
@@ -52,11 +53,9 @@ async def test_curl_http_proxy_reaches_nginx(
     site: Site, nginx: Peer, running: tuple[Proxy, ProxyAddresses]
 ) -> None:
     _, addresses = running
-    result = await curl(
-        "--proxy",
+    result = await curl_through(
         addresses.proxy_url,
-        "--cacert",
-        str(site.path("ca.crt")),
+        site,
         f"https://localhost:{nginx.port}/subject",
     )
     assert result.returncode == 0, result.stderr.decode()
@@ -127,11 +126,9 @@ async def test_untrusted_upstream_is_502_page(
     with start_nginx(
         site.directory, cert, key, site.path("client-ca.crt"), name="stranger"
     ) as peer:
-        result = await curl(
-            "--proxy",
+        result = await curl_through(
             addresses.proxy_url,
-            "--cacert",
-            str(site.path("ca.crt")),
+            site,
             "--write-out",
             "status=%{http_code}",
             f"https://localhost:{peer.port}/subject",
@@ -157,11 +154,9 @@ async def test_rejected_client_certificate_is_502_page(
         other_ca,
         extra_args=["-verify_return_error"],
     ) as peer:
-        result = await curl(
-            "--proxy",
+        result = await curl_through(
             addresses.proxy_url,
-            "--cacert",
-            str(site.path("ca.crt")),
+            site,
             "--write-out",
             "status=%{http_code}",
             f"https://localhost:{peer.port}/",
@@ -183,11 +178,9 @@ async def test_insecure_mode_reaches_untrusted_upstream(
         site.directory, cert, key, site.path("client-ca.crt"), name="stranger"
     ) as peer:
         async with serving(proxy) as addresses:
-            result = await curl(
-                "--proxy",
+            result = await curl_through(
                 addresses.proxy_url,
-                "--cacert",
-                str(site.path("ca.crt")),
+                site,
                 f"https://localhost:{peer.port}/subject",
             )
     assert result.stdout == b"subject=CN=proxy client\n"

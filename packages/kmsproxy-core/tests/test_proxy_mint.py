@@ -12,7 +12,14 @@ import anyio
 import anyio.abc
 import pytest
 from peers import Peer
-from proxy_site import REQUEST_TIMEOUT_SECONDS, Site, curl, nginx, serving, site
+from proxy_site import (
+    REQUEST_TIMEOUT_SECONDS,
+    Site,
+    curl_through,
+    nginx,
+    serving,
+    site,
+)
 
 from kmsproxy import Proxy, ProxyAddresses
 from kmsproxy.proxy import tunnel
@@ -65,11 +72,9 @@ async def serve_with(
 
 
 async def fetch(site: Site, addresses: ProxyAddresses, port: int) -> bytes:
-    result = await curl(
-        "--proxy",
+    result = await curl_through(
         addresses.proxy_url,
-        "--cacert",
-        str(site.path("ca.crt")),
+        site,
         "--write-out",
         "status=%{http_code}",
         f"https://127.0.0.1:{port}/subject",
@@ -80,11 +85,9 @@ async def fetch(site: Site, addresses: ProxyAddresses, port: int) -> bytes:
 
 async def fetch_status(site: Site, addresses: ProxyAddresses, port: int) -> int:
     """Run curl through the proxy; return its exit status."""
-    result = await curl(
-        "--proxy",
+    result = await curl_through(
         addresses.proxy_url,
-        "--cacert",
-        str(site.path("ca.crt")),
+        site,
         f"https://127.0.0.1:{port}/subject",
     )
     return result.returncode
