@@ -59,12 +59,12 @@ from .extensions import (
     parse_certificate_request,
 )
 from .hello import (
-    INITIAL_KEY_SHARE_GROUPS,
     SIGNATURE_ALGORITHMS,
     SUPPORTED_GROUPS,
     build_client_hello,
     build_retry_client_hello,
     check_hello,
+    key_share_groups,
 )
 from .key_exchange import (
     KeySharePrivateKey,
@@ -476,10 +476,13 @@ class ClientConnection:
             self._receive_key_update(m.pull_key_update(body))
 
     def _build_client_hello(self) -> m.ClientHello:
-        for group in INITIAL_KEY_SHARE_GROUPS:
+        cache, key = self.config.session_cache, self.config.session_key
+        hint = None
+        if cache is not None and key is not None:
+            hint = cache.key_share_group(key)
+        for group in key_share_groups(hint):
             self._key_shares[group] = self._generate_key_share(group)
         hello = build_client_hello(self.config, self._key_shares, self._random_bytes)
-        cache, key = self.config.session_cache, self.config.session_key
         if cache is not None and key is not None:
             self._session12 = cache.take_tls12(key)
         hello = add_tls12_offer(
@@ -717,6 +720,11 @@ class ClientConnection:
         if not hmac.compare_digest(finished.verify_data, expected):
             raise DecryptError("server Finished verify_data is wrong")
         self._transcript.add(message)
+        cache, key = self.config.session_cache, self.config.session_key
+        if cache is not None and key is not None:
+            # The server is authenticated now, so its group becomes the hint.
+            assert self.key_exchange_group is not None
+            cache.put_key_share_group(key, self.key_exchange_group)
 
         # The application secrets cover the transcript through server Finished.
         client_secret, server_secret = schedule.application_traffic_secrets(

@@ -38,6 +38,21 @@ SUPPORTED_GROUPS = (
 # NIST curves costs a HelloRetryRequest round trip.
 INITIAL_KEY_SHARE_GROUPS = (m.NamedGroup.X25519MLKEM768, m.NamedGroup.x25519)
 
+
+def key_share_groups(hint: int | None) -> tuple[m.NamedGroup, ...]:
+    """Return the groups the first ClientHello sends a share for.
+
+    With a group hint (the group this upstream selected last time, from the
+    session cache) that is one share for that group. Without one it is
+    `INITIAL_KEY_SHARE_GROUPS`. supported_groups always lists every group,
+    so a server that now prefers another group sends a HelloRetryRequest
+    (RFC 8446 section 4.1.4) and the handshake costs one more round trip.
+    """
+    if hint is not None and hint in SUPPORTED_GROUPS:
+        return (m.NamedGroup(hint),)
+    return INITIAL_KEY_SHARE_GROUPS
+
+
 # signature_algorithms we offer. The RSASSA-PKCS1-v1_5 schemes come last and
 # apply to certificate signatures only (RFC 8446 section 4.2.3): many CAs
 # still sign with them, but a server CertificateVerify using them is rejected.

@@ -5,6 +5,10 @@ identity fingerprints), to the newest tickets a server sent on that key. A
 resumed handshake costs no client signature, which matters when the key sits
 in a slow token. The cache owns expiry and single use; the client state
 machine only stores and takes tickets.
+
+The cache also stores, per key, the key exchange group the server selected
+last time (a group hint), so the next ClientHello to that upstream carries
+one key share instead of two.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from cryptography import x509
 
 from .config import ClientIdentity
 from .key_schedule import CipherSuite
+from .messages import NamedGroup
 from .tls12.session12 import Session12
 
 # Upper bound on ticket_lifetime, in seconds: RFC 8446 section 4.6.1 forbids
@@ -29,6 +34,14 @@ MAX_TICKET_LIFETIME_SECONDS = 7 * 24 * 3600
 # first. One entry per upstream a proxy talks to, so 1024 covers a busy
 # workstation with room to spare (an estimate, not a measurement).
 MAX_SESSION_CACHE_KEYS = 1024
+
+# Seconds a group hint is used before the next ClientHello offers the
+# initial shares again. It bounds how long an upstream that adds the
+# post-quantum hybrid keeps getting only a classical share from us: a server
+# that takes any acceptable share would not ask for the hybrid. One hour
+# costs one extra hybrid share per upstream and hour (an estimate of a fair
+# trade, not a measurement).
+GROUP_HINT_LIFETIME_SECONDS = 3600.0
 
 # Tickets kept per key, newest first. OpenSSL 3.0 sends two tickets after a
 # full handshake and one after a resumption, and each ticket is used once,
@@ -89,6 +102,9 @@ class SessionCache:
         self._tickets: OrderedDict[Hashable, list[SessionTicket]] = OrderedDict()
         # TLS 1.2 sessions, one per key, because an RFC 5077 ticket may be reused.
         self._sessions12: OrderedDict[Hashable, Session12] = OrderedDict()
+        # Group hints, one per key and at most `max_keys`, least recently
+        # used first.
+        self._groups: OrderedDict[Hashable, tuple[NamedGroup, float]] = OrderedDict()
 
     def __len__(self) -> int:
         """Number of tickets stored, expired ones included until next use."""
@@ -150,8 +166,41 @@ class SessionCache:
                 return None
             return session
 
+    def put_key_share_group(self, key: Hashable, group: NamedGroup) -> None:
+        """Store `group` as the group hint for `key`, dropping the least
+        recently used hint beyond the key bound.
+
+        Call it only after the server's Finished has been verified, so the
+        group is one an authenticated server selected, not one an on-path
+        attacker forged in a ServerHello.
+        """
+        now = self.clock()
+        with self._lock:
+            self._groups.pop(key, None)
+            self._groups[key] = (group, now)
+            while len(self._groups) > self.max_keys:
+                self._groups.popitem(last=False)
+
+    def key_share_group(self, key: Hashable) -> NamedGroup | None:
+        """Return the group hint for `key`, or None when there is none or it
+        is older than `GROUP_HINT_LIFETIME_SECONDS`. A live hint stays
+        stored, and an expired one is dropped."""
+        now = self.clock()
+        with self._lock:
+            entry = self._groups.get(key)
+            if entry is None:
+                return None
+            group, stored_at = entry
+            if now - stored_at >= GROUP_HINT_LIFETIME_SECONDS:
+                del self._groups[key]
+                return None
+            self._groups.move_to_end(key)
+            return group
+
     def clear(self) -> None:
-        """Drop every ticket, for example after client identities reload."""
+        """Drop every ticket and group hint, for example after client
+        identities reload."""
         with self._lock:
             self._tickets.clear()
             self._sessions12.clear()
+            self._groups.clear()
