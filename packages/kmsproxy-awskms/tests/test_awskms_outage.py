@@ -25,14 +25,13 @@ import anyio
 import pytest
 from awskms_moto import MotoKMS, aws_environment, moto_kms
 from peers import LOOPBACK, free_port
-from proxy_site import Site
+from proxy_site import Site, serving
 from test_awskms_proxy import (
     TLS13,
     anyio_backend,
     certify_kms_key,
     fetch_subject,
     nginx_for,
-    serving,
     site,
 )
 

@@ -8,12 +8,10 @@ goes through the proxy to nginx, which requires a client certificate.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -29,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from peers import Peer, start_nginx
 from pki import certify, make_ca
-from proxy_site import Site, curl, make_site
+from proxy_site import Site, curl, make_site, serving
 from test_cli import wait_for_line
 
 from kmsproxy import Proxy, ProxyAddresses, Registry, SignatureScheme
@@ -97,14 +95,6 @@ async def fetch_subject(
         "status=%{http_code}",
         f"https://localhost:{nginx.port}/subject",
     )
-
-
-@contextlib.asynccontextmanager
-async def serving(proxy: Proxy) -> AsyncIterator[ProxyAddresses]:
-    async with anyio.create_task_group() as group:
-        addresses = await group.start(proxy.serve)
-        yield addresses
-        group.cancel_scope.cancel()
 
 
 KEY_SPECS_TLS = [

@@ -17,9 +17,9 @@ from awskms_fake import KEY_ARN, ScriptedKMS, scripted_kms
 from awskms_moto import aws_environment
 from cryptography.hazmat.primitives import serialization
 from pki import certify
-from proxy_site import Site, make_site
+from proxy_site import Site, make_site, serving
 from test_awskms_outage import status_of
-from test_awskms_proxy import TLS13, anyio_backend, fetch_subject, nginx_for, serving
+from test_awskms_proxy import TLS13, anyio_backend, fetch_subject, nginx_for
 
 from kmsproxy import Proxy, Registry, SignatureScheme, SignerError
 from kmsproxy_awskms import KMSSigner, service

@@ -12,7 +12,8 @@ import types
 
 import anyio
 import pytest
-from test_proxy import Site, anyio_backend, exchange, site
+from proxy_site import Site, exchange, site
+from test_proxy import anyio_backend
 
 from kmsproxy import Proxy
 from kmsproxy.plugins.hookspecs import hookimpl

@@ -15,7 +15,8 @@ import anyio
 import pytest
 from peers import Peer, start_openssl_server
 from pki import issue, make_ca
-from test_proxy import Site, anyio_backend, curl, site
+from proxy_site import Site, curl, site
+from test_proxy import anyio_backend
 
 from kmsproxy import Proxy
 

@@ -21,7 +21,8 @@ import anyio
 import pytest
 from peers import Peer
 from pki import generate_key
-from test_proxy import Site, anyio_backend, curl, nginx, site
+from proxy_site import Site, curl, nginx, site
+from test_proxy import anyio_backend
 
 from kmsproxy import Proxy, identity, tls
 from kmsproxy import signer as signer_module

@@ -15,8 +15,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from peers import Peer
 from pki import certify
+from proxy_site import Site, site
 from swtpm_emulator import Swtpm, swtpm_module
-from test_proxy import Site, anyio_backend, site
+from test_proxy import anyio_backend
 from test_tpm_interop import openssl
 from test_tpm_proxy import fetch, fetch_through_serve, nginx, serving
 from tpm_testkeys import create_ca_certificate, create_key, key_directory

@@ -20,10 +20,12 @@ from typing import Any
 import anyio
 import pytest
 from cryptography.hazmat.primitives import serialization
-from peers import Peer, free_port, start_nginx
+from peers import Peer, free_port
 from pki import certify
+from proxy_site import REQUEST_TIMEOUT_SECONDS, Site, curl, nginx_for, site
+from proxy_site import serving as serve_proxy
 from swtpm_emulator import Swtpm, swtpm_module
-from test_proxy import REQUEST_TIMEOUT_SECONDS, Site, anyio_backend, curl, site
+from test_proxy import anyio_backend
 from tpm_testkeys import (
     create_ca_certificate,
     create_key,
@@ -61,13 +63,7 @@ NGINX_NO_RESUMPTION = "ssl_session_tickets off;"
 
 @pytest.fixture
 def nginx(site: Site) -> Iterator[Peer]:
-    with start_nginx(
-        site.directory,
-        site.path("server.crt"),
-        site.path("server.key"),
-        site.path("client-ca.crt"),
-        extra=NGINX_NO_RESUMPTION,
-    ) as peer:
+    with nginx_for(site, extra=NGINX_NO_RESUMPTION) as peer:
         yield peer
 
 
@@ -84,11 +80,8 @@ def tpm_client_identity(swtpm: Swtpm, site: Site, key_directory: Path) -> str:
 
 @asynccontextmanager
 async def serving(site: Site, **overrides: Any) -> AsyncIterator[ProxyAddresses]:
-    proxy = Proxy(site.config(**overrides))
-    async with anyio.create_task_group() as group:
-        addresses = await group.start(proxy.serve)
+    async with serve_proxy(Proxy(site.config(**overrides))) as addresses:
         yield addresses
-        group.cancel_scope.cancel()
 
 
 async def fetch(
