@@ -21,6 +21,7 @@ from proxy_site import (
     REQUEST_TIMEOUT_SECONDS,
     Site,
     curl,
+    curl_through,
     nginx_for,
     proxy_address,
     running,
@@ -145,12 +146,10 @@ async def test_curl_http2_via_http_proxy(
     site: Site, nginx_h2: Peer, running: tuple[Proxy, ProxyAddresses]
 ) -> None:
     _, addresses = running
-    result = await curl(
-        "--http2",
-        "--proxy",
+    result = await curl_through(
         addresses.proxy_url,
-        "--cacert",
-        str(site.path("ca.crt")),
+        site,
+        "--http2",
         "--write-out",
         " version=%{http_version}",
         f"https://localhost:{nginx_h2.port}/subject",
@@ -186,12 +185,10 @@ async def test_curl_http1_to_h2_upstream(
     site: Site, nginx_h2: Peer, running: tuple[Proxy, ProxyAddresses]
 ) -> None:
     _, addresses = running
-    result = await curl(
-        "--http1.1",
-        "--proxy",
+    result = await curl_through(
         addresses.proxy_url,
-        "--cacert",
-        str(site.path("ca.crt")),
+        site,
+        "--http1.1",
         "--write-out",
         " version=%{http_version}",
         f"https://localhost:{nginx_h2.port}/subject",
@@ -204,18 +201,11 @@ async def test_curl_http2_to_http1_upstream(
     site: Site, running: tuple[Proxy, ProxyAddresses]
 ) -> None:
     _, addresses = running
-    with start_nginx(
-        site.directory,
-        site.path("server.crt"),
-        site.path("server.key"),
-        site.path("client-ca.crt"),
-    ) as peer:
-        result = await curl(
-            "--http2",
-            "--proxy",
+    with nginx_for(site) as peer:
+        result = await curl_through(
             addresses.proxy_url,
-            "--cacert",
-            str(site.path("ca.crt")),
+            site,
+            "--http2",
             "--write-out",
             " version=%{http_version}",
             f"https://localhost:{peer.port}/subject",

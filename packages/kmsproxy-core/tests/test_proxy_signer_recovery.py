@@ -104,6 +104,18 @@ async def fetch(
     return result.returncode, result.stdout
 
 
+async def fetch_removed_then_back(
+    proxy: Proxy, site: Site, token: RemovableTokenSigner, port: int
+) -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+    """Fetch through `proxy` with `token` removed, then again with it back.
+    Return both results of `fetch`."""
+    async with serving(proxy) as addresses:
+        removed = await fetch(site, addresses.proxy_url, port)
+        token.present = True
+        back = await fetch(site, addresses.proxy_url, port)
+    return removed, back
+
+
 async def test_client_token_removed_then_back(
     site: Site, nginx: Peer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -111,10 +123,9 @@ async def test_client_token_removed_then_back(
     redacted = KeyURI.parse(CLIENT_KEY_URI).redacted()
     signer = RemovableTokenSigner(site.client.key, redacted)
     proxy = Proxy(site.config(client_keys=[signer]))
-    async with serving(proxy) as addresses:
-        failed_status, failed = await fetch(site, addresses.proxy_url, nginx.port)
-        signer.present = True
-        status, output = await fetch(site, addresses.proxy_url, nginx.port)
+    removed, back = await fetch_removed_then_back(proxy, site, signer, nginx.port)
+    failed_status, failed = removed
+    status, output = back
 
     assert failed_status == 0
     assert failed.endswith(b"status=502")
@@ -137,10 +148,9 @@ async def test_client_token_back_tls12(site: Site, s_server12: Peer) -> None:
     redacted = KeyURI.parse(CLIENT_KEY_URI).redacted()
     signer = RemovableTokenSigner(site.client.key, redacted)
     proxy = Proxy(site.config(client_keys=[signer]))
-    async with serving(proxy) as addresses:
-        failed_status, failed = await fetch(site, addresses.proxy_url, s_server12.port)
-        signer.present = True
-        status, output = await fetch(site, addresses.proxy_url, s_server12.port)
+    removed, back = await fetch_removed_then_back(proxy, site, signer, s_server12.port)
+    failed_status, failed = removed
+    status, output = back
 
     assert failed_status == 0
     assert failed.endswith(b"status=502")
@@ -160,10 +170,9 @@ async def test_ca_token_removed_then_back(
     caplog.set_level(logging.INFO)
     ca_signer = RemovableTokenSigner(site.local_ca.key, CA_KEY_URI)
     proxy = Proxy(site.config(ca_key=ca_signer))
-    async with serving(proxy) as addresses:
-        failed_status, _ = await fetch(site, addresses.proxy_url, nginx.port)
-        ca_signer.present = True
-        status, output = await fetch(site, addresses.proxy_url, nginx.port)
+    removed, back = await fetch_removed_then_back(proxy, site, ca_signer, nginx.port)
+    failed_status, _ = removed
+    status, output = back
 
     assert failed_status == CURL_SSL_CONNECT_ERROR
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
