@@ -10,14 +10,13 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
-from peers import Peer, free_port
-from proxy_site import Site, curl, make_site, nginx_for, serving
-from softhsm_token import SoftHSM, activate, create_softhsm
+from peers import free_port
+from proxy_site import curl, make_site, nginx_for, serving
+from softhsm_token import activate, create_softhsm
 from test_cli import wait_for_line
-from test_pkcs11_proxy import stop_cli
+from test_pkcs11_proxy import Setup, stop_cli
 from yubikey_standin import PIV_PIN, TOKEN, fill_slot, slot_uri
 
 from kmsproxy import Proxy
@@ -31,13 +30,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@dataclass
-class Setup:
-    hsm: SoftHSM
-    site: Site
-    nginx: Peer
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     hsm = create_softhsm(tmp_path_factory.mktemp("softhsm"))
@@ -47,7 +39,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         fill_slot(active, parse_slot("9a"), "p256", site.client_ca, "piv 9a")
         fill_slot(active, parse_slot("9c"), "rsa2048", site.client_ca, "piv 9c")
         with nginx_for(site) as nginx:
-            yield Setup(active, site, nginx)
+            yield Setup(active, site, nginx, certificates={})
 
 
 @pytest.mark.parametrize("slot", ["9a", "9c"])
