@@ -315,11 +315,7 @@ def start_upstream(directory: Path, keys: Keys, content: Path) -> Upstream:
         )
         for name in UPSTREAM_LISTENERS
     ]
-    config = directory / "nginx.conf"
-    config.write_text(_nginx_head(directory) + "".join(servers) + "}\n")
-    process = spawn("upstream-nginx", _nginx_argv(directory, config), directory)
-    for port in ports.values():
-        wait_for_port(process, port)
+    process = _start_nginx("upstream-nginx", directory, servers, ports)
     return Upstream(process, ports, directory)
 
 
@@ -348,12 +344,21 @@ def start_terminator(
         )
         for name in UPSTREAM_LISTENERS
     ]
+    process = _start_nginx("terminator-nginx", directory, servers, ports)
+    return process, ports
+
+
+def _start_nginx(
+    name: str, directory: Path, servers: list[str], ports: dict[str, int]
+) -> Process:
+    """Write nginx.conf with `servers` blocks, start nginx, and wait for
+    every port in `ports`."""
     config = directory / "nginx.conf"
     config.write_text(_nginx_head(directory) + "".join(servers) + "}\n")
-    process = spawn("terminator-nginx", _nginx_argv(directory, config), directory)
+    process = spawn(name, _nginx_argv(directory, config), directory)
     for port in ports.values():
         wait_for_port(process, port)
-    return process, ports
+    return process
 
 
 def _nginx_head(directory: Path) -> str:
