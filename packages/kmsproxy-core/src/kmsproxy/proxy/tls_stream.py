@@ -49,7 +49,9 @@ class ServerTLSStream(anyio.abc.ByteStream):
         self._eof_sent = False
         # Orders writes to the transport: `receive` and `send` both flush
         # the outgoing BIO, and the relay calls them from two tasks at once.
-        self._send_lock = anyio.Lock()
+        # `fast_acquire` skips the turn of the event loop that an uncontended
+        # acquire would otherwise take, because the transport's send yields.
+        self._send_lock = anyio.Lock(fast_acquire=True)
 
     @classmethod
     async def wrap(
@@ -89,6 +91,9 @@ class ServerTLSStream(anyio.abc.ByteStream):
         this way, so it keeps reading while `send` waits for a slow peer.
         """
         if not wait and self._send_lock.locked():
+            return
+        if not self._outgoing.pending and not self._send_lock.locked():
+            # Nothing is queued and no other task is sending.
             return
         async with self._send_lock:
             while data := self._outgoing.read():

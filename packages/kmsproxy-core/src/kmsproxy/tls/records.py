@@ -68,15 +68,34 @@ class RecordCipher:
         self, content_type: ContentType, content: bytes, padding_length: int = 0
     ) -> bytes:
         """Encrypt one TLSInnerPlaintext into a whole TLSCiphertext record."""
-        inner = content + bytes([content_type]) + bytes(padding_length)
+        return b"".join(self.seal_parts(content_type, content, padding_length))
+
+    def seal_parts(
+        self,
+        content_type: ContentType,
+        content: bytes | memoryview,
+        padding_length: int = 0,
+    ) -> tuple[bytes, bytes]:
+        """Encrypt one TLSInnerPlaintext; return the record header and body.
+
+        Returning the two parts lets `RecordLayer.encode` join all records
+        of a write with one copy.
+        """
+        inner = b"".join((content, _CONTENT_TYPE_BYTES[content_type]))
+        if padding_length:
+            inner += bytes(padding_length)
         if len(inner) > MAX_PLAINTEXT_LENGTH + 1:
             raise ValueError(f"inner plaintext of {len(inner)} bytes is too long")
         length = len(inner) + TAG_LENGTH
-        header = bytes([ContentType.application_data]) + _version_and_length(length)
-        return header + self._aead.encrypt(self._next_nonce(), inner, header)
+        header = _APPLICATION_DATA_BYTE + _version_and_length(length)
+        return header, self._aead.encrypt(self._next_nonce(), inner, header)
 
-    def open(self, header: bytes, ciphertext: bytes) -> tuple[int, bytes]:
-        """Decrypt one record; return (inner content type, content)."""
+    def open(self, header: bytes, ciphertext: bytes | memoryview) -> tuple[int, bytes]:
+        """Decrypt one record; return (inner content type, content).
+
+        `ciphertext` may be a view into the receive buffer: it is read only
+        during this call.
+        """
         try:
             inner = self._aead.decrypt(self._next_nonce(), ciphertext, header)
         except InvalidTag:
@@ -94,6 +113,12 @@ class RecordCipher:
                 f"{MAX_PLAINTEXT_LENGTH}"
             )
         return stripped[-1], content
+
+
+# The inner content type byte of each ContentType, built once instead of per
+# record.
+_CONTENT_TYPE_BYTES = {member: bytes([member]) for member in ContentType}
+_APPLICATION_DATA_BYTE = _CONTENT_TYPE_BYTES[ContentType.application_data]
 
 
 def _version_and_length(length: int) -> bytes:
@@ -170,25 +195,21 @@ class RecordLayer:
         end = start + RECORD_HEADER_LENGTH + length
         if len(self._buffer) < end:
             return None
-        body = bytes(self._buffer[start + RECORD_HEADER_LENGTH : end])
-        self._consume(RECORD_HEADER_LENGTH + length)
 
-        if outer_type == ContentType.change_cipher_spec:
-            return outer_type, body
-        if self.read_cipher is None:
-            if outer_type == ContentType.application_data:
-                raise UnexpectedMessage("application data before any traffic key")
-            if not body:
-                raise DecodeError(f"empty {ContentType(outer_type).name} record")
-            return outer_type, body
         if not protected:
-            raise UnexpectedMessage(
-                f"unprotected {ContentType(outer_type).name} record after keys "
-                "were established"
-            )
+            body = bytes(self._buffer[start + RECORD_HEADER_LENGTH : end])
+            self._consume(RECORD_HEADER_LENGTH + length)
+            return self._check_unprotected(outer_type, body)
         if length < TAG_LENGTH + 1:
             raise BadRecordMac(f"protected record of {length} bytes is too short")
-        content_type, content = self.read_cipher.open(header, body)
+        assert self.read_cipher is not None  # `protected` says so
+        # Decrypt straight from the buffer: the view is released before
+        # `_consume` may resize the buffer, which a live view would forbid.
+        view = memoryview(self._buffer)
+        with view[start + RECORD_HEADER_LENGTH : end] as ciphertext:
+            content_type, content = self.read_cipher.open(header, ciphertext)
+        view.release()
+        self._consume(RECORD_HEADER_LENGTH + length)
         if content_type not in (
             ContentType.alert,
             ContentType.handshake,
@@ -201,6 +222,21 @@ class RecordLayer:
             raise DecodeError(f"empty {ContentType(content_type).name} record")
         return content_type, content
 
+    def _check_unprotected(self, outer_type: int, body: bytes) -> tuple[int, bytes]:
+        """Apply the rules for a record received without protection."""
+        if outer_type == ContentType.change_cipher_spec:
+            return outer_type, body
+        if self.read_cipher is None:
+            if outer_type == ContentType.application_data:
+                raise UnexpectedMessage("application data before any traffic key")
+            if not body:
+                raise DecodeError(f"empty {ContentType(outer_type).name} record")
+            return outer_type, body
+        raise UnexpectedMessage(
+            f"unprotected {ContentType(outer_type).name} record after keys "
+            "were established"
+        )
+
     def encode(
         self, content_type: ContentType, content: bytes, *, protect: bool = True
     ) -> bytes:
@@ -209,12 +245,15 @@ class RecordLayer:
         `protect=False` is for the change_cipher_spec record, which is always
         sent in the clear (RFC 8446 section 5).
         """
-        records = []
+        # Header and body of every record, joined once at the end. The
+        # fragments are views, so `content` is copied only into the AEAD.
+        parts: list[bytes] = []
+        view = memoryview(content)
         for start in range(0, max(len(content), 1), MAX_PLAINTEXT_LENGTH):
-            fragment = content[start : start + MAX_PLAINTEXT_LENGTH]
+            fragment = view[start : start + MAX_PLAINTEXT_LENGTH]
             if self.write_cipher is not None and protect:
-                records.append(self.write_cipher.seal(content_type, fragment))
+                parts += self.write_cipher.seal_parts(content_type, fragment)
             else:
-                header = bytes([content_type]) + _version_and_length(len(fragment))
-                records.append(header + fragment)
-        return b"".join(records)
+                parts.append(bytes([content_type]) + _version_and_length(len(fragment)))
+                parts.append(bytes(fragment))
+        return b"".join(parts)

@@ -100,9 +100,14 @@ class TLSClientStream(anyio.abc.ByteStream):
     def __init__(self, transport: anyio.abc.ByteStream, connection: Connection) -> None:
         self.transport = transport
         self._connection = connection
-        self._send_lock = anyio.Lock()
-        self._receive_lock = anyio.Lock()
-        self._received = bytearray()
+        # `fast_acquire`: an uncontended acquire takes no turn of the event
+        # loop, because the transport's receive and send yield anyway.
+        self._send_lock = anyio.Lock(fast_acquire=True)
+        self._receive_lock = anyio.Lock(fast_acquire=True)
+        # Decrypted application data not yet returned, as received chunks
+        # joined once by `_take_received`, and their total length.
+        self._received: list[bytes] = []
+        self._received_length = 0
         self._close_notify_received = False
         self._write_interrupted = False
         # Whether the server sent application data or close_notify after
@@ -350,7 +355,8 @@ class TLSClientStream(anyio.abc.ByteStream):
 
     def _take(self, event: object) -> None:
         if isinstance(event, ApplicationData):
-            self._received += event.data
+            self._received.append(event.data)
+            self._received_length += len(event.data)
             self._server_spoke = True
         elif isinstance(event, CloseNotifyReceived):
             self._close_notify_received = True
@@ -390,7 +396,7 @@ class TLSClientStream(anyio.abc.ByteStream):
             while True:
                 # Decrypted records wait as events, so gather as many as fit
                 # into one return before going back to the transport.
-                if len(self._received) >= max_bytes or (
+                if self._received_length >= max_bytes or (
                     self._received and self._close_notify_received
                 ):
                     return self._take_received(max_bytes)
@@ -407,13 +413,14 @@ class TLSClientStream(anyio.abc.ByteStream):
                     self._take(event)
 
     def _take_received(self, max_bytes: int) -> bytes:
-        if len(self._received) <= max_bytes:
-            data = bytes(self._received)
-            self._received.clear()
+        data = b"".join(self._received)
+        self._received.clear()
+        self._received_length = 0
+        if len(data) <= max_bytes:
             return data
-        data = bytes(self._received[:max_bytes])
-        del self._received[:max_bytes]
-        return data
+        self._received.append(data[max_bytes:])
+        self._received_length = len(data) - max_bytes
+        return data[:max_bytes]
 
     async def send(self, item: bytes) -> None:
         """Send `item`, SEND_BATCH_BYTES at a time.
@@ -426,11 +433,15 @@ class TLSClientStream(anyio.abc.ByteStream):
         """
         view = memoryview(item)
         for start in range(0, max(len(item), 1), SEND_BATCH_BYTES):
+            # A relay step fits in one batch and goes in without a copy.
+            batch = (
+                item
+                if len(item) <= SEND_BATCH_BYTES
+                else bytes(view[start : start + SEND_BATCH_BYTES])
+            )
             async with self._send_lock:
                 try:
-                    self._connection.send_application_data(
-                        bytes(view[start : start + SEND_BATCH_BYTES])
-                    )
+                    self._connection.send_application_data(batch)
                 except TLSError as error:
                     raise anyio.ClosedResourceError(str(error)) from None
                 await self._send_queued()

@@ -75,25 +75,36 @@ class RecordCipher12:
         """Bytes a protected record adds to its content."""
         return self._suite.explicit_nonce_length + TAG_LENGTH
 
-    def seal(self, content_type: int, content: bytes) -> bytes:
+    def seal(self, content_type: int, content: bytes | memoryview) -> bytes:
         """Encrypt one fragment into a whole TLSCiphertext record."""
+        return b"".join(self.seal_parts(content_type, content))
+
+    def seal_parts(
+        self, content_type: int, content: bytes | memoryview
+    ) -> tuple[bytes, bytes]:
+        """Encrypt one fragment; return the record header with the explicit
+        nonce, and the ciphertext, for `RecordLayer12.encode` to join."""
         if len(content) > MAX_PLAINTEXT_LENGTH:
             raise ValueError(f"record fragment of {len(content)} bytes is too long")
         sequence, nonce, explicit = self._next()
         ciphertext = self._aead.encrypt(
             nonce, content, _additional_data(sequence, content_type, len(content))
         )
-        body = explicit + ciphertext
-        return _header(content_type, len(body)) + body
+        header = _header(content_type, len(explicit) + len(ciphertext))
+        return header + explicit, ciphertext
 
-    def open(self, content_type: int, body: bytes) -> bytes:
-        """Decrypt one record body; raise `BadRecordMac` on any failure."""
+    def open(self, content_type: int, body: bytes | memoryview) -> bytes:
+        """Decrypt one record body; raise `BadRecordMac` on any failure.
+
+        `body` may be a view into the receive buffer: it is read only during
+        this call.
+        """
         if len(body) < self.overhead:
             raise BadRecordMac(f"protected record of {len(body)} bytes is too short")
         sequence, nonce, _ = self._next()
         explicit_length = self._suite.explicit_nonce_length
         if explicit_length:
-            nonce = self._iv + body[:explicit_length]
+            nonce = self._iv + bytes(body[:explicit_length])
         ciphertext = body[explicit_length:]
         plaintext_length = len(ciphertext) - TAG_LENGTH
         try:
@@ -184,10 +195,16 @@ class RecordLayer12:
         end = start + RECORD_HEADER_LENGTH + length
         if len(self._buffer) < end:
             return None
-        body = bytes(self._buffer[start + RECORD_HEADER_LENGTH : end])
+        if self.read_cipher is None:
+            body = bytes(self._buffer[start + RECORD_HEADER_LENGTH : end])
+        else:
+            # Decrypt straight from the buffer. The view is released before
+            # `_consume` may resize the buffer, which a live view forbids.
+            view = memoryview(self._buffer)
+            with view[start + RECORD_HEADER_LENGTH : end] as ciphertext:
+                body = self.read_cipher.open(content_type, ciphertext)
+            view.release()
         self._consume(RECORD_HEADER_LENGTH + length)
-        if self.read_cipher is not None:
-            body = self.read_cipher.open(content_type, body)
         if not body and content_type != ContentType.application_data:
             # RFC 5246 section 6.2.1: only application data may be empty.
             raise DecodeError(f"empty {ContentType(content_type).name} record")
@@ -196,11 +213,15 @@ class RecordLayer12:
     def encode(self, content_type: int, content: bytes) -> bytes:
         """Split `content` into records of at most 2^14 bytes and protect
         them when a write key is set."""
-        records = []
+        # Header and body of every record, joined once at the end. The
+        # fragments are views, so `content` is copied only into the AEAD.
+        parts: list[bytes] = []
+        view = memoryview(content)
         for start in range(0, max(len(content), 1), MAX_PLAINTEXT_LENGTH):
-            fragment = content[start : start + MAX_PLAINTEXT_LENGTH]
+            fragment = view[start : start + MAX_PLAINTEXT_LENGTH]
             if self.write_cipher is not None:
-                records.append(self.write_cipher.seal(content_type, fragment))
+                parts += self.write_cipher.seal_parts(content_type, fragment)
             else:
-                records.append(_header(content_type, len(fragment)) + fragment)
-        return b"".join(records)
+                parts.append(_header(content_type, len(fragment)))
+                parts.append(bytes(fragment))
+        return b"".join(parts)
