@@ -205,13 +205,17 @@ def start_openssl_server(
     extra_args: Sequence[str] = (),
     name: str = "s_server",
     interactive: bool = False,
+    protocol: str = "-tls1_3",
 ) -> Peer:
-    """Start `openssl s_server -tls1_3` on a free loopback port.
+    """Start `openssl s_server` (TLS 1.3 only, unless `protocol` says
+    otherwise) on a free loopback port.
 
     `mode` is `-www` (replies to `GET /` with a status page naming the client
     certificate) or `-rev` (returns each line reversed). With `client_ca`
     and `require_client_cert`, the server sends a CertificateRequest listing
     that CA and fails the handshake without a certificate (`-Verify 1`).
+    `protocol` replaces -tls1_3, for example with -tls1_2, because s_server
+    does not let a later protocol flag in `extra_args` override the first.
     """
     openssl = _require("openssl")
     port = free_port()
@@ -221,7 +225,7 @@ def start_openssl_server(
     args = [
         openssl,
         "s_server",
-        "-tls1_3",
+        protocol,
         "-accept",
         f"{LOOPBACK}:{port}",
         "-cert",

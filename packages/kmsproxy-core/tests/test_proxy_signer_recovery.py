@@ -10,12 +10,10 @@ the store responds again, the next CONNECT succeeds.
 from __future__ import annotations
 
 import logging
-import subprocess
 from collections.abc import Iterator
 
-import peers
 import pytest
-from peers import LOOPBACK, Peer
+from peers import Peer, start_openssl_server
 from proxy_site import Site, curl, nginx, serving, site
 
 from kmsproxy import Proxy
@@ -59,31 +57,15 @@ class RemovableTokenSigner(SoftwareSigner):
 
 @pytest.fixture
 def s_server12(site: Site) -> Iterator[Peer]:
-    """Start `openssl s_server -tls1_2 -www`, requiring a client certificate.
-
-    `peers.start_openssl_server` passes -tls1_3, which s_server does not let
-    a later protocol flag override, so this builds its own command line.
-    """
-    port = peers.free_port()
-    directory = site.directory / f"s_server12-{port}"
-    directory.mkdir()
-    log_path = directory / "output.log"
-    args = [
-        "openssl", "s_server", "-tls1_2", "-accept", f"{LOOPBACK}:{port}",
-        "-cert", str(site.path("server.crt")), "-key", str(site.path("server.key")),
-        "-CAfile", str(site.path("client-ca.crt")), "-Verify", "1", "-www",
-    ]  # fmt: skip
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=directory,
-        )
-    peer = Peer("s_server12", process, LOOPBACK, port, directory, log_path)
-    with peer:
-        peers._wait_until_ready(peer, "ACCEPT")
+    """Start `openssl s_server -tls1_2 -www`, requiring a client certificate."""
+    with start_openssl_server(
+        site.directory,
+        site.path("server.crt"),
+        site.path("server.key"),
+        site.path("client-ca.crt"),
+        protocol="-tls1_2",
+        name="s_server12",
+    ) as peer:
         yield peer
 
 
