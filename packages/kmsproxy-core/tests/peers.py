@@ -207,8 +207,8 @@ def start_openssl_server(
     interactive: bool = False,
     protocol: str = "-tls1_3",
 ) -> Peer:
-    """Start `openssl s_server` (TLS 1.3 only, unless `protocol` says
-    otherwise) on a free loopback port.
+    """Start `openssl s_server` (TLS 1.3 only, unless `protocol` names
+    another version) on a free loopback port.
 
     `mode` is `-www` (replies to `GET /` with a status page naming the client
     certificate) or `-rev` (returns each line reversed). With `client_ca`
