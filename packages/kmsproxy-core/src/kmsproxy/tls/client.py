@@ -52,6 +52,7 @@ from .events import (
     SignatureRequested,
 )
 from .extensions import (
+    ParsedCertificateRequest,
     check_certificate_entry_extensions,
     check_encrypted_extensions,
     check_hello_retry_request_extensions,
@@ -197,6 +198,7 @@ class ClientConnection:
         self._server_secret = b""
         self._application_client_secret = b""
         self._certificate_request: m.CertificateRequest | None = None
+        self._parsed_certificate_request: ParsedCertificateRequest | None = None
         self._main_certificate_requested = False
         self._post_handshake_messages = 0
         self._pending_signature: SignatureRequested | None = None
@@ -669,7 +671,7 @@ class ClientConnection:
 
     def _receive_certificate_request(self, body: bytes, message: bytes) -> None:
         request = m.pull_certificate_request(body)
-        parse_certificate_request(request)
+        self._parsed_certificate_request = parse_certificate_request(request)
         self._certificate_request = request
         self._main_certificate_requested = True
         self._transcript.add(message)
@@ -740,10 +742,10 @@ class ClientConnection:
     def _send_client_certificate(self) -> None:
         """Send our Certificate (and ask for a signature) or go to Finished."""
         request = self._certificate_request
-        if request is None:
+        parsed = self._parsed_certificate_request
+        if request is None or parsed is None:
             self._send_client_finished()
             return
-        parsed = parse_certificate_request(request)
         selection = select_identity(
             self.config.identities, parsed.signature_algorithms, parsed.authorities
         )

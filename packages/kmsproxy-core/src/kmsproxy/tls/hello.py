@@ -74,6 +74,15 @@ SIGNATURE_ALGORITHMS = (
 )
 
 
+# The extension bodies that never change, encoded once at import.
+_SUPPORTED_VERSIONS = m.push_supported_versions_client([m.TLS_1_3])
+_SUPPORTED_GROUPS = m.push_uint16_list_extension(list(SUPPORTED_GROUPS))
+_SIGNATURE_ALGORITHMS = m.push_uint16_list_extension(list(SIGNATURE_ALGORITHMS))
+_PSK_KEY_EXCHANGE_MODES = m.push_psk_key_exchange_modes(
+    [m.PskKeyExchangeMode.psk_dhe_ke]
+)
+
+
 def key_share_extension(key_shares: Mapping[int, KeySharePrivateKey]) -> bytes:
     entries = [
         m.KeyShareEntry(group, public_key_bytes(key))
@@ -97,18 +106,9 @@ def build_client_hello(
             (m.ExtensionType.server_name, m.push_server_name(name.rstrip(".")))
         )
     extensions += [
-        (
-            m.ExtensionType.supported_versions,
-            m.push_supported_versions_client([m.TLS_1_3]),
-        ),
-        (
-            m.ExtensionType.supported_groups,
-            m.push_uint16_list_extension(list(SUPPORTED_GROUPS)),
-        ),
-        (
-            m.ExtensionType.signature_algorithms,
-            m.push_uint16_list_extension(list(SIGNATURE_ALGORITHMS)),
-        ),
+        (m.ExtensionType.supported_versions, _SUPPORTED_VERSIONS),
+        (m.ExtensionType.supported_groups, _SUPPORTED_GROUPS),
+        (m.ExtensionType.signature_algorithms, _SIGNATURE_ALGORITHMS),
         (m.ExtensionType.key_share, key_share_extension(key_shares)),
     ]
     if config.alpn_protocols:
@@ -125,10 +125,7 @@ def build_client_hello(
         # Resumption without 0-RTT, and always with a fresh (EC)DHE share
         # so a stolen ticket does not expose the session (forward secrecy).
         extensions.append(
-            (
-                m.ExtensionType.psk_key_exchange_modes,
-                m.push_psk_key_exchange_modes([m.PskKeyExchangeMode.psk_dhe_ke]),
-            )
+            (m.ExtensionType.psk_key_exchange_modes, _PSK_KEY_EXCHANGE_MODES)
         )
     return m.ClientHello(
         random=random_bytes(m.RANDOM_LENGTH),

@@ -45,18 +45,24 @@ def offer_ticket(
     extensions.append(
         (m.ExtensionType.pre_shared_key, m.push_offered_psks(placeholder))
     )
-    hello = _with_extensions(hello, extensions)
+    offered = _with_extensions(hello, extensions)
 
     # Step 2: the binder covers the ClientHello up to, not including, the
     # binders list.
-    encoded = m.push_client_hello(hello)
+    encoded = m.push_client_hello(offered)
     truncated = encoded[: -len(m.push_psk_binders(placeholder.binders))]
     binder = KeySchedule(suite, ticket.psk).binder(
         transcript.digest_with(suite, truncated)
     )
-    offered = m.OfferedPsks([identity], [binder])
-    extensions[-1] = (m.ExtensionType.pre_shared_key, m.push_offered_psks(offered))
-    return _with_extensions(hello, extensions)
+
+    # Step 3: the one binder is the extension's last bytes, so it replaces
+    # the zeros in place instead of encoding the extension again.
+    placeholder_data = offered.extensions[-1][1]
+    offered.extensions[-1] = (
+        m.ExtensionType.pre_shared_key,
+        placeholder_data[: -len(binder)] + binder,
+    )
+    return offered
 
 
 def without_ticket(hello: m.ClientHello) -> m.ClientHello:
