@@ -26,6 +26,7 @@ from kmsproxy.tls.config import TLSClientConfig
 from kmsproxy.tls.hello import SUPPORTED_GROUPS
 from kmsproxy.tls.records import ContentType
 from kmsproxy.tls.session_cache import GROUP_HINT_LIFETIME_SECONDS
+from kmsproxy.tls.tls12.client12 import ClientConnection12
 
 G = m.NamedGroup
 
@@ -58,10 +59,17 @@ class Upstream:
 
 
 class Connection:
-    """The outcome of one in-memory handshake."""
+    """The outcome of one in-memory handshake. `tls12` is the TLS 1.2
+    machine when the server selected TLS 1.2, else None."""
 
-    def __init__(self, client: ClientConnection, hellos: list[m.ClientHello]):
+    def __init__(
+        self,
+        client: ClientConnection,
+        tls12: ClientConnection12 | None,
+        hellos: list[m.ClientHello],
+    ):
         self.client = client
+        self.tls12 = tls12
         self.hellos = hellos
 
     def shares(self, index: int = 0) -> list[int]:
@@ -93,20 +101,24 @@ def settings_for(
 
 
 def client_hellos(data: bytes) -> list[m.ClientHello]:
-    """Parse the ClientHellos in our plaintext handshake records."""
+    """Parse the ClientHellos in our records. Each fits in one record, and
+    other handshake records may be encrypted (a TLS 1.2 Finished), so only
+    records that start with a ClientHello are parsed."""
     hellos = []
-    buffer = bytearray()
     offset = 0
     while offset < len(data):
         content_type = data[offset]
         length = int.from_bytes(data[offset + 3 : offset + 5], "big")
         start = offset + RECORD_HEADER_LENGTH
-        if content_type == ContentType.handshake:
-            buffer += data[start : start + length]
+        content = bytearray(data[start : start + length])
         offset = start + length
-    while (message := m.pop_handshake_message(buffer)) is not None:
-        if message[0] == m.HandshakeType.client_hello:
-            hellos.append(m.pull_client_hello(message[m.HANDSHAKE_HEADER_LENGTH :]))
+        if content_type != ContentType.handshake:
+            continue
+        if content[0] != m.HandshakeType.client_hello:
+            continue
+        message = m.pop_handshake_message(content)
+        assert message is not None
+        hellos.append(m.pull_client_hello(message[m.HANDSHAKE_HEADER_LENGTH :]))
     return hellos
 
 
@@ -116,22 +128,27 @@ def connect(upstream: Upstream, settings: TLSClientConfig) -> Connection:
     server = upstream.context.wrap_bio(incoming, outgoing, server_side=True)
     client = ClientConnection(settings)
     client.start()
+    # The TLS 1.2 machine takes over when the server selects TLS 1.2.
+    active: ClientConnection | ClientConnection12 = client
     hellos: list[m.ClientHello] = []
     for _ in range(MAX_FLIGHTS):
-        data = client.data_to_send()
+        data = active.data_to_send()
         hellos += client_hellos(data)
         incoming.write(data)
         try:
             server.do_handshake()
         except ssl.SSLWantReadError:
-            client.receive_data(outgoing.read())
-            continue
-        client.receive_data(outgoing.read())
-        break
+            server_done = False
+        else:
+            server_done = True
+        active.receive_data(outgoing.read())
+        active = client.tls12 or client
+        if server_done:
+            break
     else:
         raise AssertionError(f"no handshake within {MAX_FLIGHTS} flights")
-    assert client.handshake_complete
-    return Connection(client, hellos)
+    assert active.handshake_complete
+    return Connection(client, client.tls12, hellos)
 
 
 @pytest.fixture
@@ -247,6 +264,47 @@ async def test_s_server_changed_group_retries(tmp_path: Path) -> None:
     assert response.startswith(b"HTTP/1.0 200 ok")
     assert not third.connection.hello_retry_requested
     assert third.connection.key_exchange_group == G.secp256r1
+
+
+# TLS 1.2 servers
+
+
+def test_tls12_group_becomes_hint(upstream: Upstream) -> None:
+    upstream.context.minimum_version = ssl.TLSVersion.TLSv1_2
+    upstream.context.maximum_version = ssl.TLSVersion.TLSv1_2
+    cache = SessionCache()
+    first = connect(upstream, settings_for(upstream, cache))
+    assert first.tls12 is not None
+    assert first.tls12.key_exchange_group == G.x25519
+    assert cache.key_share_group(SESSION_KEY) == G.x25519
+
+
+def test_tls12_next_hello_sends_one_share(upstream: Upstream) -> None:
+    upstream.context.minimum_version = ssl.TLSVersion.TLSv1_2
+    upstream.context.maximum_version = ssl.TLSVersion.TLSv1_2
+    settings = settings_for(upstream, SessionCache())
+    connect(upstream, settings)
+    second = connect(upstream, settings)
+    assert second.shares() == [G.x25519]
+    assert second.tls12 is not None
+    assert second.tls12.resumed
+
+
+def test_tls12_upgrade_to_tls13_retries(upstream: Upstream) -> None:
+    # A TLS 1.2 server that selected P-256, then upgraded to TLS 1.3 with
+    # only P-384.
+    upstream.context.maximum_version = ssl.TLSVersion.TLSv1_2
+    upstream.context.minimum_version = ssl.TLSVersion.TLSv1_2
+    upstream.context.set_ecdh_curve("prime256v1")
+    settings = settings_for(upstream, SessionCache())
+    connect(upstream, settings)
+    upstream.context.maximum_version = ssl.TLSVersion.TLSv1_3
+    upstream.context.minimum_version = ssl.TLSVersion.TLSv1_3
+    upstream.context.set_ecdh_curve("secp384r1")
+    upgraded = connect(upstream, settings)
+    assert upgraded.shares(0) == [G.secp256r1]
+    assert upgraded.client.hello_retry_requested
+    assert upgraded.client.key_exchange_group == G.secp384r1
 
 
 # The cache's hints

@@ -802,9 +802,21 @@ class ClientConnection12:
         self._unmatched_request = ""
         self._transcript.clear()
         self._store_session()
+        self._store_group_hint()
         self._established = True
         self.state = State12.CONNECTED
         self._events.append(HandshakeComplete())
+
+    def _store_group_hint(self) -> None:
+        """Store the ServerKeyExchange group as the group hint, so the next
+        ClientHello to this upstream generates one share instead of the
+        hybrid and x25519. A resumed handshake has no key exchange and
+        leaves the hint as it is."""
+        cache, key = self.config.session_cache, self.config.session_key
+        group = self.key_exchange_group
+        if cache is None or key is None or group is None or self._established:
+            return
+        cache.put_key_share_group(key, group)
 
     def _store_session(self) -> None:
         """Keep the session for resumption: with the server's new ticket,
