@@ -20,7 +20,6 @@ from pki import issue, make_ca
 from proxy_site import (
     REQUEST_TIMEOUT_SECONDS,
     Site,
-    curl,
     curl_through,
     nginx_for,
     proxy_address,
@@ -165,13 +164,11 @@ async def test_curl_http2_via_https_proxy(
 ) -> None:
     _, addresses = running
     host, port = proxy_address(addresses)
-    result = await curl(
-        "--http2",
-        "--proxy",
+    result = await curl_through(
         f"https://{host}:{port}",
+        site,
+        "--http2",
         "--proxy-cacert",
-        str(site.path("ca.crt")),
-        "--cacert",
         str(site.path("ca.crt")),
         "--write-out",
         " version=%{http_version}",

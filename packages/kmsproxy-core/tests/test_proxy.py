@@ -68,12 +68,10 @@ async def test_curl_https_proxy_reaches_nginx(
 ) -> None:
     _, addresses = running
     host, port = proxy_address(addresses)
-    result = await curl(
-        "--proxy",
+    result = await curl_through(
         f"https://{host}:{port}",
+        site,
         "--proxy-cacert",
-        str(site.path("ca.crt")),
-        "--cacert",
         str(site.path("ca.crt")),
         f"https://127.0.0.1:{nginx.port}/subject",
     )
