@@ -9,7 +9,9 @@ on ::1), and every process is stopped by its PID when the run ends.
 The run writes benchmarks/results.json, then `report.py` turns it into the
 results section of docs/benchmarks.md and docs/benchmarks.png. The signer
 latency section (`signers.py`) runs after the contenders; `--only signers`
-runs it alone and replaces only its part of an existing results.json.
+runs it alone and replaces only its part of an existing results.json. The
+TLS client handshake section (`handshake.py`) follows, and `--only
+handshake` works the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import platform
 import resource
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import clients
+import handshake
 import keysources
 import report
 import servers
@@ -60,6 +64,12 @@ REPEAT = 3
 
 # The `--only` name of the signer latency section.
 SIGNERS = "signers"
+
+# The `--only` name of the TLS client handshake section.
+HANDSHAKE = "handshake"
+
+# The sections that `--only` can run alone, keeping the contenders' figures.
+SECTIONS = {SIGNERS, HANDSHAKE}
 
 # Open files this process and its children may need: 1,000 idle tunnels
 # take two descriptors each in a proxy and one each here.
@@ -429,7 +439,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         nargs="+",
         help="measure only these contenders (direct is always measured); "
-        f"`{SIGNERS}` names the signer latency section",
+        f"`{SIGNERS}` names the signer latency section and `{HANDSHAKE}` the "
+        "TLS client handshake section",
     )
     parser.add_argument(
         "--profile",
@@ -575,6 +586,29 @@ def run_signers(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def run_handshake(args: argparse.Namespace) -> dict[str, object]:
+    """Run the TLS client handshake section; return its part of results.json."""
+    handshakes, rounds = handshake.HANDSHAKES, handshake.ROUNDS
+    if args.quick:
+        handshakes, rounds = handshakes // 10, 1
+    started = time.monotonic()
+    load_at_start = os.getloadavg()[0]
+    rows = handshake.measure(handshakes, rounds)
+    meta = machine()
+    meta["python ssl"] = ssl.OPENSSL_VERSION
+    meta["duration"] = f"{time.monotonic() - started:.0f} s"
+    meta["load"] = (
+        f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    )
+    return {
+        "machine": meta,
+        "handshakes": handshakes,
+        "rounds": rounds,
+        "quick": args.quick,
+        "rows": [dataclasses.asdict(row) for row in rows],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.profile:
@@ -582,13 +616,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.mitmdump:
         # Processes run in the work directory, so relative paths would break.
         args.mitmdump = str(Path(args.mitmdump).resolve())
-    signers_only = args.only is not None and set(args.only) == {SIGNERS}
-    if signers_only:
+    sections_only = args.only is not None and set(args.only) <= SECTIONS
+    if sections_only:
         # Keep the contenders' figures of the last full run.
         if not args.results.exists():
             raise SystemExit(
-                f"{args.results} not found: `--only {SIGNERS}` adds its section to "
-                "the results of an earlier run (run without --only first)"
+                f"{args.results} not found: `--only {' '.join(args.only)}` adds "
+                "its section to the results of an earlier run (run without "
+                "--only first)"
             )
         results = json.loads(args.results.read_text())
     else:
@@ -597,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
             results["machine"]["mitmproxy"] = mitmproxy_version(args.mitmdump)  # type: ignore[index]
     if args.only is None or SIGNERS in args.only:
         results["signers"] = run_signers(args)
+    if args.only is None or HANDSHAKE in args.only:
+        results["handshake"] = run_handshake(args)
     args.results.write_text(json.dumps(results, indent=2) + "\n")
     log(f"wrote {args.results}")
     if not args.no_report:

@@ -1,8 +1,8 @@
-"""Time the CPU that kmsproxy's TLS 1.3 client spends per handshake.
+"""Time the CPU that kmsproxy's TLS client spends per handshake.
 
 Each handshake runs in memory, with no socket: the client and a Python `ssl`
 server (OpenSSL) pass their flights through a pair of `ssl.MemoryBIO`s in one
-thread. The handshake is TLS 1.3 with mutual authentication. The server
+thread. Every handshake uses mutual authentication. The server
 certificate and the client certificate are on P-256 keys from a throwaway CA
 written to a temporary directory. A clock reads the thread's CPU time around
 the client's calls only, so the server's work does not count. The client's
@@ -18,7 +18,9 @@ client is from it.
 "Resumed" handshakes offer the newest ticket from the previous handshake
 (PSK with a fresh x25519 share, psk_dhe_ke). Both clients process the
 server's NewSessionTickets inside the timed calls, because a real connection
-pays for them too.
+pays for them too. "Resumed TLS 1.2" runs against a server context limited
+to TLS 1.2, where kmsproxy's TLS 1.3 client hands over to its TLS 1.2
+client and resumes with an RFC 5077 ticket.
 
 A round runs `handshakes` handshakes of one kind one after another and keeps
 their median, so each row contains one median per round. Run it as
@@ -51,6 +53,7 @@ from kmsproxy.tls import ClientIdentity, SessionCache, TrustStore  # noqa: E402
 from kmsproxy.tls.client import ClientConnection  # noqa: E402
 from kmsproxy.tls.config import TLSClientConfig  # noqa: E402
 from kmsproxy.tls.events import SignatureRequested  # noqa: E402
+from kmsproxy.tls.tls12.client12 import ClientConnection12  # noqa: E402
 
 # Handshakes per round and rounds per row. Five rounds give a min and a max
 # besides the median. With these values the whole run took 3.5 s on 2 cores
@@ -73,13 +76,33 @@ Clock = Callable[[], int]
 
 @dataclass
 class Setup:
-    """The throwaway PKI and the two contexts built from it."""
+    """The throwaway PKI and the three contexts built from it."""
 
     server: ssl.SSLContext
+    server12: ssl.SSLContext
     client: ssl.SSLContext
     identity: ClientIdentity
     client_key: PrivateKey
     trust: TrustStore
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of handshake: its row label, and what the server allows."""
+
+    label: str
+    resumed: bool
+    tls12: bool = False
+
+    def server(self, setup: Setup) -> ssl.SSLContext:
+        return setup.server12 if self.tls12 else setup.server
+
+
+KINDS = (
+    Kind("full", resumed=False),
+    Kind("resumed", resumed=True),
+    Kind("resumed TLS 1.2", resumed=True, tls12=True),
+)
 
 
 @dataclass
@@ -113,13 +136,22 @@ def make_setup(directory: Path) -> Setup:
     server_context.load_verify_locations(ca_path)
     server_context.verify_mode = ssl.CERT_REQUIRED
 
+    server12_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server12_context.minimum_version = ssl.TLSVersion.TLSv1_2
+    server12_context.maximum_version = ssl.TLSVersion.TLSv1_2
+    server12_context.load_cert_chain(server_cert, server_key)
+    server12_context.load_verify_locations(ca_path)
+    server12_context.verify_mode = ssl.CERT_REQUIRED
+
+    # TLS 1.2 and 1.3, as kmsproxy's client offers.
     client_context = ssl.create_default_context(cafile=str(ca_path))
-    client_context.minimum_version = ssl.TLSVersion.TLSv1_3
+    client_context.minimum_version = ssl.TLSVersion.TLSv1_2
     client_context.load_cert_chain(client_cert, client_key)
 
     signer = SoftwareSigner(client.key, "file:client.key")
     return Setup(
         server=server_context,
+        server12=server12_context,
         client=client_context,
         identity=ClientIdentity(tuple(client.chain), signer),
         client_key=client.key,
@@ -128,15 +160,20 @@ def make_setup(directory: Path) -> Setup:
 
 
 def kmsproxy_handshake(
-    setup: Setup, settings: TLSClientConfig, clock: Clock
+    setup: Setup,
+    server_context: ssl.SSLContext,
+    settings: TLSClientConfig,
+    clock: Clock,
 ) -> tuple[int, int, bool]:
     """Run one handshake; return (client ns, ClientHello ns, resumed)."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    server = setup.server.wrap_bio(incoming, outgoing, server_side=True)
+    server = server_context.wrap_bio(incoming, outgoing, server_side=True)
 
     started = clock()
     client = ClientConnection(settings)
     client.start()
+    # The TLS 1.2 client takes over when the server selects TLS 1.2.
+    active: ClientConnection | ClientConnection12 = client
     reply = client.data_to_send()
     hello_ns = clock() - started
     spent = hello_ns
@@ -146,31 +183,35 @@ def kmsproxy_handshake(
         server_done = _advance(server)
         flight = outgoing.read()
         started = clock()
-        client.receive_data(flight)
-        while (event := client.next_event()) is not None:
+        active.receive_data(flight)
+        active = client.tls12 or client
+        while (event := active.next_event()) is not None:
             if isinstance(event, SignatureRequested):
                 signature = sign_with_private_key(
                     setup.client_key, event.content, event.scheme
                 )
-                client.provide_signature(signature)
-        reply = client.data_to_send()
+                active.provide_signature(signature)
+        reply = active.data_to_send()
         spent += clock() - started
         if server_done:
             break
     else:
         raise RuntimeError(f"kmsproxy handshake took more than {MAX_FLIGHTS} flights")
-    if not client.handshake_complete:
+    if not active.handshake_complete:
         raise RuntimeError("the server finished but the kmsproxy client did not")
-    return spent, hello_ns, client.resumed
+    return spent, hello_ns, active.resumed
 
 
 def ssl_handshake(
-    setup: Setup, session: ssl.SSLSession | None, clock: Clock
+    setup: Setup,
+    server_context: ssl.SSLContext,
+    session: ssl.SSLSession | None,
+    clock: Clock,
 ) -> tuple[int, ssl.SSLSession | None, bool]:
     """Run one handshake; return (client ns, the session to resume, resumed)."""
     server_in, server_out = ssl.MemoryBIO(), ssl.MemoryBIO()
     client_in, client_out = ssl.MemoryBIO(), ssl.MemoryBIO()
-    server = setup.server.wrap_bio(server_in, server_out, server_side=True)
+    server = server_context.wrap_bio(server_in, server_out, server_side=True)
 
     started = clock()
     client = setup.client.wrap_bio(
@@ -215,8 +256,9 @@ def _read_tickets(client: ssl.SSLObject) -> None:
 
 
 def measure_kmsproxy(
-    setup: Setup, resumed: bool, handshakes: int, rounds: int, clock: Clock
+    setup: Setup, kind: Kind, handshakes: int, rounds: int, clock: Clock
 ) -> Row:
+    resumed = kind.resumed
     cache = SessionCache() if resumed else None
     settings = TLSClientConfig(
         SERVER_NAME,
@@ -225,13 +267,16 @@ def measure_kmsproxy(
         session_cache=cache,
         session_key="benchmark" if resumed else None,
     )
+    server = kind.server(setup)
     medians: list[float] = []
     hellos: list[float] = []
     for round_number in range(rounds + 1):
         count = WARMUP_HANDSHAKES if round_number == 0 else handshakes
         samples = []
         for _ in range(count):
-            spent, hello, was_resumed = kmsproxy_handshake(setup, settings, clock)
+            spent, hello, was_resumed = kmsproxy_handshake(
+                setup, server, settings, clock
+            )
             if was_resumed != resumed and round_number > 0:
                 raise RuntimeError(
                     f"kmsproxy handshake resumed={was_resumed}, expected {resumed}"
@@ -242,13 +287,14 @@ def measure_kmsproxy(
             spent, hello = samples[len(samples) // 2]
             medians.append(spent / 1000)
             hellos.append(hello / 1000)
-    label = "resumed" if resumed else "full"
-    return Row("kmsproxy", label, medians, hellos)
+    return Row("kmsproxy", kind.label, medians, hellos)
 
 
 def measure_ssl(
-    setup: Setup, resumed: bool, handshakes: int, rounds: int, clock: Clock
+    setup: Setup, kind: Kind, handshakes: int, rounds: int, clock: Clock
 ) -> Row:
+    resumed = kind.resumed
+    server = kind.server(setup)
     medians: list[float] = []
     session: ssl.SSLSession | None = None
     for round_number in range(rounds + 1):
@@ -256,7 +302,7 @@ def measure_ssl(
         samples = []
         for _ in range(count):
             spent, new_session, was_resumed = ssl_handshake(
-                setup, session if resumed else None, clock
+                setup, server, session if resumed else None, clock
             )
             if was_resumed != resumed and round_number > 0:
                 raise RuntimeError(
@@ -266,8 +312,7 @@ def measure_ssl(
             samples.append(spent)
         if round_number > 0:
             medians.append(statistics.median(samples) / 1000)
-    label = "resumed" if resumed else "full"
-    return Row("Python ssl", label, medians, [])
+    return Row("Python ssl", kind.label, medians, [])
 
 
 def measure(handshakes: int = HANDSHAKES, rounds: int = ROUNDS) -> list[Row]:
@@ -276,9 +321,9 @@ def measure(handshakes: int = HANDSHAKES, rounds: int = ROUNDS) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="kmsproxy-bench-handshake-") as work:
         setup = make_setup(Path(work))
         rows = []
-        for resumed in (False, True):
-            rows.append(measure_kmsproxy(setup, resumed, handshakes, rounds, clock))
-            rows.append(measure_ssl(setup, resumed, handshakes, rounds, clock))
+        for kind in KINDS:
+            rows.append(measure_kmsproxy(setup, kind, handshakes, rounds, clock))
+            rows.append(measure_ssl(setup, kind, handshakes, rounds, clock))
     return rows
 
 

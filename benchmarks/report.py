@@ -142,6 +142,49 @@ def render(results: dict[str, Any]) -> str:
     lines.append("Versions: " + "; ".join(versions) + ".")
     if "signers" in results:
         lines += ["", render_signers(results["signers"])]
+    if "handshake" in results:
+        lines += ["", render_handshake(results["handshake"])]
+    return "\n".join(lines)
+
+
+def render_handshake(section: dict[str, Any]) -> str:
+    """Render the TLS client handshake table, one row per client and kind."""
+    machine = section["machine"]
+    lines = ["### CPU per TLS client handshake", ""]
+    if section.get("quick"):
+        lines += [
+            "**These figures come from a `--quick` trial run and are not "
+            "comparable with a full run.**",
+            "",
+        ]
+    lines += [
+        f"Measured {machine['date']} in {machine['duration']} on {machine['cores']} "
+        f"cores of an {machine['cpu']}, Python {machine['python']} "
+        f"({machine['python ssl']}), kmsproxy at commit "
+        f"{machine['kmsproxy commit']}. Load average (1 min): {machine['load']}.",
+        "",
+        "`benchmarks/handshake.py` runs handshakes with a P-256 client "
+        "certificate against Python's `ssl` server in memory, in TLS 1.3 unless "
+        "the row says TLS 1.2, and times the client's CPU only. Each round runs "
+        f"{section['handshakes']} handshakes and keeps their median. Each cell "
+        f"is the median, (min–max) over {section['rounds']} rounds, and ×ratio "
+        "to Python's `ssl` client doing the same handshake in the same run.",
+        "",
+        "| client | handshake | µs of client CPU |",
+        "| --- | --- | --- |",
+    ]
+    rows: list[dict[str, Any]] = section["rows"]
+    baselines = {
+        row["handshake"]: row["medians_us"]
+        for row in rows
+        if row["client"] != "kmsproxy"
+    }
+    metric = Metric("medians_us", "µs of client CPU", False, 0)
+    for row in rows:
+        is_kmsproxy = row["client"] == "kmsproxy"
+        baseline = baselines.get(row["handshake"]) if is_kmsproxy else None
+        cell = format_cell(row["medians_us"], baseline, metric)
+        lines.append(f"| {row['client']} | {row['handshake']} | {cell} |")
     return "\n".join(lines)
 
 
