@@ -56,7 +56,7 @@ from kmsproxy.tls.events import SignatureRequested  # noqa: E402
 from kmsproxy.tls.tls12.client12 import ClientConnection12  # noqa: E402
 
 # Handshakes per round and rounds per row. Five rounds give a min and a max
-# besides the median. With these values the whole run took 3.5 s on 2 cores
+# besides the median. With these values the whole run took 4 s on 2 cores
 # of an AMD EPYC (load average under 1).
 HANDSHAKES = 100
 ROUNDS = 5
