@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from pki import issue, make_ca
 
-from kmsproxy.cli import build_parser, main
+from kmsproxy.cli import build_parser, main, parse_command_line
 from kmsproxy.cli.serve import MAX_HELD_RECORDS, StartupLogBuffer, config_from_args
 from kmsproxy.plugins import file as file_backend
 from kmsproxy.plugins.hookspecs import hookimpl
@@ -44,7 +44,7 @@ def run_cli(
 
 
 def parse_serve(*args: str) -> argparse.Namespace:
-    return build_parser(None).parse_args(["serve", *args])
+    return parse_command_line(build_parser(None), ["serve", *args])
 
 
 def test_version() -> None:

@@ -40,6 +40,34 @@ def test_go_form_config() -> None:
     assert config.listen == DEFAULT_LISTEN
 
 
+def test_go_form_options_between_positionals() -> None:
+    # step-kmsproxy-plugin's parser accepts options anywhere.
+    args = parse_serve(
+        "tpmkms:name=mykey", "--cacert", "cluster-ca.crt", "ca.crt",
+        "--verbose", "ca.key",
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert list(config.client_keys) == ["tpmkms:name=mykey"]
+    assert config.ca_certificate == "ca.crt"
+    assert config.ca_key == "ca.key"
+    assert list(config.trust) == [Path("cluster-ca.crt")]
+
+
+def test_misspelt_option_names_closest() -> None:
+    result = run_cli("serve", "--clientcrt", "client.crt")
+    assert result.returncode == 2
+    assert "usage: kmsproxy serve" in result.stderr
+    assert "unrecognized arguments: --clientcrt" in result.stderr
+    assert "did you mean --clientcert?" in result.stderr
+
+
+def test_unknown_option_without_match() -> None:
+    result = run_cli("serve", "ca.key", "--zzzz", "ca.crt")
+    assert result.returncode == 2
+    assert "unrecognized arguments: --zzzz" in result.stderr
+    assert "did you mean" not in result.stderr
+
+
 def test_go_form_clientcert_overrides() -> None:
     args = parse_serve("client.key", "ca.crt", "ca.key", "--clientcert", "chain.pem")
     config = config_from_args(args)

@@ -8,6 +8,7 @@ errors into one line on stderr with exit status 2.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
@@ -58,7 +59,60 @@ def build_parser(registry: Registry | None) -> argparse.ArgumentParser:
     demo.add_parser(subparsers)
     if registry is not None:
         add_backend_commands(registry, subparsers)
+    _record_command_parsers(parser)
     return parser
+
+
+def _record_command_parsers(parser: argparse.ArgumentParser) -> None:
+    """Store each (sub)command's parser in its namespace as `command_parser`.
+
+    `parse_command_line` reports an unknown option with the usage of the
+    command it was given to, instead of the top-level usage.
+    """
+    # argparse has no public way to list a parser's subcommands, so this
+    # reads its private `_actions` and `_SubParsersAction`.
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command_parser in action.choices.values():
+                command_parser.set_defaults(command_parser=command_parser)
+                _record_command_parsers(command_parser)
+
+
+def parse_command_line(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> argparse.Namespace:
+    """Parse `argv`, taking positionals between options as the Go tool does.
+
+    argparse reads a command's positional arguments as one run, so in
+    `serve KMSURI --cacert F CERT KEY` the last two are left over. Left-over
+    words that are not options join the `positionals` of a command that
+    has them. A left-over option is an error that names the closest known
+    option of that command.
+    """
+    args, extras = parser.parse_known_args(argv)
+    command_parser: argparse.ArgumentParser = getattr(args, "command_parser", parser)
+    positionals = getattr(args, "positionals", None)
+    if not extras:
+        return args
+    if isinstance(positionals, list) and not any(e.startswith("-") for e in extras):
+        positionals.extend(extras)
+        return args
+    command_parser.error(describe_unrecognized(command_parser, extras))
+
+
+def describe_unrecognized(
+    parser: argparse.ArgumentParser, extras: Sequence[str]
+) -> str:
+    """Name the arguments `parser` does not know, with a close option name."""
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    known = [name for action in parser._actions for name in action.option_strings]
+    for extra in extras:
+        if not extra.startswith("-"):
+            continue
+        close = difflib.get_close_matches(extra.split("=", 1)[0], known, n=1)
+        if close:
+            return f"{message} (did you mean {close[0]}?)"
+    return message
 
 
 def add_backend_commands(
@@ -113,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(verbose=False)
         registry = Registry.load()
         parser = build_parser(registry)
-        args = parser.parse_args(argv)
+        args = parse_command_line(parser, argv)
         if not hasattr(args, "handler"):
             parser.print_help(sys.stderr)
             return EXIT_USER_ERROR

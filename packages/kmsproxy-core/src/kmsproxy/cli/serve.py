@@ -97,9 +97,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    # NOTE: argparse (Python 3.11) reads the positionals only as one run, so
-    # `KMSURI --cacert F CERT KEY`, which the Go tool's parser accepts, fails
-    # with "unrecognized arguments: CERT KEY".
+    # argparse reads the positionals only as one run. Words left after the
+    # options join them in `kmsproxy.cli.parse_command_line`, so the Go
+    # tool's `KMSURI --cacert F CERT KEY` works too.
     parser.add_argument(
         "positionals",
         nargs="*",
