@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import clients
+import cputime
 import handshake
 import keysources
 import report
@@ -157,10 +158,15 @@ def measure(contender: Contender, row: Row, upstream: Upstream, sizes: Sizes) ->
     """Run every measurement on one contender, whose process is running."""
     resumed = contender.routes["resumed"]
     full = contender.routes["full"]
+    blob = upstream_blob(upstream)
     for attempt in range(sizes.repeat):
         log(f"{row.name}: bulk transfers, round {attempt + 1}")
-        row.add("download_mbps", clients.curl_download(resumed, "/big"))
-        row.add("upload_mbps", clients.curl_upload(resumed, upstream_blob(upstream)))
+        measure_transfer(
+            row, "download", lambda: clients.curl_download(resumed, "/big"), contender
+        )
+        measure_transfer(
+            row, "upload", lambda: clients.curl_upload(resumed, blob), contender
+        )
     for attempt in range(sizes.repeat):
         log(f"{row.name}: fresh connections, round {attempt + 1}")
         for mode, route in (("resumed", resumed), ("full", full)):
@@ -197,6 +203,29 @@ def measure(contender: Contender, row: Row, upstream: Upstream, sizes: Sizes) ->
             clients.close_all(sockets)
         row.add("idle_rss_mib", loaded / 2**20)
         row.add("rss_per_tunnel_kib", (loaded - baseline) / sizes.idle_tunnels / 1024)
+
+
+def measure_transfer(
+    row: Row,
+    direction: str,
+    transfer: Callable[[], clients.Transfer],
+    contender: Contender,
+) -> None:
+    """Run one bulk transfer and add its MB/s and the proxy's CPU per MB.
+
+    The CPU figure is the user plus system time of the proxy's process
+    tree while curl ran, in ms per MB of body. It also covers the proxy's
+    share of curl's CONNECT and TLS handshakes, which smaller `--bulk-mib`
+    sizes make weigh more. The direct path has no process in between and
+    gets no CPU figure.
+    """
+    process = contender.proxy_process
+    before = cputime.tree_cpu_seconds(process.pid) if process else 0.0
+    result = transfer()
+    row.add(f"{direction}_mbps", result.mbps)
+    if process is not None:
+        used = cputime.tree_cpu_seconds(process.pid) - before
+        row.add(f"{direction}_cpu_ms_per_mb", 1000 * used / result.megabytes)
 
 
 def upstream_blob(upstream: Upstream) -> Path:

@@ -106,18 +106,36 @@ def _content_length(head: bytes, route: Route) -> int:
 # curl: bulk transfers.
 
 
-def curl_download(route: Route, path: str) -> float:
-    """Download `path` with curl; return MB/s (10^6 bytes per second)."""
+@dataclass(frozen=True)
+class Transfer:
+    """One curl transfer: the body bytes moved and curl's `time_total`."""
+
+    size_bytes: int
+    seconds: float
+
+    @property
+    def megabytes(self) -> float:
+        """The body size in MB (10^6 bytes)."""
+        return self.size_bytes / 1e6
+
+    @property
+    def mbps(self) -> float:
+        """The throughput in MB/s (10^6 bytes per second)."""
+        return self.megabytes / self.seconds
+
+
+def curl_download(route: Route, path: str) -> Transfer:
+    """Download `path` with curl, discarding the body."""
     output = _run_curl(
         route,
         [route.url(path), "-o", "/dev/null", "-w", "%{time_total} %{size_download}"],
     )
     seconds, size = output.split()
-    return int(size) / float(seconds) / 1e6
+    return Transfer(int(size), float(seconds))
 
 
-def curl_upload(route: Route, source: Path) -> float:
-    """PUT `source` to /upload/ with curl; return MB/s."""
+def curl_upload(route: Route, source: Path) -> Transfer:
+    """PUT `source` to /upload/ with curl."""
     output = _run_curl(
         route,
         [
@@ -134,7 +152,7 @@ def curl_upload(route: Route, source: Path) -> float:
         ],
     )
     seconds, size = output.split()
-    return int(size) / float(seconds) / 1e6
+    return Transfer(int(size), float(seconds))
 
 
 def _run_curl(route: Route, arguments: list[str]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,16 @@ METRICS = (
     Metric("rss_per_tunnel_kib", "KiB per idle tunnel", False, 1),
     Metric("startup_seconds", "start to first response, s", False, 2),
 )
+
+# The proxy's own CPU time per MB relayed, in its own table. The direct
+# path has no process in between, so these cells compare with mitmproxy.
+CPU_METRICS = (
+    Metric("download_cpu_ms_per_mb", "download, ms CPU per MB", False, 2),
+    Metric("upload_cpu_ms_per_mb", "upload, ms CPU per MB", False, 2),
+)
+
+# The row whose median the CPU cells are divided by.
+CPU_BASELINE = "mitmproxy"
 
 # The metrics the chart shows as ratios to the direct path.
 CHART_METRICS = (
@@ -140,10 +151,55 @@ def render(results: dict[str, Any]) -> str:
         if name in machine
     ]
     lines.append("Versions: " + "; ".join(versions) + ".")
+    cpu_table = render_cpu(rows)
+    if cpu_table:
+        lines += ["", cpu_table]
     if "signers" in results:
         lines += ["", render_signers(results["signers"])]
     if "handshake" in results:
         lines += ["", render_handshake(results["handshake"])]
+    return "\n".join(lines)
+
+
+def render_cpu(rows: list[dict[str, Any]]) -> str:
+    """Render the proxy CPU per MB table, or "" for results without it.
+
+    Results written before the harness measured CPU have no such values.
+    """
+    measured = [
+        row
+        for row in rows
+        if row["status"] == "measured"
+        and any(m.key in row["values"] for m in CPU_METRICS)
+    ]
+    if not measured:
+        return ""
+    baseline = next((row for row in measured if row["name"] == CPU_BASELINE), None)
+    if baseline is None:
+        ratio_text = "mitmproxy was not measured in this run, so no cell has a ratio."
+    else:
+        ratio_text = (
+            "Each cell is the median, (min–max) over the rounds, and ×ratio to "
+            "mitmproxy's median in the same run."
+        )
+    lines = [
+        "### Proxy CPU per MB relayed",
+        "",
+        "User plus system CPU time of the proxy's process, with its threads and "
+        "child processes, during each bulk transfer above, per MB (10^6 bytes) "
+        "of body. " + ratio_text,
+        "",
+        "| path | " + " | ".join(m.heading for m in CPU_METRICS) + " |",
+        "| --- |" + " --- |" * len(CPU_METRICS),
+    ]
+    for row in measured:
+        cells = []
+        for metric in CPU_METRICS:
+            base = None
+            if baseline is not None and row is not baseline:
+                base = baseline["values"].get(metric.key)
+            cells.append(format_cell(row["values"].get(metric.key), base, metric))
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -308,6 +364,7 @@ def render_targets(results: dict[str, Any], row_name: str = "kmsproxy-file") -> 
             )
             + " |"
         )
+    lines += _cpu_target_rows(row_name, median, verdict)
     ours, direct = (
         median(row_name, "latency_p50_ms_resumed"),
         median("direct", "latency_p50_ms_resumed"),
@@ -350,6 +407,38 @@ def render_targets(results: dict[str, Any], row_name: str = "kmsproxy-file") -> 
             + " |"
         )
     return "\n".join(lines)
+
+
+def _cpu_target_rows(
+    row_name: str,
+    median: Callable[[str, str], float | None],
+    verdict: Callable[[bool, str], str],
+) -> list[str]:
+    """Render the throughput target's rows measured as CPU per MB relayed.
+
+    When both proxies are CPU-bound and get the same share of a core,
+    kmsproxy relays MIN_RATIO_TO_MITMPROXY times mitmproxy's MB/s if it
+    spends at most 1/MIN_RATIO_TO_MITMPROXY of mitmproxy's CPU per MB.
+    This ratio varies less between runs than the MB/s ratio, because it
+    depends less on how much of the cores curl and nginx take.
+    """
+    lines = []
+    for metric, name in zip(CPU_METRICS, ("download", "upload"), strict=True):
+        ours, mitm = median(row_name, metric.key), median(CPU_BASELINE, metric.key)
+        if ours is None or not mitm:
+            continue
+        ratio = mitm / ours if ours else float("inf")
+        allowed = mitm / MIN_RATIO_TO_MITMPROXY
+        lines.append(
+            f"| {name} at least {MIN_RATIO_TO_MITMPROXY:g}× mitmproxy's, as "
+            "mitmproxy's CPU per MB over kmsproxy's | "
+            f"×{ratio:.2f} ({ours:.2f} against {mitm:.2f} ms CPU per MB) | "
+            + verdict(
+                ratio >= MIN_RATIO_TO_MITMPROXY, f"{ours - allowed:.2f} ms per MB over"
+            )
+            + " |"
+        )
+    return lines
 
 
 def write_page(results: dict[str, Any], page: Path) -> None:
