@@ -185,7 +185,9 @@ class ClientConnection:
         self._tls12: ClientConnection12 | None = None
         self._session12: Session12 | None = None
         self._handshake_buffer = bytearray()
-        self._output = bytearray()
+        # Records to send, each `encode` result kept whole until
+        # `data_to_send` joins them, so a relay step is copied only there.
+        self._output: list[bytes] = []
         self._events: deque[Event] = deque()
         self._transcript = Transcript()
         self._key_shares: dict[int, KeySharePrivateKey] = {}
@@ -293,7 +295,8 @@ class ClientConnection:
         return bool(self._output)
 
     def data_to_send(self) -> bytes:
-        data = bytes(self._output)
+        # CPython's bytes.join returns a lone bytes item itself, without a copy.
+        data = b"".join(self._output)
         self._output.clear()
         return data
 
@@ -303,7 +306,7 @@ class ClientConnection:
         write_cipher = self._records.write_cipher
         if write_cipher and write_cipher.sequence_number >= KEY_UPDATE_AFTER_RECORDS:
             self._send_key_update(m.KeyUpdateRequest.update_not_requested)
-        self._output += self._records.encode(ContentType.application_data, data)
+        self._output.append(self._records.encode(ContentType.application_data, data))
 
     def send_close_notify(self) -> None:
         """Queue close_notify; receiving continues (TLS 1.3 half-close)."""
@@ -348,13 +351,16 @@ class ClientConnection:
         self.state = State.CLOSED
 
     def _queue_alert(self, level: AlertLevel, description: AlertDescription) -> None:
-        self._output += self._records.encode(
-            ContentType.alert, bytes([level, description])
+        self._output.append(
+            self._records.encode(ContentType.alert, bytes([level, description]))
         )
 
     # Record processing
 
     def _process_records(self) -> None:
+        # A record that ended a batch of application data and is not
+        # handled yet.
+        record: tuple[int, bytes] | None = None
         while self.state not in (
             State.WAIT_SIGNATURE,
             State.CLOSED,
@@ -362,17 +368,25 @@ class ClientConnection:
         ):
             if self.receive_closed:
                 return
-            if self._process_one_handshake_message():
-                continue
-            record = self._records.next_record()
             if record is None:
-                return
+                if self._process_one_handshake_message():
+                    continue
+                record = self._records.next_record()
+                if record is None:
+                    return
             content_type, content = record
+            record = None
             if content_type != ContentType.handshake and self._handshake_buffer:
                 raise UnexpectedMessage(
                     f"{ContentType(content_type).name} record inside a fragmented "
                     "handshake message"
                 )
+            if (
+                content_type == ContentType.application_data
+                and self.state == State.CONNECTED
+            ):
+                record = self._receive_application_data(content)
+                continue
             self._count_empty(content)
             if content_type == ContentType.change_cipher_spec:
                 self._receive_change_cipher_spec(content)
@@ -380,12 +394,45 @@ class ClientConnection:
                 self._receive_alert(content)
             elif content_type == ContentType.handshake:
                 self._handshake_buffer += content
-            elif self.state != State.CONNECTED:
+            else:
                 raise UnexpectedMessage("application data before the handshake ended")
-            elif content:
-                self._empty_records.earn(len(content))
-                self._key_updates.earn(len(content))
-                self._events.append(ApplicationData(content))
+
+    def _receive_application_data(self, content: bytes) -> tuple[int, bytes] | None:
+        """Deliver `content` and the application data records right after it
+        as one `ApplicationData` event. Return the next record of another
+        type, or None when no whole record is left.
+
+        The record layer still opens and checks each record on its own, so
+        the batch ends exactly where a KeyUpdate or an alert sits. An empty
+        record first settles the data before it with the flood budgets and
+        then counts against them, as it would one record at a time.
+        """
+        chunks: list[bytes] = []
+        data_length = 0
+        record: tuple[int, bytes] | None = (ContentType.application_data, content)
+        try:
+            while record is not None and record[0] == ContentType.application_data:
+                content = record[1]
+                if content:
+                    chunks.append(content)
+                    data_length += len(content)
+                else:
+                    self._earn_budgets(data_length)
+                    data_length = 0
+                    self._empty_records.spend()
+                record = self._records.next_record()
+        finally:
+            # Data before a failing record was authenticated, so it is
+            # delivered before the error, as it was one record at a time.
+            self._earn_budgets(data_length)
+            if chunks:
+                self._events.append(ApplicationData(b"".join(chunks)))
+        return record
+
+    def _earn_budgets(self, data_length: int) -> None:
+        if data_length:
+            self._empty_records.earn(data_length)
+            self._key_updates.earn(data_length)
 
     def _count_empty(self, content: bytes) -> None:
         if not content:
@@ -604,7 +651,9 @@ class ClientConnection:
             )
         except Alert:
             # The TLS 1.2 machine queued its alert; send that one alone.
-            self._output += tls12.data_to_send()
+            alert_record = tls12.data_to_send()
+            if alert_record:
+                self._output.append(alert_record)
             self.send_closed = True
             raise
 
@@ -885,7 +934,9 @@ class ClientConnection:
         self.post_handshake_authentications += 1
         if self.send_closed:
             return
-        self._output += self._records.encode(ContentType.handshake, messages + finished)
+        self._output.append(
+            self._records.encode(ContentType.handshake, messages + finished)
+        )
 
     def _receive_key_update(self, update: m.KeyUpdate) -> None:
         # RFC 8446 section 4.6.3.
@@ -903,8 +954,10 @@ class ClientConnection:
     def _send_key_update(self, request: m.KeyUpdateRequest) -> None:
         suite = self._suite
         assert suite is not None
-        self._output += self._records.encode(
-            ContentType.handshake, m.push_key_update(m.KeyUpdate(request))
+        self._output.append(
+            self._records.encode(
+                ContentType.handshake, m.push_key_update(m.KeyUpdate(request))
+            )
         )
         self._client_secret = next_traffic_secret(suite, self._client_secret)
         self._records.write_cipher = RecordCipher(suite, self._client_secret)
@@ -913,7 +966,7 @@ class ClientConnection:
 
     def _send_handshake(self, message: bytes) -> None:
         self._transcript.add(message)
-        self._output += self._records.encode(ContentType.handshake, message)
+        self._output.append(self._records.encode(ContentType.handshake, message))
 
     def _send_change_cipher_spec(self) -> None:
         # Middlebox compatibility mode: one unprotected change_cipher_spec
@@ -921,8 +974,8 @@ class ClientConnection:
         if self._sent_change_cipher_spec:
             return
         self._sent_change_cipher_spec = True
-        self._output += self._records.encode(
-            ContentType.change_cipher_spec, b"\x01", protect=False
+        self._output.append(
+            self._records.encode(ContentType.change_cipher_spec, b"\x01", protect=False)
         )
 
 

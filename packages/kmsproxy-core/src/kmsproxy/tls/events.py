@@ -25,6 +25,9 @@ class HandshakeComplete:
 
 @dataclass(frozen=True)
 class ApplicationData:
+    """Decrypted application data: the content of every application data
+    record that arrived in a row, in order, so one read gives one event."""
+
     data: bytes
 
 

@@ -197,7 +197,9 @@ class ClientConnection12:
         self._generate_key_share = generate_key_share
         self._records = RecordLayer12()
         self._handshake_buffer = bytearray()
-        self._output = bytearray()
+        # Records to send, each `encode` result kept whole until
+        # `data_to_send` joins them, so a relay step is copied only there.
+        self._output: list[bytes] = []
         self._events: deque[Event] = deque()
         self._offered_tls13 = False
 
@@ -303,7 +305,8 @@ class ClientConnection12:
         """
         if self.state != State12.START:
             raise TLSError("the handshake has already started")
-        self._output += pending_output
+        if pending_output:
+            self._output.append(pending_output)
         self._offered_tls13 = True
         self._session = session
         self._client_hello = client_hello
@@ -334,7 +337,8 @@ class ClientConnection12:
         return bool(self._output)
 
     def data_to_send(self) -> bytes:
-        data = bytes(self._output)
+        # CPython's bytes.join returns a lone bytes item itself, without a copy.
+        data = b"".join(self._output)
         self._output.clear()
         return data
 
@@ -360,7 +364,7 @@ class ClientConnection12:
                 f"{MAX_RECORDS_PER_KEY} records sent under one TLS 1.2 key; "
                 "open a new connection"
             )
-        self._output += self._records.encode(ContentType.application_data, data)
+        self._output.append(self._records.encode(ContentType.application_data, data))
 
     def send_close_notify(self) -> None:
         """Queue close_notify; receiving continues until the server's."""
@@ -405,22 +409,27 @@ class ClientConnection12:
         self.state = State12.CLOSED
 
     def _queue_alert(self, level: AlertLevel, description: int) -> None:
-        self._output += self._records.encode(
-            ContentType.alert, bytes([level, description])
+        self._output.append(
+            self._records.encode(ContentType.alert, bytes([level, description]))
         )
 
     # Records
 
     def _process_records(self) -> None:
+        # A record that ended a batch of application data and is not
+        # handled yet.
+        record: tuple[int, bytes] | None = None
         while self.state not in (State12.WAIT_SIGNATURE, State12.CLOSED):
             if self.receive_closed:
                 return
-            if self._process_one_handshake_message():
-                continue
-            record = self._records.next_record()
             if record is None:
-                return
+                if self._process_one_handshake_message():
+                    continue
+                record = self._records.next_record()
+                if record is None:
+                    return
             content_type, content = record
+            record = None
             if content_type != ContentType.handshake and self._handshake_buffer:
                 raise UnexpectedMessage(
                     f"{ContentType(content_type).name} record inside a fragmented "
@@ -433,7 +442,7 @@ class ClientConnection12:
             elif content_type == ContentType.handshake:
                 self._handshake_buffer += content
             else:
-                self._receive_application_data(content)
+                record = self._receive_application_data(content)
 
     def _count_empty(self) -> None:
         self._empty_record_count += 1
@@ -443,18 +452,37 @@ class ClientConnection12:
                 "without data"
             )
 
-    def _receive_application_data(self, content: bytes) -> None:
+    def _receive_application_data(self, content: bytes) -> tuple[int, bytes] | None:
+        """Deliver `content` and the application data records right after it
+        as one `ApplicationData` event. Return the next record of another
+        type, or None when no whole record is left.
+
+        The record layer still opens and checks each record on its own, and
+        every empty record still counts, so only the delivery changes.
+        """
         # Application data may interleave with a renegotiation, but not sit
         # between the server's change_cipher_spec and Finished (RFC 5246 7.1).
         if not self._established or self.state == State12.WAIT_FINISHED:
             raise UnexpectedMessage(
                 f"application data is not allowed in state {self.state.name}"
             )
-        if not content:
-            self._count_empty()
-            return
-        self._empty_record_count = 0
-        self._events.append(ApplicationData(content))
+        chunks: list[bytes] = []
+        record: tuple[int, bytes] | None = (ContentType.application_data, content)
+        try:
+            while record is not None and record[0] == ContentType.application_data:
+                content = record[1]
+                if content:
+                    self._empty_record_count = 0
+                    chunks.append(content)
+                else:
+                    self._count_empty()
+                record = self._records.next_record()
+        finally:
+            # Data before a failing record was authenticated, so it is
+            # delivered before the error, as it was one record at a time.
+            if chunks:
+                self._events.append(ApplicationData(b"".join(chunks)))
+        return record
 
     def _receive_change_cipher_spec(self, content: bytes) -> None:
         if content != CHANGE_CIPHER_SPEC:
@@ -538,7 +566,7 @@ class ClientConnection12:
         self._sent_certificate = False
         message = m.push_client_hello(hello)
         self._transcript = bytearray(message)
-        self._output += self._records.encode(ContentType.handshake, message)
+        self._output.append(self._records.encode(ContentType.handshake, message))
         self.state = State12.WAIT_SERVER_HELLO
 
     def _receive_hello_request(self) -> None:
@@ -689,7 +717,7 @@ class ClientConnection12:
 
     def _send_handshake(self, message: bytes) -> None:
         self._transcript += message
-        self._output += self._records.encode(ContentType.handshake, message)
+        self._output.append(self._records.encode(ContentType.handshake, message))
 
     def _send_client_flight(self) -> None:
         """Send Certificate (when asked), ClientKeyExchange, and either ask
@@ -752,8 +780,8 @@ class ClientConnection12:
         self._send_client_finished()
 
     def _send_client_finished(self) -> None:
-        self._output += self._records.encode(
-            ContentType.change_cipher_spec, CHANGE_CIPHER_SPEC
+        self._output.append(
+            self._records.encode(ContentType.change_cipher_spec, CHANGE_CIPHER_SPEC)
         )
         self._records.write_cipher = self._pending_write
         self._pending_write = None
