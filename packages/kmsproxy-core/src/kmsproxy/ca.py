@@ -367,6 +367,11 @@ class LeafMinter:
     host) plus the names and ALPN; concurrent requests for one key wait on a
     per-key lock, so the CA signs once. All leaves share one P-256 key made
     at start, which never leaves this process.
+
+    Building that key parses the upstream leaf's names, so a second map
+    takes each (upstream leaf, SNI, ALPN) seen before straight to its key.
+    Certificates compare and hash by their DER bytes, so a leaf that
+    differs in any byte misses, and its names are parsed again.
     """
 
     def __init__(self, ca: LocalCA, cache_size: int = CONTEXT_CACHE_SIZE) -> None:
@@ -376,6 +381,9 @@ class LeafMinter:
         self._cache: collections.OrderedDict[tuple[object, ...], _CacheEntry] = (
             collections.OrderedDict()
         )
+        self._upstream_keys: collections.OrderedDict[
+            tuple[x509.Certificate, str, tuple[str, ...]], tuple[object, ...]
+        ] = collections.OrderedDict()
         self._locks: dict[tuple[object, ...], anyio.Lock] = {}
         self.mint_count = 0
 
@@ -394,15 +402,48 @@ class LeafMinter:
         Raise `MintError` when the names cannot be encoded, or when the CA
         key fails or takes longer than `CA_SIGN_TIMEOUT_SECONDS`.
         """
+        context = self.cached_context_for_upstream(
+            upstream_leaf, server_name, alpn_protocols
+        )
+        if context is not None:
+            return context
         fingerprint = upstream_leaf.fingerprint(hashes.SHA256())
         request = leaf_request_for_upstream(upstream_leaf, server_name, alpn_protocols)
+        key = (fingerprint, request)
         try:
-            return await self._context((fingerprint, request), request)
+            context = await self._context(key, request)
         except MintError:
             raise
         except (SignerError, ValueError) as error:
             # ValueError: cryptography rejected a name the filters let pass.
             raise MintError(server_name, str(error)) from error
+        upstream_key = (upstream_leaf, server_name, tuple(alpn_protocols))
+        self._upstream_keys[upstream_key] = key
+        self._upstream_keys.move_to_end(upstream_key)
+        while len(self._upstream_keys) > self.cache_size:
+            self._upstream_keys.popitem(last=False)
+        return context
+
+    def cached_context_for_upstream(
+        self,
+        upstream_leaf: x509.Certificate,
+        server_name: str,
+        alpn_protocols: Sequence[str] = (),
+    ) -> ssl.SSLContext | None:
+        """Return the cached context for these arguments, or None.
+
+        Only arguments that `context_for_upstream` has served before are
+        found, and only while their leaf is cached and not near expiry.
+        This never mints and never waits, so a caller can skip the
+        timeout around `context_for_upstream` when it succeeds.
+        """
+        key = self._upstream_keys.get(
+            (upstream_leaf, server_name, tuple(alpn_protocols))
+        )
+        if key is None:
+            return None
+        entry = self._fresh_entry(key)
+        return entry.context if entry is not None else None
 
     async def context_for_listener(self, host: str) -> ssl.SSLContext:
         """Return the context for the proxy's own TLS port (and the PAC port).

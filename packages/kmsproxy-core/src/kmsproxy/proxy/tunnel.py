@@ -448,11 +448,17 @@ async def _serve_client(
     # offering only the protocol the upstream selected (or none).
     alpn = (upstream.alpn_protocol,) if upstream.alpn_protocol else ()
     server_name = hello.server_name or request.host
+    minter = settings.minter
     try:
-        with anyio.fail_after(MINT_TIMEOUT_SECONDS):
-            context = await settings.minter.context_for_upstream(
-                upstream.peer_chain[0], server_name, alpn
-            )
+        # A cached leaf needs neither the CA key nor the timeout.
+        context = minter.cached_context_for_upstream(
+            upstream.peer_chain[0], server_name, alpn
+        )
+        if context is None:
+            with anyio.fail_after(MINT_TIMEOUT_SECONDS):
+                context = await minter.context_for_upstream(
+                    upstream.peer_chain[0], server_name, alpn
+                )
     except Exception as error:
         # The minter raises MintError for names it cannot encode and for a
         # failed CA Signer. Any other exception comes from a plugin's Signer
