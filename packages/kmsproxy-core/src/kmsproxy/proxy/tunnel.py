@@ -48,6 +48,7 @@ from kmsproxy.proxy.connect import (
 )
 from kmsproxy.proxy.error_leaf import ErrorLeafMinter
 from kmsproxy.proxy.tls_stream import ServerTLSStream
+from kmsproxy.proxy.upstream_address import AddressCache, connect_tcp
 from kmsproxy.signer import SignerError
 
 logger = logging.getLogger(__name__)
@@ -158,6 +159,8 @@ class TunnelSettings:
     error_minter: ErrorLeafMinter | None = None
     session_cache: tls.SessionCache | None = None
     counters: TunnelCounters = field(default_factory=TunnelCounters)
+    # The address each upstream host name last connected on.
+    addresses: AddressCache = field(default_factory=AddressCache)
     # The proxy's own listening (IP address, port) pairs, set once bound. A
     # CONNECT that reaches one of them is rejected as a loop.
     own_addresses: frozenset[tuple[str, int]] = frozenset()
@@ -194,7 +197,9 @@ async def _run_tunnel(
     # Step 1: TCP, answered with 502 on the CONNECT itself when it fails.
     started = anyio.current_time()
     try:
-        transport = await connect_upstream(request, settings.connect_timeout)
+        transport = await connect_upstream(
+            request, settings.connect_timeout, settings.addresses
+        )
     except UpstreamError as error:
         logger.warning("Upstream failed target=%s reason=%s", target, printable(error))
         await send_final_and_linger(client, text_response(502, f"{target}: {error}"))
@@ -257,12 +262,18 @@ async def _run_tunnel(
 
 
 async def connect_upstream(
-    request: ConnectRequest, connect_timeout: float
+    request: ConnectRequest,
+    connect_timeout: float,
+    addresses: AddressCache | None = None,
 ) -> anyio.abc.SocketStream:
-    """Open TCP to the target; raise `UpstreamError` on failure."""
+    """Open TCP to the target; raise `UpstreamError` on failure.
+
+    With `addresses`, a host name connects first to the address it last
+    connected on (see upstream_address.py).
+    """
     try:
         with anyio.fail_after(connect_timeout):
-            return await anyio.connect_tcp(request.host, request.port)
+            return await connect_tcp(request.host, request.port, addresses)
     except TimeoutError:
         raise UpstreamError(
             f"connection timed out after {connect_timeout:g} s"
