@@ -34,6 +34,7 @@ from kmsproxy.cli.demo import (
     serve_mtls_upstream,
     upstream_context,
 )
+from kmsproxy.proxy import tunnel
 from kmsproxy.proxy.connect import MAX_HEAD_BYTES
 from kmsproxy.proxy.pac import PAC_MEDIA_TYPE
 
@@ -140,8 +141,14 @@ async def test_untrusted_upstream_is_502_page(
 
 
 async def test_rejected_client_certificate_is_502_page(
-    site: Site, running: tuple[Proxy, ProxyAddresses]
+    site: Site,
+    running: tuple[Proxy, ProxyAddresses],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # A wait longer than any scheduling delay, so the alert always arrives
+    # within it: the page then comes under the error-page leaf.
+    monkeypatch.setattr(tunnel, "REJECTION_WAIT_MIN_SECONDS", REQUEST_TIMEOUT_SECONDS)
+    monkeypatch.setattr(tunnel, "REJECTION_WAIT_MAX_SECONDS", REQUEST_TIMEOUT_SECONDS)
     proxy, addresses = running
     other_ca = site.path("other-ca.crt")
     other_ca.write_bytes(make_ca("other client CA").chain_pem())

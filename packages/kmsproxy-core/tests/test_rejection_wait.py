@@ -11,15 +11,28 @@ still reaches an HTTP/1.1 client as a 502 page.
 from __future__ import annotations
 
 import contextlib
+import logging
 import ssl
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
+from anyio.streams.tls import TLSStream
 from peers import LOOPBACK, Peer, PythonPeer, serve_python_tls, start_openssl_server
 from pki import make_ca
-from proxy_site import Site, curl, nginx, running, site
+from proxy_site import (
+    REQUEST_TIMEOUT_SECONDS,
+    Site,
+    curl,
+    nginx,
+    proxy_address,
+    running,
+    site,
+)
+from scripted_server import ScriptedServer
+from test_tls_client import SERVER, new_client
 
 from kmsproxy import Proxy, ProxyAddresses
 from kmsproxy.proxy import tunnel
@@ -33,6 +46,8 @@ from kmsproxy.tls import (
     TrustStore,
     connect_tls,
 )
+from kmsproxy.tls import messages as m
+from kmsproxy.tls.records import ContentType
 
 pytestmark = [pytest.mark.anyio, pytest.mark.interop]
 
@@ -202,7 +217,7 @@ async def test_late_rejection_is_502_page(
         site.path("server.crt"),
         site.path("server.key"),
         other_ca,
-        extra_args=["-verify_return_error", "-no_ticket"],
+        extra_args=["-verify_return_error"],
     ) as peer:
         output = await fetch_through(addresses, site, f"https://localhost:{peer.port}/")
     assert b"server rejected our certificate" in output
@@ -211,3 +226,122 @@ async def test_late_rejection_is_502_page(
     # The page came through the relay, under the upstream's minted leaf.
     assert proxy.minter is not None
     assert proxy.minter.mint_count == 1
+
+
+# The states of one connection, without a network: the scripted server
+# requests a certificate and the client, which has none, answers with an
+# empty Certificate, which the server could still reject.
+
+
+class Replay(anyio.abc.ByteStream):
+    """A transport that returns the given reads, then the end of stream."""
+
+    def __init__(self, *reads: bytes) -> None:
+        self.reads = list(reads)
+        self.sent: list[bytes] = []
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if not self.reads:
+            raise anyio.EndOfStream
+        return self.reads.pop(0)
+
+    async def send(self, item: bytes) -> None:
+        self.sent.append(item)
+
+    async def send_eof(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+def pending_connection() -> tuple[TLSClientStream, ScriptedServer, Replay]:
+    client = new_client()
+    server = ScriptedServer(SERVER)
+    client.start()
+    server.read_client_hello(client.data_to_send())
+    client.receive_data(server.server_hello() + server.flight(request_certificate=True))
+    client.data_to_send()
+    transport = Replay()
+    return TLSClientStream(transport, client), server, transport
+
+
+async def test_key_update_keeps_certificate_pending() -> None:
+    # RFC 8446 section 4.6.3: a KeyUpdate may follow the server's own
+    # Finished at once, before the server has read our flight.
+    stream, server, _ = pending_connection()
+    update = m.push_key_update(m.KeyUpdate(m.KeyUpdateRequest.update_not_requested))
+    stream.connection.receive_data(server.protect(ContentType.handshake, update))
+    assert stream.client_certificate_pending
+
+
+async def test_ticket_message_ends_pending() -> None:
+    stream, server, _ = pending_connection()
+    ticket = m.push_new_session_ticket(m.NewSessionTicket(60, 1, b"n", b"t"))
+    stream.connection.receive_data(server.protect(ContentType.handshake, ticket))
+    assert not stream.client_certificate_pending
+
+
+def late_alert(description: AlertDescription) -> tuple[TLSClientStream, Replay]:
+    stream, server, transport = pending_connection()
+    alert = server.protect(ContentType.alert, bytes([2, description]))
+    transport.reads.append(alert)
+    return stream, transport
+
+
+async def test_guard_pages_any_late_alert() -> None:
+    stream, transport = late_alert(AlertDescription.decrypt_error)
+    guard = tunnel._RejectionGuard(stream, "server.test:443", page=True)
+    page = await guard.receive()
+    await guard.send(b"rest of the request body")
+    with pytest.raises(anyio.EndOfStream):
+        await guard.receive()
+    assert page.startswith(b"HTTP/1.1 502 ")
+    assert b"decrypt_error" in page
+    assert guard.rejected
+    assert transport.sent == []
+
+
+async def test_guard_without_page_raises() -> None:
+    stream, _ = late_alert(AlertDescription.certificate_required)
+    guard = tunnel._RejectionGuard(stream, "server.test:443", page=False)
+    with pytest.raises(AlertReceived):
+        await guard.receive()
+    assert guard.rejected
+
+
+async def echo_through(
+    addresses: ProxyAddresses, site: Site, port: int, data: bytes
+) -> bytes:
+    """Tunnel to an echo server on `port`, send `data`, return the echo."""
+    context = ssl.create_default_context(cafile=str(site.path("ca.crt")))
+    request = f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n"
+    with anyio.fail_after(REQUEST_TIMEOUT_SECONDS):
+        async with await anyio.connect_tcp(*proxy_address(addresses)) as stream:
+            await stream.send(request.encode())
+            head = await stream.receive()
+            assert head.startswith(b"HTTP/1.1 200"), head
+            tls = await TLSStream.wrap(
+                stream, hostname="localhost", ssl_context=context
+            )
+            await tls.send(data)
+            return await tls.receive()
+
+
+async def test_proxy_waits_for_silent_server(
+    site: Site,
+    running: tuple[Proxy, ProxyAddresses],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=tunnel.__name__)
+    _, addresses = running
+    async with python_server(site, site.path("client-ca.crt"), num_tickets=0) as peer:
+        echoed = await echo_through(addresses, site, peer.port, b"ping")
+    outcomes = [
+        r.getMessage()
+        for r in caplog.records
+        if "Rejection wait ended" in r.getMessage()
+    ]
+    assert echoed == b"ping"
+    assert len(outcomes) == 1
+    assert "outcome=timeout" in outcomes[0]

@@ -5,15 +5,18 @@ response to the CONNECT itself, so curl names it in its error message.
 Step 2 sends 200 and reads the client's ClientHello without consuming it,
 to learn its SNI and ALPN offers. Step 3 runs the upstream TLS handshake
 with that SNI (the CONNECT host when absent), that ALPN list and the
-current client identities, verifies the upstream, then, after a full TLS
-1.3 handshake that sent a certificate, waits for the server's first ticket
-or data, or briefly for its rejection. Step 4 mints (or reuses) a
-certificate for the upstream and completes the client's handshake,
-selecting the protocol the upstream selected. Step 5 relays bytes both
-ways until both sides finish, one fails, or the tunnel sits idle.
+current client identities, and verifies the upstream. After a full TLS 1.3
+handshake in which the server requested a certificate, it then waits for
+the server's first ticket or data, or briefly for its rejection. Step 4
+mints (or reuses) a certificate for the upstream and completes the
+client's handshake, selecting the protocol the upstream selected. Step 5
+relays bytes both ways until both sides finish, one fails, or the tunnel
+sits idle.
 
 When step 3 fails, the client gets the reason in the protocol it can read
-(see `serve_upstream_failure`), and nothing is minted for the upstream.
+(see `serve_upstream_failure`), and nothing is minted for the upstream. A
+rejection that arrives after the wait comes during step 5, after the mint
+(see `_RejectionGuard`).
 """
 
 from __future__ import annotations
@@ -92,11 +95,12 @@ _CERTIFICATE_ALERTS = frozenset(
 # the client certificate, so a rejection (certificate_required, unknown_ca,
 # ...) arrives about one round trip later. After a full handshake in which
 # the server requested a certificate, the proxy waits for the first thing
-# the server sends: a NewSessionTicket or data ends the wait at once, an
-# alert is the rejection. A server that sends nothing is waited for twice
-# the TCP connect time, within these bounds. A rejection that comes later
-# still reaches an HTTP/1.1 client as a 502 (see `_RejectionGuard`).
-# NOTE: the bounds are estimates: the minimum covers a loaded loopback.
+# the server sends. A NewSessionTicket or data ends the wait at once (see
+# `TLSClientStream.client_certificate_pending`), and an alert is the
+# rejection. A server that sends nothing is waited for twice the TCP
+# connect time, within these bounds. A rejection that comes later still
+# reaches an HTTP/1.1 client as a 502 (see `_RejectionGuard`).
+# NOTE: the bounds are estimates, not measurements of slow servers.
 REJECTION_WAIT_MIN_SECONDS = 0.005
 REJECTION_WAIT_MAX_SECONDS = 0.5
 
@@ -349,6 +353,18 @@ async def open_upstream(
     except UpstreamError:
         await stream.aclose()
         raise
+    if first_data:
+        outcome = "data"
+    elif stream.client_certificate_pending:
+        outcome = "timeout"
+    else:
+        outcome = "ticket"
+    logger.debug(
+        "Rejection wait ended target=%s outcome=%s wait_seconds=%.3f",
+        request.authority,
+        outcome,
+        wait,
+    )
     return Upstream(stream, first_data)
 
 
@@ -511,6 +527,8 @@ async def _serve_client(
         page = upstream.alpn_protocol in (None, HTTP_1_1)
         relayed = _RejectionGuard(upstream, target, page)
     sent, received = await relay(downstream, relayed, settings.idle_timeout, target)
+    if isinstance(relayed, _RejectionGuard) and relayed.rejected:
+        return False
     logger.debug(
         "Tunnel closed target=%s sent_bytes=%d received_bytes=%d",
         target,
@@ -523,10 +541,14 @@ async def _serve_client(
 class _RejectionGuard(anyio.abc.ByteStream):
     """The upstream of a tunnel whose server stayed silent through the wait.
 
-    When the server rejects our certificate before sending anything else,
-    an HTTP/1.1 client (`page`) reads a 502 response naming the alert in
-    place of the upstream's response, the same one a rejection within
-    the wait gets. Other protocols only get the warning in the log.
+    When the server sends an alert before anything else, an HTTP/1.1
+    client (`page`) reads a 502 response naming it in place of the
+    upstream's response, the same one an alert within the wait gets. A
+    tunnel without ALPN counts as HTTP/1.1 here, as in
+    `serve_upstream_failure`. Other protocols get the warning in the log
+    and a closed tunnel. For `LINGER_SECONDS` after the alert, what the
+    client still sends (the rest of a request body) is discarded, so the
+    page is not cut off, and then the tunnel ends.
     """
 
     def __init__(self, stream: tls.TLSClientStream, target: str, page: bool) -> None:
@@ -535,6 +557,8 @@ class _RejectionGuard(anyio.abc.ByteStream):
         self._page = page
         self._page_sent = False
         self._confirmed = False
+        self.rejected = False
+        self._rejected_at = 0.0
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         if self._page_sent:
@@ -545,8 +569,8 @@ class _RejectionGuard(anyio.abc.ByteStream):
         try:
             return await self._stream.receive(max_bytes)
         except tls.AlertReceived as error:
-            if error.description not in _CERTIFICATE_ALERTS:
-                raise
+            self.rejected = True
+            self._rejected_at = anyio.current_time()
             reason = _describe_alert(error)
             logger.warning(
                 "Upstream failed target=%s reason=%s", self._target, printable(reason)
@@ -557,9 +581,15 @@ class _RejectionGuard(anyio.abc.ByteStream):
             return text_response(502, f"{self._target}: {reason}")
 
     async def send(self, item: bytes) -> None:
+        if self.rejected:
+            if anyio.current_time() - self._rejected_at > LINGER_SECONDS:
+                raise anyio.BrokenResourceError
+            return
         await self._stream.send(item)
 
     async def send_eof(self) -> None:
+        if self.rejected:
+            return
         await self._stream.send_eof()
 
     async def aclose(self) -> None:

@@ -202,7 +202,7 @@ class ClientConnection:
         self._certificate_request: m.CertificateRequest | None = None
         self._parsed_certificate_request: ParsedCertificateRequest | None = None
         self._main_certificate_requested = False
-        self._post_handshake_messages = 0
+        self._tickets_received = 0
         self._pending_signature: SignatureRequested | None = None
         # Why we sent an empty Certificate, appended to the message of a
         # later alert. It stays None while every request found an identity.
@@ -256,10 +256,9 @@ class ClientConnection:
         return self._main_certificate_requested
 
     @property
-    def post_handshake_messages(self) -> int:
-        """How many handshake messages (NewSessionTicket, KeyUpdate,
-        CertificateRequest) the server sent after the handshake."""
-        return self._post_handshake_messages
+    def tickets_received(self) -> int:
+        """How many NewSessionTicket messages the server sent."""
+        return self._tickets_received
 
     @property
     def tls12(self) -> ClientConnection12 | None:
@@ -501,8 +500,6 @@ class ClientConnection:
                 f"{_message_name(message_type)} is not allowed in state "
                 f"{state.name}; expected {' or '.join(map(_message_name, expected))}"
             )
-        if state == State.CONNECTED:
-            self._post_handshake_messages += 1
 
         if message_type == m.HandshakeType.server_hello:
             self._receive_server_hello(m.pull_server_hello(body), message)
@@ -856,6 +853,7 @@ class ClientConnection:
 
     def _receive_new_session_ticket(self, message: m.NewSessionTicket) -> None:
         # RFC 8446 section 4.6.1. max_early_data is ignored: no 0-RTT.
+        self._tickets_received += 1
         cache, key = self.config.session_cache, self.config.session_key
         if cache is None or key is None:
             return

@@ -112,7 +112,7 @@ class TLSClientStream(anyio.abc.ByteStream):
         self._write_interrupted = False
         # Whether the server sent application data or close_notify after
         # the handshake; see `client_certificate_pending`.
-        self._server_spoke = False
+        self._server_sent_data = False
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
@@ -158,27 +158,33 @@ class TLSClientStream(anyio.abc.ByteStream):
 
         In TLS 1.3 the server reads our Certificate after sending its
         Finished, so a rejection arrives as an alert after the handshake
-        (RFC 8446 section 4.4.2.4). Anything else the server sends after
-        its Finished (a NewSessionTicket, application data) means it
-        processed our Finished, and with it our certificate. In TLS 1.2
-        the server's Finished follows our certificate, and a resumed
-        handshake sends none, so neither is ever pending.
+        (RFC 8446 section 2, Figure 1). A NewSessionTicket shows that the
+        server has read our Certificate, CertificateVerify and Finished,
+        because after a CertificateRequest the resumption secret covers them
+        (RFC 8446 section 4.6.1). OpenSSL, Go's crypto/tls and Python's
+        `ssl` check the chain while they read the Certificate, before any
+        ticket. Application data ends the pending state too, because it has
+        to be relayed, although a server may send data before reading our
+        flight (section 4.4.4). In TLS 1.2 the server's Finished follows our
+        certificate, and a resumed handshake sends none, so neither is ever
+        pending.
         """
         connection = self._connection
         return (
             isinstance(connection, ClientConnection)
             and connection.certificate_requested
-            and connection.post_handshake_messages == 0
-            and not self._server_spoke
+            and connection.tickets_received == 0
+            and not self._server_sent_data
         )
 
     async def receive_after_handshake(self, max_bytes: int = 65536) -> bytes:
         """Wait until the server sends anything after the handshake.
 
         Return up to `max_bytes` of application data, or b"" when the server
-        sent a post-handshake message instead (a NewSessionTicket). Raise
-        as `receive` does: `AlertReceived` for a rejection, `anyio.EndOfStream`
-        after a close_notify with no data before it.
+        sent a NewSessionTicket instead, or at once when nothing is pending
+        (see `client_certificate_pending`). Raise as `receive` does:
+        `AlertReceived` for a rejection, `anyio.EndOfStream` after a
+        close_notify with no data before it.
         """
         async with self._receive_lock:
             while self.client_certificate_pending:
@@ -357,10 +363,10 @@ class TLSClientStream(anyio.abc.ByteStream):
         if isinstance(event, ApplicationData):
             self._received.append(event.data)
             self._received_length += len(event.data)
-            self._server_spoke = True
+            self._server_sent_data = True
         elif isinstance(event, CloseNotifyReceived):
             self._close_notify_received = True
-            self._server_spoke = True
+            self._server_sent_data = True
 
     async def _respond_to_post_handshake_request(
         self, event: SignatureRequested
