@@ -349,6 +349,54 @@ def test_expired_hint_sends_both_shares(upstream: Upstream) -> None:
     assert later.shares() == [G.X25519MLKEM768, G.x25519]
 
 
+def test_used_hint_still_expires(upstream: Upstream) -> None:
+    # Each handshake stores the hint again. The hybrid share must still go
+    # out once per lifetime, or an upstream that adds it would never see it.
+    clock = FakeClock()
+    settings = settings_for(upstream, SessionCache(clock=clock))
+    connect(upstream, settings)
+    clock.now += GROUP_HINT_LIFETIME_SECONDS * 0.9
+    second = connect(upstream, settings)
+    assert second.shares() == [G.x25519]
+    clock.now += GROUP_HINT_LIFETIME_SECONDS * 0.9
+    third = connect(upstream, settings)
+    assert third.shares() == [G.X25519MLKEM768, G.x25519]
+
+
+def test_cache_same_group_keeps_time() -> None:
+    clock = FakeClock()
+    cache = SessionCache(clock=clock)
+    cache.put_key_share_group("a", G.x25519)
+    clock.now += GROUP_HINT_LIFETIME_SECONDS - 1
+    cache.put_key_share_group("a", G.x25519)
+    clock.now += 1
+    assert cache.key_share_group("a") is None
+
+
+def test_cache_new_group_resets_time() -> None:
+    clock = FakeClock()
+    cache = SessionCache(clock=clock)
+    cache.put_key_share_group("a", G.x25519)
+    clock.now += GROUP_HINT_LIFETIME_SECONDS - 1
+    cache.put_key_share_group("a", G.secp256r1)
+    clock.now += 1
+    assert cache.key_share_group("a") == G.secp256r1
+
+
+def test_tls12_used_hint_still_expires(upstream: Upstream) -> None:
+    upstream.context.minimum_version = ssl.TLSVersion.TLSv1_2
+    upstream.context.maximum_version = ssl.TLSVersion.TLSv1_2
+    clock = FakeClock()
+    settings = settings_for(upstream, SessionCache(clock=clock))
+    connect(upstream, settings)
+    clock.now += GROUP_HINT_LIFETIME_SECONDS * 0.9
+    second = connect(upstream, settings)
+    assert second.shares() == [G.x25519]
+    clock.now += GROUP_HINT_LIFETIME_SECONDS * 0.9
+    third = connect(upstream, settings)
+    assert third.shares() == [G.X25519MLKEM768, G.x25519]
+
+
 def test_cache_hint_not_a_ticket() -> None:
     cache = SessionCache()
     cache.put_key_share_group("a", G.x25519)

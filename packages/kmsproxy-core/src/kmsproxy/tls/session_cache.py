@@ -35,9 +35,10 @@ MAX_TICKET_LIFETIME_SECONDS = 7 * 24 * 3600
 # workstation with room to spare (an estimate, not a measurement).
 MAX_SESSION_CACHE_KEYS = 1024
 
-# Seconds a group hint is used before the next ClientHello offers the
-# initial shares again. It bounds how long an upstream that adds the
-# post-quantum hybrid keeps getting only a classical share from us: a server
+# Seconds from the first storage of a group hint until the next ClientHello
+# offers the initial shares again. Handshakes that select the same group do
+# not extend it. It bounds how long an upstream that adds the post-quantum
+# hybrid keeps getting only a classical share from us, because a server
 # that takes any acceptable share would not ask for the hybrid. One hour
 # costs one extra hybrid share per upstream and hour (an estimate of a fair
 # trade, not a measurement).
@@ -170,14 +171,25 @@ class SessionCache:
         """Store `group` as the group hint for `key`, dropping the least
         recently used hint beyond the key bound.
 
+        Storing the group that a live hint already names keeps the hint's
+        first storage time, so a hint in use still expires
+        `GROUP_HINT_LIFETIME_SECONDS` after it was first stored. Another
+        group, or an expired hint, starts a new lifetime.
+
         Call it only after the server's Finished has been verified, so the
         group is one an authenticated server selected, not one an on-path
         attacker forged in a ServerHello.
         """
         now = self.clock()
         with self._lock:
-            self._groups.pop(key, None)
-            self._groups[key] = (group, now)
+            stored_at = now
+            entry = self._groups.pop(key, None)
+            if entry is not None:
+                old_group, old_stored_at = entry
+                live = now - old_stored_at < GROUP_HINT_LIFETIME_SECONDS
+                if old_group == group and live:
+                    stored_at = old_stored_at
+            self._groups[key] = (group, stored_at)
             while len(self._groups) > self.max_keys:
                 self._groups.popitem(last=False)
 
