@@ -56,6 +56,9 @@ __all__ = ["nginx", "running", "site"]
 # Bounds a wait for a loopback peer, which replies within milliseconds.
 PEER_REPLY_TIMEOUT_SECONDS = 10.0
 
+# Pause between two looks at the proxy's counters.
+POLL_SECONDS = 0.01
+
 # How long a silent server is watched to show that nothing ends the wait.
 SILENCE_SECONDS = 0.2
 
@@ -226,10 +229,19 @@ async def test_late_rejection_is_502_page(
     # The page came through the relay, under the upstream's minted leaf.
     assert proxy.minter is not None
     assert proxy.minter.mint_count == 1
+    assert await tunnels_failed(proxy) == 1
+
+
+async def tunnels_failed(proxy: Proxy) -> int:
+    """Return the failed tunnel count once no tunnel is open."""
+    with anyio.fail_after(PEER_REPLY_TIMEOUT_SECONDS):
+        while proxy.counts().tunnels.open:
+            await anyio.sleep(POLL_SECONDS)
+    return proxy.counts().tunnels.failed
 
 
 # The states of one connection, without a network: the scripted server
-# requests a certificate and the client, which has none, answers with an
+# requests a certificate and the client, which has none, replies with an
 # empty Certificate, which the server could still reject.
 
 
