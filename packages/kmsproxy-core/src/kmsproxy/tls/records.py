@@ -203,12 +203,15 @@ class RecordLayer:
         if length < TAG_LENGTH + 1:
             raise BadRecordMac(f"protected record of {length} bytes is too short")
         assert self.read_cipher is not None  # `protected` says so
-        # Decrypt straight from the buffer: the view is released before
-        # `_consume` may resize the buffer, which a live view would forbid.
-        view = memoryview(self._buffer)
-        with view[start + RECORD_HEADER_LENGTH : end] as ciphertext:
+        # Decrypt straight from the buffer. Both views are released on
+        # every path, errors included, because a live view (one kept by an
+        # exception's traceback, say) forbids resizing the buffer.
+        body_start = start + RECORD_HEADER_LENGTH
+        with (
+            memoryview(self._buffer) as view,
+            view[body_start:end] as ciphertext,
+        ):
             content_type, content = self.read_cipher.open(header, ciphertext)
-        view.release()
         self._consume(RECORD_HEADER_LENGTH + length)
         if content_type not in (
             ContentType.alert,

@@ -105,16 +105,15 @@ class RecordCipher12:
         explicit_length = self._suite.explicit_nonce_length
         if explicit_length:
             nonce = self._iv + bytes(body[:explicit_length])
-        ciphertext = body[explicit_length:]
-        plaintext_length = len(ciphertext) - TAG_LENGTH
-        try:
-            content = self._aead.decrypt(
-                nonce,
-                ciphertext,
-                _additional_data(sequence, content_type, plaintext_length),
-            )
-        except InvalidTag:
-            raise BadRecordMac("record failed authentication") from None
+        plaintext_length = len(body) - explicit_length - TAG_LENGTH
+        additional_data = _additional_data(sequence, content_type, plaintext_length)
+        # The slice of a view is a view too: release it on every path, so no
+        # traceback keeps the caller's buffer exported.
+        with memoryview(body) as view, view[explicit_length:] as ciphertext:
+            try:
+                content = self._aead.decrypt(nonce, ciphertext, additional_data)
+            except InvalidTag:
+                raise BadRecordMac("record failed authentication") from None
         if len(content) > MAX_PLAINTEXT_LENGTH:
             raise RecordOverflow(
                 f"decrypted record of {len(content)} bytes exceeds "
@@ -198,12 +197,15 @@ class RecordLayer12:
         if self.read_cipher is None:
             body = bytes(self._buffer[start + RECORD_HEADER_LENGTH : end])
         else:
-            # Decrypt straight from the buffer. The view is released before
-            # `_consume` may resize the buffer, which a live view forbids.
-            view = memoryview(self._buffer)
-            with view[start + RECORD_HEADER_LENGTH : end] as ciphertext:
+            # Decrypt straight from the buffer. Both views are released on
+            # every path, errors included, because a live view (one kept by
+            # an exception's traceback, say) forbids resizing the buffer.
+            body_start = start + RECORD_HEADER_LENGTH
+            with (
+                memoryview(self._buffer) as view,
+                view[body_start:end] as ciphertext,
+            ):
                 body = self.read_cipher.open(content_type, ciphertext)
-            view.release()
         self._consume(RECORD_HEADER_LENGTH + length)
         if not body and content_type != ContentType.application_data:
             # RFC 5246 section 6.2.1: only application data may be empty.
