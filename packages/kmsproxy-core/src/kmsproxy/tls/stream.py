@@ -419,14 +419,35 @@ class TLSClientStream(anyio.abc.ByteStream):
                     self._take(event)
 
     def _take_received(self, max_bytes: int) -> bytes:
-        data = b"".join(self._received)
-        self._received.clear()
-        self._received_length = 0
-        if len(data) <= max_bytes:
+        """Remove and return up to `max_bytes` of the received chunks, in
+        order. Only the chunks that fit are joined, and a chunk cut at
+        `max_bytes` keeps its tail as the first chunk."""
+        received = self._received
+        if self._received_length <= max_bytes:
+            data = b"".join(received)
+            received.clear()
+            self._received_length = 0
             return data
-        self._received.append(data[max_bytes:])
-        self._received_length = len(data) - max_bytes
-        return data[:max_bytes]
+        whole_count, whole_length = self._count_whole_chunks(max_bytes)
+        parts = received[:whole_count]
+        cut = max_bytes - whole_length
+        if cut:
+            parts.append(received[whole_count][:cut])
+            received[whole_count] = received[whole_count][cut:]
+        del received[:whole_count]
+        self._received_length -= max_bytes
+        return b"".join(parts)
+
+    def _count_whole_chunks(self, max_bytes: int) -> tuple[int, int]:
+        """Return how many leading received chunks fit whole in
+        `max_bytes`, and their total length."""
+        count = length = 0
+        for chunk in self._received:
+            if length + len(chunk) > max_bytes:
+                break
+            count += 1
+            length += len(chunk)
+        return count, length
 
     async def send(self, item: bytes) -> None:
         """Send `item`, SEND_BATCH_BYTES at a time.
