@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from peers import start_openssl_server
 from pki import issue, make_ca
-from test_tls_interop import Files, config, make_files, s_server_get
+from tls_peers_pki import Files, config, make_files, s_server_get
 
 from kmsproxy.tls import SessionCache, TrustStore
 from kmsproxy.tls import messages as m

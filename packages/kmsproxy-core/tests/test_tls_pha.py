@@ -16,8 +16,8 @@ from peers import Peer, start_apache, start_openssl_server
 from pki import issue, make_ca
 from scripted_server import ScriptedServer, complete_handshake
 from test_tls_client import expect_alert, identity
-from test_tls_interop import SERVER_NAME, Files, config, make_files, open_tls
 from tls_harness import events
+from tls_peers_pki import SERVER_NAME, Files, config, make_files, open_tls
 
 from kmsproxy.metrics import metrics
 from kmsproxy.signer import SignatureScheme, sign_with_private_key, verify_signature

@@ -24,8 +24,8 @@ from test_interop_peers import exchange, split_header
 from test_interop_peers import make_files as make_peer_files
 from test_interop_peers import open_tls as open_peer_tls
 from test_tls_client import identity as scripted_identity
-from test_tls_interop import Files, config, make_files, open_tls, s_server_get
 from tls_harness import events as client_events
+from tls_peers_pki import Files, config, make_files, open_tls, s_server_get
 
 from kmsproxy.metrics import metrics
 from kmsproxy.signer import PublicKey, SignatureScheme, Signer
