@@ -397,6 +397,23 @@ def test_tls12_used_hint_still_expires(upstream: Upstream) -> None:
     assert third.shares() == [G.X25519MLKEM768, G.x25519]
 
 
+def test_tls12_resumption_renews_hint(upstream: Upstream) -> None:
+    # After the hint expired, a resumed TLS 1.2 handshake stores the group
+    # of its session again, as a resumed TLS 1.3 handshake stores its own.
+    upstream.context.minimum_version = ssl.TLSVersion.TLSv1_2
+    upstream.context.maximum_version = ssl.TLSVersion.TLSv1_2
+    clock = FakeClock()
+    settings = settings_for(upstream, SessionCache(clock=clock))
+    connect(upstream, settings)
+    clock.now += GROUP_HINT_LIFETIME_SECONDS * 1.1
+    second = connect(upstream, settings)
+    assert second.shares() == [G.X25519MLKEM768, G.x25519]
+    assert second.tls12 is not None
+    assert second.tls12.resumed
+    third = connect(upstream, settings)
+    assert third.shares() == [G.x25519]
+
+
 def test_cache_hint_not_a_ticket() -> None:
     cache = SessionCache()
     cache.put_key_share_group("a", G.x25519)

@@ -838,13 +838,22 @@ class ClientConnection12:
     def _store_group_hint(self) -> None:
         """Store the ServerKeyExchange group as the group hint, so the next
         ClientHello to this upstream generates one share instead of the
-        hybrid and x25519. A resumed handshake has no key exchange and
-        leaves the hint as it is."""
+        hybrid and x25519. A resumed handshake has no key exchange, so it
+        stores the group of the full handshake that created its session.
+        That follows the TLS 1.3 rule: every handshake stores its group, and
+        the cache lets a hint expire one lifetime after it first stored it."""
         cache, key = self.config.session_cache, self.config.session_key
-        group = self.key_exchange_group
+        group = self._session_group()
         if cache is None or key is None or group is None or self._established:
             return
         cache.put_key_share_group(key, group)
+
+    def _session_group(self) -> m.NamedGroup | None:
+        """Return the ServerKeyExchange group of this session's full
+        handshake: this one's, or the resumed session's."""
+        if self.resumed:
+            return self._session.key_exchange_group if self._session else None
+        return self.key_exchange_group
 
     def _store_session(self) -> None:
         """Keep the session for resumption: with the server's new ticket,
@@ -868,6 +877,7 @@ class ClientConnection12:
             received_at=cache.clock(),
             peer_chain=tuple(self.peer_chain),
             client_identity=self.client_identity,
+            key_exchange_group=self._session_group(),
         )
         cache.put_tls12(key, session)
 

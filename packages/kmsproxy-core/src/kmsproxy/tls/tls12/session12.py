@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from ..config import ClientIdentity
+from ..messages import NamedGroup
 from .key_schedule12 import CipherSuite12
 
 # Ticket lifetime when the server gives no hint (ticket_lifetime_hint 0):
@@ -27,7 +28,9 @@ MAX_TICKET12_LIFETIME_SECONDS = 7 * 24 * 3600
 @dataclass(frozen=True)
 class Session12:
     """A resumable TLS 1.2 session. `received_at` is on the session cache's
-    clock, in seconds, and `lifetime` is in seconds."""
+    clock, in seconds, and `lifetime` is in seconds. `key_exchange_group`
+    is the ServerKeyExchange group of the full handshake that created the
+    session, which a resumption stores as the group hint again."""
 
     ticket: bytes
     master_secret: bytes
@@ -36,6 +39,7 @@ class Session12:
     received_at: float
     peer_chain: tuple[x509.Certificate, ...] = ()
     client_identity: ClientIdentity | None = None
+    key_exchange_group: NamedGroup | None = None
 
     def expired(self, now: float) -> bool:
         return now - self.received_at >= self.lifetime
