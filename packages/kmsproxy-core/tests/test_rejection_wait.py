@@ -18,10 +18,11 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import pytest
 from anyio.streams.tls import TLSStream
 from peers import LOOPBACK, Peer, PythonPeer, serve_python_tls, start_openssl_server
-from pki import make_ca
+from pki import issue, make_ca
 from proxy_site import (
     REQUEST_TIMEOUT_SECONDS,
     Site,
@@ -36,7 +37,7 @@ from test_tls_client import SERVER, new_client
 
 from kmsproxy import Proxy, ProxyAddresses
 from kmsproxy.proxy import tunnel
-from kmsproxy.signer import SoftwareSigner
+from kmsproxy.signer import SignatureScheme, SoftwareSigner, sign_with_private_key
 from kmsproxy.tls import (
     AlertDescription,
     AlertReceived,
@@ -47,6 +48,8 @@ from kmsproxy.tls import (
     connect_tls,
 )
 from kmsproxy.tls import messages as m
+from kmsproxy.tls.alerts import BadRecordMac
+from kmsproxy.tls.events import SignatureRequested
 from kmsproxy.tls.records import ContentType
 
 pytestmark = [pytest.mark.anyio, pytest.mark.interop]
@@ -248,16 +251,20 @@ async def tunnels_failed(proxy: Proxy) -> int:
 class Replay(anyio.abc.ByteStream):
     """A transport that returns the given reads, then the end of stream."""
 
-    def __init__(self, *reads: bytes) -> None:
+    def __init__(self, *reads: bytes, send_delay: float = 0.0) -> None:
         self.reads = list(reads)
         self.sent: list[bytes] = []
+        self.send_delay = send_delay
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
+        # A socket's receive is a checkpoint, where a cancellation arrives.
+        await anyio.lowlevel.checkpoint()
         if not self.reads:
             raise anyio.EndOfStream
         return self.reads.pop(0)
 
     async def send(self, item: bytes) -> None:
+        await anyio.sleep(self.send_delay)
         self.sent.append(item)
 
     async def send_eof(self) -> None:
@@ -357,3 +364,88 @@ async def test_proxy_waits_for_silent_server(
     assert echoed == b"ping"
     assert len(outcomes) == 1
     assert "outcome=timeout" in outcomes[0]
+
+
+# A wait much shorter than `SLOW_SECONDS`: it ends in the middle of work
+# that takes that long.
+SHORT_WAIT_SECONDS = 0.01
+SLOW_SECONDS = 0.2
+
+CLIENT = issue(make_ca("rejection wait client CA"), "client", client=True)
+
+
+class SlowSigner(SoftwareSigner):
+    """A software key that takes `SLOW_SECONDS` per signature, as a device may."""
+
+    async def sign(self, data: bytes, scheme: SignatureScheme) -> bytes:
+        await anyio.sleep(SLOW_SECONDS)
+        return await super().sign(data, scheme)
+
+
+async def test_request_during_wait_is_answered() -> None:
+    # The server requests a certificate again right after the handshake,
+    # and the signature outlasts the wait.
+    identity = ClientIdentity(tuple(CLIENT.chain), SlowSigner(CLIENT.key, "file:slow"))
+    client = new_client(identities=[identity])
+    server = ScriptedServer(SERVER)
+    client.start()
+    server.read_client_hello(client.data_to_send())
+    client.receive_data(server.server_hello() + server.flight(request_certificate=True))
+    request = client.next_event()
+    assert isinstance(request, SignatureRequested)
+    client.provide_signature(
+        sign_with_private_key(CLIENT.key, request.content, request.scheme)
+    )
+    client.data_to_send()
+    extensions: list[m.Extension] = [
+        (
+            m.ExtensionType.signature_algorithms,
+            m.push_uint16_list_extension([SignatureScheme.ecdsa_secp256r1_sha256]),
+        )
+    ]
+    again = m.push_certificate_request(m.CertificateRequest(b"\x01", extensions))
+    transport = Replay(server.protect(ContentType.handshake, again))
+    stream = TLSClientStream(transport, client)
+    with anyio.move_on_after(SHORT_WAIT_SECONDS) as wait:
+        await stream.receive_after_handshake()
+    assert wait.cancelled_caught
+    # Certificate, CertificateVerify and Finished went out in one send.
+    assert len(transport.sent) == 1
+
+
+async def test_failure_outlasting_wait_raises() -> None:
+    # Our alert for a tampered record takes longer to send than the wait.
+    stream, server, transport = pending_connection()
+    record = bytearray(server.protect(ContentType.application_data, b"data"))
+    record[-1] ^= 1
+    transport.reads.append(bytes(record))
+    transport.send_delay = SLOW_SECONDS
+    with pytest.raises(BadRecordMac), anyio.move_on_after(SHORT_WAIT_SECONDS):
+        await stream.receive_after_handshake()
+
+
+async def test_lost_connection_named_once() -> None:
+    stream, _, _ = pending_connection()
+    with pytest.raises(tunnel.UpstreamError) as raised:
+        await tunnel._wait_for_rejection(stream, PEER_REPLY_TIMEOUT_SECONDS)
+    message = str(raised.value)
+    assert message.count("after the handshake") == 1
+    assert "without close_notify" in message
+
+
+async def test_relay_logs_upstream_alert(caplog: pytest.LogCaptureFixture) -> None:
+    # A ticket ends the wait, and the server rejects us afterwards anyway.
+    stream, server, transport = pending_connection()
+    ticket = m.push_new_session_ticket(m.NewSessionTicket(60, 1, b"n", b"t"))
+    alert = bytes([2, AlertDescription.certificate_unknown])
+    transport.reads.append(
+        server.protect(ContentType.handshake, ticket)
+        + server.protect(ContentType.alert, alert)
+    )
+    caplog.set_level(logging.WARNING, logger=tunnel.__name__)
+    with anyio.fail_after(PEER_REPLY_TIMEOUT_SECONDS):
+        await tunnel.relay(Replay(), stream, PEER_REPLY_TIMEOUT_SECONDS)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert "Upstream sent an alert" in warnings[0]
+    assert "certificate_unknown" in warnings[0]

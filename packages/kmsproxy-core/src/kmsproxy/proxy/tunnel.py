@@ -385,10 +385,18 @@ async def _wait_for_rejection(stream: tls.TLSClientStream, wait: float) -> bytes
             return await stream.receive_after_handshake(RELAY_CHUNK_BYTES)
     except tls.AlertReceived as error:
         raise UpstreamError(_describe_alert(error), error.description) from None
-    except (tls.TLSError, anyio.EndOfStream) as error:
+    except anyio.EndOfStream:
         raise UpstreamError(
-            f"server closed the connection after the handshake ({error or 'EOF'})"
+            "server closed the connection after the handshake (close_notify)"
         ) from None
+    except tls.ConnectionLost as error:
+        raise UpstreamError(str(error)) from None
+    except tls.Alert as error:
+        raise UpstreamError(
+            f"TLS failed after the handshake: {error}", error.description
+        ) from None
+    except tls.TLSError as error:
+        raise UpstreamError(f"TLS failed after the handshake: {error}") from None
     return b""
 
 
@@ -545,8 +553,8 @@ class _RejectionGuard(anyio.abc.ByteStream):
     client (`page`) reads a 502 response naming it in place of the
     upstream's response, the same one an alert within the wait gets. A
     tunnel without ALPN counts as HTTP/1.1 here, as in
-    `serve_upstream_failure`. Other protocols get the warning in the log
-    and a closed tunnel. For `LINGER_SECONDS` after the alert, what the
+    `serve_upstream_failure`. Other protocols get a closed tunnel, and
+    relay() logs the alert. For `LINGER_SECONDS` after the alert, what the
     client still sends (the rest of a request body) is discarded, so the
     page is not cut off, and then the tunnel ends.
     """
@@ -571,12 +579,13 @@ class _RejectionGuard(anyio.abc.ByteStream):
         except tls.AlertReceived as error:
             self.rejected = True
             self._rejected_at = anyio.current_time()
+            if not self._page:
+                # relay() logs the alert.
+                raise
             reason = _describe_alert(error)
             logger.warning(
                 "Upstream failed target=%s reason=%s", self._target, printable(reason)
             )
-            if not self._page:
-                raise
             self._page_sent = True
             return text_response(502, f"{self._target}: {reason}")
 
@@ -736,8 +745,15 @@ async def relay(
         except Exception as error:
             # Any failure (reset, TLS alert, closed stream) ends the tunnel.
             # Most are a normal teardown: a server that closes without
-            # close_notify after the client left, for one.
-            logger.debug("Relay stopped target=%s cause=%r", target, error)
+            # close_notify after the client left, for one. A fatal alert
+            # from the upstream is not, and may be a late rejection of our
+            # certificate that the client sees only as a closed connection.
+            if isinstance(error, tls.AlertReceived):
+                logger.warning(
+                    "Upstream sent an alert target=%s alert=%s", target, error
+                )
+            else:
+                logger.debug("Relay stopped target=%s cause=%r", target, error)
             group.cancel_scope.cancel()
             return
         finished += 1

@@ -192,7 +192,11 @@ class TLSClientStream(anyio.abc.ByteStream):
                 if event is None:
                     await self._feed(await self._read_transport("after the handshake"))
                 elif isinstance(event, SignatureRequested):
-                    await self._respond_to_post_handshake_request(event)
+                    # The caller's deadline must not cancel a signature the
+                    # server is waiting for: the request would stay
+                    # unanswered. The Signer has its own time limit.
+                    with anyio.CancelScope(shield=True):
+                        await self._respond_to_post_handshake_request(event)
                 else:
                     self._take(event)
             if self._received:
@@ -253,11 +257,16 @@ class TLSClientStream(anyio.abc.ByteStream):
 
     async def _flush_alert(self) -> None:
         """Send a queued alert on a best-effort basis: the error that made
-        it matters more than a failure to deliver it."""
+        it matters more than a failure to deliver it.
+
+        The send is shielded from the caller's cancellation, within its own
+        time limit, so a caller's deadline that passes meanwhile does not
+        replace that error with a cancellation.
+        """
         with contextlib.suppress(
             anyio.BrokenResourceError, anyio.ClosedResourceError, OSError
         ):
-            with anyio.move_on_after(CLOSE_NOTIFY_TIMEOUT_SECONDS):
+            with anyio.move_on_after(CLOSE_NOTIFY_TIMEOUT_SECONDS, shield=True):
                 await self._flush()
 
     async def _feed(self, data: bytes) -> None:
