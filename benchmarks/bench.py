@@ -77,16 +77,6 @@ SECTIONS = {SIGNERS, HANDSHAKE}
 REQUIRED_OPEN_FILES = 8192
 
 
-# Runs `kmsproxy` on uvloop: anyio's asyncio backend takes its loop from
-# the installed event loop policy. The arguments after `-c CODE` reach
-# `kmsproxy` as sys.argv[1:].
-ON_UVLOOP = (
-    "import asyncio, sys, uvloop; "
-    "asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
-    "from kmsproxy.cli import main; sys.exit(main())"
-)
-
-
 @dataclass(frozen=True)
 class KeySource:
     """The location of kmsproxy's client key for one row of the results."""
@@ -319,7 +309,7 @@ def build_contenders(
             argv = servers.kmsproxy_argv(
                 python, keys, port, key_argument, cert_argument
             )
-            argv[1:3] = ["-c", ON_UVLOOP]
+            argv += ["--event-loop", "uvloop"]
             name = "kmsproxy-file-uvloop"
             yield Contender(
                 name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import shutil
 import signal
@@ -16,7 +17,7 @@ from peers import Peer, free_port, start_nginx
 from pki import issue, make_ca
 from test_cli import PROCESS_TIMEOUT_SECONDS, parse_serve, run_cli, wait_for_line
 
-from kmsproxy.cli.serve import config_from_args
+from kmsproxy.cli.serve import backend_options, config_from_args
 from kmsproxy.config import DEFAULT_LISTEN
 from kmsproxy.errors import UserError
 
@@ -254,6 +255,28 @@ def test_go_form_with_clientcert(site: Site) -> None:
     finally:
         stop(process)
     assert site.nginx.client_subjects() == ["CN=proxy client"]
+
+
+def test_serve_on_uvloop(site: Site) -> None:
+    process = serve_go_form(
+        site, site.path("client-with-chain.pem"), "--event-loop", "uvloop"
+    )
+    try:
+        wait_for_line(process, r"Event loop name=uvloop")
+        assert fetch_subject(site, process) == "subject=CN=proxy client\n"
+    finally:
+        stop(process)
+
+
+def test_missing_uvloop_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None) -> object:
+        return None if name == "uvloop" else real_find_spec(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(UserError, match=r"pip install 'kmsproxy-core\[uvloop\]'"):
+        backend_options("uvloop")
 
 
 def test_go_form_key_without_chain(site: Site) -> None:

@@ -10,6 +10,8 @@ and key. The count of positional arguments selects the form.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import importlib.util
 import logging
 import os
 import signal
@@ -161,7 +163,35 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="accept any upstream certificate (for testing only)",
     )
+    parser.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default="asyncio",
+        help="the event loop: asyncio (default) or uvloop, an optional speed-up "
+        "(pip install 'kmsproxy-core[uvloop]'; see docs/benchmarks.md)",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="log at DEBUG")
+
+
+# The event loops `--event-loop` accepts. uvloop is an optional dependency
+# (the `uvloop` extra). The proxy behaves the same on both: the relay and
+# TLS stream tests run on each.
+EVENT_LOOPS = ("asyncio", "uvloop")
+
+
+def backend_options(event_loop: str) -> dict[str, bool]:
+    """Return anyio's asyncio backend options for `--event-loop`.
+
+    Raise `UserError` when uvloop is requested but not installed.
+    """
+    if event_loop != "uvloop":
+        return {"use_uvloop": False}
+    if importlib.util.find_spec("uvloop") is None:
+        raise UserError(
+            "--event-loop uvloop: uvloop is not installed "
+            "(pip install 'kmsproxy-core[uvloop]')"
+        )
+    return {"use_uvloop": True}
 
 
 @dataclass(frozen=True)
@@ -364,8 +394,15 @@ def _run(args: argparse.Namespace, buffer: StartupLogBuffer) -> None:
     check_ca_order(form)
     config = config_from_form(args, form)
     warn_about_setup(args, form)
+    options = backend_options(args.event_loop)
     try:
-        anyio.run(serve_until_signal, config, buffer.emit_held)
+        anyio.run(
+            serve_until_signal,
+            config,
+            buffer.emit_held,
+            backend="asyncio",
+            backend_options=options,
+        )
     except Exception as error:
         if form.chain_from_key_uri is not None:
             _explain_missing_chain(error, form.chain_from_key_uri)
@@ -517,6 +554,9 @@ async def serve_until_signal(
 
     `on_started` is called once the proxy listens.
     """
+    # "asyncio" or "uvloop": the package of the loop's class.
+    loop_package = type(asyncio.get_running_loop()).__module__.partition(".")[0]
+    logger.info("Event loop name=%s", loop_package)
     proxy = Proxy(config)
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with anyio.create_task_group() as group:
