@@ -62,6 +62,22 @@ def test_misspelt_option_names_closest() -> None:
     assert "did you mean --clientcert?" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "prefix", "option"),
+    [
+        ("serve", "--ins", "--insecure-skip-verify"),
+        ("serve", "--insecure", "--insecure-skip-verify"),
+        ("init", "--forc", "--force"),
+    ],
+)
+def test_option_prefix_is_rejected(command: str, prefix: str, option: str) -> None:
+    # A prefix must not switch on an option as dangerous as these two.
+    result = run_cli(command, prefix)
+    assert result.returncode == 2
+    assert f"unrecognized arguments: {prefix}" in result.stderr
+    assert f"did you mean {option}?" in result.stderr
+
+
 def test_unknown_option_without_match() -> None:
     result = run_cli("serve", "ca.key", "--zzzz", "ca.crt")
     assert result.returncode == 2

@@ -43,6 +43,7 @@ def build_parser(registry: Registry | None) -> argparse.ArgumentParser:
     """Build the parser with every built-in and backend command."""
     parser = argparse.ArgumentParser(
         prog="kmsproxy",
+        allow_abbrev=False,
         description=(
             "A local HTTPS proxy that authenticates to servers with a client "
             "certificate whose key stays in hardware."
@@ -64,16 +65,22 @@ def build_parser(registry: Registry | None) -> argparse.ArgumentParser:
 
 
 def _record_command_parsers(parser: argparse.ArgumentParser) -> None:
-    """Store each (sub)command's parser in its namespace as `command_parser`.
+    """Store each (sub)command's parser in its namespace as `command_parser`,
+    and turn off abbreviated options in each.
 
     `parse_command_line` reports an unknown option with the usage of the
-    command it was given to, instead of the top-level usage.
+    command it was given to, instead of the top-level usage. argparse would
+    otherwise take a prefix such as `--ins` for `--insecure-skip-verify`,
+    so a typo could turn off upstream verification or make `init` replace
+    the CA (`--forc`). Backends add their commands through a hook, so this
+    covers their parsers too.
     """
     # argparse has no public way to list a parser's subcommands, so this
     # reads its private `_actions` and `_SubParsersAction`.
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for command_parser in action.choices.values():
+                command_parser.allow_abbrev = False
                 command_parser.set_defaults(command_parser=command_parser)
                 _record_command_parsers(command_parser)
 
@@ -109,7 +116,12 @@ def describe_unrecognized(
     for extra in extras:
         if not extra.startswith("-"):
             continue
-        close = difflib.get_close_matches(extra.split("=", 1)[0], known, n=1)
+        name = extra.split("=", 1)[0]
+        # A prefix of one option names it (abbreviations are not accepted),
+        # otherwise the closest spelling does.
+        close = [option for option in known if option.startswith(name)]
+        if len(close) != 1:
+            close = difflib.get_close_matches(name, known, n=1)
         if close:
             return f"{message} (did you mean {close[0]}?)"
     return message
