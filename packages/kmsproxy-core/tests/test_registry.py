@@ -15,7 +15,12 @@ from kmsproxy.errors import UserError
 from kmsproxy.plugins import file as file_backend
 from kmsproxy.plugins.file import FileCertificateSource
 from kmsproxy.plugins.hookspecs import hookimpl
-from kmsproxy.plugins.registry import KNOWN_DISTRIBUTIONS, Registry, install_hint
+from kmsproxy.plugins.registry import (
+    KNOWN_DISTRIBUTIONS,
+    BrokenBackend,
+    Registry,
+    install_hint,
+)
 from kmsproxy.signer import Signer, SignerError, SoftwareSigner
 from kmsproxy.uri import KeyURI
 
@@ -108,6 +113,64 @@ def test_unknown_scheme_redacts_secret() -> None:
         core_only_registry().open_signer("yubikey:slot-id=9a?pin-value=123456")
     assert "123456" not in str(caught.value)
     assert "kmsproxy-yubikey provides it" in str(caught.value)
+
+
+def test_misspelt_scheme_suggests_uninstalled() -> None:
+    with pytest.raises(UserError) as caught:
+        core_only_registry().open_signer("tpmks:name=k")
+    message = str(caught.value)
+    assert "did you mean tpmkms:?" in message
+    assert "kmsproxy-tpm provides it" in message
+    assert "`pip install ./packages/kmsproxy-tpm`" in message
+
+
+def test_misspelt_scheme_suggests_installed() -> None:
+    with pytest.raises(UserError) as caught:
+        core_only_registry().open_signer("fiel:path=x.pem")
+    message = str(caught.value)
+    assert message.endswith("; did you mean file:?")
+
+
+@pytest.mark.parametrize(
+    ("typed", "scheme"),
+    [
+        ("tpmks", "tpmkms"),
+        ("yubkey", "yubikey"),
+        ("pkcs", "pkcs11"),
+        ("awkms", "awskms"),
+        ("fiel", "file"),
+    ],
+)
+def test_misspelt_scheme_every_backend(typed: str, scheme: str) -> None:
+    with pytest.raises(UserError) as caught:
+        core_only_registry().open_signer(f"{typed}:name=k")
+    assert f"did you mean {scheme}:?" in str(caught.value)
+
+
+def test_misspelt_scheme_hides_secret() -> None:
+    with pytest.raises(UserError) as caught:
+        core_only_registry().open_signer("yubkey:slot-id=9a?pin-value=123456")
+    assert "123456" not in str(caught.value)
+    assert "did you mean yubikey:?" in str(caught.value)
+
+
+def test_misspelt_scheme_names_broken_backend() -> None:
+    broken = BrokenBackend("tpmkms", "kmsproxy-tpm", "OSError: libtss2-esys.so.0")
+    registry = Registry(core_only_registry().plugin_manager, broken=[broken])
+    with pytest.raises(UserError) as caught:
+        registry.open_signer("tpmks:name=k")
+    message = str(caught.value)
+    assert "did you mean tpmkms:? Its backend 'tpmkms'" in message
+    assert "failed to load: OSError: libtss2-esys.so.0" in message
+    assert "pip install" not in message
+
+
+def test_distant_scheme_points_to_backends() -> None:
+    with pytest.raises(UserError) as caught:
+        core_only_registry().open_signer("vault:name=x")
+    message = str(caught.value)
+    assert "did you mean" not in message
+    assert "`kmsproxy backends`" in message
 
 
 def test_unlisted_scheme_has_no_hint() -> None:

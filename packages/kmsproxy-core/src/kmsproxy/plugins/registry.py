@@ -16,6 +16,7 @@ whose scheme the broken backend would have handled fails with that error.
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -50,6 +51,12 @@ KNOWN_DISTRIBUTIONS = {
     "pkcs11": "kmsproxy-pkcs11",
     "awskms": "kmsproxy-awskms",
 }
+
+# Minimum difflib similarity ratio for "did you mean" on a scheme: 0.6, the
+# difflib default. A typo scores above it (`tpmks` against `tpmkms` 0.91,
+# `fiel` against `file` 0.75), and an unrelated scheme such as `vault`
+# matches no known one.
+SCHEME_SUGGESTION_CUTOFF = 0.6
 
 # Folder of a repository checkout that contains each distribution above.
 PACKAGES_FOLDER = "packages"
@@ -266,7 +273,35 @@ class Registry:
         hint = install_hint(uri.scheme)
         if hint is not None:
             message += f"; {hint}"
+        else:
+            message += self._suggest_scheme(uri.scheme)
         raise UserError(message)
+
+    def _suggest_scheme(self, scheme: str) -> str:
+        """Suggest the known scheme closest to a misspelt `scheme`.
+
+        Return the text to append to the error, which points to `kmsproxy
+        backends` when no known scheme is close. The candidates are the installed schemes and those of every backend
+        in this repository, installed or not, so that `tpmks:` suggests
+        `tpmkms:` together with the distribution to install.
+        """
+        known = set(self._by_scheme) | set(KNOWN_DISTRIBUTIONS) | {FILE_SCHEME}
+        matches = difflib.get_close_matches(
+            scheme, sorted(known), n=1, cutoff=SCHEME_SUGGESTION_CUTOFF
+        )
+        if not matches:
+            return "; list the known schemes with `kmsproxy backends`"
+        closest = matches[0]
+        suggestion = f"; did you mean {closest}:?"
+        if closest in self._by_scheme:
+            return suggestion
+        for broken in self.broken:
+            if broken.handles(closest):
+                return f"{suggestion} Its {broken.describe()}"
+        hint = install_hint(closest)
+        if hint is not None:
+            return f"{suggestion} It is not installed: {hint}"
+        return suggestion
 
     def open_signer(self, argument: str) -> Signer:
         """Open the private key named by a path or URI.
