@@ -57,6 +57,27 @@ _NO_INTERIOR_ERRORS = "all candidates exhausted with no interior errors"
 _ENCOUNTERED_TAIL = re.compile(r"\s*\(encountered processing <Certificate\(.*\)>\)\s*$")
 _ALGORITHM_IDENTIFIER = re.compile(r"AlgorithmIdentifier \{.*?params: (\w+).*?\}")
 
+# cryptography 50's reason for a certificate without an extension that the
+# RFC 5280 and CA/Browser Forum profile requires, and the subject in the
+# "encountered processing" tail, when the message has one.
+_MISSING_EXTENSION = re.compile(
+    r"invalid extension: ([\d.]+): Certificate is missing required extension"
+)
+_ENCOUNTERED_SUBJECT = re.compile(
+    r"encountered processing <Certificate\(subject=<Name\((.*?)\)>"
+)
+
+# Names of the extensions that the profile requires, by OID (RFC 5280
+# section 4.2.1).
+_EXTENSION_NAMES = {
+    "2.5.29.14": "subjectKeyIdentifier",
+    "2.5.29.15": "keyUsage",
+    "2.5.29.17": "subjectAltName",
+    "2.5.29.19": "basicConstraints",
+    "2.5.29.35": "authorityKeyIdentifier",
+    "2.5.29.37": "extKeyUsage",
+}
+
 # The context strings of RFC 8446 section 4.4.3, each preceded by 64 spaces
 # and followed by one zero byte.
 SERVER_CONTEXT = b"TLS 1.3, server CertificateVerify"
@@ -351,6 +372,9 @@ def _verification_failure(
     original message.
     """
     subject = leaf.subject.rfc4514_string()
+    missing = _MISSING_EXTENSION.search(message)
+    if missing is not None:
+        return _missing_extension(missing.group(1), message, leaf)
     if "subjectAltName" in message:
         names = ", ".join(repr(name) for name in _san_names(leaf)) or "no names"
         return CertificateVerifyFailed(
@@ -382,6 +406,34 @@ def _verification_failure(
         )
     return CertificateVerifyFailed(
         f"certificate {subject!r} rejected: {_clean_detail(message)}"
+    )
+
+
+def _missing_extension(
+    oid: str, message: str, leaf: x509.Certificate
+) -> CertificateVerifyFailed:
+    """Name the certificate that lacks a required extension, and the fix."""
+    extension = _EXTENSION_NAMES.get(oid, oid)
+    holder = _ENCOUNTERED_SUBJECT.search(message)
+    if holder is not None:
+        which = f"certificate {holder.group(1)!r}"
+    else:
+        # Path building reports no certificate: the leaf passed, so the
+        # failure is in a CA on the way to the trust anchor.
+        which = (
+            f"the CA {leaf.issuer.rfc4514_string()!r} (or another CA on the path "
+            f"from {leaf.subject.rfc4514_string()!r})"
+        )
+    fix = f"reissue it with {extension}"
+    if extension == "keyUsage":
+        # OpenSSL 3.0's `req -x509` makes a CA without keyUsage by default.
+        fix += (
+            " (for a CA made with `openssl req -x509`, add "
+            "-addext 'keyUsage=critical,keyCertSign,cRLSign')"
+        )
+    return CertificateVerifyFailed(
+        f"{which} has no {extension} extension ({oid}), which the RFC 5280 "
+        f"profile that kmsproxy verifies against requires; {fix}"
     )
 
 
