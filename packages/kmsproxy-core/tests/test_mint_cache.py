@@ -39,6 +39,15 @@ def reparsed(certificate: x509.Certificate) -> x509.Certificate:
     return x509.load_der_x509_certificate(der)
 
 
+async def test_listener_mint_counted_apart() -> None:
+    leaves = minter()
+    await leaves.context_for_listener("localhost")
+    await leaves.context_for_listener("localhost")
+    await leaves.context_for_upstream(upstream(), "b.test", ALPN)
+    assert leaves.mint_count == 2
+    assert leaves.listener_mint_count == 1
+
+
 async def test_cached_miss_before_mint() -> None:
     leaf_minter = minter()
     assert leaf_minter.cached_context_for_upstream(upstream(), "b.test", ALPN) is None

@@ -94,6 +94,7 @@ def test_metrics_text_format() -> None:
         tunnels=TunnelCounters(open=1, total=9, failed=2),
         minted_certificates=4,
         minted_error_certificates=1,
+        minted_listener_certificates=5,
     )
     lines = render_metrics(counts).splitlines()
     assert "kmsproxy_signer_calls_total 3" in lines
@@ -103,6 +104,7 @@ def test_metrics_text_format() -> None:
     assert "kmsproxy_tunnels_total 9" in lines
     assert "kmsproxy_tunnels_failed_total 2" in lines
     assert 'kmsproxy_certificates_minted_total{purpose="error_page"} 1' in lines
+    assert 'kmsproxy_certificates_minted_total{purpose="listener"} 5' in lines
     # Six families, each declared by exactly one TYPE line.
     types = [line.split()[2] for line in lines if line.startswith("# TYPE")]
     assert len(types) == 6

@@ -385,7 +385,10 @@ class LeafMinter:
             tuple[x509.Certificate, str, tuple[str, ...]], tuple[object, ...]
         ] = collections.OrderedDict()
         self._locks: dict[tuple[object, ...], anyio.Lock] = {}
+        # Every leaf minted, and the part of them for the proxy's own
+        # listeners (`context_for_listener`).
         self.mint_count = 0
+        self.listener_mint_count = 0
 
     @property
     def cached_count(self) -> int:
@@ -470,6 +473,8 @@ class LeafMinter:
                 if entry is None:
                     entry = await self._mint(request)
                     self._store(key, entry)
+                    if key[0] == "listener":
+                        self.listener_mint_count += 1
                 return entry.context
         finally:
             if not lock.statistics().tasks_waiting and not lock.locked():

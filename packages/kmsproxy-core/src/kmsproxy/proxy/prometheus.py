@@ -29,6 +29,7 @@ class ProxyCounts:
     tunnels: TunnelCounters
     minted_certificates: int
     minted_error_certificates: int
+    minted_listener_certificates: int = 0
 
 
 def is_metrics_request(head: RequestHead) -> bool:
@@ -69,7 +70,8 @@ def render_metrics(counts: ProxyCounts) -> str:
         (
             "kmsproxy_tunnels_failed_total",
             "counter",
-            "Tunnels that ended before relaying (upstream or client failure).",
+            "Tunnels that failed before relaying, or whose upstream rejected "
+            "the client certificate after the wait.",
             [("", counts.tunnels.failed)],
         ),
         (
@@ -79,6 +81,7 @@ def render_metrics(counts: ProxyCounts) -> str:
             [
                 ('{purpose="upstream"}', counts.minted_certificates),
                 ('{purpose="error_page"}', counts.minted_error_certificates),
+                ('{purpose="listener"}', counts.minted_listener_certificates),
             ],
         ),
     ]

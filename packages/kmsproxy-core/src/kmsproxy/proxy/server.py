@@ -227,7 +227,11 @@ class Proxy:
         return ProxyCounts(
             tls=metrics.snapshot(),
             tunnels=dataclasses.replace(self._settings.counters),
-            minted_certificates=self._settings.minter.mint_count,
+            minted_certificates=(
+                self._settings.minter.mint_count
+                - self._settings.minter.listener_mint_count
+            ),
+            minted_listener_certificates=self._settings.minter.listener_mint_count,
             minted_error_certificates=(
                 self._settings.error_minter.mint_count
                 if self._settings.error_minter is not None
