@@ -148,6 +148,8 @@ def test_load_system_skips_warned(
     assert store.certificates == [CA.cert]
     assert [str(w.message) for w in caught] == []
     assert "Skipped system CA certificate" in caplog.text
+    # The log names which certificate of the file was skipped: the first.
+    assert "index=0 " in caplog.text
 
 
 def test_parse_negative_serial() -> None:

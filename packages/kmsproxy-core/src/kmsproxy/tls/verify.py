@@ -112,7 +112,8 @@ def _load_system_file(path: Path) -> list[x509.Certificate]:
     release will refuse) is skipped and logged, not the whole file.
     """
     certificates = []
-    for block in _PEM_CERTIFICATE_BLOCK.findall(path.read_bytes()):
+    blocks = _PEM_CERTIFICATE_BLOCK.findall(path.read_bytes())
+    for index, block in enumerate(blocks):
         try:
             # As an error, the warning skips the certificate before it is
             # stored, so later uses (the verifier reads the serial) cannot
@@ -121,7 +122,12 @@ def _load_system_file(path: Path) -> list[x509.Certificate]:
                 warnings.simplefilter("error", CryptographyDeprecationWarning)
                 certificates.append(x509.load_pem_x509_certificate(block))
         except (ValueError, CryptographyDeprecationWarning) as error:
-            logger.debug("Skipped system CA certificate path=%s error=%s", path, error)
+            logger.debug(
+                "Skipped system CA certificate path=%s index=%d error=%s",
+                path,
+                index,
+                error,
+            )
     return certificates
 
 
