@@ -13,6 +13,7 @@ import signal
 import stat
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import anyio
@@ -29,7 +30,11 @@ from kmsproxy.cli.init import create_ca, serve_command, sign_ca_certificate
 from kmsproxy.cli.serve import config_from_args
 from kmsproxy.config import ProxyConfig
 from kmsproxy.errors import UserError
-from kmsproxy.signer import SignatureScheme, SignerError, SoftwareSigner
+from kmsproxy.plugins.file import load_private_key
+from kmsproxy.plugins.hookspecs import hookimpl
+from kmsproxy.plugins.registry import Registry
+from kmsproxy.signer import SignatureScheme, Signer, SignerError, SoftwareSigner
+from kmsproxy.uri import KeyURI
 
 
 def read_certificate(path: Path) -> x509.Certificate:
@@ -168,14 +173,50 @@ def test_serve_command_redacts_pin() -> None:
     assert "pin-value=***" in line
 
 
+# Scheme of `PinKeyBackend`, a software key that takes a PIN as a device does.
+PIN_SCHEME = "pinkey"
+
+
+class PinKeyBackend:
+    """A backend that opens the key file in `path=` and ignores its PIN.
+
+    The file backend rejects `pin-value=` and `pin-source=`, so the tests of
+    how `init --key` handles a PIN open their key through this one.
+    """
+
+    @hookimpl
+    def kmsproxy_schemes(self) -> list[str]:
+        return [PIN_SCHEME]
+
+    @hookimpl
+    def kmsproxy_open_signer(self, uri: KeyURI) -> Signer | None:
+        if uri.scheme != PIN_SCHEME:
+            return None
+        key = load_private_key(Path(uri.get("path") or ""))
+        return SoftwareSigner(key, uri.redacted())
+
+
+@pytest.fixture
+def pin_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Add `PinKeyBackend` to every registry that the CLI loads."""
+    load = Registry.load.__func__  # type: ignore[attr-defined]
+
+    def load_with_pin_backend(
+        cls: type[Registry], /, plugins: Iterable[object] = (), **options: bool
+    ) -> Registry:
+        return load(cls, [PinKeyBackend(), *plugins], **options)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(Registry, "load", classmethod(load_with_pin_backend))
+
+
+@pytest.mark.usefixtures("pin_backend")
 def test_init_key_output_redacts_pin(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     key_path = write_key(tmp_path / "device.key", generate_key("p256"))
-    # A file: URI with a secret attribute that the file backend ignores.
-    key = f"file:path={key_path};pin-value=secret-4711"
+    key = f"{PIN_SCHEME}:path={key_path};pin-value=secret-4711"
     assert main(["init", "--key", key, "--dir", str(tmp_path / "ca")]) == 0
     output = capsys.readouterr().out
     assert "secret-4711" not in output
@@ -242,18 +283,20 @@ def test_init_key_records_key(
     )
 
 
+@pytest.mark.usefixtures("pin_backend")
 def test_init_key_records_uri_with_pin_source(tmp_path: Path) -> None:
     key_path = write_key(tmp_path / "device.key", generate_key("p256"))
-    key = f"file:path={key_path}?pin-source={tmp_path / 'pin'}"
+    key = f"{PIN_SCHEME}:path={key_path}?pin-source={tmp_path / 'pin'}"
     assert main(["init", "--key", key, "--dir", str(tmp_path / "ca")]) == 0
     assert (tmp_path / "ca" / "ca.key-uri").read_text() == f"{key}\n"
 
 
+@pytest.mark.usefixtures("pin_backend")
 def test_init_key_pin_value_not_recorded(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     key_path = write_key(tmp_path / "device.key", generate_key("p256"))
-    key = f"file:path={key_path};pin-value=secret-4711"
+    key = f"{PIN_SCHEME}:path={key_path};pin-value=secret-4711"
     assert main(["init", "--key", key, "--dir", str(tmp_path / "ca")]) == 0
     assert not (tmp_path / "ca" / "ca.key-uri").exists()
     assert "not recorded in ca.key-uri" in capsys.readouterr().out

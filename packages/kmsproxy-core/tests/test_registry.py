@@ -22,7 +22,7 @@ from kmsproxy.plugins.registry import (
     install_hint,
 )
 from kmsproxy.signer import Signer, SignerError, SoftwareSigner
-from kmsproxy.uri import KeyURI
+from kmsproxy.uri import KeyURI, URIError
 
 
 def fake_backend(name: str, scheme: str) -> types.ModuleType:
@@ -71,6 +71,59 @@ def test_file_uri_with_path(tmp_path: Path) -> None:
     key_path, _ = issued.write(tmp_path, "client")
     signer = Registry.load().open_signer(f"file:path={key_path}")
     assert signer.public_key() == issued.key.public_key()
+
+
+def test_file_uri_rejects_pin(tmp_path: Path) -> None:
+    issued = issue(make_ca(), "client", client=True)
+    key_path, _ = issued.write(tmp_path, "client")
+    with pytest.raises(URIError) as caught:
+        Registry.load().open_signer(f"file:path={key_path};pin=hunter2")
+    message = str(caught.value)
+    assert "unknown attribute pin " in message
+    assert "file: URIs take password-file, path" in message
+    assert "hunter2" not in message
+
+
+def test_file_certificates_reject_unknown(tmp_path: Path) -> None:
+    issued = issue(make_ca(), "client", client=True)
+    _, certificate_path = issued.write(tmp_path, "client")
+    with pytest.raises(URIError, match="unknown attribute format "):
+        Registry.load().open_certificates(f"file:path={certificate_path};format=der")
+
+
+def test_file_uri_without_path_name(tmp_path: Path) -> None:
+    path = tmp_path / "client.key"
+    with pytest.raises(URIError) as caught:
+        Registry.load().open_signer(f"file:{path}")
+    message = str(caught.value)
+    assert message.startswith(f"file:{path}: missing path= before the path; ")
+    assert f"write file:path={path} or the bare path {path}" in message
+
+
+def test_file_uri_rfc8089_form(tmp_path: Path) -> None:
+    path = tmp_path / "client.key"
+    with pytest.raises(URIError) as caught:
+        Registry.load().open_signer(f"file://{path}")
+    message = str(caught.value)
+    assert message.startswith(f"file://{path}: ")
+    assert f"write file:path={path} or the bare path {path}" in message
+
+
+def test_file_uri_without_path_name_quoted() -> None:
+    with pytest.raises(URIError) as caught:
+        Registry.load().open_signer("file:/keys/a.key;password-file=/run/pw")
+    message = str(caught.value)
+    assert "write 'file:path=/keys/a.key;password-file=/run/pw'" in message
+    assert "bare path" not in message
+
+
+def test_file_uri_without_path_name_secret() -> None:
+    with pytest.raises(URIError) as caught:
+        Registry.load().open_signer("file:/keys/a.key?pin-value=1234")
+    message = str(caught.value)
+    assert message.startswith("file:/keys/a.key?pin-value=***: ")
+    assert "start it with file:path=/keys/a.key" in message
+    assert "1234" not in message
 
 
 def core_only_registry() -> Registry:

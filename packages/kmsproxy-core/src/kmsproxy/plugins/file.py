@@ -3,17 +3,21 @@
 Arguments reach it as existing paths or as `file:path=/some/key.pem`. Keys
 may be PEM or DER, PKCS#8 or the traditional RSA/EC formats. An encrypted
 key needs `file:path=...;password-file=/path/to/password`, whose first line
-is the password. Certificates are PEM (one or more, leaf first) or a single
-DER certificate; the file is watched for reloads.
+is the password. Any other URI attribute is rejected, so that a misspelt or
+misplaced one (a `pin=` meant for another backend) does not go unnoticed.
+Certificates are PEM (one or more, leaf first) or a single DER certificate;
+the file is watched for reloads.
 
 This module is also the shortest complete example of a backend.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import unquote
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -24,9 +28,16 @@ from kmsproxy.files import read_key_file
 from kmsproxy.plugins.hookspecs import hookimpl
 from kmsproxy.secrets import SecretFileError, read_secret_file
 from kmsproxy.signer import PrivateKey, Signer, SignerError, SoftwareSigner
-from kmsproxy.uri import KeyURI
+from kmsproxy.uri import KeyURI, URIError, redact_text, reject_unknown_attributes
 
 SCHEME = "file"
+
+# Attributes of a `file:` URI. `password-file` is accepted for certificates
+# too, so the URI of a key file that also contains its chain works for both.
+KNOWN_ATTRIBUTES = frozenset({"path", "password-file"})
+
+# `file:` and the text up to the first attribute separator.
+_FIRST_PART = re.compile(r"^file:([^;?]*)", re.IGNORECASE)
 
 
 @hookimpl
@@ -50,7 +61,34 @@ def kmsproxy_open_certificates(uri: KeyURI) -> CertificateSource | None:
     return FileCertificateSource(_path(uri))
 
 
+def reject_bare_path(text: str) -> None:
+    """Raise `URIError` for `file:/some/key.pem`, naming the `path=` form.
+
+    The message shows the path, because a path is not a secret. Attributes
+    after it are redacted as in any URI error. `file:///some/key.pem`, the
+    RFC 8089 form, gets the same hint with the path after `file://`.
+    """
+    match = _FIRST_PART.match(text)
+    if match is None:
+        return
+    first = match.group(1)
+    if not first or "=" in first:
+        return
+    rest = text[match.end(1) :]
+    path = first[2:] if first.startswith("///") else first
+    fixed = redact_text(f"{SCHEME}:path={path}{rest}")
+    typed = f"{SCHEME}:{first}{fixed.removeprefix(f'{SCHEME}:path={path}')}"
+    hint = f"write {shlex.quote(fixed)}"
+    if "***" in fixed:
+        # A redacted value cannot be typed back, so only the start is given.
+        hint = f"start it with {shlex.quote(f'{SCHEME}:path={path}')}"
+    if not rest:
+        hint += f" or the bare path {shlex.quote(unquote(path))}"
+    raise URIError(f"{typed}: missing path= before the path; {hint}")
+
+
 def _path(uri: KeyURI) -> Path:
+    reject_unknown_attributes(uri, KNOWN_ATTRIBUTES)
     text = uri.get("path")
     if not text:
         raise ValueError(f"{uri.redacted()}: missing path= (file:path=/some/key.pem)")

@@ -29,6 +29,7 @@ import pluggy
 from kmsproxy.certificates import CertificateSource
 from kmsproxy.errors import UserError
 from kmsproxy.files import read_file_head
+from kmsproxy.plugins import file as file_backend
 from kmsproxy.plugins import hookspecs
 from kmsproxy.signer import Signer
 from kmsproxy.uri import KeyURI, URIError, looks_like_uri, redact_text
@@ -207,6 +208,7 @@ class Registry:
             raise UserError(
                 f"{shown}: no such file, and not a URI of the form scheme:name=value"
             )
+        file_backend.reject_bare_path(argument)
         return KeyURI.parse(argument)
 
     def _claim_key_file(self, path: Path) -> KeyURI | None:
@@ -281,9 +283,10 @@ class Registry:
         """Suggest the known scheme closest to a misspelt `scheme`.
 
         Return the text to append to the error, which points to `kmsproxy
-        backends` when no known scheme is close. The candidates are the installed schemes and those of every backend
-        in this repository, installed or not, so that `tpmks:` suggests
-        `tpmkms:` together with the distribution to install.
+        backends` when no known scheme is close. The candidates are the
+        installed schemes and those of every backend in this repository,
+        installed or not, so that `tpmks:` suggests `tpmkms:` together with
+        the distribution to install.
         """
         known = set(self._by_scheme) | set(KNOWN_DISTRIBUTIONS) | {FILE_SCHEME}
         matches = difflib.get_close_matches(
