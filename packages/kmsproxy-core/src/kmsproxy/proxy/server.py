@@ -23,7 +23,7 @@ from anyio.abc import SocketAttribute
 
 from kmsproxy import tls
 from kmsproxy.ca import LeafMinter, LocalCA, MintError
-from kmsproxy.certificates import CertificateSource
+from kmsproxy.certificates import CertificateError, CertificateSource
 from kmsproxy.config import ProxyConfig
 from kmsproxy.errors import UserError
 from kmsproxy.identity import IdentityStore, close_signers
@@ -246,9 +246,17 @@ class Proxy:
                 "any server can impersonate any host through this proxy"
             )
             return None
-        return tls.TrustStore.load(
-            self.config.trust, include_system=self.config.include_system_trust
-        )
+        try:
+            return tls.TrustStore.load(
+                self.config.trust, include_system=self.config.include_system_trust
+            )
+        except CertificateError as error:
+            # The error for a bundle starts with its path. Name the option
+            # that set it, as the errors for --pac and --listen do.
+            text = str(error)
+            if any(text.startswith(f"{path}: ") for path in self.config.trust):
+                raise CertificateError(f"--trust {text}") from None
+            raise
 
     async def _listener_context(self, host: str) -> ssl.SSLContext:
         assert self.minter is not None
