@@ -104,3 +104,12 @@ def test_open_without_controlling_tty(
     read_file_head(path, 100)
     assert len(flags) == 2
     assert all(mode & os.O_NOCTTY for mode in flags)
+
+
+def test_key_file_as_certificate(tmp_path: Path) -> None:
+    # The Go form reads the chain from KMSURI, so a key-only file lands here.
+    path = tmp_path / "client.key"
+    path.write_bytes(make_ca().key_pem())
+    with pytest.raises(CertificateError) as raised:
+        load_certificates(path)
+    assert str(raised.value) == f"{path}: contains a private key but no certificate"

@@ -167,6 +167,10 @@ def load_certificates(path: Path) -> list[x509.Certificate]:
         else:
             chain = [x509.load_der_x509_certificate(data)]
     except ValueError as error:
+        if b"PRIVATE KEY-----" in data and b"-----BEGIN CERTIFICATE" not in data:
+            raise CertificateError(
+                f"{path}: contains a private key but no certificate"
+            ) from None
         raise CertificateError(
             f"{path}: not a PEM or DER certificate: {error}"
         ) from None
