@@ -57,9 +57,10 @@ def test_go_form_options_between_positionals() -> None:
 def test_misspelt_option_names_closest() -> None:
     result = run_cli("serve", "--clientcrt", "client.crt")
     assert result.returncode == 2
-    assert "usage: kmsproxy serve" in result.stderr
-    assert "unrecognized arguments: --clientcrt" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("kmsproxy serve: error: unrecognized arguments")
     assert "did you mean --clientcert?" in result.stderr
+    assert result.stderr.endswith("(see `kmsproxy serve --help`)\n")
 
 
 @pytest.mark.parametrize(
@@ -76,6 +77,14 @@ def test_option_prefix_is_rejected(command: str, prefix: str, option: str) -> No
     assert result.returncode == 2
     assert f"unrecognized arguments: {prefix}" in result.stderr
     assert f"did you mean {option}?" in result.stderr
+
+
+@pytest.mark.parametrize("port", ["abc", "0", "65536", "-1"])
+def test_pac_port_out_of_range(port: str) -> None:
+    result = run_cli("serve", f"--pac-port={port}")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert f"--pac-port: {port!r} is not a port number (1 to 65535)" in result.stderr
 
 
 def test_unknown_option_without_match() -> None:

@@ -39,9 +39,23 @@ logger = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+class CommandLineParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line, as other errors are.
+
+    Subcommand parsers, backends' included, are made with the class of the
+    top-level parser, so they get the same `error`.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(
+            EXIT_USER_ERROR,
+            f"{self.prog}: error: {message} (see `{self.prog} --help`)\n",
+        )
+
+
 def build_parser(registry: Registry | None) -> argparse.ArgumentParser:
     """Build the parser with every built-in and backend command."""
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="kmsproxy",
         allow_abbrev=False,
         description=(

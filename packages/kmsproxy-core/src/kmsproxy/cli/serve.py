@@ -152,7 +152,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--pac-port",
-        type=int,
+        type=port_number,
         default=None,
         metavar="PORT",
         help="PAC server port on localhost (the Go tool's flag)",
@@ -171,6 +171,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "(pip install 'kmsproxy-core[uvloop]'; see docs/benchmarks.md)",
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="log at DEBUG")
+
+
+# TCP port numbers a listener can bind (0 would pick a random one).
+MAX_PORT = 65535
+
+
+def port_number(text: str) -> int:
+    """Parse an option's TCP port number, from 1 to `MAX_PORT`."""
+    port = int(text) if text.isdigit() else 0
+    if not 1 <= port <= MAX_PORT:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a port number (1 to {MAX_PORT})"
+        )
+    return port
 
 
 # The event loops `--event-loop` accepts. uvloop is an optional dependency
