@@ -82,8 +82,8 @@ def _record_command_parsers(parser: argparse.ArgumentParser) -> None:
     """Store each (sub)command's parser in its namespace as `command_parser`,
     and turn off abbreviated options in each.
 
-    `parse_command_line` reports an unknown option with the usage of the
-    command it was given to, instead of the top-level usage. argparse would
+    `parse_command_line` reports an unknown option under the name of the
+    command it was given to, instead of the top-level `kmsproxy`. argparse would
     otherwise take a prefix such as `--ins` for `--insecure-skip-verify`,
     so a typo could turn off upstream verification or make `init` replace
     the CA (`--forc`). Backends add their commands through a hook, so this
