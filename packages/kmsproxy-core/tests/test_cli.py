@@ -302,6 +302,17 @@ def test_world_readable_key_warns(tmp_path: Path) -> None:
     assert "ca.key" not in result.stderr.split("kmsproxy: error:")[0]
 
 
+def test_certificate_as_key_no_mode_warning(tmp_path: Path) -> None:
+    # A certificate given as the client key fails with its own error, and
+    # its usual 0644 mode is no reason for a warning before it.
+    arguments = write_site(tmp_path)
+    arguments[arguments.index("--clientkey") + 1] = str(tmp_path / "client.crt")
+    (tmp_path / "client.crt").chmod(0o644)
+    result = run_cli(*arguments)
+    assert result.returncode == 2
+    assert "readable by every user" not in result.stderr
+
+
 def test_swapped_ca_arguments_hint(tmp_path: Path) -> None:
     arguments = write_site(tmp_path)
     arguments[1], arguments[2] = arguments[2], arguments[1]

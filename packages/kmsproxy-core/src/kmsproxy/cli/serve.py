@@ -534,13 +534,30 @@ def warn_about_setup(args: argparse.Namespace, form: PositionalForm) -> None:
             mode = path.stat().st_mode
         except OSError:
             continue
-        if mode & stat.S_IROTH:
+        if mode & stat.S_IROTH and _may_hold_private_key(path, mode):
             logger.warning(
                 "Key file is readable by every user on this machine; restrict "
                 "it with chmod 600 role=%s path=%s",
                 role,
                 path,
             )
+
+
+def _may_hold_private_key(path: Path, mode: int) -> bool:
+    """Tell whether the file at `path` may hold a private key.
+
+    A PEM file without a PRIVATE KEY block (a certificate given as a key)
+    is not one: it fails later with its own error, which a warning about
+    its mode would only precede. A file that is not PEM may be a DER key.
+    """
+    if not stat.S_ISREG(mode):
+        return False
+    try:
+        with path.open("rb") as file:
+            head = file.read(MAX_KEY_SNIFF_BYTES)
+    except OSError:
+        return False
+    return b"-----BEGIN" not in head or b"PRIVATE KEY" in head
 
 
 def _explain_missing_chain(error: BaseException, key_uri: str) -> None:
