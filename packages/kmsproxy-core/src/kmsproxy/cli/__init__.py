@@ -24,7 +24,7 @@ from kmsproxy.cli import backends, csr, demo, init, serve
 from kmsproxy.errors import UserError
 from kmsproxy.plugins.registry import Registry
 from kmsproxy.signer import SignerError
-from kmsproxy.uri import URIError
+from kmsproxy.uri import URIError, redact_text
 
 USER_ERRORS = (UserError, URIError, CertificateError, SignerError)
 
@@ -125,20 +125,47 @@ def describe_unrecognized(
     parser: argparse.ArgumentParser, extras: Sequence[str]
 ) -> str:
     """Name the arguments `parser` does not know, with a close option name."""
-    message = f"unrecognized arguments: {' '.join(extras)}"
-    known = [name for action in parser._actions for name in action.option_strings]
+    message = f"unrecognized arguments: {' '.join(_shown_arguments(extras))}"
+    # Names compare without their dashes, which would make any two long
+    # options look alike to difflib.
+    known = {
+        option.lstrip("-"): option
+        for action in parser._actions
+        for option in action.option_strings
+    }
     for extra in extras:
         if not extra.startswith("-"):
             continue
-        name = extra.split("=", 1)[0]
+        name = extra.partition("=")[0].lstrip("-")
         # A prefix of one option names it (abbreviations are not accepted),
         # otherwise the closest spelling does.
         close = [option for option in known if option.startswith(name)]
         if len(close) != 1:
-            close = difflib.get_close_matches(name, known, n=1)
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
         if close:
-            return f"{message} (did you mean {close[0]}?)"
+            return f"{message}; did you mean {known[close[0]]}?"
     return message
+
+
+def _shown_arguments(extras: Sequence[str]) -> list[str]:
+    """Return `extras` fit for an error message: option names as typed,
+    values hidden.
+
+    A left-over argument may be a PIN (`--pin 1234`, a misspelt
+    `--key 'pkcs11:...?pin-value=...'`), so an option's `=VALUE` and a word
+    after an option become `***`, and other words go through `redact_text`.
+    """
+    shown = []
+    after_option = False
+    for extra in extras:
+        if extra.startswith("-"):
+            name, equals, _ = extra.partition("=")
+            shown.append(f"{name}=***" if equals else name)
+            after_option = True
+        else:
+            shown.append("***" if after_option else redact_text(extra))
+            after_option = False
+    return shown
 
 
 def add_backend_commands(

@@ -168,7 +168,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         choices=EVENT_LOOPS,
         default="asyncio",
         help="the event loop: asyncio (default) or uvloop, an optional speed-up "
-        "(pip install 'kmsproxy-core[uvloop]'; see docs/benchmarks.md)",
+        "that needs uvloop installed next to kmsproxy",
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="log at DEBUG")
 
@@ -202,8 +202,9 @@ def backend_options(event_loop: str) -> dict[str, bool]:
         return {"use_uvloop": False}
     if importlib.util.find_spec("uvloop") is None:
         raise UserError(
-            "--event-loop uvloop: uvloop is not installed "
-            "(pip install 'kmsproxy-core[uvloop]')"
+            "--event-loop uvloop: uvloop is not installed; add it to the "
+            "environment that runs kmsproxy with `pipx inject kmsproxy-core "
+            "uvloop` (pipx) or `pip install uvloop` (in that environment)"
         )
     return {"use_uvloop": True}
 
