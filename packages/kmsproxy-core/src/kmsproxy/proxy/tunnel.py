@@ -750,7 +750,9 @@ async def relay(
             # certificate that the client sees only as a closed connection.
             if isinstance(error, tls.AlertReceived):
                 logger.warning(
-                    "Upstream sent an alert target=%s alert=%s", target, error
+                    "Upstream failed target=%s reason=%s",
+                    target,
+                    printable(_describe_alert(error)),
                 )
             else:
                 logger.debug("Relay stopped target=%s cause=%r", target, error)

@@ -194,7 +194,9 @@ class TLSClientStream(anyio.abc.ByteStream):
                 elif isinstance(event, SignatureRequested):
                     # The caller's deadline must not cancel a signature the
                     # server is waiting for: the request would stay
-                    # unanswered. The Signer has its own time limit.
+                    # unanswered. NOTE: the shield also holds up the
+                    # tunnel's teardown and SIGTERM until the Signer's own
+                    # time limit, as when it waits for a touch.
                     with anyio.CancelScope(shield=True):
                         await self._respond_to_post_handshake_request(event)
                 else:
@@ -259,9 +261,11 @@ class TLSClientStream(anyio.abc.ByteStream):
         """Send a queued alert on a best-effort basis: the error that made
         it matters more than a failure to deliver it.
 
-        The send is shielded from the caller's cancellation, within its own
-        time limit, so a caller's deadline that passes meanwhile does not
-        replace that error with a cancellation.
+        The send is shielded from the caller's cancellation, so a caller's
+        deadline that passes meanwhile does not replace that error with a
+        cancellation. NOTE: `_flush` shields its own writes up to
+        CONTROL_WRITE_TIMEOUT_SECONDS, so a peer that stops reading holds
+        this up to that long, not CLOSE_NOTIFY_TIMEOUT_SECONDS.
         """
         with contextlib.suppress(
             anyio.BrokenResourceError, anyio.ClosedResourceError, OSError
