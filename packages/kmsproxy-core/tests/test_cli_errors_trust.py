@@ -12,7 +12,7 @@ def test_trust_missing_names_option(tmp_path: Path) -> None:
     result = run_cli(*write_site(tmp_path), "--trust", str(missing))
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
-    assert f"--trust {missing}: cannot read trust bundle" in result.stderr
+    assert f"--trust/--cacert {missing}: cannot read trust bundle" in result.stderr
 
 
 def test_trust_without_pem_names_option(tmp_path: Path) -> None:
@@ -20,7 +20,7 @@ def test_trust_without_pem_names_option(tmp_path: Path) -> None:
     bundle.write_text("not a certificate\n")
     result = run_cli(*write_site(tmp_path), "--trust", str(bundle))
     assert result.returncode == 2
-    assert f"--trust {bundle}: trust bundle contains no PEM" in result.stderr
+    assert f"--trust/--cacert {bundle}: trust bundle contains no PEM" in result.stderr
 
 
 def test_trust_invalid_pem_names_option(tmp_path: Path) -> None:
@@ -30,4 +30,4 @@ def test_trust_invalid_pem_names_option(tmp_path: Path) -> None:
     )
     result = run_cli(*write_site(tmp_path), "--cacert", str(bundle))
     assert result.returncode == 2
-    assert f"--trust {bundle}: invalid PEM trust bundle" in result.stderr
+    assert f"--trust/--cacert {bundle}: invalid PEM trust bundle" in result.stderr

@@ -473,7 +473,9 @@ class LeafMinter:
                 if entry is None:
                     entry = await self._mint(request)
                     self._store(key, entry)
-                    if key[0] == "listener":
+                    # Upstream keys start with a fingerprint (bytes), which
+                    # is never compared with a str (python -bb warns).
+                    if isinstance(key[0], str) and key[0] == "listener":
                         self.listener_mint_count += 1
                 return entry.context
         finally:

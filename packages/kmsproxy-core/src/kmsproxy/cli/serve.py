@@ -173,18 +173,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", "-v", action="store_true", help="log at DEBUG")
 
 
-# TCP port numbers a listener can bind (0 would pick a random one).
+# The largest TCP port number. Port 0 asks the system for a free port, as
+# in `--pac-listen HOST:0`.
 MAX_PORT = 65535
 
 
 def port_number(text: str) -> int:
-    """Parse an option's TCP port number, from 1 to `MAX_PORT`."""
-    port = int(text) if text.isdigit() else 0
-    if not 1 <= port <= MAX_PORT:
+    """Parse an option's TCP port number, from 0 to `MAX_PORT`."""
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_PORT:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a port number (1 to {MAX_PORT})"
+            f"{text!r} is not a port number (0 to {MAX_PORT})"
         )
-    return port
+    return int(text)
 
 
 # The event loops `--event-loop` accepts. uvloop is an optional dependency

@@ -255,7 +255,7 @@ class Proxy:
             # that set it, as the errors for --pac and --listen do.
             text = str(error)
             if any(text.startswith(f"{path}: ") for path in self.config.trust):
-                raise CertificateError(f"--trust {text}") from None
+                raise CertificateError(f"--trust/--cacert {text}") from None
             raise
 
     async def _listener_context(self, host: str) -> ssl.SSLContext:
