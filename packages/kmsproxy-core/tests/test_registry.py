@@ -184,6 +184,16 @@ def test_misspelt_scheme_suggests_installed() -> None:
     assert message.endswith("; did you mean file:?")
 
 
+@pytest.mark.parametrize("scheme", ["softkms", "mackms", "cloudkms"])
+def test_go_tool_scheme_not_supported(scheme: str) -> None:
+    # Close to tpmkms as text, but another store: no "did you mean".
+    with pytest.raises(UserError) as caught:
+        core_only_registry().open_signer(f"{scheme}:name=k")
+    message = str(caught.value)
+    assert f"step-kms-plugin's {scheme}: is not supported" in message
+    assert "did you mean" not in message
+
+
 @pytest.mark.parametrize(
     ("typed", "scheme"),
     [

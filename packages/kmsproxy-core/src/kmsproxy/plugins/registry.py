@@ -53,6 +53,18 @@ KNOWN_DISTRIBUTIONS = {
     "awskms": "kmsproxy-awskms",
 }
 
+# Schemes of step-kms-plugin (which step-kmsproxy-plugin reads) that no
+# kmsproxy backend handles, with what to use instead. A user moving over
+# types them, and a "did you mean" would point to an unrelated backend.
+UNSUPPORTED_GO_SCHEMES = {
+    "softkms": "for a key in a file, give its path or file:path=PATH",
+    "mackms": "the macOS keychain has no kmsproxy backend",
+    "capi": "Windows CryptoAPI has no kmsproxy backend",
+    "azurekms": "Azure Key Vault has no kmsproxy backend",
+    "cloudkms": "Google Cloud KMS has no kmsproxy backend",
+    "sshagentkms": "ssh-agent has no kmsproxy backend",
+}
+
 # Minimum difflib similarity ratio for "did you mean" on a scheme: 0.6, the
 # difflib default. A typo scores above it (`tpmks` against `tpmkms` 0.91,
 # `fiel` against `file` 0.75), and an unrelated scheme such as `vault`
@@ -288,6 +300,9 @@ class Registry:
         installed or not, so that `tpmks:` suggests `tpmkms:` together with
         the distribution to install.
         """
+        unsupported = UNSUPPORTED_GO_SCHEMES.get(scheme)
+        if unsupported is not None:
+            return f"; step-kms-plugin's {scheme}: is not supported ({unsupported})"
         known = set(self._by_scheme) | set(KNOWN_DISTRIBUTIONS) | {FILE_SCHEME}
         matches = difflib.get_close_matches(
             scheme, sorted(known), n=1, cutoff=SCHEME_SUGGESTION_CUTOFF
