@@ -126,6 +126,15 @@ def test_file_uri_without_path_name_secret() -> None:
     assert "1234" not in message
 
 
+def test_bare_part_before_path_stays_hidden() -> None:
+    # With path= present, a bare first part is not a path and may be secret.
+    with pytest.raises((URIError, UserError)) as caught:
+        Registry.load().open_signer("file:s3cret;path=/keys/a.key")
+    message = str(caught.value)
+    assert "s3cret" not in message
+    assert "missing path=" not in message
+
+
 def core_only_registry() -> Registry:
     """Load a registry with only the file backend, whatever else is installed.
 

@@ -75,6 +75,10 @@ def reject_bare_path(text: str) -> None:
     if not first or "=" in first:
         return
     rest = text[match.end(1) :]
+    if "path=" in rest:
+        # The path is there, so the bare first part is something else, which
+        # may be a secret: the URI parser reports it without showing it.
+        return
     path = first[2:] if first.startswith("///") else first
     fixed = redact_text(f"{SCHEME}:path={path}{rest}")
     typed = f"{SCHEME}:{first}{fixed.removeprefix(f'{SCHEME}:path={path}')}"
