@@ -70,8 +70,8 @@ def render_metrics(counts: ProxyCounts) -> str:
         (
             "kmsproxy_tunnels_failed_total",
             "counter",
-            "Tunnels that failed before relaying, or whose upstream rejected "
-            "the client certificate after the wait.",
+            "Tunnels that failed before relaying, or whose upstream sent an "
+            "alert after the rejection wait and before any data.",
             [("", counts.tunnels.failed)],
         ),
         (
