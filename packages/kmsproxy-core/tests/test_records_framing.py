@@ -8,6 +8,7 @@ import itertools
 from collections.abc import Callable
 
 import pytest
+from record_pairs import tls12_pair, tls13_pair
 
 from kmsproxy.tls.alerts import BadRecordMac
 from kmsproxy.tls.key_schedule import SUITES, CipherSuite
@@ -31,23 +32,6 @@ ODD_READ_SIZES = (1, 3, 5, 6, 4099, 16389, 70001)
 # repeating within a record, so a record delivered twice or out of order
 # changes the joined result.
 MESSAGE = bytes(itertools.islice(itertools.cycle(range(251)), 3 * 2**14 + 777))
-
-
-def tls13_pair() -> tuple[RecordLayer, RecordLayer]:
-    suite = SUITES[CipherSuite.TLS_AES_128_GCM_SHA256]
-    secret = bytes(range(32))
-    writer, reader = RecordLayer(), RecordLayer()
-    writer.write_cipher = RecordCipher(suite, secret)
-    reader.read_cipher = RecordCipher(suite, secret)
-    return writer, reader
-
-
-def tls12_pair() -> tuple[RecordLayer12, RecordLayer12]:
-    suite = SUITES12[CipherSuite12.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256]
-    writer, reader = RecordLayer12(), RecordLayer12()
-    writer.write_cipher = RecordCipher12(suite, bytes(16), bytes(4))
-    reader.read_cipher = RecordCipher12(suite, bytes(16), bytes(4))
-    return writer, reader
 
 
 PAIRS = [pytest.param(tls13_pair, id="tls13"), pytest.param(tls12_pair, id="tls12")]

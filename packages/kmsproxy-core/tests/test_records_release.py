@@ -11,34 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from record_pairs import tls12_pair, tls13_pair
 
 from kmsproxy.tls.alerts import BadRecordMac
-from kmsproxy.tls.key_schedule import SUITES, CipherSuite
-from kmsproxy.tls.records import ContentType, RecordCipher, RecordLayer
-from kmsproxy.tls.tls12.key_schedule12 import SUITES12, CipherSuite12
-from kmsproxy.tls.tls12.records12 import RecordCipher12, RecordLayer12
+from kmsproxy.tls.records import ContentType, RecordLayer
+from kmsproxy.tls.tls12.records12 import RecordLayer12
 
 Layer = RecordLayer | RecordLayer12
 PairFactory = Callable[[], tuple[Layer, Layer]]
 
 MESSAGE = bytes(range(200))
-
-
-def tls13_pair() -> tuple[RecordLayer, RecordLayer]:
-    suite = SUITES[CipherSuite.TLS_AES_128_GCM_SHA256]
-    secret = bytes(range(32))
-    writer, reader = RecordLayer(), RecordLayer()
-    writer.write_cipher = RecordCipher(suite, secret)
-    reader.read_cipher = RecordCipher(suite, secret)
-    return writer, reader
-
-
-def tls12_pair() -> tuple[RecordLayer12, RecordLayer12]:
-    suite = SUITES12[CipherSuite12.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256]
-    writer, reader = RecordLayer12(), RecordLayer12()
-    writer.write_cipher = RecordCipher12(suite, bytes(16), bytes(4))
-    reader.read_cipher = RecordCipher12(suite, bytes(16), bytes(4))
-    return writer, reader
 
 
 def tampered_record(writer: Layer) -> bytes:
