@@ -20,6 +20,12 @@ import anyio
 import anyio.abc
 import pytest
 from anyio.streams.tls import TLSStream
+from backpressure import (
+    SMALL_RECEIVE_BUFFER_BYTES,
+    TRANSFER_BYTES,
+    TRANSFER_TIMEOUT_SECONDS,
+    stall_then_read,
+)
 from peers import LOOPBACK
 from pki import issue, make_ca
 
@@ -30,29 +36,12 @@ pytestmark = pytest.mark.anyio
 
 SERVER_NAME = "server.test"
 
-# Bytes the writer tries to send while the reader is stopped. The kernel
-# buffers of the two loopback hops take a few MiB, and the relay keeps one
-# step. A relay or client stream that kept reading without waiting for its
-# sends would take all of it.
-TRANSFER_BYTES = 64 * 2**20
-
 # Bytes per send of the writer. Not a multiple of the 16 KiB record size, so
 # records and relay steps end at different offsets.
 WRITE_BYTES = 2**18 + 1001
 
-# The writer counts as stopped when no send completed for this long.
-STALL_SECONDS = 1.0
-
-# Upper bound for the whole transfer once the reader reads again. Loopback
-# moves 64 MiB through TLS in a few seconds even on a loaded machine.
-TRANSFER_TIMEOUT_SECONDS = 60.0
-
 # Idle timeout of the relay under test, longer than any step here.
 RELAY_IDLE_TIMEOUT_SECONDS = 120.0
-
-# Receive buffer of the stopped reader's socket, in bytes, so that the
-# kernel cannot hide a missing back-pressure by buffering everything.
-SMALL_RECEIVE_BUFFER_BYTES = 64 * 1024
 
 # One pattern, so bytes delivered twice or out of order change the result.
 PATTERN = bytes(itertools.islice(itertools.cycle(range(253)), WRITE_BYTES))
@@ -140,40 +129,10 @@ async def tunnel(tmp_path: Path) -> AsyncIterator[Tunnel]:
     await anyio.aclose_forcefully(upstream)
 
 
-async def write_until_done(stream: anyio.abc.ByteStream, sent: list[int]) -> None:
-    for _ in range(WRITES):
-        await stream.send(PATTERN)
-        sent[0] += len(PATTERN)
-
-
-async def wait_for_stall(sent: list[int]) -> None:
-    """Wait until `sent` stops growing for STALL_SECONDS or reaches
-    TRANSFER_BYTES, for at most TRANSFER_TIMEOUT_SECONDS."""
-    with anyio.fail_after(TRANSFER_TIMEOUT_SECONDS):
-        while sent[0] < TRANSFER_BYTES:
-            before = sent[0]
-            await anyio.sleep(STALL_SECONDS)
-            if sent[0] == before:
-                return
-
-
-async def read_exactly(stream: anyio.abc.ByteStream, length: int) -> bytes:
-    received = bytearray()
-    with anyio.fail_after(TRANSFER_TIMEOUT_SECONDS):
-        while len(received) < length:
-            received += await stream.receive(2**20)
-    return bytes(received)
-
-
 async def check_backpressure(
     writer: anyio.abc.ByteStream, reader: anyio.abc.ByteStream
 ) -> None:
-    sent = [0]
-    async with anyio.create_task_group() as group:
-        group.start_soon(write_until_done, writer, sent)
-        await wait_for_stall(sent)
-        stalled_at = sent[0]
-        received = await read_exactly(reader, WRITES * WRITE_BYTES)
+    stalled_at, received = await stall_then_read(writer, reader, PATTERN, WRITES)
     assert stalled_at < TRANSFER_BYTES, "the writer never stopped"
     assert len(received) == WRITES * WRITE_BYTES
     assert received == PATTERN * WRITES
