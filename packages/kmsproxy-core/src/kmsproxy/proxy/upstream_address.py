@@ -13,13 +13,14 @@ resolves the name again, with anyio's happy eyeballs over every address.
 from __future__ import annotations
 
 import collections
-import ipaddress
 import time
 from collections.abc import Callable
 
 import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
+
+from kmsproxy.tls.config import is_ip_literal
 
 # Seconds a connected address is reused for its host name. The stdlib
 # resolver returns no DNS TTL, so the lifetime is kept short: a changed DNS
@@ -95,7 +96,7 @@ async def connect_tcp(
     than `CACHED_CONNECT_TIMEOUT_SECONDS`, this is `anyio.connect_tcp(host,
     port)`, whose exceptions it raises. An IP address is never cached.
     """
-    if addresses is None or _is_ip_address(host):
+    if addresses is None or is_ip_literal(host):
         return await anyio.connect_tcp(host, port)
     cached = addresses.get(host, port)
     if cached is not None:
@@ -112,11 +113,3 @@ async def connect_tcp(
     if isinstance(remote, tuple) and "%" not in str(remote[0]):
         addresses.put(host, port, str(remote[0]))
     return stream
-
-
-def _is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
