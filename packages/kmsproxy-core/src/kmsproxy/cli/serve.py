@@ -498,12 +498,8 @@ def check_ca_order(form: PositionalForm) -> None:
     and ours the key first, so swapping them is an easy mistake.
     """
     path = key_file_path(form.ca_key)
-    if path is None or not path.is_file():
-        return
-    try:
-        with path.open("rb") as file:
-            head = file.read(MAX_KEY_SNIFF_BYTES)
-    except OSError:
+    head = None if path is None else _read_key_head(path)
+    if head is None:
         return
     if b"-----BEGIN CERTIFICATE-----" not in head or b"PRIVATE KEY" in head:
         return
@@ -535,7 +531,7 @@ def warn_about_setup(args: argparse.Namespace, form: PositionalForm) -> None:
             mode = path.stat().st_mode
         except OSError:
             continue
-        if mode & stat.S_IROTH and _may_hold_private_key(path, mode):
+        if mode & stat.S_IROTH and _may_hold_private_key(path):
             logger.warning(
                 "Key file is readable by every user on this machine; restrict "
                 "it with chmod 600 role=%s path=%s",
@@ -544,19 +540,27 @@ def warn_about_setup(args: argparse.Namespace, form: PositionalForm) -> None:
             )
 
 
-def _may_hold_private_key(path: Path, mode: int) -> bool:
-    """Tell whether the file at `path` may hold a private key.
-
-    A PEM file without a PRIVATE KEY block (a certificate given as a key)
-    is not one: it fails later with its own error, which a warning about
-    its mode would only precede. A file that is not PEM may be a DER key.
-    """
-    if not stat.S_ISREG(mode):
-        return False
+def _read_key_head(path: Path) -> bytes | None:
+    """Return the first MAX_KEY_SNIFF_BYTES of a regular file, or None for
+    anything else (a FIFO would block) or an unreadable file."""
+    if not path.is_file():
+        return None
     try:
         with path.open("rb") as file:
-            head = file.read(MAX_KEY_SNIFF_BYTES)
+            return file.read(MAX_KEY_SNIFF_BYTES)
     except OSError:
+        return None
+
+
+def _may_hold_private_key(path: Path) -> bool:
+    """Tell whether the file at `path` may contain a private key.
+
+    A PEM file without a PRIVATE KEY block (a certificate given as a key)
+    does not: it fails later with its own error, which a warning about its
+    mode would only precede. A file that is not PEM may be a DER key.
+    """
+    head = _read_key_head(path)
+    if head is None:
         return False
     return b"-----BEGIN" not in head or b"PRIVATE KEY" in head
 
