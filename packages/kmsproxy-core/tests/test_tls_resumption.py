@@ -261,7 +261,7 @@ async def test_s_server_hello_retry_resumes(pki: Files) -> None:
         pki.directory, cert, key, pki.ca_path, groups="P-384"
     ) as peer:
         await s_server_get(peer, settings)
-        # Replace the learned P-384 hint, so the server asks for P-384 again.
+        # Replace the learned P-384 hint, so the server requests P-384 again.
         cache.put_key_share_group("k", G.x25519)
         second, response = await s_server_get(peer, settings)
     assert second.connection.hello_retry_requested

@@ -437,7 +437,7 @@ class LeafMinter:
 
         Only arguments that `context_for_upstream` has served before are
         found, and only while their leaf is cached and not near expiry.
-        This never mints and never waits, so a caller can skip the
+        It is synchronous and does not mint, so a caller can skip the
         timeout around `context_for_upstream` when it succeeds.
         """
         key = self._upstream_keys.get(

@@ -125,7 +125,7 @@ def describe_unrecognized(
     parser: argparse.ArgumentParser, extras: Sequence[str]
 ) -> str:
     """Name the arguments `parser` does not know, with a close option name."""
-    message = f"unrecognized arguments: {' '.join(_shown_arguments(extras))}"
+    message = f"unrecognized arguments: {' '.join(_redacted_arguments(extras))}"
     # Names compare without their dashes, which would make any two long
     # options look alike to difflib.
     known = {
@@ -147,7 +147,7 @@ def describe_unrecognized(
     return message
 
 
-def _shown_arguments(extras: Sequence[str]) -> list[str]:
+def _redacted_arguments(extras: Sequence[str]) -> list[str]:
     """Return `extras` fit for an error message: option names as typed,
     values hidden.
 
@@ -155,17 +155,17 @@ def _shown_arguments(extras: Sequence[str]) -> list[str]:
     `--key 'pkcs11:...?pin-value=...'`), so an option's `=VALUE` and a word
     after an option become `***`, and other words go through `redact_text`.
     """
-    shown = []
+    redacted = []
     after_option = False
     for extra in extras:
         if extra.startswith("-"):
             name, equals, _ = extra.partition("=")
-            shown.append(f"{name}=***" if equals else name)
+            redacted.append(f"{name}=***" if equals else name)
             after_option = True
         else:
-            shown.append("***" if after_option else redact_text(extra))
+            redacted.append("***" if after_option else redact_text(extra))
             after_option = False
-    return shown
+    return redacted
 
 
 def add_backend_commands(

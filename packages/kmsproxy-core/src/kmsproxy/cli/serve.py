@@ -173,8 +173,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", "-v", action="store_true", help="log at DEBUG")
 
 
-# The largest TCP port number. Port 0 asks the system for a free port, as
-# in `--pac-listen HOST:0`.
+# The largest TCP port number. With port 0 the system picks a free port, as
+# with `--pac-listen HOST:0`.
 MAX_PORT = 65535
 
 

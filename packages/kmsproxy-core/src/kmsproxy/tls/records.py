@@ -202,7 +202,7 @@ class RecordLayer:
             return self._check_unprotected(outer_type, body)
         if length < TAG_LENGTH + 1:
             raise BadRecordMac(f"protected record of {length} bytes is too short")
-        assert self.read_cipher is not None  # `protected` says so
+        assert self.read_cipher is not None  # implied by `protected`
         # Decrypt straight from the buffer. Both views are released on
         # every path, errors included, because a live view (one kept by an
         # exception's traceback, say) forbids resizing the buffer.

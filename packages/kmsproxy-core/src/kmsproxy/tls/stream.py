@@ -264,8 +264,8 @@ class TLSClientStream(anyio.abc.ByteStream):
         The send is shielded from the caller's cancellation, so a caller's
         deadline that passes meanwhile does not replace that error with a
         cancellation. NOTE: `_flush` shields its own writes up to
-        CONTROL_WRITE_TIMEOUT_SECONDS, so a peer that stops reading holds
-        this up to that long, not CLOSE_NOTIFY_TIMEOUT_SECONDS.
+        CONTROL_WRITE_TIMEOUT_SECONDS, so a peer that stops reading delays
+        this by up to that long, not CLOSE_NOTIFY_TIMEOUT_SECONDS.
         """
         with contextlib.suppress(
             anyio.BrokenResourceError, anyio.ClosedResourceError, OSError

@@ -422,11 +422,11 @@ def _missing_extension(
     extension = _EXTENSION_NAMES.get(oid, oid)
     holder = _ENCOUNTERED_SUBJECT.search(message)
     if holder is not None:
-        which = f"certificate {holder.group(1)!r}"
+        lacking = f"certificate {holder.group(1)!r}"
     else:
         # Path building reports no certificate: the leaf passed, so the
         # failure is in a CA on the way to the trust anchor.
-        which = (
+        lacking = (
             f"the CA {leaf.issuer.rfc4514_string()!r} (or another CA on the path "
             f"from {leaf.subject.rfc4514_string()!r})"
         )
@@ -438,7 +438,7 @@ def _missing_extension(
             "-addext 'keyUsage=critical,keyCertSign,cRLSign')"
         )
     return CertificateVerifyFailed(
-        f"{which} has no {extension} extension ({oid}), which the RFC 5280 "
+        f"{lacking} has no {extension} extension ({oid}), which the RFC 5280 "
         f"profile that kmsproxy verifies against requires; {fix}"
     )
 
