@@ -31,6 +31,12 @@ USER_ERRORS = (UserError, URIError, CertificateError, SignerError)
 # Exit status for a user error, as argparse uses for usage errors.
 EXIT_USER_ERROR = 2
 
+# Minimum difflib similarity ratio for "did you mean" on an option name,
+# compared without its dashes. Typos score above it (`clientcrt` against
+# `clientcert` 0.95, `forc` against `force` 0.89), and an unrelated name
+# such as `bogus` matches no option of `serve`.
+OPTION_SUGGESTION_CUTOFF = 0.75
+
 # Exit status after SIGINT, by the shell convention 128 + signal number.
 EXIT_INTERRUPTED = 130
 
@@ -141,7 +147,9 @@ def describe_unrecognized(
         # otherwise the closest spelling does.
         close = [option for option in known if option.startswith(name)]
         if len(close) != 1:
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+            close = difflib.get_close_matches(
+                name, known, n=1, cutoff=OPTION_SUGGESTION_CUTOFF
+            )
         if close:
             return f"{message}; did you mean {known[close[0]]}?"
     return message
